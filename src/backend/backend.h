@@ -1,0 +1,114 @@
+// backend.h: the interface through which all of keel's math runs (after ggml's backends and llm.c's kernels).
+//
+// A Backend owns device memory (Alloc/Free/Upload/Download) and implements the model's ops on pointers it
+// allocated. The CPU backend is the readable reference and the oracle for every other backend; a CUDA backend
+// implements the same ops on device pointers. SupportsOp() is the capability query: callers (and the
+// conformance test) ask before using an op.
+//
+// Conventions (all ops):
+//  - fp32 tensors, row-major, contiguous unless a stride is given. N = number of rows (B*T), C = channels.
+//  - Linear weights are stored [out, in] (PyTorch nn.Linear layout): out = inp @ W^T + b.
+//  - Backward ops ACCUMULATE (+=) into parameter gradients and into input gradients, like llm.c, so the
+//    caller zeroes gradient buffers once per micro-batch. Forward ops overwrite their outputs.
+//  - Determinism: every op's result is a function of its inputs only. In particular reductions across rows
+//    (bias and LayerNorm-gain gradients, embedding scatter-add) are partitioned by channel, never by row, so
+//    results do not depend on the thread count. This is what lets N workers reproduce one worker bit-for-bit.
+// Thread safety: a Backend instance is used by one thread at a time.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "core/status.h"
+
+namespace keel {
+
+enum class Op {
+  kEncoderForward, kEncoderBackward,
+  kLayerNormForward, kLayerNormBackward,
+  kMatmulForward, kMatmulBackward,
+  kAttentionForward, kAttentionBackward, kAttentionDecode,
+  kGeluForward, kGeluBackward,
+  kResidualForward,
+  kSoftmaxCrossEntropyForward, kSoftmaxCrossEntropyBackward, kSoftmaxForward,
+  kAdamW,
+  kCount
+};
+const char* OpName(Op op);
+
+struct AdamWParams {
+  float lr, beta1, beta2, eps, weight_decay;
+  int64_t t;           // 1-based step count for bias correction
+  float grad_scale;    // gradients are multiplied by this first (clipping / averaging)
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string Name() const = 0;
+  virtual bool SupportsOp(Op op) const = 0;
+  virtual void SetThreads(int n) = 0;
+
+  // Memory. Alloc returns zeroed memory or an error (out of memory).
+  virtual Result<float*> Alloc(size_t count) = 0;
+  virtual void Free(float* p) = 0;
+  virtual Result<int32_t*> AllocInt(size_t count) = 0;
+  virtual void FreeInt(int32_t* p) = 0;
+  virtual void UploadInt(int32_t* dst, const int32_t* host, size_t count) = 0;
+  virtual void Upload(float* dst, const float* host, size_t count) = 0;
+  virtual void Download(float* host, const float* src, size_t count) = 0;
+  virtual void Zero(float* p, size_t count) = 0;
+  virtual void Copy(float* dst, const float* src, size_t count) = 0;
+  // Finishes queued work (no-op on CPU). Returns device errors.
+  virtual Status Sync() = 0;
+
+  // out[N,C] = wte[tokens[n]] + wpe[n % T]. tokens is a device int32 buffer of N = B*T entries.
+  virtual void EncoderForward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int B, int T,
+                              int C) = 0;
+  virtual void EncoderBackward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int B, int T,
+                               int C) = 0;
+  // out = (inp - mean) * rstd * w + b; mean and rstd [N] are saved for backward.
+  virtual void LayerNormForward(float* out, float* mean, float* rstd, const float* inp, const float* w,
+                                const float* b, int N, int C) = 0;
+  virtual void LayerNormBackward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
+                                 const float* w, const float* mean, const float* rstd, int N, int C) = 0;
+  // out[N,OC] = inp[N,IC] @ w[OC,IC]^T + bias[OC] (bias may be null).
+  virtual void MatmulForward(float* out, const float* inp, const float* w, const float* bias, int N, int IC,
+                             int OC) = 0;
+  // dinp += dout @ w; dw += dout^T @ inp; dbias += sum_rows(dout). dbias may be null; dinp may be null.
+  virtual void MatmulBackward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp,
+                              const float* w, int N, int IC, int OC) = 0;
+  // Causal multi-head attention. qkv [B,T,3C] (q|k|v, heads contiguous within each); out [B,T,C];
+  // att [B,NH,T,T] holds the softmax probabilities for backward.
+  virtual void AttentionForward(float* out, float* att, const float* qkv, int B, int T, int C, int NH) = 0;
+  // dqkv += ...; datt is scratch of the same size as att.
+  virtual void AttentionBackward(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att,
+                                 int B, int T, int C, int NH) = 0;
+  // One new position per sequence against a KV cache. q [B,C] for positions pos[b]; k_cache/v_cache
+  // [B, maxT, C] already hold positions 0..pos[b] (inclusive); out [B,C]. scratch >= B*NH*maxT floats.
+  virtual void AttentionDecode(float* out, const float* q, const float* k_cache, const float* v_cache,
+                               const int32_t* pos, float* scratch, int B, int maxT, int C, int NH) = 0;
+  virtual void GeluForward(float* out, const float* inp, size_t n) = 0;
+  virtual void GeluBackward(float* dinp, const float* inp, const float* dout, size_t n) = 0;
+  virtual void ResidualForward(float* out, const float* a, const float* b, size_t n) = 0;
+  // losses[n] = -log softmax(logits[n])[targets[n]] over the first V of Vp columns (Vp is the padded row
+  // stride); probs[N,Vp] receives the softmax.
+  virtual void SoftmaxCrossEntropyForward(float* losses, float* probs, const float* logits, const int32_t* targets,
+                                          int N, int V, int Vp) = 0;
+  // dlogits = (probs - onehot(target)) * dloss (written, not accumulated; padded columns set to 0).
+  virtual void SoftmaxCrossEntropyBackward(float* dlogits, const float* probs, const int32_t* targets, float dloss,
+                                           int N, int V, int Vp) = 0;
+  // In-place AdamW over n parameters. decay_mask[i] != 0 applies weight decay (may be null: decay all).
+  virtual void AdamW(float* params, const float* grads, float* m, float* v, const uint8_t* decay_mask, size_t n,
+                     const AdamWParams& p) = 0;
+  // Sum of squares of x in double (for gradient-norm clipping); deterministic for a given n.
+  virtual double SumSquares(const float* x, size_t n) = 0;
+};
+
+// The CPU reference backend (OpenBLAS GEMM + OpenMP elementwise ops).
+std::unique_ptr<Backend> MakeCpuBackend(int threads);
+// "cpu" or "cuda"; returns an error if the name is unknown or the device is unavailable.
+Result<std::unique_ptr<Backend>> MakeBackend(const std::string& name, int threads);
+
+}  // namespace keel

@@ -1,0 +1,29 @@
+// test_util.h: helpers shared by keel's tests (temporary directories, running the keel binary).
+#pragma once
+#include <string>
+
+namespace keel::testing {
+
+// A fresh empty directory under $TMPDIR (or /tmp), removed when the object dies.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::string& path() const { return path_; }
+  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr together
+};
+// Runs a shell command line, capturing its output.
+CommandResult RunCommand(const std::string& cmdline);
+// Runs the keel binary built alongside the tests with the given arguments (shell-quoted by the caller).
+CommandResult RunKeel(const std::string& args);
+void WriteText(const std::string& path, const std::string& text);
+
+}  // namespace keel::testing
