@@ -63,8 +63,9 @@ class Backend {
   // Finishes queued work (no-op on CPU). Returns device errors.
   virtual Status Sync() = 0;
 
-  // out[N,C] = wte[tokens[n]] + wpe[n % T]. tokens is a device int32 buffer of N = B*T entries.
-  virtual void EncoderForward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int B, int T,
+  // out[N,C] = wte[tokens[n]] + wpe[pos(n)], pos(n) = positions ? positions[n] : n % T. tokens/positions are
+  // device int32 buffers of N = B*T entries.
+  virtual void EncoderForward(float* out, const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe, int B, int T,
                               int C) = 0;
   virtual void EncoderBackward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int B, int T,
                                int C) = 0;

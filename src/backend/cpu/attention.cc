@@ -1,0 +1,114 @@
+// attention.cc: causal multi-head self-attention. Training forward/backward run per (batch, head) pair as
+// sgemm calls on strided views of the qkv buffer (each pair single-threaded, pairs spread over threads);
+// decode attends one new position per sequence against a KV cache.
+#include <cblas.h>
+
+#include <cmath>
+
+#include "backend/cpu/cpu_ops.h"
+#include "backend/cpu/vec_math.h"
+
+namespace keel::cpu {
+
+void AttentionForward(float* out, float* att, const float* qkv, int B, int T, int C, int NH) {
+  const int hs = C / NH;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
+  const int C3 = 3 * C;
+#pragma omp parallel for schedule(static)
+  for (int bh = 0; bh < B * NH; ++bh) {
+    int b = bh / NH, h = bh % NH;
+    const float* q = qkv + static_cast<size_t>(b) * T * C3 + h * hs;
+    const float* k = q + C;
+    const float* v = q + 2 * C;
+    float* p = att + static_cast<size_t>(bh) * T * T;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, scale, q, C3, k, C3, 0.0f, p, T);
+    for (int t = 0; t < T; ++t) {
+      float* row = p + static_cast<size_t>(t) * T;
+      float mx = row[0];
+      for (int j = 1; j <= t; ++j) mx = row[j] > mx ? row[j] : mx;
+      float sum = 0.0f;
+      for (int j = 0; j <= t; ++j) {
+        row[j] = VecExp(row[j] - mx);
+        sum += row[j];
+      }
+      float inv = 1.0f / sum;
+      for (int j = 0; j <= t; ++j) row[j] *= inv;
+      for (int j = t + 1; j < T; ++j) row[j] = 0.0f;
+    }
+    float* o = out + static_cast<size_t>(b) * T * C + h * hs;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, p, T, v, C3, 0.0f, o, C);
+  }
+}
+
+void AttentionBackward(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att, int B, int T,
+                       int C, int NH) {
+  const int hs = C / NH;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
+  const int C3 = 3 * C;
+#pragma omp parallel for schedule(static)
+  for (int bh = 0; bh < B * NH; ++bh) {
+    int b = bh / NH, h = bh % NH;
+    const float* q = qkv + static_cast<size_t>(b) * T * C3 + h * hs;
+    const float* k = q + C;
+    const float* v = q + 2 * C;
+    float* dq = dqkv + static_cast<size_t>(b) * T * C3 + h * hs;
+    float* dk = dq + C;
+    float* dv = dq + 2 * C;
+    const float* p = att + static_cast<size_t>(bh) * T * T;
+    float* dp = datt + static_cast<size_t>(bh) * T * T;
+    const float* dO = dout + static_cast<size_t>(b) * T * C + h * hs;
+    // dP = dO V^T ; dV += P^T dO
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, 1.0f, dO, C, v, C3, 0.0f, dp, T);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, p, T, dO, C, 1.0f, dv, C3);
+    // Softmax backward: dS = P * (dP - sum_j P dP), causal entries only.
+    for (int t = 0; t < T; ++t) {
+      const float* prow = p + static_cast<size_t>(t) * T;
+      float* drow = dp + static_cast<size_t>(t) * T;
+      float dot = 0.0f;
+      for (int j = 0; j <= t; ++j) dot += prow[j] * drow[j];
+      for (int j = 0; j <= t; ++j) drow[j] = prow[j] * (drow[j] - dot);
+      for (int j = t + 1; j < T; ++j) drow[j] = 0.0f;
+    }
+    // dQ += scale dS K ; dK += scale dS^T Q
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, scale, dp, T, k, C3, 1.0f, dq, C3);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, scale, dp, T, q, C3, 1.0f, dk, C3);
+  }
+}
+
+void AttentionDecode(float* out, const float* q, const float* k_cache, const float* v_cache, const int32_t* pos,
+                     float* scratch, int B, int maxT, int C, int NH) {
+  const int hs = C / NH;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
+#pragma omp parallel for schedule(static)
+  for (int bh = 0; bh < B * NH; ++bh) {
+    int b = bh / NH, h = bh % NH;
+    int len = pos[b] + 1;
+    const float* qv = q + static_cast<size_t>(b) * C + h * hs;
+    const float* kc = k_cache + static_cast<size_t>(b) * maxT * C + h * hs;
+    const float* vc = v_cache + static_cast<size_t>(b) * maxT * C + h * hs;
+    float* s = scratch + static_cast<size_t>(bh) * maxT;
+    float mx = -INFINITY;
+    for (int j = 0; j < len; ++j) {
+      const float* kr = kc + static_cast<size_t>(j) * C;
+      float d = 0.0f;
+      for (int i = 0; i < hs; ++i) d += qv[i] * kr[i];
+      s[j] = d * scale;
+      mx = s[j] > mx ? s[j] : mx;
+    }
+    float sum = 0.0f;
+    for (int j = 0; j < len; ++j) {
+      s[j] = VecExp(s[j] - mx);
+      sum += s[j];
+    }
+    float inv = 1.0f / sum;
+    float* o = out + static_cast<size_t>(b) * C + h * hs;
+    for (int i = 0; i < hs; ++i) o[i] = 0.0f;
+    for (int j = 0; j < len; ++j) {
+      const float* vr = vc + static_cast<size_t>(j) * C;
+      float w = s[j] * inv;
+      for (int i = 0; i < hs; ++i) o[i] += w * vr[i];
+    }
+  }
+}
+
+}  // namespace keel::cpu

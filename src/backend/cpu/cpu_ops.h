@@ -1,0 +1,42 @@
+// cpu_ops.h: the CPU reference kernels behind CpuBackend, one group per file (encoder, layernorm, matmul,
+// attention, pointwise, loss, optimizer). Semantics are those documented in backend/backend.h.
+// Parallelism is OpenMP with static schedules; no reduction is ever split across rows, so results are
+// independent of the thread count.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "backend/backend.h"
+
+namespace keel::cpu {
+
+void EncoderForward(float* out, const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe, int B, int T, int C);
+void EncoderBackward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int B, int T, int C);
+void LayerNormForward(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b, int N,
+                      int C);
+void LayerNormBackward(float* dinp, float* dw, float* db, const float* dout, const float* inp, const float* w,
+                       const float* mean, const float* rstd, int N, int C);
+void MatmulForward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC);
+void MatmulBackward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w, int N,
+                    int IC, int OC);
+void AttentionForward(float* out, float* att, const float* qkv, int B, int T, int C, int NH);
+void AttentionBackward(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att, int B, int T,
+                       int C, int NH);
+void AttentionDecode(float* out, const float* q, const float* k_cache, const float* v_cache, const int32_t* pos,
+                     float* scratch, int B, int maxT, int C, int NH);
+void GeluForward(float* out, const float* inp, size_t n);
+void GeluBackward(float* dinp, const float* inp, const float* dout, size_t n);
+void ResidualForward(float* out, const float* a, const float* b, size_t n);
+void SoftmaxCrossEntropyForward(float* losses, float* probs, const float* logits, const int32_t* targets, int N,
+                                int V, int Vp);
+void SoftmaxCrossEntropyBackward(float* dlogits, const float* probs, const int32_t* targets, float dloss, int N,
+                                 int V, int Vp);
+void AdamW(float* params, const float* grads, float* m, float* v, const uint8_t* decay_mask, size_t n,
+           const AdamWParams& p);
+double SumSquares(const float* x, size_t n);
+
+// Column-sum helper shared by bias and LayerNorm-gain gradients: acc[c] += sum_n x[n*C + c], partitioned by
+// channel so the sum order over n is fixed.
+void AccumulateColumnSums(float* acc, const float* x, int N, int C);
+
+}  // namespace keel::cpu

@@ -1,0 +1,277 @@
+// gpt.cc: GPT-2 forward, backward and KV-cached decoding, written as a sequence of backend ops.
+#include "model/gpt.h"
+
+#include <cmath>
+
+#include "core/hash.h"
+
+namespace keel {
+
+namespace {
+// Tensor index of each parameter inside a layer (see ParamLayout).
+enum LayerParam { kLn1W, kLn1B, kQkvW, kQkvB, kProjW, kProjB, kLn2W, kLn2B, kFcW, kFcB, kFcProjW, kFcProjB };
+}  // namespace
+
+GptModel::GptModel(const GptConfig& c, Backend* b, int max_B, int max_T)
+    : config_(c), backend_(b), max_B_(max_B), max_T_(max_T), tensors_(ParamLayout(c)), num_params_(NumParams(c)) {}
+
+GptModel::~GptModel() {
+  for (float* p : owned_) backend_->Free(p);
+  if (tokens_) backend_->FreeInt(tokens_);
+  if (targets_) backend_->FreeInt(targets_);
+}
+
+Result<std::unique_ptr<GptModel>> GptModel::Create(const GptConfig& config, Backend* backend, int max_B, int max_T) {
+  KEEL_RETURN_IF_ERROR(config.Validate());
+  if (max_B <= 0 || max_T <= 0) return InvalidArgument("--batch and context must be positive");
+  if (max_T > config.ctx)
+    return InvalidArgument("sequence length " + std::to_string(max_T) + " exceeds the model context " +
+                           std::to_string(config.ctx));
+  std::unique_ptr<GptModel> m(new GptModel(config, backend, max_B, max_T));
+  KEEL_RETURN_IF_ERROR(m->Allocate());
+  return m;
+}
+
+Status GptModel::Allocate() {
+  auto alloc = [&](size_t n, float** out) -> Status {
+    auto r = backend_->Alloc(n);
+    if (!r.ok()) return r.status();
+    *out = r.value();
+    owned_.push_back(*out);
+    return Status::Ok();
+  };
+  KEEL_RETURN_IF_ERROR(alloc(num_params_, &params_));
+  KEEL_RETURN_IF_ERROR(alloc(num_params_, &grads_));
+  const size_t BT = static_cast<size_t>(max_B_) * max_T_, C = config_.dim, NH = config_.heads;
+  const size_t att = static_cast<size_t>(max_B_) * NH * max_T_ * max_T_;
+  acts_.resize(config_.layers);
+  for (auto& a : acts_) {
+    for (auto [p, n] : {std::pair{&a.ln1, BT * C}, {&a.ln1_mean, BT}, {&a.ln1_rstd, BT}, {&a.qkv, 3 * BT * C},
+                        {&a.atty, BT * C}, {&a.att, att}, {&a.attproj, BT * C}, {&a.res2, BT * C}, {&a.ln2, BT * C},
+                        {&a.ln2_mean, BT}, {&a.ln2_rstd, BT}, {&a.fch, 4 * BT * C}, {&a.fch_gelu, 4 * BT * C},
+                        {&a.fcproj, BT * C}, {&a.res3, BT * C}})
+      KEEL_RETURN_IF_ERROR(alloc(n, p));
+  }
+  for (auto [p, n] : {std::pair{&encoded_, BT * C}, {&lnf_, BT * C}, {&lnf_mean_, BT}, {&lnf_rstd_, BT},
+                      {&probs_, BT * config_.vocab}, {&losses_, BT}, {&dres_, BT * C}, {&dln_, BT * C},
+                      {&dqkv_, 3 * BT * C}, {&datty_, BT * C}, {&datt_, att}, {&dfch_, 4 * BT * C},
+                      {&dfch_gelu_, 4 * BT * C}})
+    KEEL_RETURN_IF_ERROR(alloc(n, p));
+  auto ti = backend_->AllocInt(BT);
+  if (!ti.ok()) return ti.status();
+  tokens_ = ti.value();
+  auto tt = backend_->AllocInt(BT);
+  if (!tt.ok()) return tt.status();
+  targets_ = tt.value();
+  return Status::Ok();
+}
+
+void GptModel::InitWeights(uint64_t seed) {
+  std::vector<float> host(num_params_, 0.0f);
+  const float residual_std = 0.02f / std::sqrt(2.0f * static_cast<float>(config_.layers));
+  for (size_t i = 0; i < tensors_.size(); ++i) {
+    const ParamTensor& t = tensors_[i];
+    float* p = host.data() + t.offset;
+    bool is_ln_gain = t.name.find("ln") != std::string::npos && t.name.ends_with(".weight");
+    bool is_bias = t.name.ends_with(".bias");
+    if (is_ln_gain) {
+      for (size_t j = 0; j < t.size; ++j) p[j] = 1.0f;
+    } else if (!is_bias) {
+      float stdv = (t.name.ends_with("attn.proj.weight") || t.name.ends_with("mlp.proj.weight")) ? residual_std : 0.02f;
+      Rng rng(MixKey(seed, i));  // one stream per tensor: the init does not depend on the layout of others
+      for (size_t j = 0; j < t.size; ++j) p[j] = stdv * rng.Normal();
+    }
+  }
+  SetParamsFromHost(host);
+}
+
+void GptModel::SetParamsFromHost(const std::vector<float>& host) { backend_->Upload(params_, host.data(), num_params_); }
+
+std::vector<float> GptModel::ParamsToHost() const {
+  std::vector<float> h(num_params_);
+  backend_->Download(h.data(), params_, num_params_);
+  return h;
+}
+
+std::vector<float> GptModel::GradsToHost() const {
+  std::vector<float> h(num_params_);
+  backend_->Download(h.data(), grads_, num_params_);
+  return h;
+}
+
+void GptModel::ZeroGrads() { backend_->Zero(grads_, num_params_); }
+
+float GptModel::Forward(const int32_t* tokens, const int32_t* targets, int B, int T) {
+  assert(B <= max_B_ && T <= max_T_);
+  Backend* be = backend_;
+  const int C = config_.dim, NH = config_.heads, V = config_.vocab, N = B * T;
+  be->UploadInt(tokens_, tokens, static_cast<size_t>(N));
+  if (targets) be->UploadInt(targets_, targets, static_cast<size_t>(N));
+  be->EncoderForward(encoded_, tokens_, nullptr, P(0), P(1), B, T, C);
+  const float* x = encoded_;
+  for (int l = 0; l < config_.layers; ++l) {
+    LayerActs& a = acts_[l];
+    auto W = [&](int k) { return P(LayerTensor(l, k)); };
+    be->LayerNormForward(a.ln1, a.ln1_mean, a.ln1_rstd, x, W(kLn1W), W(kLn1B), N, C);
+    be->MatmulForward(a.qkv, a.ln1, W(kQkvW), W(kQkvB), N, C, 3 * C);
+    be->AttentionForward(a.atty, a.att, a.qkv, B, T, C, NH);
+    be->MatmulForward(a.attproj, a.atty, W(kProjW), W(kProjB), N, C, C);
+    be->ResidualForward(a.res2, x, a.attproj, static_cast<size_t>(N) * C);
+    be->LayerNormForward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, W(kLn2W), W(kLn2B), N, C);
+    be->MatmulForward(a.fch, a.ln2, W(kFcW), W(kFcB), N, C, 4 * C);
+    be->GeluForward(a.fch_gelu, a.fch, static_cast<size_t>(N) * 4 * C);
+    be->MatmulForward(a.fcproj, a.fch_gelu, W(kFcProjW), W(kFcProjB), N, 4 * C, C);
+    be->ResidualForward(a.res3, a.res2, a.fcproj, static_cast<size_t>(N) * C);
+    x = a.res3;
+  }
+  const size_t lnf = tensors_.size() - 2;
+  be->LayerNormForward(lnf_, lnf_mean_, lnf_rstd_, x, P(lnf), P(lnf + 1), N, C);
+  be->MatmulForward(probs_, lnf_, P(0), nullptr, N, C, V);  // logits; tied head
+  last_B_ = B;
+  last_T_ = T;
+  last_has_targets_ = targets != nullptr;
+  if (!targets) return 0.0f;
+  be->SoftmaxCrossEntropyForward(losses_, probs_, probs_, targets_, N, V, V);
+  std::vector<float> losses(static_cast<size_t>(N));
+  be->Download(losses.data(), losses_, losses.size());
+  double sum = 0.0;
+  for (float v : losses) sum += v;
+  return static_cast<float>(sum / N);
+}
+
+std::vector<float> GptModel::LastLosses() const {
+  std::vector<float> h(static_cast<size_t>(last_B_) * last_T_);
+  backend_->Download(h.data(), losses_, h.size());
+  return h;
+}
+
+std::vector<float> GptModel::LastLogits() const {
+  assert(!last_has_targets_);
+  std::vector<float> h(static_cast<size_t>(last_B_) * last_T_ * config_.vocab);
+  backend_->Download(h.data(), probs_, h.size());
+  return h;
+}
+
+void GptModel::Backward(const std::function<void(int group)>& on_group_ready) {
+  assert(last_has_targets_);
+  Backend* be = backend_;
+  const int B = last_B_, T = last_T_, C = config_.dim, NH = config_.heads, V = config_.vocab, N = B * T;
+  const size_t BTC = static_cast<size_t>(N) * C;
+  const size_t lnf = tensors_.size() - 2;
+  // Mean over the B*T positions of this micro-batch.
+  be->SoftmaxCrossEntropyBackward(probs_, probs_, targets_, 1.0f / static_cast<float>(N), N, V, V);
+  be->Zero(dln_, BTC);
+  be->MatmulBackward(dln_, G(0), nullptr, probs_, lnf_, P(0), N, C, V);
+  const float* last_x = config_.layers > 0 ? acts_.back().res3 : encoded_;
+  be->Zero(dres_, BTC);
+  be->LayerNormBackward(dres_, G(lnf), G(lnf + 1), dln_, last_x, P(lnf), lnf_mean_, lnf_rstd_, N, C);
+  if (on_group_ready) on_group_ready(config_.layers + 1);
+  for (int l = config_.layers - 1; l >= 0; --l) {
+    LayerActs& a = acts_[l];
+    const float* x = l == 0 ? encoded_ : acts_[l - 1].res3;
+    auto W = [&](int k) { return P(LayerTensor(l, k)); };
+    auto D = [&](int k) { return G(LayerTensor(l, k)); };
+    be->Zero(dfch_gelu_, 4 * BTC);
+    be->MatmulBackward(dfch_gelu_, D(kFcProjW), D(kFcProjB), dres_, a.fch_gelu, W(kFcProjW), N, 4 * C, C);
+    be->Zero(dfch_, 4 * BTC);
+    be->GeluBackward(dfch_, a.fch, dfch_gelu_, 4 * BTC);
+    be->Zero(dln_, BTC);
+    be->MatmulBackward(dln_, D(kFcW), D(kFcB), dfch_, a.ln2, W(kFcW), N, C, 4 * C);
+    be->LayerNormBackward(dres_, D(kLn2W), D(kLn2B), dln_, a.res2, W(kLn2W), a.ln2_mean, a.ln2_rstd, N, C);
+    be->Zero(datty_, BTC);
+    be->MatmulBackward(datty_, D(kProjW), D(kProjB), dres_, a.atty, W(kProjW), N, C, C);
+    be->Zero(dqkv_, 3 * BTC);
+    be->AttentionBackward(dqkv_, datt_, datty_, a.qkv, a.att, B, T, C, NH);
+    be->Zero(dln_, BTC);
+    be->MatmulBackward(dln_, D(kQkvW), D(kQkvB), dqkv_, a.ln1, W(kQkvW), N, C, 3 * C);
+    be->LayerNormBackward(dres_, D(kLn1W), D(kLn1B), dln_, x, W(kLn1W), a.ln1_mean, a.ln1_rstd, N, C);
+    if (on_group_ready) on_group_ready(1 + l);
+  }
+  be->EncoderBackward(G(0), G(1), dres_, tokens_, B, T, C);
+  if (on_group_ready) on_group_ready(0);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// DecodeState
+
+Result<std::unique_ptr<DecodeState>> DecodeState::Create(GptModel* model, int B, int maxT) {
+  const GptConfig& c = model->config();
+  if (B <= 0) return InvalidArgument("decode batch must be positive");
+  if (maxT <= 0 || maxT > c.ctx)
+    return InvalidArgument("decode context " + std::to_string(maxT) + " must be in [1, " + std::to_string(c.ctx) +
+                           "]");
+  std::unique_ptr<DecodeState> s(new DecodeState(model, B, maxT));
+  Backend* be = model->backend();
+  const size_t C = c.dim;
+  auto alloc = [&](size_t n, float** out) -> Status {
+    auto r = be->Alloc(n);
+    if (!r.ok()) return r.status();
+    *out = r.value();
+    s->owned_.push_back(*out);
+    return Status::Ok();
+  };
+  s->k_cache_.resize(c.layers);
+  s->v_cache_.resize(c.layers);
+  for (int l = 0; l < c.layers; ++l) {
+    KEEL_RETURN_IF_ERROR(alloc(static_cast<size_t>(B) * maxT * C, &s->k_cache_[l]));
+    KEEL_RETURN_IF_ERROR(alloc(static_cast<size_t>(B) * maxT * C, &s->v_cache_[l]));
+  }
+  for (auto [p, n] : {std::pair{&s->x_, B * C}, {&s->ln_, B * C}, {&s->mean_, size_t(B)}, {&s->rstd_, size_t(B)},
+                      {&s->qkv_, 3 * B * C}, {&s->atty_, B * C}, {&s->tmp_, B * C}, {&s->fch_, 4 * B * C},
+                      {&s->fch_gelu_, 4 * B * C}, {&s->logits_, size_t(B) * c.vocab},
+                      {&s->scratch_, size_t(B) * c.heads * maxT}})
+    KEEL_RETURN_IF_ERROR(alloc(n, p));
+  auto t = be->AllocInt(B);
+  if (!t.ok()) return t.status();
+  s->tok_ = t.value();
+  auto p = be->AllocInt(B);
+  if (!p.ok()) return p.status();
+  s->pos_ = p.value();
+  return s;
+}
+
+DecodeState::~DecodeState() {
+  Backend* be = model_->backend();
+  for (float* p : owned_) be->Free(p);
+  if (tok_) be->FreeInt(tok_);
+  if (pos_) be->FreeInt(pos_);
+}
+
+const std::vector<float>& DecodeState::Step(const int32_t* tokens, const int32_t* positions, int n) {
+  assert(n > 0 && n <= B_);
+  GptModel& m = *model_;
+  Backend* be = m.backend();
+  const GptConfig& c = m.config();
+  const int C = c.dim, NH = c.heads, V = c.vocab;
+  be->UploadInt(tok_, tokens, n);
+  be->UploadInt(pos_, positions, n);
+  be->EncoderForward(x_, tok_, pos_, m.P(0), m.P(1), n, 1, C);
+  for (int l = 0; l < c.layers; ++l) {
+    auto W = [&](int k) { return m.P(m.LayerTensor(l, k)); };
+    be->LayerNormForward(ln_, mean_, rstd_, x_, W(kLn1W), W(kLn1B), n, C);
+    be->MatmulForward(qkv_, ln_, W(kQkvW), W(kQkvB), n, C, 3 * C);
+    for (int b = 0; b < n; ++b) {
+      size_t slot = (static_cast<size_t>(b) * maxT_ + positions[b]) * C;
+      be->Copy(k_cache_[l] + slot, qkv_ + static_cast<size_t>(b) * 3 * C + C, C);
+      be->Copy(v_cache_[l] + slot, qkv_ + static_cast<size_t>(b) * 3 * C + 2 * C, C);
+    }
+    // q rows are strided by 3C in qkv_; gather them into atty_ as the [n, C] query block.
+    for (int b = 0; b < n; ++b) be->Copy(tmp_ + static_cast<size_t>(b) * C, qkv_ + static_cast<size_t>(b) * 3 * C, C);
+    be->AttentionDecode(atty_, tmp_, k_cache_[l], v_cache_[l], pos_, scratch_, n, maxT_, C, NH);
+    be->MatmulForward(tmp_, atty_, W(kProjW), W(kProjB), n, C, C);
+    be->ResidualForward(x_, x_, tmp_, static_cast<size_t>(n) * C);
+    be->LayerNormForward(ln_, mean_, rstd_, x_, W(kLn2W), W(kLn2B), n, C);
+    be->MatmulForward(fch_, ln_, W(kFcW), W(kFcB), n, C, 4 * C);
+    be->GeluForward(fch_gelu_, fch_, static_cast<size_t>(n) * 4 * C);
+    be->MatmulForward(tmp_, fch_gelu_, W(kFcProjW), W(kFcProjB), n, 4 * C, C);
+    be->ResidualForward(x_, x_, tmp_, static_cast<size_t>(n) * C);
+  }
+  const size_t lnf = m.tensors().size() - 2;
+  be->LayerNormForward(ln_, mean_, rstd_, x_, m.P(lnf), m.P(lnf + 1), n, C);
+  be->MatmulForward(logits_, ln_, m.P(0), nullptr, n, C, V);
+  host_logits_.resize(static_cast<size_t>(n) * V);
+  be->Download(host_logits_.data(), logits_, host_logits_.size());
+  return host_logits_;
+}
+
+}  // namespace keel

@@ -1,0 +1,109 @@
+// gpt.h: the GPT-2 model on a Backend — parameters, gradients, the training forward/backward pass (every op
+// hand-written in the backend), and KV-cached decoding for sampling and serving.
+//
+// Contract: Forward() then Backward() accumulate d(mean loss)/d(params) into grads() (call ZeroGrads() first).
+// Buffers live on the backend's device; params()/grads() are device pointers (host pointers on CPU).
+// Thread safety: one thread at a time per GptModel.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "backend/backend.h"
+#include "model/gpt_config.h"
+
+namespace keel {
+
+class GptModel {
+ public:
+  // Allocates parameters and gradients (zeroed) and activations for micro-batches up to B x T.
+  static Result<std::unique_ptr<GptModel>> Create(const GptConfig& config, Backend* backend, int max_B, int max_T);
+  ~GptModel();
+
+  const GptConfig& config() const { return config_; }
+  const std::vector<ParamTensor>& tensors() const { return tensors_; }
+  size_t num_params() const { return num_params_; }
+  Backend* backend() const { return backend_; }
+  float* params() { return params_; }
+  float* grads() { return grads_; }
+  const float* params() const { return params_; }
+
+  // GPT-2 initialisation from seed: N(0, 0.02) for matrices and embeddings, N(0, 0.02/sqrt(2L)) for the two
+  // residual projections, zero biases, unit LayerNorm gains. A pure function of (config, seed).
+  void InitWeights(uint64_t seed);
+  void SetParamsFromHost(const std::vector<float>& host);
+  std::vector<float> ParamsToHost() const;
+  std::vector<float> GradsToHost() const;
+  void ZeroGrads();
+
+  // tokens/targets: host arrays of B*T ids (targets may be null: logits only). Returns the mean loss
+  // (0 if no targets). B <= max_B, T <= max_T and T <= ctx.
+  float Forward(const int32_t* tokens, const int32_t* targets, int B, int T);
+  // Per-position losses of the last Forward (host copy), e.g. to locate a NaN.
+  std::vector<float> LastLosses() const;
+  // Logits of the last Forward without targets, host copy [B*T, V].
+  std::vector<float> LastLogits() const;
+  // Backpropagates the last Forward. on_group_ready(g) is called as soon as every gradient of readiness
+  // group g (see ParamTensor::group) is final, so a reducer can start sending it while backward continues.
+  void Backward(const std::function<void(int group)>& on_group_ready = nullptr);
+
+ private:
+  GptModel(const GptConfig& c, Backend* b, int max_B, int max_T);
+  Status Allocate();
+  float* P(size_t tensor_index) { return params_ + tensors_[tensor_index].offset; }
+  float* G(size_t tensor_index) { return grads_ + tensors_[tensor_index].offset; }
+  size_t LayerTensor(int l, int k) const { return 2 + static_cast<size_t>(l) * 12 + static_cast<size_t>(k); }
+
+  GptConfig config_;
+  Backend* backend_;
+  int max_B_, max_T_;
+  std::vector<ParamTensor> tensors_;
+  size_t num_params_ = 0;
+  float* params_ = nullptr;
+  float* grads_ = nullptr;
+
+  // Activations (training), sized for max_B x max_T.
+  struct LayerActs {
+    float *ln1, *ln1_mean, *ln1_rstd, *qkv, *atty, *att, *attproj, *res2, *ln2, *ln2_mean, *ln2_rstd, *fch,
+        *fch_gelu, *fcproj, *res3;
+  };
+  std::vector<LayerActs> acts_;
+  float *encoded_ = nullptr, *lnf_ = nullptr, *lnf_mean_ = nullptr, *lnf_rstd_ = nullptr, *probs_ = nullptr,
+        *losses_ = nullptr;
+  // Backward scratch, reused by every layer.
+  float *dres_ = nullptr, *dln_ = nullptr, *dqkv_ = nullptr, *datty_ = nullptr, *datt_ = nullptr,
+        *dfch_ = nullptr, *dfch_gelu_ = nullptr;
+  int32_t *tokens_ = nullptr, *targets_ = nullptr;
+  std::vector<float*> owned_;
+  int last_B_ = 0, last_T_ = 0;
+  bool last_has_targets_ = false;
+
+  friend class DecodeState;
+};
+
+// KV-cached incremental decoding for up to B sequences of up to maxT positions: each Step() advances every
+// active sequence by one position at the cost of one position (not the whole context).
+class DecodeState {
+ public:
+  static Result<std::unique_ptr<DecodeState>> Create(GptModel* model, int B, int maxT);
+  ~DecodeState();
+  // Feeds tokens[b] at position positions[b] for b < n (positions < maxT, and each sequence's positions
+  // fed in order); returns logits [n, V] on the host.
+  const std::vector<float>& Step(const int32_t* tokens, const int32_t* positions, int n);
+  int max_batch() const { return B_; }
+  int max_positions() const { return maxT_; }
+
+ private:
+  DecodeState(GptModel* m, int B, int maxT) : model_(m), B_(B), maxT_(maxT) {}
+  GptModel* model_;
+  int B_, maxT_;
+  std::vector<float*> k_cache_, v_cache_;  // per layer [B, maxT, C]
+  float *x_ = nullptr, *ln_ = nullptr, *mean_ = nullptr, *rstd_ = nullptr, *qkv_ = nullptr, *atty_ = nullptr,
+        *tmp_ = nullptr, *fch_ = nullptr, *fch_gelu_ = nullptr, *logits_ = nullptr, *scratch_ = nullptr;
+  int32_t *tok_ = nullptr, *pos_ = nullptr;
+  std::vector<float*> owned_;
+  std::vector<float> host_logits_;
+};
+
+}  // namespace keel
