@@ -1,0 +1,92 @@
+// checkpoint_io.cc: encoding and decoding of training snapshots to checkpoint files.
+#include "train/checkpoint_io.h"
+
+#include <map>
+
+#include "core/env.h"
+#include "formats/safetensors.h"
+
+namespace keel {
+
+Result<std::vector<CheckpointFile>> EncodeSnapshot(const TrainingSnapshot& s) {
+  std::vector<CheckpointFile> files;
+  auto layout = ParamLayout(s.config);
+  if (s.params.size() != NumParams(s.config)) return Internal("snapshot parameter count does not match config");
+  std::vector<TensorView> views;
+  for (const auto& t : layout)
+    views.push_back({t.name, "F32", t.shape, s.params.data() + t.offset, t.size * sizeof(float)});
+  auto model = EncodeSafetensors(views, {{"config", s.config.ToJson().dump()}, {"format", "keel-gpt2"}});
+  if (!model.ok()) return model.status();
+  files.push_back({"model.safetensors", std::move(model).value()});
+  if (!s.adam_m.empty()) {
+    std::vector<TensorView> ov = {
+        {"adam.m", "F32", {static_cast<int64_t>(s.adam_m.size())}, s.adam_m.data(), s.adam_m.size() * 4},
+        {"adam.v", "F32", {static_cast<int64_t>(s.adam_v.size())}, s.adam_v.data(), s.adam_v.size() * 4}};
+    auto optim = EncodeSafetensors(ov, {});
+    if (!optim.ok()) return optim.status();
+    files.push_back({"optim.safetensors", std::move(optim).value()});
+  }
+  files.push_back({"state.json", s.state.dump(2) + "\n"});
+  files.push_back({"tokenizer.model", s.tokenizer});
+  return files;
+}
+
+Result<TrainingSnapshot> DecodeModelFile(const std::string& source_name, std::string bytes) {
+  auto st = SafetensorsFile::FromBytes(std::move(bytes));
+  if (!st.ok()) return st.status().Wrap(source_name);
+  const auto& md = st->metadata();
+  auto it = md.find("config");
+  if (it == md.end()) return Corrupt(source_name + ": no model config in the safetensors metadata");
+  auto j = nlohmann::json::parse(it->second, nullptr, false);
+  if (j.is_discarded()) return Corrupt(source_name + ": model config metadata is not valid JSON");
+  auto cfg = GptConfig::FromJson(j);
+  if (!cfg.ok()) return cfg.status().Wrap(source_name);
+  TrainingSnapshot s;
+  s.config = cfg.value();
+  s.params.assign(NumParams(s.config), 0.0f);
+  for (const auto& t : ParamLayout(s.config)) {
+    const TensorView* v = st->Find(t.name);
+    if (!v) return Corrupt(source_name + ": missing tensor '" + t.name + "'");
+    if (v->shape != t.shape) return Corrupt(source_name + ": tensor '" + t.name + "' has the wrong shape");
+    auto data = st->ReadF32(t.name);
+    if (!data.ok()) return data.status();
+    std::copy(data->begin(), data->end(), s.params.begin() + static_cast<std::ptrdiff_t>(t.offset));
+  }
+  return s;
+}
+
+Result<TrainingSnapshot> LoadSnapshot(const std::string& path, bool with_optimizer, std::vector<std::string>* warnings,
+                                      std::string* loaded_dir) {
+  std::string dir = path;
+  if (!IsCheckpointDir(path)) {
+    if (!DefaultEnv()->IsDir(path)) return NotFound(path + ": no such checkpoint or run directory");
+    auto latest = FindLatestValidCheckpoint(path, warnings);
+    if (!latest.ok()) return latest.status();
+    dir = latest->dir;
+  }
+  auto files = ReadCheckpoint(dir);
+  if (!files.ok()) return files.status();
+  auto& f = files.value();
+  for (const char* need : {"model.safetensors", "state.json", "tokenizer.model"})
+    if (!f.count(need)) return Corrupt(dir + ": checkpoint lacks " + need);
+  KEEL_ASSIGN_OR_RETURN(TrainingSnapshot s, DecodeModelFile(dir + "/model.safetensors", std::move(f["model.safetensors"])));
+  s.state = nlohmann::json::parse(f["state.json"], nullptr, false);
+  if (s.state.is_discarded() || !s.state.is_object() || !s.state.contains("step"))
+    return Corrupt(dir + "/state.json: not a valid training state");
+  s.tokenizer = std::move(f["tokenizer.model"]);
+  if (with_optimizer) {
+    if (!f.count("optim.safetensors")) return Corrupt(dir + ": checkpoint lacks optim.safetensors");
+    auto o = SafetensorsFile::FromBytes(std::move(f["optim.safetensors"]));
+    if (!o.ok()) return o.status().Wrap(dir + "/optim.safetensors");
+    auto m = o->ReadF32("adam.m");
+    auto v = o->ReadF32("adam.v");
+    if (!m.ok() || !v.ok() || m->size() != s.params.size() || v->size() != s.params.size())
+      return Corrupt(dir + "/optim.safetensors: optimizer moments missing or of the wrong size");
+    s.adam_m = std::move(m).value();
+    s.adam_v = std::move(v).value();
+  }
+  if (loaded_dir) *loaded_dir = dir;
+  return s;
+}
+
+}  // namespace keel

@@ -1,0 +1,62 @@
+// trainer.h: the training loop of one worker. With a one-member Communicator it is single-process training;
+// with N members it is data-parallel (every member runs this same loop on its share of each step's
+// micro-batches).
+//
+// Determinism: micro-batch i of step s is a pure function of (seed, s, i) (data/dataset.h); in deterministic
+// mode each micro-batch's gradient is computed from zeroed buffers and summed in fixed point (exact_sum.h), so
+// the update does not depend on which worker computed what, nor on the worker or thread count. Resuming
+// restores parameters, moments and the step (the data position), so an interrupted run continues bit-exactly.
+// Errors: bad options, unreadable data or checkpoints, and communicator failures come back as a Status.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "dist/communicator.h"
+#include "model/gpt_config.h"
+#include "optim/adamw.h"
+
+namespace keel {
+
+struct TrainOptions {
+  std::string data_dir;
+  std::string out_dir;
+  std::string device = "cpu";
+  GptConfig model;            // vocab is taken from the data
+  int batch = 8;              // sequences per micro-batch
+  int grad_accum = 1;         // micro-batches per step (global, whatever the worker count)
+  int64_t steps = 200;
+  OptimConfig optim;
+  uint64_t seed = 1337;
+  int threads = 0;            // 0 = all cores
+  int64_t eval_every = 50;
+  int eval_batches = 8;
+  int64_t checkpoint_every = 100;
+  int keep = 3;
+  bool resume = false;
+  bool deterministic = true;
+  int64_t stop_after = 0;     // stop (with a checkpoint) after this many steps in this invocation; 0 = never
+  double peak_gflops = 0;     // for MFU; 0 = measure a GEMM at start
+  bool progress = true;       // live progress line on stderr
+};
+
+// Validates options that do not need the data (sizes, ranges). Errors name the flag.
+Status ValidateTrainOptions(const TrainOptions& o);
+
+struct TrainResult {
+  int64_t final_step = 0;     // steps completed in total
+  float last_loss = 0;
+  float last_val_loss = -1;
+  bool stopped_early = false;
+};
+
+// Runs training. stop (may be null) is polled at step boundaries: when set, the worker writes a checkpoint and
+// returns. log(line) receives human-readable log lines (may be null: stderr).
+Result<TrainResult> Train(const TrainOptions& o, Communicator* comm, const std::atomic<bool>* stop = nullptr,
+                          const std::function<void(const std::string&)>& log = nullptr);
+
+// sgemm GFLOP/s on this machine with the current thread count (a short measurement, ~0.1 s).
+double MeasureGemmPeakGflops();
+
+}  // namespace keel

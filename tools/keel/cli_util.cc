@@ -1,0 +1,54 @@
+// cli_util.cc: implementation of the CLI helpers.
+#include "tools/keel/cli_util.h"
+
+#include <csignal>
+
+#include "core/env.h"
+
+namespace keel::cli {
+
+int Parse(CLI::App& app, int argc, char** argv) {
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "keel %s: %s\n", app.get_name().c_str(), e.what());
+    return 2;
+  }
+  return -1;
+}
+
+int Fail(const std::string& cmd, const Status& s) {
+  std::fprintf(stderr, "keel %s: error: %s\n", cmd.c_str(), s.message().c_str());
+  return 1;
+}
+
+std::atomic<bool>& StopFlag() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+
+namespace {
+void OnStopSignal(int sig) {
+  if (StopFlag().exchange(true)) {
+    std::signal(sig, SIG_DFL);
+    std::raise(sig);
+  }
+}
+}  // namespace
+
+void InstallStopHandlers() {
+  std::signal(SIGINT, OnStopSignal);
+  std::signal(SIGTERM, OnStopSignal);
+}
+
+Result<nlohmann::json> ReadJsonFile(const std::string& path) {
+  KEEL_ASSIGN_OR_RETURN(std::string text, DefaultEnv()->ReadFile(path));
+  auto j = nlohmann::json::parse(text, nullptr, false);
+  if (j.is_discarded()) return InvalidArgument(path + ": not valid JSON");
+  if (!j.is_object()) return InvalidArgument(path + ": expected a JSON object");
+  return j;
+}
+
+}  // namespace keel::cli

@@ -1,0 +1,62 @@
+// cmd_info.cc: `keel info PATH` — what a data directory, run directory or checkpoint holds.
+#include <cstdio>
+
+#include "core/env.h"
+#include "formats/checkpoint.h"
+#include "model/gpt_config.h"
+#include "tools/keel/cli_util.h"
+#include "tools/keel/commands.h"
+#include "train/checkpoint_io.h"
+
+namespace keel::cli {
+
+namespace {
+
+int DescribeCheckpoint(const std::string& dir) {
+  Status v = VerifyCheckpoint(dir);
+  std::printf("checkpoint %s: %s\n", dir.c_str(), v.ok() ? "valid" : ("INVALID: " + v.message()).c_str());
+  if (!v.ok()) return 1;
+  std::vector<std::string> warnings;
+  auto s = LoadSnapshot(dir, false, &warnings);
+  if (!s.ok()) return Fail("info", s.status());
+  std::printf("  model: %s, %.2fM parameters\n", s->config.ToJson().dump().c_str(), NumParams(s->config) / 1e6);
+  std::printf("  state: %s\n", s->state.dump().c_str());
+  std::printf("  tokenizer: %s, %zu bytes\n", s->tokenizer.rfind("keel-byte", 0) == 0 ? "byte" : "bpe",
+              s->tokenizer.size());
+  return 0;
+}
+
+}  // namespace
+
+int RunInfo(int argc, char** argv) {
+  std::string path;
+  CLI::App app("Describe a data directory, run directory or checkpoint.", "info");
+  app.add_option("path", path, "DATA_DIR, RUN_DIR or checkpoint directory")->required();
+  if (int rc = Parse(app, argc, argv); rc >= 0) return rc;
+  Env* env = DefaultEnv();
+  if (!env->Exists(path)) return Fail("info", NotFound(path + ": no such file or directory"));
+  if (IsCheckpointDir(path)) return DescribeCheckpoint(path);
+  if (env->Exists(JoinPath(path, "meta.json"))) {
+    auto j = ReadJsonFile(JoinPath(path, "meta.json"));
+    if (!j.ok()) return Fail("info", j.status());
+    std::printf("data directory %s\n%s\n", path.c_str(), j->dump(2).c_str());
+    return 0;
+  }
+  if (env->Exists(JoinPath(path, "run.json"))) {
+    auto j = ReadJsonFile(JoinPath(path, "run.json"));
+    if (!j.ok()) return Fail("info", j.status());
+    std::printf("run directory %s\n%s\n", path.c_str(), j->dump(2).c_str());
+    auto list = ListCheckpoints(path);
+    if (!list.ok()) return Fail("info", list.status());
+    std::printf("%zu checkpoint(s):\n", list->size());
+    for (const auto& c : *list) {
+      Status v = VerifyCheckpoint(c.dir);
+      std::printf("  step %lld  %s  %s\n", static_cast<long long>(c.step), c.dir.c_str(),
+                  v.ok() ? "valid" : ("INVALID: " + v.message()).c_str());
+    }
+    return 0;
+  }
+  return Fail("info", InvalidArgument(path + ": not a keel data directory, run directory or checkpoint"));
+}
+
+}  // namespace keel::cli

@@ -1,0 +1,69 @@
+// cmd_sample.cc: `keel sample` — generate text from a checkpoint (or run directory) with a KV cache.
+#include <cstdio>
+#include <thread>
+
+#include "backend/backend.h"
+#include "data/tokenizer.h"
+#include "model/gpt.h"
+#include "serve/sampling.h"
+#include "tools/keel/cli_util.h"
+#include "tools/keel/commands.h"
+#include "train/checkpoint_io.h"
+
+namespace keel::cli {
+
+int RunSample(int argc, char** argv) {
+  std::string ckpt, prompt = "\n", device = "cpu";
+  GenerateOptions g;
+  int threads = 0, num_samples = 1;
+  CLI::App app("Generate text from a trained model.", "sample");
+  app.add_option("--ckpt", ckpt, "run directory (newest valid checkpoint) or checkpoint directory")->required();
+  app.add_option("--prompt,-p", prompt, "text to continue")->capture_default_str();
+  app.add_option("-n,--n-predict", g.max_new_tokens, "tokens to generate")->capture_default_str();
+  app.add_option("--temperature,--temp", g.sampling.temperature, "0 = greedy")->capture_default_str();
+  app.add_option("--top-k", g.sampling.top_k, "0 = off")->capture_default_str();
+  app.add_option("--top-p", g.sampling.top_p, "1 = off")->capture_default_str();
+  app.add_option("--seed,-s", g.sampling.seed)->capture_default_str();
+  app.add_option("--samples", num_samples, "independent samples (seeds seed, seed+1, ...)")->capture_default_str();
+  app.add_option("--threads,-t", threads, "CPU threads (0: all cores)");
+  app.add_option("--device", device)->capture_default_str();
+  if (int rc = Parse(app, argc, argv); rc >= 0) return rc;
+  if (auto s = ValidateSampling(g.sampling); !s.ok()) return Fail("sample", s);
+  if (g.max_new_tokens < 0) return Fail("sample", InvalidArgument("-n must be >= 0"));
+
+  std::vector<std::string> warnings;
+  auto snap = LoadSnapshot(ckpt, false, &warnings);
+  for (const auto& w : warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
+  if (!snap.ok()) return Fail("sample", snap.status());
+  const bool byte_tok = snap->tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
+  auto tok = LoadTokenizer(byte_tok ? "byte" : "bpe", snap->tokenizer);
+  if (!tok.ok()) return Fail("sample", tok.status().Wrap(ckpt + ": tokenizer"));
+  if ((*tok)->vocab_size() != snap->config.vocab)
+    return Fail("sample", Corrupt(ckpt + ": tokenizer vocabulary does not match the model's"));
+  auto backend = MakeBackend(device, threads > 0 ? threads : 0);
+  if (!backend.ok()) return Fail("sample", backend.status());
+  if (threads <= 0) (*backend)->SetThreads(static_cast<int>(std::thread::hardware_concurrency()));
+  auto model = GptModel::Create(snap->config, backend->get(), 1, 1);
+  if (!model.ok()) return Fail("sample", model.status());
+  (*model)->SetParamsFromHost(snap->params);
+  auto ids = (*tok)->Encode(prompt);
+  if (ids.empty()) return Fail("sample", InvalidArgument("--prompt encodes to no tokens"));
+  for (int s = 0; s < num_samples; ++s) {
+    auto state = DecodeState::Create(model->get(), 1, snap->config.ctx);
+    if (!state.ok()) return Fail("sample", state.status());
+    GenerateOptions gs = g;
+    gs.sampling.seed = g.sampling.seed + static_cast<uint64_t>(s);
+    if (num_samples > 1) std::printf("--- sample %d ---\n", s + 1);
+    std::fwrite(prompt.data(), 1, prompt.size(), stdout);
+    auto out = Generate(**state, **tok, ids, gs, [](const std::string& piece) {
+      std::fwrite(piece.data(), 1, piece.size(), stdout);
+      std::fflush(stdout);
+      return true;
+    });
+    std::printf("\n");
+    if (!out.ok()) return Fail("sample", out.status());
+  }
+  return 0;
+}
+
+}  // namespace keel::cli

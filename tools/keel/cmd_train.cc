@@ -1,0 +1,104 @@
+// cmd_train.cc: `keel train` — flags (and an optional JSON config whose fields the flags override) to
+// TrainOptions, then the trainer. Ctrl-C/SIGTERM stop at a step boundary with a checkpoint.
+#include <cstring>
+#include <thread>
+
+#include "dist/communicator.h"
+#include "tools/keel/cli_util.h"
+#include "tools/keel/commands.h"
+#include "train/trainer.h"
+
+namespace keel::cli {
+
+namespace {
+
+// Turns {"grad_accum": 4, "resume": true, ...} into ["--grad-accum", "4", "--resume"].
+Result<std::vector<std::string>> ConfigArgs(const std::string& path) {
+  KEEL_ASSIGN_OR_RETURN(nlohmann::json j, ReadJsonFile(path));
+  std::vector<std::string> args;
+  for (auto& [key, value] : j.items()) {
+    std::string flag = "--" + key;
+    for (auto& ch : flag)
+      if (ch == '_') ch = '-';
+    if (flag == "--config") return InvalidArgument(path + ": a config file cannot name another config");
+    if (value.is_boolean()) {
+      if (value.get<bool>()) args.push_back(flag);
+    } else if (value.is_number() || value.is_string()) {
+      args.push_back(flag);
+      args.push_back(value.is_string() ? value.get<std::string>() : value.dump());
+    } else {
+      return InvalidArgument(path + ": field '" + key + "' must be a number, string or boolean");
+    }
+  }
+  return args;
+}
+
+}  // namespace
+
+int RunTrain(int argc, char** argv) {
+  // A JSON --config supplies defaults: its fields go first, so flags given later win (TakeLast).
+  std::vector<std::string> args;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    std::string path;
+    if (a == "--config" && i + 1 < argc) path = argv[++i];
+    else if (a.rfind("--config=", 0) == 0) path = a.substr(9);
+    else {
+      args.push_back(a);
+      continue;
+    }
+    auto cfg = ConfigArgs(path);
+    if (!cfg.ok()) return Fail("train", InvalidArgument("--config " + cfg.status().message()));
+    args.insert(args.begin(), cfg->begin(), cfg->end());
+  }
+  std::vector<char*> av = {argv[0]};
+  for (auto& a : args) av.push_back(a.data());
+
+  TrainOptions o;
+  CLI::App app("Train a GPT model on a prepared data directory.", "train");
+  app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  std::string config_unused;
+  app.add_option("--config", config_unused, "JSON file with any of these fields (flags override it)");
+  app.add_option("--data", o.data_dir, "data directory from `keel prepare`")->required();
+  app.add_option("--out", o.out_dir, "run directory (checkpoints, metrics.jsonl)")->required();
+  app.add_option("--device", o.device, "cpu or cuda")->capture_default_str();
+  app.add_option("--layers", o.model.layers)->capture_default_str();
+  app.add_option("--heads", o.model.heads)->capture_default_str();
+  app.add_option("--dim", o.model.dim, "embedding width")->capture_default_str();
+  app.add_option("--ctx", o.model.ctx, "context length")->capture_default_str();
+  app.add_option("--batch", o.batch, "sequences per micro-batch")->capture_default_str();
+  app.add_option("--grad-accum", o.grad_accum, "micro-batches per step (the global batch)")->capture_default_str();
+  app.add_option("--steps", o.steps, "total optimizer steps")->capture_default_str();
+  app.add_option("--lr", o.optim.lr, "peak learning rate")->capture_default_str();
+  app.add_option("--min-lr-frac", o.optim.min_lr_frac, "final LR as a fraction of --lr")->capture_default_str();
+  app.add_option("--warmup", o.optim.warmup, "linear warmup steps")->capture_default_str();
+  app.add_option("--weight-decay", o.optim.weight_decay)->capture_default_str();
+  app.add_option("--grad-clip", o.optim.grad_clip, "global gradient-norm clip (0: off)")->capture_default_str();
+  app.add_option("--seed", o.seed)->capture_default_str();
+  app.add_option("--threads", o.threads, "CPU threads per worker (0: all cores)")->capture_default_str();
+  app.add_option("--eval-every", o.eval_every, "validation every N steps (0: only at the end)")->capture_default_str();
+  app.add_option("--eval-batches", o.eval_batches)->capture_default_str();
+  app.add_option("--checkpoint-every", o.checkpoint_every)->capture_default_str();
+  app.add_option("--keep", o.keep, "checkpoints to keep (0: all)")->capture_default_str();
+  app.add_option("--stop-after", o.stop_after, "stop with a checkpoint after N steps of this invocation");
+  app.add_flag("--resume", o.resume, "continue the run in --out from its newest valid checkpoint");
+  bool fast = false;
+  app.add_flag("--fast", fast, "trade bit-exact reproducibility across worker counts for speed");
+  bool deterministic_flag = false;
+  app.add_flag("--deterministic", deterministic_flag, "bit-exact across worker counts and resumes (default)");
+  app.add_flag("--no-progress", [&](int64_t) { o.progress = false; }, "no live progress line");
+  if (int rc = Parse(app, static_cast<int>(av.size()), av.data()); rc >= 0) return rc;
+  if (fast && deterministic_flag) return Fail("train", InvalidArgument("--fast and --deterministic exclude each other"));
+  o.deterministic = !fast;
+  if (o.eval_every == 0) o.eval_every = o.steps;
+
+  InstallStopHandlers();
+  auto comm = MakeLocalCommunicator();
+  auto r = Train(o, comm.get(), &StopFlag());
+  if (!r.ok()) return Fail("train", r.status());
+  std::fprintf(stderr, "done: %lld steps, loss %.4f%s\n", static_cast<long long>(r->final_step), r->last_loss,
+               r->last_val_loss >= 0 ? (", val loss " + std::to_string(r->last_val_loss)).c_str() : "");
+  return 0;
+}
+
+}  // namespace keel::cli
