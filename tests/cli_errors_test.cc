@@ -1,0 +1,176 @@
+// cli_errors_test.cc: bad input gets a one-line error naming the file or flag, a non-zero exit, no crash and no
+// half-written output.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "test_util.h"
+
+namespace keel::testing {
+namespace {
+
+namespace fs = std::filesystem;
+
+// The error line keel printed (the last non-empty line of its output).
+std::string LastLine(const std::string& out) {
+  std::string s = out;
+  while (!s.empty() && s.back() == '\n') s.pop_back();
+  auto pos = s.rfind('\n');
+  return pos == std::string::npos ? s : s.substr(pos + 1);
+}
+
+void ExpectError(const CommandResult& r, const std::string& must_mention) {
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_LT(r.exit_code, 128) << "crashed: " << r.output;
+  EXPECT_NE(LastLine(r.output).find(must_mention), std::string::npos) << "output: " << r.output;
+  EXPECT_EQ(r.output.find("terminate called"), std::string::npos) << r.output;
+}
+
+class CliErrors : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new TempDir();
+    std::string text;
+    for (int i = 0; i < 400; ++i) text += "Line " + std::to_string(i) + ": the quick brown fox jumps over the lazy dog.\n";
+    WriteText(*dir_ / "corpus.txt", text);
+    ASSERT_EQ(RunKeel("prepare --input " + *dir_ / "corpus.txt" + " --out " + Data() + " --tokenizer byte").exit_code, 0);
+    ASSERT_EQ(RunKeel("train " + Small(Run()) + " --steps 4").exit_code, 0);
+  }
+  static void TearDownTestSuite() { delete dir_; }
+  static std::string Data() { return *dir_ / "data"; }
+  static std::string Run() { return *dir_ / "run"; }
+  static std::string Small(const std::string& out) {
+    return "--data " + Data() + " --out " + out + " --layers 1 --heads 2 --dim 16 --ctx 16 --batch 2 --threads 1 "
+           "--no-progress --checkpoint-every 2";
+  }
+  static TempDir* dir_;
+};
+TempDir* CliErrors::dir_ = nullptr;
+
+TEST_F(CliErrors, MissingCorpusPath) {
+  TempDir t;
+  auto r = RunKeel("prepare --input /nonexistent/corpus --out " + t / "d");
+  ExpectError(r, "/nonexistent/corpus");
+  EXPECT_FALSE(fs::exists(t / "d"));
+}
+
+TEST_F(CliErrors, EmptyCorpus) {
+  TempDir t;
+  WriteText(t / "empty.txt", "");
+  auto r = RunKeel("prepare --input " + t / "empty.txt" + " --out " + t / "d" + " --tokenizer byte");
+  ExpectError(r, "empty");
+  EXPECT_FALSE(fs::exists(t / "d"));
+}
+
+TEST_F(CliErrors, DirectoryWithoutTextFiles) {
+  TempDir t;
+  fs::create_directory(t / "bin");
+  std::ofstream(t / "bin/x.dat", std::ios::binary).write("\0\1\2\3", 4);
+  auto r = RunKeel("prepare --input " + t / "bin" + " --out " + t / "d" + " --tokenizer byte");
+  ExpectError(r, "no text files");
+  EXPECT_FALSE(fs::exists(t / "d"));
+}
+
+TEST_F(CliErrors, CorpusTooShortForContext) {
+  TempDir t;
+  auto r = RunKeel("train " + Small(t / "r") + " --ctx 100000 --steps 1");
+  ExpectError(r, "context");
+  EXPECT_FALSE(fs::exists(t / "r/ckpt-00000001"));
+}
+
+TEST_F(CliErrors, UnknownFlag) {
+  auto r = RunKeel("train --data x --out y --bogus-flag 3");
+  ExpectError(r, "--bogus-flag");
+}
+
+TEST_F(CliErrors, DimNotDivisibleByHeads) {
+  TempDir t;
+  ExpectError(RunKeel("train " + Small(t / "r") + " --dim 30 --heads 4"), "--dim 30 is not divisible by --heads 4");
+  EXPECT_FALSE(fs::exists(t / "r"));
+}
+
+TEST_F(CliErrors, ZeroAndNegativeSizes) {
+  TempDir t;
+  ExpectError(RunKeel("train " + Small(t / "r") + " --layers 0"), "--layers");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --batch -2"), "--batch");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --steps 0"), "--steps");
+  EXPECT_FALSE(fs::exists(t / "r"));
+}
+
+TEST_F(CliErrors, ContextLongerThanPositionTableOnResume) {
+  auto r = RunKeel("train " + Small(Run()) + " --ctx 32 --steps 8 --resume");
+  ExpectError(r, "position table");
+}
+
+TEST_F(CliErrors, OutputDirectoryHoldsSomeoneElsesRun) {
+  ExpectError(RunKeel("train " + Small(Run()) + " --steps 8"), "already holds a training run");
+  TempDir t;
+  WriteText(t / "notes.txt", "mine");
+  ExpectError(RunKeel("train " + Small(t.path()) + " --steps 2"), "not a keel run directory");
+  EXPECT_FALSE(fs::exists(t / "run.json"));
+}
+
+TEST_F(CliErrors, TokenizerDoesNotMatchCheckpoint) {
+  TempDir t;
+  // Same text, BPE tokenizer: a different tokenizer (and so a different data fingerprint).
+  std::string text;
+  for (int i = 0; i < 400; ++i) text += "Line " + std::to_string(i) + ": the quick brown fox jumps over the lazy dog.\n";
+  WriteText(t / "c.txt", text);
+  ASSERT_EQ(RunKeel("prepare --input " + t / "c.txt" + " --out " + t / "bpe --tokenizer bpe --vocab-size 300").exit_code, 0);
+  auto r = RunKeel("train --data " + t / "bpe" + " --out " + Run() +
+                   " --layers 1 --heads 2 --dim 16 --ctx 16 --batch 2 --threads 1 --steps 8 --resume");
+  ExpectError(r, "different data");
+}
+
+TEST_F(CliErrors, TruncatedOrBitFlippedCheckpoint) {
+  TempDir t;
+  fs::copy(Run(), t / "run", fs::copy_options::recursive);
+  std::string ckpt = t / "run/ckpt-00000004";
+  auto size = fs::file_size(ckpt + "/model.safetensors");
+  fs::resize_file(ckpt + "/model.safetensors", size / 2);
+  ExpectError(RunKeel("sample --ckpt " + ckpt + " -n 2"), "model.safetensors");
+  ExpectError(RunKeel("info " + ckpt), "truncated");
+  // The run directory falls back to the older valid checkpoint, with a warning.
+  auto r = RunKeel("sample --ckpt " + t / "run" + " -n 2 --threads 1");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("warning: skipping"), std::string::npos) << r.output;
+  // Bit flip in the older one too: nothing valid remains.
+  std::string older = t / "run/ckpt-00000002/model.safetensors";
+  {
+    std::fstream f(older, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(100);
+    f.put('\x7f');
+  }
+  ExpectError(RunKeel("sample --ckpt " + t / "run" + " -n 2"), "checkpoint");
+}
+
+TEST_F(CliErrors, CorruptShard) {
+  TempDir t;
+  fs::copy(Data(), t / "data", fs::copy_options::recursive);
+  {
+    std::fstream f(t / "data/train.bin", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(200);
+    f.put('\x55');
+  }
+  ExpectError(RunKeel("train --data " + t / "data" + " --out " + t / "r --steps 1 --threads 1"), "train.bin");
+  fs::resize_file(t / "data/train.bin", 100);
+  ExpectError(RunKeel("train --data " + t / "data" + " --out " + t / "r --steps 1 --threads 1"), "train.bin");
+  EXPECT_FALSE(fs::exists(t / "r"));
+}
+
+TEST_F(CliErrors, BadSamplingFlags) {
+  ExpectError(RunKeel("sample --ckpt " + Run() + " --top-p 1.5"), "--top-p");
+  ExpectError(RunKeel("sample --ckpt /nonexistent/run"), "/nonexistent/run");
+}
+
+TEST_F(CliErrors, InvalidConfigFile) {
+  TempDir t;
+  WriteText(t / "c.json", "{\"layers\": [1,2]}");
+  ExpectError(RunKeel("train --config " + t / "c.json" + " --data " + Data() + " --out " + t / "r"), "layers");
+  WriteText(t / "bad.json", "{not json");
+  ExpectError(RunKeel("train --config " + t / "bad.json" + " --data " + Data() + " --out " + t / "r"), "bad.json");
+}
+
+}  // namespace
+}  // namespace keel::testing
