@@ -179,6 +179,9 @@ Result<TrainResult> Train(const TrainOptions& opt_in, Communicator* comm, const 
   o.model.vocab = data.vocab_size();
   KEEL_RETURN_IF_ERROR(o.model.Validate());
   KEEL_RETURN_IF_ERROR(data.CheckContext(o.model.ctx));
+  // Every member has inspected --out before rank 0 creates the run in it (else a member sharing the directory
+  // could find rank 0's fresh run.json and refuse it as "already holds a training run").
+  if (world > 1) KEEL_RETURN_IF_ERROR(comm->Barrier());
   if (leader && !resuming) {
     KEEL_RETURN_IF_ERROR(env->CreateDirs(o.out_dir));
     nlohmann::json run = {{"keel_version", KEEL_VERSION}, {"model", o.model.ToJson()},

@@ -1,9 +1,11 @@
 // cmd_train.cc: `keel train` — flags (and an optional JSON config whose fields the flags override) to
-// TrainOptions, then the trainer. Ctrl-C/SIGTERM stop at a step boundary with a checkpoint.
+// TrainOptions, then the trainer (in this process, or in --nproc/--rdzv workers: cli_launch.h). Ctrl-C/SIGTERM
+// stop at a step boundary with a checkpoint.
 #include <cstring>
 #include <thread>
 
 #include "dist/communicator.h"
+#include "tools/keel/cli_launch.h"
 #include "tools/keel/cli_util.h"
 #include "tools/keel/commands.h"
 #include "train/trainer.h"
@@ -87,18 +89,15 @@ int RunTrain(int argc, char** argv) {
   bool deterministic_flag = false;
   app.add_flag("--deterministic", deterministic_flag, "bit-exact across worker counts and resumes (default)");
   app.add_flag("--no-progress", [&](int64_t) { o.progress = false; }, "no live progress line");
+  DistFlags dist;
+  dist.AddTo(app);
   if (int rc = Parse(app, static_cast<int>(av.size()), av.data()); rc >= 0) return rc;
   if (fast && deterministic_flag) return Fail("train", InvalidArgument("--fast and --deterministic exclude each other"));
   o.deterministic = !fast;
   if (o.eval_every == 0) o.eval_every = o.steps;
 
-  InstallStopHandlers();
-  auto comm = MakeLocalCommunicator();
-  auto r = Train(o, comm.get(), &StopFlag());
-  if (!r.ok()) return Fail("train", r.status());
-  std::fprintf(stderr, "done: %lld steps, loss %.4f%s\n", static_cast<long long>(r->final_step), r->last_loss,
-               r->last_val_loss >= 0 ? (", val loss " + std::to_string(r->last_val_loss)).c_str() : "");
-  return 0;
+  // One process, a launcher of workers, or one worker of a job (cli_launch.h); workers re-run these arguments.
+  return RunTrainAnyMode(o, dist, std::vector<std::string>(argv, argv + argc));
 }
 
 }  // namespace keel::cli

@@ -1,0 +1,423 @@
+// launcher.cc: fork/exec of the workers, output relay, signal forwarding and the waitpid loop.
+#include "train/launcher.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <set>
+
+extern char** environ;
+
+namespace keel {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// ---- signals: the handler only counts and wakes poll() through a self-pipe ----
+int g_wake_pipe[2] = {-1, -1};
+volatile sig_atomic_t g_signals = 0;
+
+void OnSignal(int) {
+  int saved = errno;
+  g_signals = g_signals + 1;
+  if (g_wake_pipe[1] >= 0) {
+    char c = 's';
+    ssize_t rv = ::write(g_wake_pipe[1], &c, 1);
+    (void)rv;
+  }
+  errno = saved;
+}
+
+class SignalScope {
+ public:
+  SignalScope() {
+    struct sigaction sa;
+    std::memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = OnSignal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, &old_int_);
+    sigaction(SIGTERM, &sa, &old_term_);
+  }
+  ~SignalScope() {
+    sigaction(SIGINT, &old_int_, nullptr);
+    sigaction(SIGTERM, &old_term_, nullptr);
+  }
+
+ private:
+  struct sigaction old_int_, old_term_;
+};
+
+void WriteAll(int fd, const std::string& s) {
+  size_t off = 0;
+  while (off < s.size()) {
+    ssize_t n = ::write(fd, s.data() + off, s.size() - off);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return;
+    off += static_cast<size_t>(n);
+  }
+}
+
+std::string DescribeStatus(int st) {
+  if (WIFEXITED(st)) return "exited with status " + std::to_string(WEXITSTATUS(st));
+  if (WIFSIGNALED(st)) {
+    int sig = WTERMSIG(st);
+    const char* abbrev = sigabbrev_np(sig);
+    return "was killed by signal " + std::to_string(sig) + (abbrev ? std::string(" (SIG") + abbrev + ")" : "");
+  }
+  return "ended with wait status " + std::to_string(st);
+}
+
+// Removes ANSI "erase line" sequences the trainer uses for its live progress line.
+std::string StripAnsi(const std::string& s) {
+  std::string out;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '\033' && i + 1 < s.size() && s[i + 1] == '[') {
+      size_t j = i + 2;
+      while (j < s.size() && (std::isdigit(static_cast<unsigned char>(s[j])) || s[j] == ';')) ++j;
+      if (j < s.size()) {
+        i = j;
+        continue;
+      }
+    }
+    out += s[i];
+  }
+  return out;
+}
+
+// Relays worker output as "[rank R] line" and keeps rank 0's progress line at the bottom of a terminal.
+class Relay {
+ public:
+  Relay(int out_fd, bool tty, bool prefix, int nproc) : fd_(out_fd), tty_(tty), prefix_(prefix), bufs_(nproc) {}
+
+  void OnData(int local, int rank, const char* data, size_t n) {
+    std::string& buf = bufs_[static_cast<size_t>(local)];
+    buf.append(data, n);
+    size_t start = 0;
+    for (size_t i = 0; i < buf.size(); ++i) {
+      if (buf[i] != '\n' && buf[i] != '\r') continue;
+      std::string seg = StripAnsi(buf.substr(start, i - start));
+      if (buf[i] == '\n') {
+        if (!seg.empty()) Line(rank, seg);
+        if (rank == 0) SetProgress("");
+      } else if (!seg.empty()) {
+        if (tty_ && rank == 0) SetProgress(seg);
+        else Line(rank, seg);
+      }
+      start = i + 1;
+    }
+    buf.erase(0, start);
+    if (tty_ && rank == 0) {
+      std::string partial = StripAnsi(buf);
+      if (!partial.empty()) SetProgress(partial);
+    }
+  }
+
+  // Flushes what is left of a worker's output (its stream ended).
+  void OnEof(int local, int rank) {
+    std::string& buf = bufs_[static_cast<size_t>(local)];
+    std::string seg = StripAnsi(buf);
+    buf.clear();
+    if (rank == 0) SetProgress("");
+    if (!seg.empty()) Line(rank, seg);
+  }
+
+  // A line of the launcher's own.
+  void Own(const std::string& line) { Emit(line); }
+
+  void Finish() { SetProgress(""); }
+
+ private:
+  std::string Tag(int rank) const { return prefix_ ? "[rank " + std::to_string(rank) + "] " : ""; }
+  void Line(int rank, const std::string& s) { Emit(Tag(rank) + s); }
+  void Emit(const std::string& line) {
+    std::string out;
+    if (shown_) out += "\r\033[K";
+    out += line + "\n";
+    if (!progress_.empty()) out += Tag(0) + progress_;
+    shown_ = !progress_.empty();
+    WriteAll(fd_, out);
+  }
+  void SetProgress(const std::string& p) {
+    if (p == progress_) return;
+    progress_ = p;
+    std::string out = shown_ ? "\r\033[K" : "";
+    if (!p.empty()) out += Tag(0) + p;
+    else if (shown_ && !tty_) out += "\n";
+    shown_ = !p.empty();
+    WriteAll(fd_, out);
+  }
+
+  int fd_;
+  bool tty_, prefix_;
+  std::vector<std::string> bufs_;
+  std::string progress_;
+  bool shown_ = false;
+};
+
+struct Worker {
+  int local = 0, rank = 0;
+  pid_t pid = -1;
+  int out_fd = -1;   // read end of its stdout/stderr (pipe or pty master)
+  bool running = false;
+  int status = 0;
+};
+
+// Opens a pseudo-terminal in raw mode (no "\n" -> "\r\n"): the master for the launcher, the slave for rank 0.
+bool OpenPty(int* master, int* slave) {
+  int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+  if (m < 0) return false;
+  if (grantpt(m) != 0 || unlockpt(m) != 0) {
+    ::close(m);
+    return false;
+  }
+  const char* name = ptsname(m);
+  int s = name ? ::open(name, O_RDWR | O_NOCTTY | O_CLOEXEC) : -1;
+  if (s < 0) {
+    ::close(m);
+    return false;
+  }
+  struct termios t;
+  if (tcgetattr(s, &t) == 0) {
+    cfmakeraw(&t);
+    tcsetattr(s, TCSANOW, &t);
+  }
+  *master = m;
+  *slave = s;
+  return true;
+}
+
+class Attempt {
+ public:
+  Attempt(const LaunchOptions& o, Relay* relay) : o_(o), relay_(relay) {}
+  ~Attempt() {
+    for (auto& w : workers_) {
+      if (w.running) {
+        ::kill(w.pid, SIGKILL);
+        ::waitpid(w.pid, nullptr, 0);
+      }
+      if (w.out_fd >= 0) ::close(w.out_fd);
+    }
+  }
+
+  Status Start() {
+    const int world = o_.nproc * o_.nnodes;
+    const bool tty = isatty(STDERR_FILENO);
+    // Everything the children need is built before fork (after fork only async-signal-safe calls).
+    std::vector<std::string> argv_s = {o_.exe};
+    argv_s.insert(argv_s.end(), o_.args.begin(), o_.args.end());
+    std::vector<char*> argv;
+    for (auto& a : argv_s) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    std::set<std::string> ours = {"KEEL_RANK", "KEEL_WORLD_SIZE", "KEEL_LOCAL_RANK", "KEEL_LOCAL_WORLD_SIZE",
+                                  "KEEL_NODE_RANK", "KEEL_NNODES"};
+    for (const auto& [k, v] : o_.env) ours.insert(k);
+    std::vector<std::string> base_env;
+    for (char** e = environ; e && *e; ++e) {
+      std::string kv = *e;
+      std::string key = kv.substr(0, kv.find('='));
+      if (!ours.count(key)) base_env.push_back(kv);
+    }
+    for (const auto& [k, v] : o_.env) base_env.push_back(k + "=" + v);
+
+    const pid_t parent = getpid();
+    for (int local = 0; local < o_.nproc; ++local) {
+      Worker w;
+      w.local = local;
+      w.rank = o_.node_rank * o_.nproc + local;
+      std::vector<std::string> env_s = base_env;
+      env_s.push_back("KEEL_RANK=" + std::to_string(w.rank));
+      env_s.push_back("KEEL_WORLD_SIZE=" + std::to_string(world));
+      env_s.push_back("KEEL_LOCAL_RANK=" + std::to_string(local));
+      env_s.push_back("KEEL_LOCAL_WORLD_SIZE=" + std::to_string(o_.nproc));
+      env_s.push_back("KEEL_NODE_RANK=" + std::to_string(o_.node_rank));
+      env_s.push_back("KEEL_NNODES=" + std::to_string(o_.nnodes));
+      std::vector<char*> envp;
+      for (auto& e : env_s) envp.push_back(e.data());
+      envp.push_back(nullptr);
+
+      int rd = -1, wr = -1;
+      if (!(tty && w.rank == 0 && OpenPty(&rd, &wr))) {
+        int p[2];
+        if (::pipe2(p, O_CLOEXEC) != 0) return IoError(std::string("launcher: pipe: ") + std::strerror(errno));
+        rd = p[0];
+        wr = p[1];
+      }
+      pid_t pid = ::fork();
+      if (pid < 0) {
+        int e = errno;
+        ::close(rd);
+        ::close(wr);
+        return IoError(std::string("launcher: fork: ") + std::strerror(e));
+      }
+      if (pid == 0) {
+        // Child: own process group (terminal signals reach only the launcher), die with the launcher.
+        ::setpgid(0, 0);
+        ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+        if (::getppid() != parent) ::_exit(1);
+        signal(SIGINT, SIG_DFL);
+        signal(SIGTERM, SIG_DFL);
+        signal(SIGPIPE, SIG_DFL);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, nullptr);
+        ::dup2(wr, STDOUT_FILENO);
+        ::dup2(wr, STDERR_FILENO);
+        ::execve(argv[0], argv.data(), envp.data());
+        const char msg[] = "keel launcher: cannot execute the worker binary\n";
+        ssize_t rv = ::write(STDERR_FILENO, msg, sizeof(msg) - 1);
+        (void)rv;
+        ::_exit(127);
+      }
+      ::close(wr);
+      w.pid = pid;
+      w.out_fd = rd;
+      w.running = true;
+      workers_.push_back(w);
+    }
+    std::string line = "launcher: started " + std::to_string(o_.nproc) + " worker(s) of " + std::to_string(world) +
+                       " (node " + std::to_string(o_.node_rank) + " of " + std::to_string(o_.nnodes) + "):";
+    for (const auto& w : workers_) line += " rank " + std::to_string(w.rank) + " pid " + std::to_string(w.pid) + ";";
+    line.pop_back();
+    relay_->Own(line);
+    return Status::Ok();
+  }
+
+  LaunchResult Wait() {
+    LaunchResult res;
+    int handled_signals = g_signals;
+    std::string first_failure;
+    auto kill_at = Clock::time_point::max();
+    auto drain_until = Clock::time_point::max();
+    std::vector<char> buf(1 << 16);
+    for (;;) {
+      int running = 0, open = 0;
+      for (const auto& w : workers_) {
+        running += w.running;
+        open += w.out_fd >= 0;
+      }
+      if (running == 0 && (open == 0 || Clock::now() >= drain_until)) break;
+      if (running == 0 && drain_until == Clock::time_point::max())
+        drain_until = Clock::now() + std::chrono::seconds(2);
+
+      std::vector<pollfd> pfds;
+      std::vector<int> owner;
+      pfds.push_back({g_wake_pipe[0], POLLIN, 0});
+      owner.push_back(-1);
+      for (size_t i = 0; i < workers_.size(); ++i) {
+        if (workers_[i].out_fd < 0) continue;
+        pfds.push_back({workers_[i].out_fd, POLLIN, 0});
+        owner.push_back(static_cast<int>(i));
+      }
+      int rv = ::poll(pfds.data(), pfds.size(), 50);
+      if (rv < 0 && errno != EINTR) break;
+      for (size_t j = 0; rv > 0 && j < pfds.size(); ++j) {
+        if (!(pfds[j].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+        if (owner[j] < 0) {
+          char tmp[64];
+          while (::read(g_wake_pipe[0], tmp, sizeof(tmp)) > 0) {
+          }
+          continue;
+        }
+        Worker& w = workers_[static_cast<size_t>(owner[j])];
+        ssize_t n = ::read(w.out_fd, buf.data(), buf.size());
+        if (n > 0) {
+          relay_->OnData(w.local, w.rank, buf.data(), static_cast<size_t>(n));
+        } else if (n == 0 || (errno != EINTR && errno != EAGAIN)) {  // EOF, or EIO from a pty whose slave closed
+          relay_->OnEof(w.local, w.rank);
+          ::close(w.out_fd);
+          w.out_fd = -1;
+        }
+      }
+
+      // Forward every SIGINT/SIGTERM the launcher received as one SIGTERM to each worker.
+      const int sigs = g_signals;
+      if (sigs != handled_signals) {
+        handled_signals = sigs;
+        res.stopped_by_signal = true;
+        relay_->Own("launcher: stop requested; forwarding SIGTERM to the workers (they stop at the next step "
+                    "boundary with a checkpoint; signal again to kill them)");
+        for (auto& w : workers_)
+          if (w.running) ::kill(w.pid, SIGTERM);
+      }
+
+      // Reap.
+      for (auto& w : workers_) {
+        if (!w.running) continue;
+        int st = 0;
+        pid_t r = ::waitpid(w.pid, &st, WNOHANG);
+        if (r != w.pid) continue;
+        w.running = false;
+        w.status = st;
+        const bool ok = WIFEXITED(st) && WEXITSTATUS(st) == 0;
+        if (!ok && first_failure.empty()) {
+          first_failure = "worker rank " + std::to_string(w.rank) + " (pid " + std::to_string(w.pid) + ") " +
+                          DescribeStatus(st);
+          relay_->Own("launcher: " + first_failure + "; stopping the other workers");
+          for (auto& other : workers_)
+            if (other.running) ::kill(other.pid, SIGTERM);
+          kill_at = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                       std::chrono::duration<double>(o_.kill_grace_s));
+        }
+      }
+      if (Clock::now() >= kill_at) {
+        for (auto& w : workers_)
+          if (w.running) ::kill(w.pid, SIGKILL);
+        kill_at = Clock::time_point::max();
+      }
+    }
+    if (!first_failure.empty()) {
+      res.exit_code = 1;
+      res.message = first_failure;
+    }
+    return res;
+  }
+
+ private:
+  const LaunchOptions& o_;
+  Relay* relay_;
+  std::vector<Worker> workers_;
+};
+
+}  // namespace
+
+Result<LaunchResult> LaunchWorkers(const LaunchOptions& o) {
+  if (o.nproc < 1) return InvalidArgument("--nproc must be at least 1");
+  if (o.max_restarts != 0) return InvalidArgument("--max-restarts is not supported yet");
+  if (::pipe2(g_wake_pipe, O_CLOEXEC | O_NONBLOCK) != 0)
+    return IoError(std::string("launcher: pipe: ") + std::strerror(errno));
+  g_signals = 0;
+  LaunchResult result;
+  {
+    SignalScope signals;
+    Relay relay(STDERR_FILENO, isatty(STDERR_FILENO), o.prefix_output, o.nproc);
+    // One attempt; a restart policy would loop here: on failure, if attempts <= max_restarts and no stop was
+    // requested, start a new attempt (the workers re-rendezvous under a new generation).
+    Attempt attempt(o, &relay);
+    Status s = attempt.Start();
+    if (!s.ok()) {
+      relay.Finish();
+      ::close(g_wake_pipe[0]);
+      ::close(g_wake_pipe[1]);
+      g_wake_pipe[0] = g_wake_pipe[1] = -1;
+      return s;
+    }
+    result = attempt.Wait();
+    relay.Finish();
+  }
+  ::close(g_wake_pipe[0]);
+  ::close(g_wake_pipe[1]);
+  g_wake_pipe[0] = g_wake_pipe[1] = -1;
+  return result;
+}
+
+}  // namespace keel

@@ -1,0 +1,218 @@
+// cli_launch.cc: `keel train` as one process, as the launcher of local workers, or as one worker of a job.
+#include "tools/keel/cli_launch.h"
+
+#include <unistd.h>
+
+#include <climits>
+#include <csignal>
+#include <cstdlib>
+#include <filesystem>
+#include <thread>
+
+#include "core/env.h"
+#include "data/dataset.h"
+#include "dist/rendezvous.h"
+#include "formats/checkpoint.h"
+#include "tools/keel/cli_util.h"
+#include "train/launcher.h"
+
+namespace keel::cli {
+
+void DistFlags::AddTo(CLI::App& app) {
+  app.add_option("--nproc", nproc, "worker processes on this machine (data-parallel; default 1)");
+  app.add_option("--nproc-per-node", nproc_per_node, "same as --nproc, for multi-machine jobs");
+  app.add_option("--rdzv", rdzv,
+                 "rendezvous store: redis://[:PASSWORD@]HOST:PORT/JOB_ID (many machines) or file:///DIR "
+                 "(a directory every worker sees)");
+  app.add_option("--nnodes", nnodes, "machines in the job: N, or MIN:MAX (start with MIN..MAX; needs --rdzv)");
+  app.add_option("--host", host, "address other workers use to reach this machine (default: its hostname; "
+                                  "127.0.0.1 for one machine)");
+  app.add_option("--iface", iface, "network interface whose address other workers use (instead of --host)");
+  app.add_option("--rdzv-timeout", rdzv_timeout_s, "seconds to wait for the other workers/machines to join")
+      ->capture_default_str();
+  app.add_option("--comm-timeout", comm_timeout_s,
+                 "seconds without progress after which a collective (or connecting the group) fails: a dead or "
+                 "hung worker is reported within this time")
+      ->capture_default_str();
+}
+
+namespace {
+
+void PrintDone(const TrainResult& r) {
+  std::fprintf(stderr, "done: %lld steps, loss %.4f%s\n", static_cast<long long>(r.final_step), r.last_loss,
+               r.last_val_loss >= 0 ? (", val loss " + std::to_string(r.last_val_loss)).c_str() : "");
+}
+
+int RunSingle(const TrainOptions& o) {
+  InstallStopHandlers();
+  auto comm = MakeLocalCommunicator();
+  auto r = Train(o, comm.get(), &StopFlag());
+  if (!r.ok()) return Fail("train", r.status());
+  PrintDone(*r);
+  return 0;
+}
+
+// What must be identical on every worker of a job (rank 0's copy is the job's).
+Result<nlohmann::json> Descriptor(const TrainOptions& o) {
+  KEEL_ASSIGN_OR_RETURN(Dataset data, Dataset::Open(o.data_dir));
+  nlohmann::json model = {{"layers", o.model.layers}, {"heads", o.model.heads}, {"dim", o.model.dim},
+                          {"ctx", o.model.ctx}, {"vocab", o.model.vocab}};
+  nlohmann::json training = {{"device", o.device},
+                             {"batch", o.batch},
+                             {"grad_accum", o.grad_accum},
+                             {"steps", o.steps},
+                             {"seed", o.seed},
+                             {"lr", o.optim.lr},
+                             {"min_lr_frac", o.optim.min_lr_frac},
+                             {"warmup", o.optim.warmup},
+                             {"total_steps", o.optim.total_steps},
+                             {"weight_decay", o.optim.weight_decay},
+                             {"grad_clip", o.optim.grad_clip},
+                             {"deterministic", o.deterministic},
+                             {"eval_every", o.eval_every},
+                             {"eval_batches", o.eval_batches},
+                             {"stop_after", o.stop_after}};
+  int64_t resume_step = 0;
+  if (o.resume) {
+    auto ckpts = ListCheckpoints(o.out_dir);
+    if (ckpts.ok() && !ckpts->empty()) resume_step = ckpts->front().step;
+  }
+  return nlohmann::json{{"keel_version", KEEL_VERSION},
+                        {"model", model},
+                        {"data_fingerprint", data.fingerprint()},
+                        {"training", training},
+                        {"resume", {{"resume", o.resume}, {"newest_checkpoint_step", resume_step}}}};
+}
+
+int RunWorker(TrainOptions o, const DistFlags& d, const WorkerPlacement& p) {
+  InstallStopHandlers();
+  std::signal(SIGPIPE, SIG_IGN);  // a launcher that died: keep going to the checkpoint, don't die on a log line
+  const bool from_keel = p.source == "KEEL_RANK";
+  if (!from_keel && (d.nproc > 1 || d.nproc_per_node > 1 || !d.nnodes.empty()))
+    return Fail("train", InvalidArgument(p.source + " is set: this process is one worker started by another "
+                                         "launcher; --nproc/--nproc-per-node/--nnodes do not apply"));
+  if (p.world == 1) return RunSingle(o);
+  std::string url_text = from_keel && !p.rdzv.empty() ? p.rdzv : d.rdzv;
+  if (url_text.empty()) {
+    std::string why = p.source + "=" + std::to_string(p.rank) + " makes this process one of " +
+                      std::to_string(p.world) + " workers, which need a store to find each other: pass --rdzv "
+                      "redis://HOST:PORT/JOB_ID or --rdzv file:///DIR (a directory every worker sees)";
+    if (p.has_master_addr) why += " (MASTER_ADDR/MASTER_PORT alone are not enough: keel does not host a store)";
+    return Fail("train", InvalidArgument(why));
+  }
+  if (o.threads == 0) {
+    unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+    o.threads = std::max(1, static_cast<int>(hw) / std::max(1, p.local_world));
+  }
+  if (p.rank != 0) o.progress = false;
+  auto status = ValidateTrainOptions(o);
+  if (!status.ok()) return Fail("train", status);
+  auto desc = Descriptor(o);
+  if (!desc.ok()) return Fail("train", desc.status());
+  auto url = ParseStoreUrl(url_text);
+  if (!url.ok()) return Fail("train", url.status());
+  RendezvousOptions ro;
+  ro.rdzv_timeout_s = d.rdzv_timeout_s;
+  ro.comm_timeout_s = d.comm_timeout_s;
+  ro.host = !d.host.empty() ? d.host : p.host;
+  ro.iface = !d.iface.empty() ? d.iface : p.iface;
+  auto store = OpenStore(*url, std::min(5.0, d.rdzv_timeout_s));
+  if (!store.ok()) return Fail("train", store.status());
+  auto group = WorkerGroup::Join(*store, url->job, p.rank, p.world, *desc, ro, &StopFlag());
+  if (!group.ok()) return Fail("train", group.status());
+  std::vector<int> all(static_cast<size_t>(p.world));
+  for (int r = 0; r < p.world; ++r) all[static_cast<size_t>(r)] = r;
+  auto comm = (*group)->CreateCommunicator(0, all, &StopFlag());
+  if (!comm.ok()) return Fail("train", comm.status());
+  auto r = Train(o, comm->get(), &StopFlag());
+  if (!r.ok()) return Fail("train", r.status().Wrap("rank " + std::to_string(p.rank)));
+  // Everyone is done with the store once this barrier passes; rank 0 then removes the job's keys.
+  Status b = (*comm)->Barrier();
+  if (b.ok() && p.rank == 0) (void)(*group)->ClearJob();
+  if (p.rank == 0) PrintDone(*r);
+  return 0;
+}
+
+Result<std::pair<int, int>> ParseNnodes(const std::string& s) {
+  if (s.empty()) return std::make_pair(1, 1);
+  size_t colon = s.find(':');
+  auto num = [&](const std::string& t) -> int {
+    char* end = nullptr;
+    long v = std::strtol(t.c_str(), &end, 10);
+    return (t.empty() || *end != 0 || v < 1 || v > 100000) ? -1 : static_cast<int>(v);
+  };
+  int lo = num(s.substr(0, colon)), hi = colon == std::string::npos ? lo : num(s.substr(colon + 1));
+  if (lo < 1 || hi < lo) return InvalidArgument("--nnodes " + s + ": expected N or MIN:MAX with 1 <= MIN <= MAX");
+  return std::make_pair(lo, hi);
+}
+
+int RunLauncher(const TrainOptions& o, const DistFlags& d, const std::vector<std::string>& args) {
+  if (d.nproc > 0 && d.nproc_per_node > 0 && d.nproc != d.nproc_per_node)
+    return Fail("train", InvalidArgument("--nproc and --nproc-per-node differ"));
+  const int nproc = std::max({1, d.nproc, d.nproc_per_node});
+  if (nproc > 1024) return Fail("train", InvalidArgument("--nproc " + std::to_string(nproc) + " is too many"));
+  if (!(d.rdzv_timeout_s > 0)) return Fail("train", InvalidArgument("--rdzv-timeout must be positive"));
+  if (!(d.comm_timeout_s > 0)) return Fail("train", InvalidArgument("--comm-timeout must be positive"));
+  auto nn = ParseNnodes(d.nnodes);
+  if (!nn.ok()) return Fail("train", nn.status());
+  auto status = ValidateTrainOptions(o);
+  if (!status.ok()) return Fail("train", status);
+  InstallStopHandlers();  // Ctrl-C while waiting for the other machines aborts the wait
+
+  LaunchOptions lo;
+  lo.nproc = nproc;
+  std::string rdzv = d.rdzv, temp_dir;
+  if (!rdzv.empty()) {
+    auto url = ParseStoreUrl(rdzv);
+    if (!url.ok()) return Fail("train", url.status());
+    auto store = OpenStore(*url, std::min(5.0, d.rdzv_timeout_s));
+    if (!store.ok()) return Fail("train", store.status());
+    RendezvousOptions ro;
+    ro.rdzv_timeout_s = d.rdzv_timeout_s;
+    auto node = JoinAsNode(**store, url->job, nn->first, nn->second, nproc, ro, &StopFlag());
+    if (!node.ok()) return Fail("train", node.status());
+    lo.node_rank = node->node_rank;
+    lo.nnodes = node->nnodes;
+  } else {
+    if (nn->second > 1)
+      return Fail("train", InvalidArgument("--nnodes " + d.nnodes + " needs --rdzv redis://HOST:PORT/JOB_ID (or "
+                                           "file:///DIR on a shared filesystem) for the machines to meet"));
+    const char* base = std::getenv("TMPDIR");
+    std::string tmpl = std::string(base && *base ? base : "/tmp") + "/keel-rdzv-XXXXXX";
+    if (!mkdtemp(tmpl.data()))
+      return Fail("train", IoError("cannot create a rendezvous directory " + tmpl + ": " + std::strerror(errno)));
+    temp_dir = tmpl;
+    rdzv = "file://" + temp_dir;
+  }
+  if (StopFlag().load()) return Fail("train", Aborted("stopped before the workers started"));
+  lo.env.emplace_back("KEEL_RDZV", rdzv);
+  std::string host = d.host;
+  if (host.empty() && d.iface.empty() && lo.nnodes == 1) host = "127.0.0.1";
+  if (!host.empty()) lo.env.emplace_back("KEEL_HOST", host);
+  if (!d.iface.empty()) lo.env.emplace_back("KEEL_IFACE", d.iface);
+  char self[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (n <= 0) return Fail("train", IoError("cannot find keel's own binary (/proc/self/exe)"));
+  lo.exe.assign(self, static_cast<size_t>(n));
+  lo.args = args;
+  auto res = LaunchWorkers(lo);
+  if (!temp_dir.empty()) {
+    std::error_code ec;
+    std::filesystem::remove_all(temp_dir, ec);
+  }
+  if (!res.ok()) return Fail("train", res.status());
+  if (res->exit_code != 0) return Fail("train", Unavailable(res->message + "; training failed"));
+  return 0;
+}
+
+}  // namespace
+
+int RunTrainAnyMode(TrainOptions o, const DistFlags& d, const std::vector<std::string>& args) {
+  auto placement = PlacementFromEnv();
+  if (!placement.ok()) return Fail("train", placement.status());
+  if (placement->has_value()) return RunWorker(std::move(o), d, **placement);
+  if (d.nproc > 1 || d.nproc_per_node > 1 || !d.rdzv.empty() || !d.nnodes.empty()) return RunLauncher(o, d, args);
+  return RunSingle(o);
+}
+
+}  // namespace keel::cli
