@@ -1,0 +1,456 @@
+// formats_checkpoint_test.cc: tests of crash-safe checkpoint directories (formats/checkpoint.h).
+// Round trip, listing, pruning, detection of incomplete/truncated/corrupt checkpoints with fallback,
+// stale .tmp cleanup, same-step replacement, and fault injection at every mutating file-system call.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+
+#include "core/env.h"
+#include "core/hash.h"
+#include "formats/checkpoint.h"
+#include "formats/safetensors.h"
+#include "test_util.h"
+
+namespace keel {
+namespace {
+
+namespace fs = std::filesystem;
+using keel::testing::TempDir;
+using keel::testing::WriteText;
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+bool Contains(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
+
+std::vector<CheckpointFile> Files(const std::string& tag, size_t model_bytes = 3000) {
+  std::string model(model_bytes, '\0');
+  Rng rng(Hash64(tag.data(), tag.size()));
+  for (char& c : model) c = static_cast<char>(rng.Next());
+  return {{"model.bin", model}, {"optim.bin", "optimizer state " + tag}, {"empty", ""},
+          {"trainer.json", "{\"tag\":\"" + tag + "\"}"}};
+}
+
+std::map<std::string, std::string> AsMap(const std::vector<CheckpointFile>& files) {
+  std::map<std::string, std::string> m;
+  for (const auto& f : files) m[f.name] = f.data;
+  return m;
+}
+
+// A short printable summary of a file map (name:size:hash per file), for readable failure messages.
+std::string Digest(const std::map<std::string, std::string>& m) {
+  std::string out;
+  for (const auto& [name, data] : m) {
+    out += name + ":" + std::to_string(data.size()) + ":" + HashHex(Hash64(data.data(), data.size())) + " ";
+  }
+  return out;
+}
+std::string Digest(const std::vector<CheckpointFile>& files) { return Digest(AsMap(files)); }
+std::string DigestOf(const std::string& dir) {
+  Result<std::map<std::string, std::string>> r = ReadCheckpoint(dir);
+  return r.ok() ? Digest(r.value()) : "<invalid: " + r.status().message() + ">";
+}
+
+std::vector<int64_t> Steps(const std::string& run_dir) {
+  std::vector<int64_t> out;
+  Result<std::vector<CheckpointInfo>> list = ListCheckpoints(run_dir);
+  EXPECT_TRUE(list.ok()) << list.status().message();
+  if (!list.ok()) return out;
+  for (const CheckpointInfo& c : list.value()) out.push_back(c.step);
+  return out;
+}
+
+std::vector<std::string> DirEntries(const std::string& dir) {
+  std::vector<std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) out.push_back(e.path().filename().string());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+TEST(CheckpointTest, DirName) {
+  EXPECT_EQ(CheckpointDirName(40), "ckpt-00000040");
+  EXPECT_EQ(CheckpointDirName(0), "ckpt-00000000");
+  EXPECT_EQ(CheckpointDirName(123456789), "ckpt-123456789");
+}
+
+TEST(CheckpointTest, WriteListVerifyReadRoundTrip) {
+  TempDir tmp;
+  const std::string run = tmp / "runs/x";  // created on demand
+  // A real safetensors payload too, to show the layer is content-agnostic.
+  float w[3] = {1, 2, 3};
+  std::vector<CheckpointFile> files = Files("a");
+  files.push_back({"model.safetensors", EncodeSafetensors({{"w", "F32", {3}, w, 12}}, {}).value()});
+  ASSERT_TRUE(WriteCheckpoint(run, 40, files, 3).ok());
+
+  const std::string dir = run + "/ckpt-00000040";
+  Result<std::vector<CheckpointInfo>> list = ListCheckpoints(run);
+  ASSERT_TRUE(list.ok());
+  ASSERT_EQ(list->size(), 1u);
+  EXPECT_EQ(list->at(0).dir, dir);
+  EXPECT_EQ(list->at(0).step, 40);
+  EXPECT_TRUE(IsCheckpointDir(dir));
+  EXPECT_FALSE(IsCheckpointDir(run));
+  EXPECT_TRUE(VerifyCheckpoint(dir).ok());
+  Result<std::map<std::string, std::string>> read = ReadCheckpoint(dir);
+  ASSERT_TRUE(read.ok()) << read.status().message();
+  EXPECT_EQ(Digest(read.value()), Digest(files));
+
+  // On-disk protocol details: the marker holds the manifest's hash; nothing temporary is left.
+  const std::string manifest = ReadAll(dir + "/MANIFEST.json");
+  EXPECT_TRUE(Contains(manifest, "\"model.bin\""));
+  EXPECT_TRUE(Contains(manifest, HashHex(Hash64(files[0].data.data(), files[0].data.size()))));
+  std::string marker = ReadAll(dir + "/COMMITTED");
+  while (!marker.empty() && marker.back() == '\n') marker.pop_back();
+  EXPECT_EQ(marker, HashHex(Hash64(manifest.data(), manifest.size())));
+  EXPECT_EQ(DirEntries(run), std::vector<std::string>{"ckpt-00000040"});
+
+  std::vector<std::string> warnings;
+  Result<CheckpointInfo> latest = FindLatestValidCheckpoint(run, &warnings);
+  ASSERT_TRUE(latest.ok());
+  EXPECT_EQ(latest->dir, dir);
+  EXPECT_TRUE(warnings.empty());
+}
+
+TEST(CheckpointTest, EmptyAndMissingRunDir) {
+  TempDir tmp;
+  EXPECT_TRUE(ListCheckpoints(tmp / "nope").value().empty());
+  Result<CheckpointInfo> r = FindLatestValidCheckpoint(tmp / "nope", nullptr);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kNotFound);
+  EXPECT_EQ(VerifyCheckpoint(tmp / "nope").code(), Code::kNotFound);
+  EXPECT_FALSE(ReadCheckpoint(tmp / "nope").ok());
+}
+
+TEST(CheckpointTest, RejectsBadArguments) {
+  TempDir tmp;
+  EXPECT_EQ(WriteCheckpoint(tmp.path(), -1, Files("a"), 0).code(), Code::kInvalidArgument);
+  for (const char* bad : {"", ".", "..", "a/b", "MANIFEST.json", "COMMITTED"}) {
+    EXPECT_EQ(WriteCheckpoint(tmp.path(), 1, {{bad, "x"}}, 0).code(), Code::kInvalidArgument) << bad;
+  }
+  EXPECT_EQ(WriteCheckpoint(tmp.path(), 1, {{"a", "x"}, {"a", "y"}}, 0).code(), Code::kInvalidArgument);
+  EXPECT_TRUE(DirEntries(tmp.path()).empty());
+  // No files at all is a valid (if useless) checkpoint.
+  ASSERT_TRUE(WriteCheckpoint(tmp.path(), 2, {}, 0).ok());
+  EXPECT_TRUE(ReadCheckpoint(tmp / "ckpt-00000002").value().empty());
+}
+
+TEST(CheckpointTest, ListsNewestFirstAndIgnoresOtherEntries) {
+  TempDir tmp;
+  for (int64_t s : {5, 20, 10, 100000000}) ASSERT_TRUE(WriteCheckpoint(tmp.path(), s, Files("x"), 0).ok());
+  fs::create_directories(tmp / "ckpt-00000030.tmp");
+  fs::create_directories(tmp / "ckpt-abc");
+  fs::create_directories(tmp / "ckpt-");
+  fs::create_directories(tmp / "logs");
+  WriteText(tmp / "ckpt-00000099", "a file, not a directory");
+  EXPECT_EQ(Steps(tmp.path()), (std::vector<int64_t>{100000000, 20, 10, 5}));
+}
+
+TEST(CheckpointTest, KeepLastPrunesOldest) {
+  TempDir tmp;
+  for (int64_t s = 1; s <= 5; ++s) ASSERT_TRUE(WriteCheckpoint(tmp.path(), s * 10, Files("k"), 2).ok());
+  EXPECT_EQ(Steps(tmp.path()), (std::vector<int64_t>{50, 40}));
+  EXPECT_EQ(DirEntries(tmp.path()), (std::vector<std::string>{"ckpt-00000040", "ckpt-00000050"}));
+
+  TempDir all;
+  for (int64_t s = 1; s <= 4; ++s) ASSERT_TRUE(WriteCheckpoint(all.path(), s, Files("k"), 0).ok());
+  EXPECT_EQ(Steps(all.path()), (std::vector<int64_t>{4, 3, 2, 1}));
+  // keep_last = 1 now prunes down to the new one.
+  ASSERT_TRUE(WriteCheckpoint(all.path(), 5, Files("k"), 1).ok());
+  EXPECT_EQ(Steps(all.path()), (std::vector<int64_t>{5}));
+}
+
+TEST(CheckpointTest, PruningCountsOnlyValidAndKeepsJustWritten) {
+  TempDir tmp;
+  for (int64_t s : {10, 20, 30}) ASSERT_TRUE(WriteCheckpoint(tmp.path(), s, Files("p"), 0).ok());
+  fs::remove(tmp / "ckpt-00000030/COMMITTED");  // 30 is now invalid
+  // keep_last=2: newest valid are 40 (new) and 20; 30 is newer than the cut so it stays; 10 goes.
+  ASSERT_TRUE(WriteCheckpoint(tmp.path(), 40, Files("p"), 2).ok());
+  EXPECT_EQ(Steps(tmp.path()), (std::vector<int64_t>{40, 30, 20}));
+
+  // Resumed from an older step while newer valid ones exist: the new one survives even beyond keep_last.
+  TempDir back;
+  for (int64_t s : {50, 60}) ASSERT_TRUE(WriteCheckpoint(back.path(), s, Files("p"), 0).ok());
+  ASSERT_TRUE(WriteCheckpoint(back.path(), 41, Files("p"), 1).ok());
+  EXPECT_EQ(Steps(back.path()), (std::vector<int64_t>{60, 41}));
+}
+
+// Writes checkpoints 10 and 20, then lets `damage` break 20; FindLatestValidCheckpoint must fall back to
+// 10 with one warning naming 20 and containing `why`.
+void ExpectFallback(const std::function<void(const std::string&)>& damage, const std::string& why) {
+  TempDir tmp;
+  ASSERT_TRUE(WriteCheckpoint(tmp.path(), 10, Files("ten"), 0).ok());
+  ASSERT_TRUE(WriteCheckpoint(tmp.path(), 20, Files("twenty"), 0).ok());
+  const std::string d20 = tmp / "ckpt-00000020";
+  damage(d20);
+  Status v = VerifyCheckpoint(d20);
+  ASSERT_FALSE(v.ok());
+  EXPECT_EQ(v.code(), Code::kCorrupt);
+  EXPECT_EQ(v.message().rfind(d20, 0), 0u) << v.message();
+  EXPECT_TRUE(Contains(v.message(), why)) << v.message();
+  EXPECT_FALSE(ReadCheckpoint(d20).ok());
+  std::vector<std::string> warnings;
+  Result<CheckpointInfo> latest = FindLatestValidCheckpoint(tmp.path(), &warnings);
+  ASSERT_TRUE(latest.ok()) << latest.status().message();
+  EXPECT_EQ(latest->step, 10);
+  EXPECT_EQ(DigestOf(latest->dir), Digest(Files("ten")));
+  ASSERT_EQ(warnings.size(), 1u);
+  EXPECT_EQ(warnings[0].rfind("skipping " + d20, 0), 0u) << warnings[0];
+  EXPECT_TRUE(Contains(warnings[0], why)) << warnings[0];
+}
+
+TEST(CheckpointTest, MissingCommittedIsInvalid) {
+  ExpectFallback([](const std::string& d) { fs::remove(d + "/COMMITTED"); }, "incomplete (no COMMITTED marker)");
+}
+
+TEST(CheckpointTest, TruncatedFileIsInvalid) {
+  ExpectFallback([](const std::string& d) { fs::resize_file(d + "/model.bin", 1000); },
+                 "model.bin: size 1000, manifest says 3000 (truncated)");
+}
+
+TEST(CheckpointTest, GrownFileIsInvalid) {
+  ExpectFallback([](const std::string& d) { std::ofstream(d + "/optim.bin", std::ios::app) << "x"; },
+                 "optim.bin: size");
+}
+
+TEST(CheckpointTest, BitFlippedFileIsInvalid) {
+  ExpectFallback(
+      [](const std::string& d) {
+        std::string b = ReadAll(d + "/model.bin");
+        b[1234] = static_cast<char>(b[1234] ^ 0x04);
+        WriteText(d + "/model.bin", b);
+      },
+      "model.bin: checksum mismatch (file corrupt)");
+}
+
+TEST(CheckpointTest, MissingFileIsInvalid) {
+  ExpectFallback([](const std::string& d) { fs::remove(d + "/optim.bin"); }, "optim.bin: missing");
+}
+
+TEST(CheckpointTest, TamperedManifestIsInvalid) {
+  ExpectFallback(
+      [](const std::string& d) {
+        std::string m = ReadAll(d + "/MANIFEST.json");
+        m.replace(m.find("3000"), 4, "1000");
+        WriteText(d + "/MANIFEST.json", m);
+      },
+      "COMMITTED marker does not match MANIFEST.json");
+  ExpectFallback([](const std::string& d) { fs::remove(d + "/MANIFEST.json"); }, "no MANIFEST.json");
+}
+
+TEST(CheckpointTest, HostileManifestCannotEscapeTheDirectory) {
+  TempDir tmp;
+  WriteText(tmp / "secret", "x");
+  const std::string d = tmp / "ckpt-00000001";
+  fs::create_directories(d);
+  const std::string m = R"({"format":"keel-checkpoint","version":1,"step":1,"files":[{"name":"../secret","size":1,"hash":")" +
+                        HashHex(Hash64("x", 1)) + "\"}]}";
+  WriteText(d + "/MANIFEST.json", m);
+  WriteText(d + "/COMMITTED", HashHex(Hash64(m.data(), m.size())));
+  Status s = VerifyCheckpoint(d);
+  EXPECT_EQ(s.code(), Code::kCorrupt);
+  EXPECT_TRUE(Contains(s.message(), "invalid file name")) << s.message();
+}
+
+TEST(CheckpointTest, AllInvalidIsNotFoundWithWarnings) {
+  TempDir tmp;
+  ASSERT_TRUE(WriteCheckpoint(tmp.path(), 1, Files("a"), 0).ok());
+  ASSERT_TRUE(WriteCheckpoint(tmp.path(), 2, Files("a"), 0).ok());
+  fs::remove(tmp / "ckpt-00000001/COMMITTED");
+  fs::remove(tmp / "ckpt-00000002/COMMITTED");
+  std::vector<std::string> warnings;
+  Result<CheckpointInfo> r = FindLatestValidCheckpoint(tmp.path(), &warnings);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kNotFound);
+  EXPECT_EQ(warnings.size(), 2u);
+}
+
+TEST(CheckpointTest, StaleTmpIsIgnoredAndCleaned) {
+  TempDir tmp;
+  ASSERT_TRUE(WriteCheckpoint(tmp.path(), 10, Files("ten"), 0).ok());
+  // A crash while writing step 30 left a complete-looking .tmp (even with a marker).
+  const std::string stale = tmp / "ckpt-00000030.tmp";
+  fs::create_directories(stale);
+  fs::copy(tmp / "ckpt-00000010", stale, fs::copy_options::recursive);
+  fs::create_directories(tmp / "ckpt-00000005.del.tmp");
+  EXPECT_EQ(Steps(tmp.path()), std::vector<int64_t>{10});
+  EXPECT_EQ(FindLatestValidCheckpoint(tmp.path(), nullptr)->step, 10);
+  ASSERT_TRUE(WriteCheckpoint(tmp.path(), 20, Files("twenty"), 0).ok());
+  EXPECT_EQ(DirEntries(tmp.path()), (std::vector<std::string>{"ckpt-00000010", "ckpt-00000020"}));
+  // A stale .tmp of the very step being written is replaced, not merged.
+  fs::create_directories(tmp / "ckpt-00000030.tmp");
+  WriteText(tmp / "ckpt-00000030.tmp/junk", "junk");
+  ASSERT_TRUE(WriteCheckpoint(tmp.path(), 30, Files("thirty"), 0).ok());
+  EXPECT_FALSE(fs::exists(tmp / "ckpt-00000030/junk"));
+  EXPECT_EQ(DigestOf(tmp / "ckpt-00000030"), Digest(Files("thirty")));
+}
+
+TEST(CheckpointTest, ResavingAStepReplacesIt) {
+  TempDir tmp;
+  ASSERT_TRUE(WriteCheckpoint(tmp.path(), 10, Files("first"), 0).ok());
+  ASSERT_TRUE(WriteCheckpoint(tmp.path(), 10, Files("second", 500), 0).ok());
+  EXPECT_EQ(DigestOf(tmp / "ckpt-00000010"), Digest(Files("second", 500)));
+  EXPECT_EQ(DirEntries(tmp.path()), std::vector<std::string>{"ckpt-00000010"});
+  // Re-saving over an invalid (uncommitted) copy works too.
+  fs::remove(tmp / "ckpt-00000010/COMMITTED");
+  ASSERT_TRUE(WriteCheckpoint(tmp.path(), 10, Files("third"), 1).ok());
+  EXPECT_EQ(DigestOf(tmp / "ckpt-00000010"), Digest(Files("third")));
+  EXPECT_EQ(DirEntries(tmp.path()), std::vector<std::string>{"ckpt-00000010"});
+}
+
+TEST(CheckpointTest, OldCopyFromInterruptedReplaceIsUsable) {
+  TempDir tmp;
+  ASSERT_TRUE(WriteCheckpoint(tmp.path(), 10, Files("ten"), 0).ok());
+  // Crash after moving the old copy aside, before the new one was published.
+  fs::rename(tmp / "ckpt-00000010", tmp / "ckpt-00000010.old");
+  Result<CheckpointInfo> r = FindLatestValidCheckpoint(tmp.path(), nullptr);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->dir, tmp / "ckpt-00000010.old");
+  // Crash after publishing the new copy, before COMMITTED: the plain one is invalid, .old still wins.
+  fs::create_directories(tmp / "ckpt-00000010");
+  fs::copy(tmp / "ckpt-00000010.old", tmp / "ckpt-00000010", fs::copy_options::recursive);
+  fs::remove(tmp / "ckpt-00000010/COMMITTED");
+  std::vector<std::string> warnings;
+  r = FindLatestValidCheckpoint(tmp.path(), &warnings);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->dir, tmp / "ckpt-00000010.old");
+  EXPECT_EQ(warnings.size(), 1u);
+  // Re-saving the step keeps the valid .old until the new copy is committed, then removes it.
+  ASSERT_TRUE(WriteCheckpoint(tmp.path(), 10, Files("new"), 0).ok());
+  EXPECT_EQ(DirEntries(tmp.path()), std::vector<std::string>{"ckpt-00000010"});
+  EXPECT_EQ(DigestOf(tmp / "ckpt-00000010"), Digest(Files("new")));
+}
+
+// An Env that delegates to the real one but fails the Nth call of the selected mutating operations
+// (only WriteFile, or every mutation). Sticky: every later call fails too (a dead disk, the harder case
+// for cleanup code); otherwise only the Nth call fails (a transient error, exercising the rollback).
+class FaultyEnv : public Env {
+ public:
+  FaultyEnv(Env* base, int fail_at, bool writes_only, bool sticky)
+      : base_(base), fail_at_(fail_at), writes_only_(writes_only), sticky_(sticky) {}
+  int calls() const { return calls_; }
+  bool fired() const { return fired_; }
+  // Whether a COMMITTED marker was written through this Env (the commit point of WriteCheckpoint).
+  bool marker_written() const { return marker_written_; }
+
+  Result<std::string> ReadFile(const std::string& p) override { return base_->ReadFile(p); }
+  Status WriteFile(const std::string& p, std::string_view d) override {
+    if (Trip("WriteFile", p)) return IoError(p + ": injected write failure");
+    Status s = base_->WriteFile(p, d);
+    if (s.ok() && BaseName(p) == "COMMITTED") marker_written_ = true;
+    return s;
+  }
+  Status Rename(const std::string& a, const std::string& b) override {
+    if (!writes_only_ && Trip("Rename", a)) return IoError(a + ": injected rename failure");
+    return base_->Rename(a, b);
+  }
+  Status SyncDir(const std::string& d) override {
+    if (!writes_only_ && Trip("SyncDir", d)) return IoError(d + ": injected fsync failure");
+    return base_->SyncDir(d);
+  }
+  Status CreateDirs(const std::string& p) override {
+    if (!writes_only_ && Trip("CreateDirs", p)) return IoError(p + ": injected mkdir failure");
+    return base_->CreateDirs(p);
+  }
+  Status RemoveAll(const std::string& p) override {
+    if (!writes_only_ && Trip("RemoveAll", p)) return IoError(p + ": injected remove failure");
+    return base_->RemoveAll(p);
+  }
+  bool Exists(const std::string& p) override { return base_->Exists(p); }
+  bool IsDir(const std::string& p) override { return base_->IsDir(p); }
+  Result<std::vector<std::string>> ListDir(const std::string& d) override { return base_->ListDir(d); }
+  Result<MappedFile> Map(const std::string& p) override { return base_->Map(p); }
+  double NowSeconds() override { return base_->NowSeconds(); }
+
+ private:
+  // After the injected failure, every later call of the same kinds fails too (a dead disk), which is the
+  // harder case for cleanup code.
+  bool Trip(const char*, const std::string&) {
+    ++calls_;
+    const bool fail = sticky_ ? calls_ >= fail_at_ : calls_ == fail_at_;
+    fired_ = fired_ || fail;
+    return fail;
+  }
+  Env* base_;
+  int fail_at_;
+  bool writes_only_;
+  bool sticky_;
+  int calls_ = 0;
+  bool fired_ = false;
+  bool marker_written_ = false;
+};
+
+struct EnvGuard {
+  explicit EnvGuard(Env* e) { SetDefaultEnv(e); }
+  ~EnvGuard() { SetDefaultEnv(nullptr); }
+};
+
+// Runs WriteCheckpoint(step_new) under a FaultyEnv failing from call N on, for every N until the write
+// gets through untouched. Invariants: an injected failure is reported; before the commit point (the
+// COMMITTED marker written) no valid checkpoint holds the new content and the latest valid one is the old
+// one; after it, the latest valid checkpoint holds the new content or (if the failure handler could
+// still roll back) the old one, never a mix; and a later fault-free save succeeds and leaves no debris.
+void FaultSweep(int64_t step_new, bool writes_only, bool sticky) {
+  const std::string kOld = Digest(Files("old")), kNew = Digest(Files("new"));
+  int n = 1;
+  for (;; ++n) {
+    ASSERT_LT(n, 200) << "fault sweep did not terminate";
+    TempDir tmp;
+    ASSERT_TRUE(WriteCheckpoint(tmp.path(), 10, Files("old"), 0).ok());
+    ASSERT_TRUE(WriteCheckpoint(tmp.path(), 5, Files("older"), 0).ok());
+    Status s;
+    bool fired, committed;
+    {
+      FaultyEnv faulty(DefaultEnv(), n, writes_only, sticky);
+      EnvGuard guard(&faulty);
+      s = WriteCheckpoint(tmp.path(), step_new, Files("new"), 2);
+      fired = faulty.fired();
+      committed = faulty.marker_written();
+    }
+    SCOPED_TRACE("fail at call " + std::to_string(n) + ": " + s.ToString());
+    Result<CheckpointInfo> latest = FindLatestValidCheckpoint(tmp.path(), nullptr);
+    ASSERT_TRUE(latest.ok()) << latest.status().message();
+    const std::string content = DigestOf(latest->dir);
+    if (!fired) {
+      ASSERT_TRUE(s.ok());
+      EXPECT_EQ(latest->step, step_new);
+      EXPECT_EQ(content, kNew);
+      break;
+    }
+    ASSERT_FALSE(s.ok()) << "an injected failure must be reported";
+    EXPECT_TRUE(Contains(s.message(), "injected")) << s.message();
+    if (!committed) {
+      EXPECT_EQ(latest->step, 10);
+      EXPECT_EQ(content, kOld);
+      Result<std::vector<CheckpointInfo>> all = ListCheckpoints(tmp.path());
+      ASSERT_TRUE(all.ok());
+      for (const CheckpointInfo& c : all.value()) EXPECT_NE(DigestOf(c.dir), kNew) << c.dir;
+    } else {
+      EXPECT_TRUE(content == kNew || content == kOld) << content;
+      if (Contains(s.message(), "committed, but cleanup failed")) {
+        EXPECT_EQ(content, kNew);
+      }
+    }
+    // With the fault gone, the next save succeeds and leaves a clean directory.
+    ASSERT_TRUE(WriteCheckpoint(tmp.path(), step_new, Files("retry"), 2).ok());
+    EXPECT_EQ(DigestOf(FindLatestValidCheckpoint(tmp.path(), nullptr)->dir), Digest(Files("retry")));
+    for (const std::string& e : DirEntries(tmp.path())) {
+      EXPECT_FALSE(Contains(e, ".tmp") || Contains(e, ".old")) << e;
+    }
+  }
+  EXPECT_GT(n, writes_only ? 5 : 10) << "the sweep should have exercised several failure points";
+}
+
+TEST(CheckpointFaultTest, FailingNthWriteFileLeavesPreviousCheckpointLatest) { FaultSweep(20, true, false); }
+TEST(CheckpointFaultTest, DeadDiskAfterNthWriteFile) { FaultSweep(20, true, true); }
+TEST(CheckpointFaultTest, FailingNthMutation) { FaultSweep(20, false, false); }
+TEST(CheckpointFaultTest, DeadDiskAfterNthMutation) { FaultSweep(20, false, true); }
+TEST(CheckpointFaultTest, ReplacingSameStepFailingNthMutation) { FaultSweep(10, false, false); }
+TEST(CheckpointFaultTest, ReplacingSameStepDeadDisk) { FaultSweep(10, false, true); }
+
+}  // namespace
+}  // namespace keel
