@@ -49,6 +49,9 @@ class Backend {
   virtual std::string Name() const = 0;
   virtual bool SupportsOp(Op op) const = 0;
   virtual void SetThreads(int n) = 0;
+  // True when device pointers are host pointers (the CPU backend): callers may then read and write buffers
+  // in place instead of staging copies.
+  virtual bool host_memory() const = 0;
 
   // Memory. Alloc returns zeroed memory or an error (out of memory).
   virtual Result<float*> Alloc(size_t count) = 0;

@@ -38,13 +38,12 @@ class AdamW {
   size_t size() const { return n_; }
 
  private:
-  AdamW(Backend* b, size_t n) : backend_(b), n_(n) {}
+  AdamW(Backend* b, size_t n, std::vector<ParamTensor> layout) : backend_(b), n_(n), layout_(std::move(layout)) {}
   Backend* backend_;
   size_t n_;
+  std::vector<ParamTensor> layout_;  // one update per tensor, with or without weight decay (no per-element mask)
   float* m_ = nullptr;
   float* v_ = nullptr;
-  std::vector<uint8_t> host_mask_;
-  const uint8_t* mask_ = nullptr;  // host mask (CPU backend reads it directly)
 };
 
 }  // namespace keel

@@ -17,17 +17,13 @@ float LearningRate(const OptimConfig& c, int64_t step) {
 
 Result<std::unique_ptr<AdamW>> AdamW::Create(Backend* backend, const std::vector<ParamTensor>& layout) {
   size_t n = layout.back().offset + layout.back().size;
-  std::unique_ptr<AdamW> o(new AdamW(backend, n));
+  std::unique_ptr<AdamW> o(new AdamW(backend, n, layout));
   auto m = backend->Alloc(n);
   if (!m.ok()) return m.status();
   o->m_ = m.value();
   auto v = backend->Alloc(n);
   if (!v.ok()) return v.status();
   o->v_ = v.value();
-  o->host_mask_.assign(n, 0);
-  for (const auto& t : layout)
-    for (size_t i = 0; i < t.size; ++i) o->host_mask_[t.offset + i] = t.decay ? 1 : 0;
-  o->mask_ = o->host_mask_.data();
   return o;
 }
 
@@ -40,8 +36,10 @@ double AdamW::Step(float* params, const float* grads, int64_t step, const OptimC
   double norm = std::sqrt(backend_->SumSquares(grads, n_));
   float scale = 1.0f;
   if (c.grad_clip > 0.0f && norm > c.grad_clip) scale = static_cast<float>(c.grad_clip / norm);
-  AdamWParams p{LearningRate(c, step), c.beta1, c.beta2, c.eps, c.weight_decay, step + 1, scale};
-  backend_->AdamW(params, grads, m_, v_, mask_, n_, p);
+  for (const auto& t : layout_) {
+    AdamWParams p{LearningRate(c, step), c.beta1, c.beta2, c.eps, t.decay ? c.weight_decay : 0.0f, step + 1, scale};
+    backend_->AdamW(params + t.offset, grads + t.offset, m_ + t.offset, v_ + t.offset, nullptr, t.size, p);
+  }
   return norm;
 }
 

@@ -8,20 +8,19 @@
 
 namespace keel {
 
-Result<std::vector<CheckpointFile>> EncodeSnapshot(const TrainingSnapshot& s) {
+Result<std::vector<CheckpointFile>> EncodeSnapshot(const SnapshotView& s) {
   std::vector<CheckpointFile> files;
   auto layout = ParamLayout(s.config);
-  if (s.params.size() != NumParams(s.config)) return Internal("snapshot parameter count does not match config");
+  const size_t n = NumParams(s.config);
   std::vector<TensorView> views;
   for (const auto& t : layout)
-    views.push_back({t.name, "F32", t.shape, s.params.data() + t.offset, t.size * sizeof(float)});
+    views.push_back({t.name, "F32", t.shape, s.params + t.offset, t.size * sizeof(float)});
   auto model = EncodeSafetensors(views, {{"config", s.config.ToJson().dump()}, {"format", "keel-gpt2"}});
   if (!model.ok()) return model.status();
   files.push_back({"model.safetensors", std::move(model).value()});
-  if (!s.adam_m.empty()) {
-    std::vector<TensorView> ov = {
-        {"adam.m", "F32", {static_cast<int64_t>(s.adam_m.size())}, s.adam_m.data(), s.adam_m.size() * 4},
-        {"adam.v", "F32", {static_cast<int64_t>(s.adam_v.size())}, s.adam_v.data(), s.adam_v.size() * 4}};
+  if (s.adam_m) {
+    std::vector<TensorView> ov = {{"adam.m", "F32", {static_cast<int64_t>(n)}, s.adam_m, n * sizeof(float)},
+                                  {"adam.v", "F32", {static_cast<int64_t>(n)}, s.adam_v, n * sizeof(float)}};
     auto optim = EncodeSafetensors(ov, {});
     if (!optim.ok()) return optim.status();
     files.push_back({"optim.safetensors", std::move(optim).value()});

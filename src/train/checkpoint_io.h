@@ -25,7 +25,16 @@ struct TrainingSnapshot {
   std::string tokenizer;              // tokenizer file bytes
 };
 
-Result<std::vector<CheckpointFile>> EncodeSnapshot(const TrainingSnapshot& s);
+// Borrowed host pointers to the state to save (so a checkpoint costs one encoded copy, not two).
+struct SnapshotView {
+  GptConfig config;
+  const float* params = nullptr;
+  const float* adam_m = nullptr;  // null: no optimizer file
+  const float* adam_v = nullptr;
+  nlohmann::json state;
+  std::string tokenizer;
+};
+Result<std::vector<CheckpointFile>> EncodeSnapshot(const SnapshotView& s);
 
 // Loads from a checkpoint directory, or from a run directory (its newest valid checkpoint; each skipped corrupt
 // or incomplete newer one adds a line to *warnings). with_optimizer=false skips the moments.

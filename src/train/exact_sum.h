@@ -18,6 +18,8 @@ inline constexpr int kMaxExactMicroBatches = 128;
 
 // acc[i] += fixed(g[i]). Returns the number of non-finite inputs (their slots are left unchanged).
 size_t AddFixedPoint(int64_t* acc, const float* g, size_t n, size_t* saturated = nullptr);
+// g[i] = float(fixed(g[i]) * 2^-40): the one-term sum, in place. Returns the number of non-finite inputs.
+size_t RoundThroughFixedPoint(float* g, size_t n);
 // out[i] = float(acc[i] * 2^-40 * scale), rounding once through double.
 void FixedPointToFloat(float* out, const int64_t* acc, size_t n, double scale);
 

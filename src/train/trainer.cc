@@ -26,7 +26,9 @@ namespace keel {
 Status ValidateTrainOptions(const TrainOptions& o) {
   if (o.data_dir.empty()) return InvalidArgument("--data is required");
   if (o.out_dir.empty()) return InvalidArgument("--out is required");
-  KEEL_RETURN_IF_ERROR(o.model.Validate());
+  GptConfig m = o.model;
+  if (m.vocab == 0) m.vocab = 1;  // 0 = take it from the data; checked again once the data is open
+  KEEL_RETURN_IF_ERROR(m.Validate());
   if (o.batch <= 0) return InvalidArgument("--batch must be positive (got " + std::to_string(o.batch) + ")");
   if (o.grad_accum <= 0) return InvalidArgument("--grad-accum must be positive");
   if (o.deterministic && o.grad_accum > kMaxExactMicroBatches)
@@ -61,11 +63,11 @@ class AsyncCheckpointer {
  public:
   AsyncCheckpointer(std::string run_dir, int keep) : run_dir_(std::move(run_dir)), keep_(keep) {}
   ~AsyncCheckpointer() { (void)Wait(); }
-  Status Start(TrainingSnapshot snap, int64_t step) {
+  // files: the encoded checkpoint (an in-memory snapshot of one step boundary).
+  Status Start(std::vector<CheckpointFile> files, int64_t step) {
     KEEL_RETURN_IF_ERROR(Wait());
-    thread_ = std::thread([this, snap = std::move(snap), step]() {
-      auto files = EncodeSnapshot(snap);
-      result_ = files.ok() ? WriteCheckpoint(run_dir_, step, files.value(), keep_) : files.status();
+    thread_ = std::thread([this, files = std::move(files), step]() {
+      result_ = WriteCheckpoint(run_dir_, step, files, keep_);
     });
     return Status::Ok();
   }
@@ -176,7 +178,11 @@ Result<TrainResult> Train(const TrainOptions& opt_in, Communicator* comm, const 
       }
     }
   }
-  o.model.vocab = data.vocab_size();
+  if (resuming) o.model.vocab = resume_snap.config.vocab;
+  if (o.model.vocab == 0) o.model.vocab = data.vocab_size();
+  if (o.model.vocab < data.vocab_size())
+    return InvalidArgument("--vocab " + std::to_string(o.model.vocab) + " is smaller than the tokenizer's vocabulary (" +
+                           std::to_string(data.vocab_size()) + ")");
   KEEL_RETURN_IF_ERROR(o.model.Validate());
   KEEL_RETURN_IF_ERROR(data.CheckContext(o.model.ctx));
   // Every member has inspected --out before rank 0 creates the run in it (else a member sharing the directory
@@ -230,22 +236,37 @@ Result<TrainResult> Train(const TrainOptions& opt_in, Communicator* comm, const 
         (o.deterministic ? "deterministic" : "fast") + " mode; gemm peak " + Fmt("%.0f GFLOP/s", peak));
 
   std::vector<int32_t> inputs(static_cast<size_t>(B) * T), targets(inputs.size());
-  std::vector<int64_t> exact(o.deterministic ? P : 0);
-  std::vector<float> grads(P);
+  // Host views of the gradients, moments and parameters: the backend's own buffers when they are host memory,
+  // staging copies otherwise.
+  const bool host = backend->host_memory();
+  std::vector<float> staging(host ? 0 : P);
+  float* grads = host ? model->grads() : staging.data();
+  // Deterministic mode sums micro-batch gradients in fixed point. With a single worker and a single
+  // micro-batch the sum has one term, so the gradient is rounded through fixed point in place instead.
+  const bool exact_in_place = o.deterministic && world == 1 && M == 1;
+  std::vector<int64_t> exact(o.deterministic && !exact_in_place ? P : 0);
   AsyncCheckpointer ckpt(o.out_dir, o.keep);
-  auto snapshot = [&](int64_t next_step) {
-    TrainingSnapshot s;
+  auto encode_checkpoint = [&](int64_t next_step) -> Result<std::vector<CheckpointFile>> {
+    std::vector<float> p_copy, m_copy, v_copy;
+    const float *p = model->params(), *m = adam->m(), *v = adam->v();
+    if (!host) {
+      p_copy = model->ParamsToHost();
+      m_copy.resize(P);
+      v_copy.resize(P);
+      backend->Download(m_copy.data(), adam->m(), P);
+      backend->Download(v_copy.data(), adam->v(), P);
+      p = p_copy.data(), m = m_copy.data(), v = v_copy.data();
+    }
+    SnapshotView s;
     s.config = o.model;
-    s.params = model->ParamsToHost();
-    s.adam_m.resize(P);
-    s.adam_v.resize(P);
-    backend->Download(s.adam_m.data(), adam->m(), P);
-    backend->Download(s.adam_v.data(), adam->v(), P);
+    s.params = p;
+    s.adam_m = m;
+    s.adam_v = v;
     s.state = {{"step", next_step}, {"seed", o.seed}, {"data_fingerprint", data.fingerprint()},
                {"keel_version", KEEL_VERSION}, {"deterministic", o.deterministic}, {"batch", B},
                {"grad_accum", M}, {"steps", o.steps}, {"lr", o.optim.lr}, {"warmup", o.optim.warmup}};
     s.tokenizer = tokenizer_bytes;
-    return s;
+    return EncodeSnapshot(s);
   };
 
   TrainResult result;
@@ -258,7 +279,7 @@ Result<TrainResult> Train(const TrainOptions& opt_in, Communicator* comm, const 
     auto t0 = std::chrono::steady_clock::now();
     // (1) this worker's micro-batches: i = rank, rank + world, ...
     double loss_sum = 0, nonfinite = 0;
-    if (o.deterministic) std::fill(exact.begin(), exact.end(), 0);
+    if (!exact.empty()) std::fill(exact.begin(), exact.end(), 0);
     model->ZeroGrads();
     for (int i = rank; i < M; i += world) {
       data.TrainMicroBatch(o.seed, step, i, B, T, inputs.data(), targets.data());
@@ -267,20 +288,22 @@ Result<TrainResult> Train(const TrainOptions& opt_in, Communicator* comm, const 
       model->Backward();
       loss_sum += loss;
       if (!std::isfinite(loss)) nonfinite += 1;
-      if (o.deterministic) {
-        backend->Download(grads.data(), model->grads(), P);
-        nonfinite += static_cast<double>(AddFixedPoint(exact.data(), grads.data(), P));
+      if (!exact.empty()) {
+        if (!host) backend->Download(grads, model->grads(), P);
+        nonfinite += static_cast<double>(AddFixedPoint(exact.data(), grads, P));
       }
     }
     // (2) reduce gradients across workers; average over the global batch.
-    if (o.deterministic) {
+    if (!host) backend->Download(grads, model->grads(), P);
+    if (exact_in_place) {
+      nonfinite += static_cast<double>(RoundThroughFixedPoint(grads, P));
+    } else if (o.deterministic) {
       KEEL_RETURN_IF_ERROR(comm->AllreduceSum(exact.data(), P));
-      FixedPointToFloat(grads.data(), exact.data(), P, 1.0 / M);
+      FixedPointToFloat(grads, exact.data(), P, 1.0 / M);
     } else {
-      backend->Download(grads.data(), model->grads(), P);
-      KEEL_RETURN_IF_ERROR(comm->AllreduceSum(grads.data(), P));
+      KEEL_RETURN_IF_ERROR(comm->AllreduceSum(grads, P));
       const float inv = 1.0f / static_cast<float>(M);
-      for (auto& g : grads) g *= inv;
+      for (size_t j = 0; j < P; ++j) grads[j] *= inv;
     }
     double stats[3] = {loss_sum, nonfinite, (stop && stop->load()) ? 1.0 : 0.0};
     KEEL_RETURN_IF_ERROR(comm->AllreduceSum(stats, 3));
@@ -290,7 +313,7 @@ Result<TrainResult> Train(const TrainOptions& opt_in, Communicator* comm, const 
     if (stats[1] > 0 || !std::isfinite(loss)) {
       if (leader) log("warning: step " + std::to_string(step) + ": non-finite loss or gradient; update skipped");
     } else {
-      backend->Upload(model->grads(), grads.data(), P);
+      if (!host) backend->Upload(model->grads(), grads, P);
       gnorm = adam->Step(model->params(), model->grads(), step, o.optim);
     }
     auto t1 = std::chrono::steady_clock::now();
@@ -342,8 +365,12 @@ Result<TrainResult> Train(const TrainOptions& opt_in, Communicator* comm, const 
     }
     // Checkpoint at the boundary (rank 0 writes; the state is identical on every member).
     const bool stop_now = stats[2] > 0 || (o.stop_after > 0 && steps_this_run >= o.stop_after);
-    const bool want_ckpt = last || stop_now || (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0);
-    if (want_ckpt && leader) KEEL_RETURN_IF_ERROR(ckpt.Start(snapshot(step + 1), step + 1));
+    // --checkpoint-every 0 disables checkpoints (benchmarks), except the one a stop request asks for.
+    const bool want_ckpt = stop_now || (o.checkpoint_every > 0 && (last || (step + 1) % o.checkpoint_every == 0));
+    if (want_ckpt && leader) {
+      KEEL_ASSIGN_OR_RETURN(auto files, encode_checkpoint(step + 1));
+      KEEL_RETURN_IF_ERROR(ckpt.Start(std::move(files), step + 1));
+    }
     if (stop_now && !last) {
       result.stopped_early = true;
       if (leader) {

@@ -23,7 +23,7 @@ struct TrainOptions {
   std::string data_dir;
   std::string out_dir;
   std::string device = "cpu";
-  GptConfig model;            // vocab is taken from the data
+  GptConfig model{.vocab = 0};  // vocab 0 = the tokenizer's; larger pads the embedding (unused rows)
   int batch = 8;              // sequences per micro-batch
   int grad_accum = 1;         // micro-batches per step (global, whatever the worker count)
   int64_t steps = 200;

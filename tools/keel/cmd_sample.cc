@@ -38,7 +38,7 @@ int RunSample(int argc, char** argv) {
   const bool byte_tok = snap->tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
   auto tok = LoadTokenizer(byte_tok ? "byte" : "bpe", snap->tokenizer);
   if (!tok.ok()) return Fail("sample", tok.status().Wrap(ckpt + ": tokenizer"));
-  if ((*tok)->vocab_size() != snap->config.vocab)
+  if ((*tok)->vocab_size() > snap->config.vocab)
     return Fail("sample", Corrupt(ckpt + ": tokenizer vocabulary does not match the model's"));
   auto backend = MakeBackend(device, threads > 0 ? threads : 0);
   if (!backend.ok()) return Fail("sample", backend.status());

@@ -68,6 +68,7 @@ int RunTrain(int argc, char** argv) {
   app.add_option("--heads", o.model.heads)->capture_default_str();
   app.add_option("--dim", o.model.dim, "embedding width")->capture_default_str();
   app.add_option("--ctx", o.model.ctx, "context length")->capture_default_str();
+  app.add_option("--vocab", o.model.vocab, "model vocabulary (default: the tokenizer's; larger pads it)");
   app.add_option("--batch", o.batch, "sequences per micro-batch")->capture_default_str();
   app.add_option("--grad-accum", o.grad_accum, "micro-batches per step (the global batch)")->capture_default_str();
   app.add_option("--steps", o.steps, "total optimizer steps")->capture_default_str();

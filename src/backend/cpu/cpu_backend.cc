@@ -34,6 +34,7 @@ class CpuBackend final : public Backend {
   explicit CpuBackend(int threads) { SetThreads(threads); }
   std::string Name() const override { return "cpu"; }
   bool SupportsOp(Op op) const override { return op != Op::kCount; }
+  bool host_memory() const override { return true; }
   void SetThreads(int n) override {
     if (n < 1) n = 1;
     omp_set_num_threads(n);
