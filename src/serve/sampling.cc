@@ -74,7 +74,8 @@ Result<std::vector<int32_t>> Generate(DecodeState& state, const Tokenizer& tok, 
     logits = &state.Step(&t, &pos, 1);
     ++pos;
   }
-  const int V = static_cast<int>(logits->size());
+  // A padded model (--vocab larger than the tokenizer's) never emits the unused ids.
+  const int V = std::min(static_cast<int>(logits->size()), tok.vocab_size());
   std::vector<int32_t> out;
   std::string text;
   while (static_cast<int>(out.size()) < o.max_new_tokens && pos < maxT) {
