@@ -1,0 +1,224 @@
+// prepare.cc: builds a keel data directory from raw text (collect, tokenize, split, write, swap into place).
+#include "data/prepare.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "core/env.h"
+#include "core/hash.h"
+#include "data/corpus.h"
+#include "data/shards.h"
+#include "data/tokenizer.h"
+
+namespace keel {
+
+namespace {
+
+// Encoding works on chunks of about this many bytes, each extended to the next newline.
+constexpr size_t kEncodeChunkBytes = size_t{256} << 10;
+
+std::string StripTrailingSlashes(std::string p) {
+  while (p.size() > 1 && p.back() == '/') p.pop_back();
+  return p;
+}
+
+Status ValidateOptions(const PrepareOptions& o) {
+  if (o.inputs.empty()) return InvalidArgument("no input files or directories given");
+  if (o.out_dir.empty()) return InvalidArgument("no output directory given");
+  if (o.tokenizer_file.empty()) {
+    if (o.tokenizer != "bpe" && o.tokenizer != "byte") {
+      return InvalidArgument("unknown tokenizer \"" + o.tokenizer + "\" (expected bpe or byte)");
+    }
+    if (o.tokenizer == "bpe" && (o.vocab_size < kMinBpeVocabSize || o.vocab_size > kMaxBpeVocabSize)) {
+      return InvalidArgument("vocab_size must be in [" + std::to_string(kMinBpeVocabSize) + ", " +
+                             std::to_string(kMaxBpeVocabSize) + "] for the bpe tokenizer, got " +
+                             std::to_string(o.vocab_size));
+    }
+  }
+  if (!(o.val_fraction > 0.0 && o.val_fraction <= 0.5)) {
+    return InvalidArgument("val_fraction must be in (0, 0.5], got " + std::to_string(o.val_fraction));
+  }
+  return Status::Ok();
+}
+
+// OUT may be created or replaced if it does not exist, is an empty directory, or is a keel data directory.
+Status CheckOutDir(const std::string& out) {
+  Env* env = DefaultEnv();
+  if (!env->Exists(out)) return Status::Ok();
+  const Status not_data = InvalidArgument(out + " exists and is not a keel data directory");
+  if (!env->IsDir(out)) return not_data;
+  if (env->Exists(JoinPath(out, kMetaFile))) return Status::Ok();
+  KEEL_ASSIGN_OR_RETURN(std::vector<std::string> names, env->ListDir(out));
+  return names.empty() ? Status::Ok() : not_data;
+}
+
+// Encodes text in newline-aligned chunks, in parallel; the output does not depend on the thread count.
+std::vector<int32_t> EncodeCorpus(const Tokenizer& tok, std::string_view text) {
+  std::vector<std::string_view> chunks;
+  for (size_t pos = 0; pos < text.size();) {
+    size_t end = pos + kEncodeChunkBytes;
+    if (end >= text.size()) {
+      end = text.size();
+    } else {
+      const size_t nl = text.find('\n', end);
+      end = nl == std::string_view::npos ? text.size() : nl + 1;
+    }
+    chunks.push_back(text.substr(pos, end - pos));
+    pos = end;
+  }
+  std::vector<std::vector<int32_t>> parts(chunks.size());
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t i = 0; i < nchunks; ++i) parts[i] = tok.Encode(chunks[i]);
+  size_t total = 0;
+  for (const auto& p : parts) total += p.size();
+  std::vector<int32_t> out;
+  out.reserve(total);
+  for (auto& p : parts) {
+    out.insert(out.end(), p.begin(), p.end());
+    std::vector<int32_t>().swap(p);
+  }
+  return out;
+}
+
+// Moves the finished tmp directory to out, replacing an existing (already checked) out.
+Status Install(const std::string& tmp, const std::string& out) {
+  Env* env = DefaultEnv();
+  if (env->Exists(out)) {
+    const std::string old = out + ".old-" + std::to_string(::getpid());
+    KEEL_RETURN_IF_ERROR(env->RemoveAll(old));
+    KEEL_RETURN_IF_ERROR(env->Rename(out, old));
+    Status st = env->Rename(tmp, out);
+    if (!st.ok()) {
+      (void)env->Rename(old, out);  // best effort: put the previous data back
+      return st;
+    }
+    KEEL_RETURN_IF_ERROR(env->RemoveAll(old));
+  } else {
+    KEEL_RETURN_IF_ERROR(env->Rename(tmp, out));
+  }
+  return env->SyncDir(DirName(out));
+}
+
+Status WriteDataDir(const std::string& dir, const PrepareOptions& opt, const Tokenizer& tok,
+                    const std::vector<int32_t>& tokens, size_t n_train, PrepareSummary* sum) {
+  const std::string train_path = JoinPath(dir, kTrainShardFile), val_path = JoinPath(dir, kValShardFile);
+  KEEL_RETURN_IF_ERROR(WriteShard(train_path, std::vector<int32_t>(tokens.begin(), tokens.begin() + n_train),
+                                  tok.vocab_size()));
+  KEEL_RETURN_IF_ERROR(
+      WriteShard(val_path, std::vector<int32_t>(tokens.begin() + n_train, tokens.end()), tok.vocab_size()));
+  const std::string tok_bytes = tok.Serialize();
+  KEEL_RETURN_IF_ERROR(WriteFileAtomic(JoinPath(dir, kTokenizerFileName), tok_bytes));
+  // Read the shards back: validates what reached the disk and yields their data hashes.
+  KEEL_ASSIGN_OR_RETURN(ShardReader train, ShardReader::Open(train_path));
+  KEEL_ASSIGN_OR_RETURN(ShardReader val, ShardReader::Open(val_path));
+  sum->fingerprint = DataFingerprint(tok_bytes, train.data_hash(), val.data_hash());
+
+  nlohmann::ordered_json meta;
+  meta["format"] = "keel-data";
+  meta["format_version"] = kDataFormatVersion;
+  meta["keel_version"] = KEEL_VERSION;
+  meta["tokenizer"] = tok.type();
+  meta["vocab_size"] = tok.vocab_size();
+  meta["requested_vocab_size"] = sum->requested_vocab_size;
+  meta["train_tokens"] = train.size();
+  meta["val_tokens"] = val.size();
+  meta["val_fraction"] = opt.val_fraction;
+  meta["source_files"] = sum->source_files;
+  meta["source_bytes"] = sum->source_bytes;
+  meta["tokenizer_hash"] = HashHex(Hash64(tok_bytes.data(), tok_bytes.size()));
+  meta["train_hash"] = HashHex(train.data_hash());
+  meta["val_hash"] = HashHex(val.data_hash());
+  meta["fingerprint"] = sum->fingerprint;
+  return WriteFileAtomic(JoinPath(dir, kMetaFile), meta.dump(2) + "\n");
+}
+
+}  // namespace
+
+std::string DataFingerprint(const std::string& tokenizer_bytes, uint64_t train_data_hash, uint64_t val_data_hash) {
+  const uint64_t words[3] = {Hash64(tokenizer_bytes.data(), tokenizer_bytes.size()), train_data_hash,
+                             val_data_hash};
+  return HashHex(Hash64(words, sizeof(words)));
+}
+
+Result<PrepareSummary> Prepare(const PrepareOptions& opt) {
+  KEEL_RETURN_IF_ERROR(ValidateOptions(opt));
+  Env* env = DefaultEnv();
+  const double t0 = env->NowSeconds();
+  auto progress = [&](const std::string& msg) {
+    if (opt.progress) opt.progress(msg);
+  };
+  const std::string out = StripTrailingSlashes(opt.out_dir);
+  KEEL_RETURN_IF_ERROR(CheckOutDir(out));  // fail before the expensive work
+
+  PrepareSummary sum;
+  sum.out_dir = out;
+  CollectStats stats;
+  KEEL_ASSIGN_OR_RETURN(std::vector<std::string> files, CollectTextFiles(opt.inputs, &stats));
+  sum.source_files = files.size();
+  sum.skipped_files = stats.skipped_binary + stats.skipped_hidden + stats.skipped_other;
+  progress("reading " + std::to_string(files.size()) + " text files");
+  KEEL_ASSIGN_OR_RETURN(std::string text, ReadCorpus(files));
+  sum.source_bytes = text.size();
+
+  const double t1 = env->NowSeconds();
+  std::unique_ptr<Tokenizer> tok;
+  if (!opt.tokenizer_file.empty()) {
+    progress("loading tokenizer " + opt.tokenizer_file);
+    KEEL_ASSIGN_OR_RETURN(tok, LoadTokenizerFile(opt.tokenizer_file));
+    sum.requested_vocab_size = tok->vocab_size();
+  } else if (opt.tokenizer == "byte") {
+    tok = std::make_unique<ByteTokenizer>();
+    sum.requested_vocab_size = tok->vocab_size();
+  } else {
+    progress("training BPE tokenizer (vocab " + std::to_string(opt.vocab_size) + ") on " +
+             std::to_string(text.size()) + " bytes");
+    KEEL_ASSIGN_OR_RETURN(tok, TrainBpeTokenizer(text, opt.vocab_size));
+    sum.requested_vocab_size = opt.vocab_size;
+  }
+  sum.tokenizer = tok->type();
+  sum.vocab_size = tok->vocab_size();
+  const double t2 = env->NowSeconds();
+  sum.tokenizer_seconds = t2 - t1;
+
+  progress("encoding corpus");
+  const std::vector<int32_t> tokens = EncodeCorpus(*tok, text);
+  std::string().swap(text);
+  sum.encode_seconds = env->NowSeconds() - t2;
+
+  const size_t n = tokens.size();
+  const size_t n_val = static_cast<size_t>(std::floor(static_cast<double>(n) * opt.val_fraction));
+  const size_t n_train = n - n_val;
+  if (n_val < kMinSplitTokens) {
+    return InvalidArgument("validation split would have " + std::to_string(n_val) + " tokens (corpus has " +
+                           std::to_string(n) + " tokens, val_fraction " + std::to_string(opt.val_fraction) +
+                           "); need at least " + std::to_string(kMinSplitTokens) +
+                           ": use more text or a larger val_fraction");
+  }
+  if (n_train < kMinSplitTokens) {
+    return InvalidArgument("train split would have " + std::to_string(n_train) + " tokens; need at least " +
+                           std::to_string(kMinSplitTokens));
+  }
+  sum.train_tokens = n_train;
+  sum.val_tokens = n_val;
+
+  const std::string tmp = out + ".tmp-" + std::to_string(::getpid());
+  progress("writing " + out);
+  KEEL_RETURN_IF_ERROR(env->RemoveAll(tmp));
+  KEEL_RETURN_IF_ERROR(env->CreateDirs(tmp));
+  Status st = WriteDataDir(tmp, opt, *tok, tokens, n_train, &sum);
+  if (st.ok()) st = CheckOutDir(out);  // re-check: OUT may have appeared meanwhile
+  if (st.ok()) st = Install(tmp, out);
+  if (!st.ok()) {
+    (void)env->RemoveAll(tmp);
+    return st;
+  }
+  sum.total_seconds = env->NowSeconds() - t0;
+  return sum;
+}
+
+}  // namespace keel
