@@ -213,7 +213,7 @@ Result<std::unique_ptr<WorkerGroup>> WorkerGroup::Join(std::shared_ptr<Store> jo
     if (!diff.empty()) refusal = refused_prefix + diff;
   }
   nlohmann::json member = {{"host", Hostname()}, {"pid", static_cast<int64_t>(getpid())}};
-  if (!refusal.empty()) member["refused"] = refusal;
+  if (!refusal.empty()) member["refused"] = refusal.substr(refused_prefix.size());
   KEEL_ASSIGN_OR_RETURN(bool fresh, job->SetIfAbsent("member/" + std::to_string(rank), member.dump()));
   if (!fresh)
     return InvalidArgument(refused_prefix + "rank " + std::to_string(rank) +
@@ -235,7 +235,7 @@ Result<std::unique_ptr<WorkerGroup>> WorkerGroup::Join(std::shared_ptr<Store> jo
       auto m = nlohmann::json::parse(*v, nullptr, false);
       if (!m.is_discarded() && m.contains("refused"))
         return Aborted("job " + job_id + " cannot start: rank " + std::to_string(r) + " (host " +
-                       m.value("host", "?") + ") was " + m["refused"].get<std::string>());
+                       m.value("host", "?") + ") was refused: " + m["refused"].get<std::string>());
     }
     if (n_seen == world) break;
     if (abort && abort->load()) return Aborted("aborted while waiting for the workers of job " + job_id);

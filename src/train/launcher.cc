@@ -107,8 +107,8 @@ class Relay {
       if (buf[i] != '\n' && buf[i] != '\r') continue;
       std::string seg = StripAnsi(buf.substr(start, i - start));
       if (buf[i] == '\n') {
+        if (rank == 0) SetProgress("");  // rank 0 moved on from its progress line
         if (!seg.empty()) Line(rank, seg);
-        if (rank == 0) SetProgress("");
       } else if (!seg.empty()) {
         if (tty_ && rank == 0) SetProgress(seg);
         else Line(rank, seg);

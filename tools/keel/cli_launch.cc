@@ -125,7 +125,7 @@ int RunWorker(TrainOptions o, const DistFlags& d, const WorkerPlacement& p) {
   auto comm = (*group)->CreateCommunicator(0, all, &StopFlag());
   if (!comm.ok()) return Fail("train", comm.status());
   auto r = Train(o, comm->get(), &StopFlag());
-  if (!r.ok()) return Fail("train", r.status().Wrap("rank " + std::to_string(p.rank)));
+  if (!r.ok()) return Fail("train", r.status());
   // Everyone is done with the store once this barrier passes; rank 0 then removes the job's keys.
   Status b = (*comm)->Barrier();
   if (b.ok() && p.rank == 0) (void)(*group)->ClearJob();

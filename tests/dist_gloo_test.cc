@@ -1,0 +1,230 @@
+// dist_gloo_test.cc: the Gloo communicator on loopback — every collective for 2-4 members (threads as
+// members), sticky errors, timeouts, Abort() from another thread, a SIGKILLed member process, forming a group
+// that someone never joins, a bad bind address, and a new generation after a failure.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <functional>
+#include <thread>
+
+#include "dist/gloo_communicator.h"
+#include "dist/store.h"
+#include "dist_test_util.h"
+
+namespace keel::testing {
+namespace {
+
+double Since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+GlooOptions Loopback(double timeout_s) {
+  GlooOptions g;
+  g.hostname = "127.0.0.1";
+  g.timeout_s = timeout_s;
+  return g;
+}
+
+// Runs body(rank, comm) on `size` threads, each with its own communicator of generation `gen`.
+void RunGroup(std::shared_ptr<Store> store, int size, double timeout_s,
+              const std::function<void(int, Communicator*)>& body, const std::string& gen = "gen/0") {
+  std::vector<std::thread> th;
+  for (int r = 0; r < size; ++r)
+    th.emplace_back([&, r] {
+      auto c = ConnectGlooCommunicator(MakePrefixStore(store, gen), r, size, Loopback(timeout_s));
+      ASSERT_TRUE(c.ok()) << c.status().message();
+      EXPECT_EQ((*c)->rank(), r);
+      EXPECT_EQ((*c)->size(), size);
+      body(r, c->get());
+    });
+  for (auto& t : th) t.join();
+}
+
+class GlooCollectives : public ::testing::TestWithParam<int> {};
+
+TEST_P(GlooCollectives, AllOpsAreCorrect) {
+  const int size = GetParam();
+  TempDir t;
+  auto store = Must(OpenFileStore(t / "job"));
+  RunGroup(store, size, 20, [&](int r, Communicator* c) {
+    // int64 sum, exact on large values (the trainer's fixed-point gradients), including a multi-chunk buffer.
+    const size_t n = 300000;
+    std::vector<int64_t> a(n);
+    for (size_t i = 0; i < n; ++i) a[i] = (int64_t{1} << 40) * (r + 1) + static_cast<int64_t>(i) - 7 * r;
+    ASSERT_TRUE(c->AllreduceSum(a.data(), n).ok());
+    const int64_t s = size * (size + 1) / 2;
+    for (size_t i = 0; i < n; i += 9973)
+      ASSERT_EQ(a[i], (int64_t{1} << 40) * s + size * static_cast<int64_t>(i) - 7 * (size * (size - 1) / 2));
+
+    std::vector<float> f = {1.0f * r, 2.5f, -1.0f};
+    ASSERT_TRUE(c->AllreduceSum(f.data(), f.size()).ok());
+    EXPECT_EQ(f[0], static_cast<float>(size * (size - 1) / 2));
+    EXPECT_EQ(f[1], 2.5f * size);
+    EXPECT_EQ(f[2], -1.0f * size);
+
+    double d[2] = {0.25 * r, 1.0};
+    ASSERT_TRUE(c->AllreduceSum(d, 2).ok());
+    EXPECT_EQ(d[0], 0.25 * size * (size - 1) / 2);
+    EXPECT_EQ(d[1], size);
+
+    double m[3] = {static_cast<double>(r), -static_cast<double>(r), r == 1 ? 1e300 : 0.0};
+    ASSERT_TRUE(c->AllreduceMax(m, 3).ok());
+    EXPECT_EQ(m[0], size - 1);
+    EXPECT_EQ(m[1], 0);
+    EXPECT_EQ(m[2], size > 1 ? 1e300 : 0.0);
+
+    const int root = size - 1;
+    std::string msg = r == root ? "hello from the root!" : std::string(20, '?');
+    ASSERT_TRUE(c->Broadcast(msg.data(), msg.size(), root).ok());
+    EXPECT_EQ(msg, "hello from the root!");
+
+    uint64_t mine = 1000 + r;
+    std::vector<uint64_t> all(size);
+    ASSERT_TRUE(c->Allgather(&mine, all.data(), sizeof(mine)).ok());
+    for (int i = 0; i < size; ++i) EXPECT_EQ(all[i], 1000u + i);
+
+    ASSERT_TRUE(c->Barrier().ok());
+    ASSERT_TRUE(c->AllreduceSum(static_cast<int64_t*>(nullptr), 0).ok());
+    ASSERT_TRUE(c->Broadcast(nullptr, 0, 0).ok());
+    EXPECT_FALSE(c->Broadcast(msg.data(), 1, size).ok());  // bad root: an argument error
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(Sizes, GlooCollectives, ::testing::Values(1, 2, 3, 4));
+
+TEST(Gloo, TimeoutIsBoundedAndSticky) {
+  TempDir t;
+  auto store = Must(OpenFileStore(t / "job"));
+  RunGroup(store, 2, 1.0, [&](int r, Communicator* c) {
+    if (r == 1) {  // never joins the allreduce; waits until rank 0 gave up
+      std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+      return;
+    }
+    int64_t x = 1;
+    auto t0 = std::chrono::steady_clock::now();
+    Status s = c->AllreduceSum(&x, 1);
+    EXPECT_EQ(s.code(), Code::kTimeout) << s.message();
+    EXPECT_NE(s.message().find("--comm-timeout"), std::string::npos) << s.message();
+    EXPECT_LT(Since(t0), 2.5);
+    EXPECT_GT(Since(t0), 0.5);
+    t0 = std::chrono::steady_clock::now();
+    EXPECT_FALSE(c->Barrier().ok());  // sticky: fails at once
+    EXPECT_LT(Since(t0), 0.1);
+  });
+}
+
+TEST(Gloo, AbortWakesAnInFlightOperation) {
+  TempDir t;
+  auto store = Must(OpenFileStore(t / "job"));
+  std::atomic<bool> aborted{false};
+  RunGroup(store, 2, 20, [&](int r, Communicator* c) {
+    if (r == 1) {
+      while (!aborted.load()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+      // The peer aborted: our next operation fails fast (its sockets are shut down), not at the 20 s timeout.
+      auto t0 = std::chrono::steady_clock::now();
+      int64_t x = 1;
+      Status s = c->AllreduceSum(&x, 1);
+      EXPECT_FALSE(s.ok());
+      EXPECT_LT(Since(t0), 5.0) << s.message();
+      return;
+    }
+    std::thread watchdog([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      c->Abort();
+      aborted = true;
+    });
+    int64_t x = 1;
+    auto t0 = std::chrono::steady_clock::now();
+    Status s = c->AllreduceSum(&x, 1);
+    watchdog.join();
+    EXPECT_EQ(s.code(), Code::kAborted) << s.message();
+    EXPECT_LT(Since(t0), 3.0);
+    EXPECT_EQ(c->Barrier().code(), Code::kAborted);
+  });
+}
+
+TEST(Gloo, FormingAGroupNobodyJoinsTimesOut) {
+  TempDir t;
+  auto store = Must(OpenFileStore(t / "job"));
+  auto t0 = std::chrono::steady_clock::now();
+  auto c = ConnectGlooCommunicator(MakePrefixStore(store, "gen/0"), 0, 2, Loopback(0.5));
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), Code::kTimeout) << c.status().message();
+  EXPECT_NE(c.status().message().find("has not joined"), std::string::npos) << c.status().message();
+  EXPECT_LT(Since(t0), 3.0);
+
+  std::atomic<bool> abort{true};
+  auto a = ConnectGlooCommunicator(MakePrefixStore(store, "gen/1"), 0, 2, Loopback(30), &abort);
+  EXPECT_EQ(a.status().code(), Code::kAborted) << a.status().message();
+}
+
+TEST(Gloo, BadBindAddressNamesIt) {
+  TempDir t;
+  auto store = Must(OpenFileStore(t / "job"));
+  GlooOptions g = Loopback(1);
+  g.hostname = "192.0.2.1";  // TEST-NET-1: not an address of this machine
+  auto c = ConnectGlooCommunicator(store, 0, 2, g);
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("cannot bind to 192.0.2.1"), std::string::npos) << c.status().message();
+  g = Loopback(1);
+  g.hostname = "";
+  g.iface = "no-such-iface0";
+  c = ConnectGlooCommunicator(store, 0, 2, g);
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("no-such-iface0"), std::string::npos) << c.status().message();
+}
+
+// Three processes; one SIGKILLs itself mid-training. The survivors' next collective fails with a clear
+// error well within the communicator timeout (their peer's sockets closed), and they can form generation 1.
+TEST(Gloo, KilledMemberFailsSurvivorsWithinTimeoutAndTheyRegroup) {
+  TempDir t;
+  auto store = Must(OpenFileStore(t / "job"));
+  const double timeout_s = 5;
+  std::vector<pid_t> pids;
+  for (int r = 0; r < 3; ++r) {
+    pid_t pid = fork();
+    if (pid == 0) {
+      auto c = ConnectGlooCommunicator(MakePrefixStore(store, "gen/0"), r, 3, Loopback(timeout_s));
+      if (!c.ok()) _exit(10);
+      for (int step = 0; step < 1000; ++step) {
+        if (r == 2 && step == 20) raise(SIGKILL);
+        std::vector<int64_t> g(1000, r);
+        auto t0 = std::chrono::steady_clock::now();
+        Status s = (*c)->AllreduceSum(g.data(), g.size());
+        if (!s.ok()) {
+          WriteText(t / ("err" + std::to_string(r)), s.message());
+          if (Since(t0) > timeout_s + 2) _exit(11);
+          // Survivors regroup under a new generation and carry on.
+          auto c1 = ConnectGlooCommunicator(MakePrefixStore(store, "gen/1"), r, 2, Loopback(timeout_s));
+          if (!c1.ok()) _exit(12);
+          int64_t one = 1;
+          if (!(*c1)->AllreduceSum(&one, 1).ok() || one != 2) _exit(13);
+          _exit(0);
+        }
+        if (g[0] != 3) _exit(14);
+      }
+      _exit(15);  // the kill was never noticed
+    }
+    pids.push_back(pid);
+  }
+  auto t0 = std::chrono::steady_clock::now();
+  for (int r = 0; r < 3; ++r) {
+    int st = 0;
+    ASSERT_EQ(waitpid(pids[r], &st, 0), pids[r]);
+    if (r == 2) {
+      EXPECT_TRUE(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
+    } else {
+      EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << "rank " << r << " status " << st;
+      std::string err = ReadFileText(t / ("err" + std::to_string(r)));
+      EXPECT_NE(err.find("allreduce(int64) (rank " + std::to_string(r) + " of 3)"), std::string::npos) << err;
+    }
+  }
+  EXPECT_LT(Since(t0), 2 * timeout_s + 5);
+}
+
+}  // namespace
+}  // namespace keel::testing
