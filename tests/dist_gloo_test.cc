@@ -178,6 +178,24 @@ TEST(Gloo, BadBindAddressNamesIt) {
   EXPECT_NE(c.status().message().find("no-such-iface0"), std::string::npos) << c.status().message();
 }
 
+TEST(Gloo, InterfaceAddress) {
+  TempDir t;
+  auto store = Must(OpenFileStore(t / "job"));
+  std::vector<std::thread> th;
+  for (int r = 0; r < 2; ++r)
+    th.emplace_back([&, r] {
+      GlooOptions g;
+      g.iface = "lo";
+      g.timeout_s = 10;
+      auto c = ConnectGlooCommunicator(store, r, 2, g);
+      ASSERT_TRUE(c.ok()) << c.status().message();
+      int64_t x = r + 1;
+      ASSERT_TRUE((*c)->AllreduceSum(&x, 1).ok());
+      EXPECT_EQ(x, 3);
+    });
+  for (auto& x : th) x.join();
+}
+
 // Three processes; one SIGKILLs itself mid-training. The survivors' next collective fails with a clear
 // error well within the communicator timeout (their peer's sockets closed), and they can form generation 1.
 TEST(Gloo, KilledMemberFailsSurvivorsWithinTimeoutAndTheyRegroup) {

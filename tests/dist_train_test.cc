@@ -239,6 +239,11 @@ TEST_F(DistTrain, RedisWrongPasswordIsAClearErrorFast) {
   EXPECT_LT(Since(t0), 10);
   EXPECT_NE(r.output.find("authentication failed"), std::string::npos) << r.output;
   EXPECT_EQ(r.output.find("battery"), std::string::npos) << "password printed: " << r.output;
+  // The right password from the environment (kept off the command line): the job runs.
+  r = RunCommand("KEEL_RDZV_PASSWORD=correct-horse " + std::string(KEEL_BINARY) + " " + Args(t / "ok", 8) +
+                 " --rdzv redis://127.0.0.1:" + std::to_string(redis.port()) + "/job-ok --nproc-per-node 2");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  ExpectSameAsStraight(t / "ok");
 }
 
 TEST_F(DistTrain, UnreachableOrEmptyRendezvousFailsWithinTheTimeout) {

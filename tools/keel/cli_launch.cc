@@ -22,8 +22,8 @@ void DistFlags::AddTo(CLI::App& app) {
   app.add_option("--nproc", nproc, "worker processes on this machine (data-parallel; default 1)");
   app.add_option("--nproc-per-node", nproc_per_node, "same as --nproc, for multi-machine jobs");
   app.add_option("--rdzv", rdzv,
-                 "rendezvous store: redis://[:PASSWORD@]HOST:PORT/JOB_ID (many machines) or file:///DIR "
-                 "(a directory every worker sees)");
+                 "rendezvous store: redis://[:PASSWORD@]HOST:PORT/JOB_ID (many machines; or the password in "
+                 "$KEEL_RDZV_PASSWORD) or file:///DIR (a directory every worker sees); one job id per run");
   app.add_option("--nnodes", nnodes, "machines in the job: N, or MIN:MAX (start with MIN..MAX; needs --rdzv)");
   app.add_option("--host", host, "address other workers use to reach this machine (default: its hostname; "
                                   "127.0.0.1 for one machine)");
@@ -37,6 +37,15 @@ void DistFlags::AddTo(CLI::App& app) {
 }
 
 namespace {
+
+// Parses --rdzv; a Redis password may also come from $KEEL_RDZV_PASSWORD (kept off command lines, which
+// every user of the machine can read with ps).
+Result<StoreUrl> RdzvUrl(const std::string& text) {
+  KEEL_ASSIGN_OR_RETURN(StoreUrl u, ParseStoreUrl(text));
+  const char* pw = std::getenv("KEEL_RDZV_PASSWORD");
+  if (u.kind == StoreUrl::kRedis && u.password.empty() && pw && *pw) u.password = pw;
+  return u;
+}
 
 void PrintDone(const TrainResult& r) {
   std::fprintf(stderr, "done: %lld steps, loss %.4f%s\n", static_cast<long long>(r.final_step), r.last_loss,
@@ -109,7 +118,7 @@ int RunWorker(TrainOptions o, const DistFlags& d, const WorkerPlacement& p) {
   if (!status.ok()) return Fail("train", status);
   auto desc = Descriptor(o);
   if (!desc.ok()) return Fail("train", desc.status());
-  auto url = ParseStoreUrl(url_text);
+  auto url = RdzvUrl(url_text);
   if (!url.ok()) return Fail("train", url.status());
   RendezvousOptions ro;
   ro.rdzv_timeout_s = d.rdzv_timeout_s;
@@ -163,7 +172,7 @@ int RunLauncher(const TrainOptions& o, const DistFlags& d, const std::vector<std
   lo.nproc = nproc;
   std::string rdzv = d.rdzv, temp_dir;
   if (!rdzv.empty()) {
-    auto url = ParseStoreUrl(rdzv);
+    auto url = RdzvUrl(rdzv);
     if (!url.ok()) return Fail("train", url.status());
     auto store = OpenStore(*url, std::min(5.0, d.rdzv_timeout_s));
     if (!store.ok()) return Fail("train", store.status());
