@@ -18,6 +18,7 @@
 #include "core/hash.h"
 #include "data/dataset.h"
 #include "model/gpt.h"
+#include "train/bucket_reducer.h"
 #include "train/checkpoint_io.h"
 #include "train/exact_sum.h"
 
@@ -84,6 +85,17 @@ class AsyncCheckpointer {
   std::thread thread_;
   Status result_;
 };
+
+// The [offset, count) range of the flat parameter buffer that gradient-readiness group g covers.
+std::pair<size_t, size_t> GroupRange(const std::vector<ParamTensor>& tensors, int group) {
+  size_t lo = SIZE_MAX, hi = 0;
+  for (const auto& t : tensors)
+    if (t.group == group) {
+      lo = std::min(lo, t.offset);
+      hi = std::max(hi, t.offset + t.size);
+    }
+  return {lo, hi - lo};
+}
 
 void DefaultLog(const std::string& line) { std::fprintf(stderr, "%s\n", line.c_str()); }
 
@@ -246,6 +258,7 @@ Result<TrainResult> Train(const TrainOptions& opt_in, Communicator* comm, const 
   const bool exact_in_place = o.deterministic && world == 1 && M == 1;
   std::vector<int64_t> exact(o.deterministic && !exact_in_place ? P : 0);
   AsyncCheckpointer ckpt(o.out_dir, o.keep);
+  BucketReducer reducer(comm);
   auto encode_checkpoint = [&](int64_t next_step) -> Result<std::vector<CheckpointFile>> {
     std::vector<float> p_copy, m_copy, v_copy;
     const float *p = model->params(), *m = adam->m(), *v = adam->v();
@@ -281,27 +294,52 @@ Result<TrainResult> Train(const TrainOptions& opt_in, Communicator* comm, const 
     double loss_sum = 0, nonfinite = 0;
     if (!exact.empty()) std::fill(exact.begin(), exact.end(), 0);
     model->ZeroGrads();
-    for (int i = rank; i < M; i += world) {
-      data.TrainMicroBatch(o.seed, step, i, B, T, inputs.data(), targets.data());
+    // This worker's micro-batches of the step: i = rank, rank + world, ... (< M).
+    std::vector<int> mine;
+    for (int i = rank; i < M; i += world) mine.push_back(i);
+    // During the last local backward each finished layer's bucket goes to the reducer at once, so
+    // communication overlaps the rest of backward. One worker needs no communication at all.
+    const bool overlap = world > 1;
+    auto on_bucket_ready = [&](int group) {
+      const auto [off, count] = GroupRange(model->tensors(), group);
+      if (!host) backend->Download(grads + off, model->grads() + off, count);
+      if (o.deterministic) {
+        nonfinite += static_cast<double>(AddFixedPoint(exact.data() + off, grads + off, count));
+        reducer.SubmitInt64(exact.data() + off, count);
+      } else {
+        reducer.SubmitFloat(grads + off, count);
+      }
+    };
+    for (size_t k = 0; k < mine.size(); ++k) {
+      const bool last_local = k + 1 == mine.size();
+      data.TrainMicroBatch(o.seed, step, mine[k], B, T, inputs.data(), targets.data());
       if (o.deterministic) model->ZeroGrads();
       float loss = model->Forward(inputs.data(), targets.data(), B, T);
-      model->Backward();
+      if (overlap && last_local) {
+        model->Backward(on_bucket_ready);
+      } else {
+        model->Backward();
+        if (!exact.empty()) {
+          if (!host) backend->Download(grads, model->grads(), P);
+          nonfinite += static_cast<double>(AddFixedPoint(exact.data(), grads, P));
+        }
+      }
       loss_sum += loss;
       if (!std::isfinite(loss)) nonfinite += 1;
-      if (!exact.empty()) {
-        if (!host) backend->Download(grads, model->grads(), P);
-        nonfinite += static_cast<double>(AddFixedPoint(exact.data(), grads, P));
-      }
     }
     // (2) reduce gradients across workers; average over the global batch.
-    if (!host) backend->Download(grads, model->grads(), P);
+    if (overlap && mine.empty()) {
+      // More workers than micro-batches: this one contributes zeros to every bucket.
+      if (o.deterministic) reducer.SubmitInt64(exact.data(), P);
+      else reducer.SubmitFloat(grads, P);
+    }
+    if (overlap) KEEL_RETURN_IF_ERROR(reducer.Wait());
+    if (!host && !overlap) backend->Download(grads, model->grads(), P);
     if (exact_in_place) {
       nonfinite += static_cast<double>(RoundThroughFixedPoint(grads, P));
     } else if (o.deterministic) {
-      KEEL_RETURN_IF_ERROR(comm->AllreduceSum(exact.data(), P));
       FixedPointToFloat(grads, exact.data(), P, 1.0 / M);
     } else {
-      KEEL_RETURN_IF_ERROR(comm->AllreduceSum(grads, P));
       const float inv = 1.0f / static_cast<float>(M);
       for (size_t j = 0; j < P; ++j) grads[j] *= inv;
     }
