@@ -5,7 +5,7 @@ namespace keel::cli {
 
 const std::vector<Command>& Commands() {
   static const std::vector<Command> kCommands = {
-      {"prepare", RunPrepare}, {"train", RunTrain}, {"sample", RunSample}, {"info", RunInfo}};
+      {"prepare", RunPrepare}, {"train", RunTrain}, {"sample", RunSample}, {"info", RunInfo}, {"export", RunExport}};
   return kCommands;
 }
 

@@ -4,6 +4,7 @@
 
 #include "backend/backend.h"
 #include "data/tokenizer.h"
+#include "export/export.h"
 #include "model/gpt.h"
 #include "serve/sampling.h"
 #include "tools/keel/cli_util.h"
@@ -16,8 +17,12 @@ int RunSample(int argc, char** argv) {
   std::string ckpt, prompt = "\n", device = "cpu";
   GenerateOptions g;
   int threads = 0, num_samples = 1;
+  bool print_ids = false;
   CLI::App app("Generate text from a trained model.", "sample");
-  app.add_option("--ckpt", ckpt, "run directory (newest valid checkpoint) or checkpoint directory")->required();
+  app.add_option("--ckpt", ckpt,
+                 "run directory (newest valid checkpoint), checkpoint directory, .gguf file or Hugging Face export "
+                 "directory (keel export)")
+      ->required();
   app.add_option("--prompt,-p", prompt, "text to continue")->capture_default_str();
   app.add_option("-n,--n-predict", g.max_new_tokens, "tokens to generate")->capture_default_str();
   app.add_option("--temperature,--temp", g.sampling.temperature, "0 = greedy")->capture_default_str();
@@ -27,12 +32,13 @@ int RunSample(int argc, char** argv) {
   app.add_option("--samples", num_samples, "independent samples (seeds seed, seed+1, ...)")->capture_default_str();
   app.add_option("--threads,-t", threads, "CPU threads (0: all cores)");
   app.add_option("--device", device)->capture_default_str();
+  app.add_flag("--print-token-ids", print_ids, "also print the prompt and generated token ids to stderr");
   if (int rc = Parse(app, argc, argv); rc >= 0) return rc;
   if (auto s = ValidateSampling(g.sampling); !s.ok()) return Fail("sample", s);
   if (g.max_new_tokens < 0) return Fail("sample", InvalidArgument("-n must be >= 0"));
 
   std::vector<std::string> warnings;
-  auto snap = LoadSnapshot(ckpt, false, &warnings);
+  auto snap = LoadModelForInference(ckpt, &warnings);
   for (const auto& w : warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
   if (!snap.ok()) return Fail("sample", snap.status());
   const bool byte_tok = snap->tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
@@ -62,6 +68,13 @@ int RunSample(int argc, char** argv) {
     });
     std::printf("\n");
     if (!out.ok()) return Fail("sample", out.status());
+    if (print_ids) {
+      std::string line = "prompt ids:";
+      for (int32_t id : ids) line += " " + std::to_string(id);
+      line += "\ngenerated ids:";
+      for (int32_t id : *out) line += " " + std::to_string(id);
+      std::fprintf(stderr, "%s\n", line.c_str());
+    }
   }
   return 0;
 }

@@ -16,5 +16,6 @@ int RunPrepare(int argc, char** argv);
 int RunTrain(int argc, char** argv);
 int RunSample(int argc, char** argv);
 int RunInfo(int argc, char** argv);
+int RunExport(int argc, char** argv);
 
 }  // namespace keel::cli

@@ -14,6 +14,7 @@ void Usage() {
                "  train     train a GPT model (one or many workers)\n"
                "  sample    generate text from a checkpoint\n"
                "  info      describe a data dir, run dir or checkpoint\n"
+               "  export    write a model as GGUF (llama.cpp) or Hugging Face safetensors\n"
                "run 'keel <command> --help' for the options of a command\n");
 }
 }  // namespace

@@ -1,0 +1,297 @@
+// hf_export.cc: the keel <-> Hugging Face GPT-2 directory mapping (see hf_export.h).
+#include "export/hf_export.h"
+
+#include <cmath>
+#include <cstring>
+#include <map>
+
+#include "core/env.h"
+#include "data/tokenizer.h"
+#include "formats/half.h"
+#include "formats/safetensors.h"
+
+namespace keel {
+
+namespace {
+
+constexpr double kLayerNormEps = 1e-5;
+
+// [rows, cols] row-major -> [cols, rows] row-major.
+std::vector<float> Transpose(const float* x, int64_t rows, int64_t cols) {
+  std::vector<float> t(static_cast<size_t>(rows * cols));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) t[static_cast<size_t>(c * rows + r)] = x[r * cols + c];
+  return t;
+}
+
+std::string ToStr(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// Writes the files into tmp, then swaps tmp into place (an earlier export at dir is replaced only once the new
+// one is complete).
+Status WriteDirAtomic(const std::string& dir, const std::vector<std::pair<std::string, std::string>>& files) {
+  Env* env = DefaultEnv();
+  const std::string tmp = dir + ".tmp", old = dir + ".old";
+  if (env->Exists(dir)) {
+    if (!env->IsDir(dir) || !env->Exists(JoinPath(dir, "config.json")))
+      return InvalidArgument(dir + ": exists and is not a Hugging Face export directory; not overwriting it");
+  }
+  KEEL_RETURN_IF_ERROR(env->RemoveAll(tmp));
+  Status s = env->CreateDirs(tmp);
+  for (size_t i = 0; s.ok() && i < files.size(); ++i) s = env->WriteFile(JoinPath(tmp, files[i].first), files[i].second);
+  if (s.ok()) s = env->SyncDir(tmp);
+  if (!s.ok()) {
+    env->RemoveAll(tmp);
+    return s;
+  }
+  const bool had_old = env->Exists(dir);
+  if (had_old) {
+    KEEL_RETURN_IF_ERROR(env->RemoveAll(old));
+    if (Status r = env->Rename(dir, old); !r.ok()) {
+      env->RemoveAll(tmp);
+      return r;
+    }
+  }
+  if (Status r = env->Rename(tmp, dir); !r.ok()) {
+    if (had_old) env->Rename(old, dir);
+    env->RemoveAll(tmp);
+    return r;
+  }
+  KEEL_RETURN_IF_ERROR(env->SyncDir(DirName(dir)));
+  if (had_old) KEEL_RETURN_IF_ERROR(env->RemoveAll(old));
+  return Status::Ok();
+}
+
+}  // namespace
+
+std::string HfTensorName(const std::string& n, bool* transposed) {
+  *transposed = false;
+  if (n == "wte") return "transformer.wte.weight";
+  if (n == "wpe") return "transformer.wpe.weight";
+  if (n == "lnf.weight") return "transformer.ln_f.weight";
+  if (n == "lnf.bias") return "transformer.ln_f.bias";
+  if (n.rfind("h.", 0) != 0) return "";
+  const size_t dot = n.find('.', 2);
+  if (dot == std::string::npos) return "";
+  const std::string layer = n.substr(2, dot - 2), rest = n.substr(dot + 1);
+  static const std::map<std::string, std::string> kMap = {
+      {"ln1.weight", "ln_1.weight"},           {"ln1.bias", "ln_1.bias"},
+      {"attn.qkv.weight", "attn.c_attn.weight"}, {"attn.qkv.bias", "attn.c_attn.bias"},
+      {"attn.proj.weight", "attn.c_proj.weight"}, {"attn.proj.bias", "attn.c_proj.bias"},
+      {"ln2.weight", "ln_2.weight"},           {"ln2.bias", "ln_2.bias"},
+      {"mlp.fc.weight", "mlp.c_fc.weight"},    {"mlp.fc.bias", "mlp.c_fc.bias"},
+      {"mlp.proj.weight", "mlp.c_proj.weight"}, {"mlp.proj.bias", "mlp.c_proj.bias"},
+  };
+  auto it = kMap.find(rest);
+  if (it == kMap.end()) return "";
+  *transposed = rest.find(".weight") != std::string::npos && rest.rfind("ln", 0) != 0;
+  return "transformer.h." + layer + "." + it->second;
+}
+
+Status ExportHfSafetensors(const TrainingSnapshot& s, const std::string& dir, ExportDtype dtype) {
+  const GptConfig& c = s.config;
+  KEEL_RETURN_IF_ERROR(c.Validate());
+  if (dtype == ExportDtype::kQ8_0)
+    return InvalidArgument(dir + ": safetensors export supports --dtype f32 and f16 (q8_0 is GGUF-only)");
+  if (s.params.size() != NumParams(c))
+    return InvalidArgument(dir + ": the parameter buffer does not match the model config");
+  const bool byte_tok = s.tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
+  auto tok = LoadTokenizer(byte_tok ? "byte" : "bpe", s.tokenizer);
+  if (!tok.ok()) return tok.status().Wrap(dir + ": tokenizer");
+  if ((*tok)->vocab_size() > c.vocab) return InvalidArgument(dir + ": tokenizer is larger than the model's vocabulary");
+
+  // Tensor data (transposed where GPT-2 uses Conv1D), kept alive until encoded.
+  std::vector<std::string> data;
+  std::vector<TensorView> views;
+  const auto layout = ParamLayout(c);
+  data.reserve(layout.size());
+  for (const auto& t : layout) {
+    bool tr = false;
+    const std::string name = HfTensorName(t.name, &tr);
+    const float* x = s.params.data() + t.offset;
+    std::vector<int64_t> shape = t.shape;
+    std::vector<float> tmp;
+    if (tr) {
+      tmp = Transpose(x, t.shape[0], t.shape[1]);
+      x = tmp.data();
+      shape = {t.shape[1], t.shape[0]};
+    }
+    std::string b;
+    if (dtype == ExportDtype::kF16) {
+      std::vector<uint16_t> h(t.size);
+      FloatToF16N(x, h.data(), t.size);
+      b.assign(reinterpret_cast<const char*>(h.data()), t.size * sizeof(uint16_t));
+    } else {
+      b.assign(reinterpret_cast<const char*>(x), t.size * sizeof(float));
+    }
+    data.push_back(std::move(b));
+    views.push_back({name, dtype == ExportDtype::kF16 ? "F16" : "F32", shape, data.back().data(), data.back().size()});
+  }
+  auto model = EncodeSafetensors(views, {{"format", "pt"}});
+  if (!model.ok()) return model.status().Wrap(dir);
+  data.clear();
+
+  const int bos = (*tok)->bos_id(), eos = (*tok)->eos_id();
+  nlohmann::json config = {
+      {"model_type", "gpt2"},
+      {"architectures", {"GPT2LMHeadModel"}},
+      {"vocab_size", c.vocab},
+      {"n_positions", c.ctx},
+      {"n_ctx", c.ctx},
+      {"n_embd", c.dim},
+      {"n_layer", c.layers},
+      {"n_head", c.heads},
+      {"n_inner", nullptr},
+      {"activation_function", "gelu_new"},
+      {"layer_norm_epsilon", kLayerNormEps},
+      {"resid_pdrop", 0.0},
+      {"embd_pdrop", 0.0},
+      {"attn_pdrop", 0.0},
+      {"initializer_range", 0.02},
+      {"scale_attn_weights", true},
+      {"use_cache", true},
+      {"tie_word_embeddings", true},
+      {"bos_token_id", bos >= 0 ? nlohmann::json(bos) : nlohmann::json(nullptr)},
+      {"eos_token_id", eos >= 0 ? nlohmann::json(eos) : nlohmann::json(nullptr)},
+      {"torch_dtype", dtype == ExportDtype::kF16 ? "float16" : "float32"},
+      {"keel_config", c.ToJson()},
+      {"keel_tokenizer_type", byte_tok ? "byte" : "bpe"},
+      {"keel_step", s.state.is_object() && s.state.contains("step") ? s.state["step"] : nlohmann::json(0)},
+  };
+  nlohmann::json tok_config;
+  if (byte_tok) {
+    tok_config = {{"tokenizer_class", nullptr},
+                  {"keel_tokenizer_type", "byte"},
+                  {"model_max_length", c.ctx},
+                  {"note", "keel byte tokenizer: token id = byte value (0-255), no special tokens; tokenizer.model "
+                           "is keel's marker file, not a SentencePiece model"}};
+  } else {
+    tok_config = {{"tokenizer_class", "LlamaTokenizer"},
+                  {"keel_tokenizer_type", "bpe"},
+                  {"model_max_length", c.ctx},
+                  {"add_bos_token", false},
+                  {"add_eos_token", false},
+                  {"legacy", true},
+                  {"clean_up_tokenization_spaces", false},
+                  {"sp_model_kwargs", nlohmann::json::object()},
+                  {"unk_token", "<unk>"},
+                  {"bos_token", bos >= 0 ? nlohmann::json((*tok)->piece(bos)) : nlohmann::json(nullptr)},
+                  {"eos_token", eos >= 0 ? nlohmann::json((*tok)->piece(eos)) : nlohmann::json(nullptr)},
+                  {"pad_token", nullptr}};
+  }
+  return WriteDirAtomic(dir, {{"model.safetensors", std::move(model).value()},
+                              {"config.json", config.dump(2) + "\n"},
+                              {kTokenizerFileName, s.tokenizer},
+                              {"tokenizer_config.json", tok_config.dump(2) + "\n"}});
+}
+
+Result<TrainingSnapshot> ImportHfSafetensors(const std::string& dir, std::vector<std::string>* warnings) {
+  Env* env = DefaultEnv();
+  const std::string cfg_path = JoinPath(dir, "config.json");
+  auto bad = [](const std::string& file, const std::string& what) { return Corrupt(file + ": " + what); };
+  auto text = env->ReadFile(cfg_path);
+  if (!text.ok()) return text.status();
+  auto j = nlohmann::json::parse(*text, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return bad(cfg_path, "not a JSON object");
+  auto str_field = [&](const char* k, const std::string& dflt) {
+    return j.contains(k) && j[k].is_string() ? j[k].get<std::string>() : (j.contains(k) ? std::string("?") : dflt);
+  };
+  if (str_field("model_type", "") != "gpt2")
+    return bad(cfg_path, "model_type is not \"gpt2\" (keel imports GPT-2 models only)");
+  auto get = [&](std::initializer_list<const char*> keys, int* out) -> Status {
+    for (const char* k : keys) {
+      if (!j.contains(k)) continue;
+      if (!j[k].is_number_integer() || j[k].get<int64_t>() <= 0 || j[k].get<int64_t>() > (1 << 30))
+        return bad(cfg_path, std::string("'") + k + "' is not a positive integer");
+      *out = j[k].get<int>();
+      return Status::Ok();
+    }
+    return bad(cfg_path, std::string("missing '") + *keys.begin() + "'");
+  };
+  GptConfig c;
+  KEEL_RETURN_IF_ERROR(get({"n_layer"}, &c.layers));
+  KEEL_RETURN_IF_ERROR(get({"n_head"}, &c.heads));
+  KEEL_RETURN_IF_ERROR(get({"n_embd"}, &c.dim));
+  KEEL_RETURN_IF_ERROR(get({"n_positions", "n_ctx"}, &c.ctx));
+  KEEL_RETURN_IF_ERROR(get({"vocab_size"}, &c.vocab));
+  if (j.contains("n_inner") && !j["n_inner"].is_null() &&
+      (!j["n_inner"].is_number_integer() || j["n_inner"].get<int64_t>() != 4 * static_cast<int64_t>(c.dim)))
+    return bad(cfg_path, "n_inner must be null or 4 * n_embd");
+  const std::string act = str_field("activation_function", "gelu_new");
+  if (act != "gelu_new" && act != "gelu_pytorch_tanh")
+    return bad(cfg_path, "activation_function \"" + act + "\" is not GELU-tanh (gelu_new)");
+  if (j.contains("layer_norm_epsilon")) {
+    if (!j["layer_norm_epsilon"].is_number()) return bad(cfg_path, "layer_norm_epsilon is not a number");
+    const double eps = j["layer_norm_epsilon"].get<double>();
+    if (std::fabs(eps - kLayerNormEps) > 1e-3 * kLayerNormEps && warnings)
+      warnings->push_back(cfg_path + ": layer_norm_epsilon is " + std::to_string(eps) + "; keel always uses 1e-5");
+  }
+  if (Status v = c.Validate(); !v.ok()) return bad(cfg_path, v.message());
+
+  const std::string st_path = JoinPath(dir, "model.safetensors");
+  auto st = SafetensorsFile::Open(st_path);
+  if (!st.ok()) return st.status();
+  // Resolve names and check every shape before allocating (config.json is input too).
+  const auto layout = ParamLayout(c);
+  std::vector<std::string> names;
+  for (const auto& t : layout) {
+    bool tr = false;
+    std::string name = HfTensorName(t.name, &tr);
+    if (!st->Find(name)) name = name.substr(std::string("transformer.").size());  // checkpoints without prefix
+    const TensorView* v = st->Find(name);
+    if (!v) return bad(st_path, "missing tensor '" + HfTensorName(t.name, &tr) + "'");
+    const std::vector<int64_t> want = tr ? std::vector<int64_t>{t.shape[1], t.shape[0]} : t.shape;
+    if (v->shape != want)
+      return bad(st_path, "tensor '" + name + "' has shape " + ToStr(v->shape) + ", expected " + ToStr(want));
+    names.push_back(name);
+  }
+  TrainingSnapshot s;
+  s.config = c;
+  s.params.assign(NumParams(c), 0.0f);
+  for (size_t k = 0; k < layout.size(); ++k) {
+    const auto& t = layout[k];
+    const std::string& name = names[k];
+    bool tr = false;
+    HfTensorName(t.name, &tr);
+    const std::vector<int64_t> want = tr ? std::vector<int64_t>{t.shape[1], t.shape[0]} : t.shape;
+    auto data = st->ReadF32(name);
+    if (!data.ok()) return data.status();
+    float* dst = s.params.data() + t.offset;
+    if (tr) {
+      auto back = Transpose(data->data(), want[0], want[1]);
+      std::copy(back.begin(), back.end(), dst);
+    } else {
+      std::copy(data->begin(), data->end(), dst);
+    }
+  }
+  const bool untied = j.contains("tie_word_embeddings") && j["tie_word_embeddings"].is_boolean() &&
+                      !j["tie_word_embeddings"].get<bool>();
+  if (untied || st->Find("lm_head.weight")) {
+    const TensorView* head = st->Find("lm_head.weight");
+    bool same = false;
+    if (head && head->shape == std::vector<int64_t>{c.vocab, c.dim}) {
+      auto h = st->ReadF32("lm_head.weight");
+      same = h.ok() && std::equal(h->begin(), h->end(), s.params.begin());
+    }
+    if (!same && warnings)
+      warnings->push_back(st_path + ": the model's LM head is not tied to wte; keel ties it and uses transformer.wte.weight");
+  }
+
+  const std::string tok_path = JoinPath(dir, kTokenizerFileName);
+  auto tb = env->ReadFile(tok_path);
+  if (!tb.ok()) return tb.status();
+  s.tokenizer = std::move(tb).value();
+  const bool byte_tok = s.tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
+  auto tok = LoadTokenizer(byte_tok ? "byte" : "bpe", s.tokenizer);
+  if (!tok.ok()) return tok.status().Wrap(tok_path);
+  if ((*tok)->vocab_size() > c.vocab) return bad(tok_path, "the tokenizer has more tokens than the model's vocab_size");
+
+  s.state = {{"step", j.contains("keel_step") && j["keel_step"].is_number_integer() ? j["keel_step"].get<int64_t>() : 0},
+             {"imported_from", dir}};
+  return s;
+}
+
+}  // namespace keel

@@ -1,0 +1,214 @@
+// export_hf_test.cc: the Hugging Face GPT-2 safetensors export (layout, round trip, atomic replacement), its
+// independent check in PyTorch (tests/hf_export_check.py reads the files with HF's names and Conv1D layout), and
+// `keel export` / `keel sample --ckpt <export>` end to end.
+#include <gtest/gtest.h>
+
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "core/env.h"
+#include "export/export.h"
+#include "export/hf_export.h"
+#include "export_test_util.h"
+#include "formats/checkpoint.h"
+#include "formats/safetensors.h"
+#include "test_util.h"
+
+namespace keel {
+namespace {
+
+using testing::Logits;
+using testing::MakeSnapshot;
+using testing::RelError;
+using testing::RunCommand;
+using testing::RunKeel;
+using testing::TempDir;
+using testing::TestTokens;
+
+GptConfig Tiny() {
+  GptConfig c;
+  c.layers = 2;
+  c.heads = 2;
+  c.dim = 32;
+  c.ctx = 16;
+  return c;
+}
+
+TEST(HfExport, LayoutAndRoundTrip) {
+  TempDir tmp;
+  auto s = MakeSnapshot("bpe", Tiny(), 3, 11);
+  const std::string dir = tmp / "hf";
+  ASSERT_TRUE(ExportModel(s, dir, {"safetensors", ExportDtype::kF32, ""}).ok());
+  EXPECT_EQ(DetectExportFormat(dir), "safetensors");
+  EXPECT_FALSE(DefaultEnv()->Exists(dir + ".tmp"));
+  auto cfg = nlohmann::json::parse(DefaultEnv()->ReadFile(dir + "/config.json").value());
+  EXPECT_EQ(cfg["model_type"], "gpt2");
+  EXPECT_EQ(cfg["architectures"][0], "GPT2LMHeadModel");
+  EXPECT_EQ(cfg["n_layer"], 2);
+  EXPECT_EQ(cfg["n_head"], 2);
+  EXPECT_EQ(cfg["n_embd"], 32);
+  EXPECT_EQ(cfg["n_positions"], 16);
+  EXPECT_EQ(cfg["n_ctx"], 16);
+  EXPECT_EQ(cfg["vocab_size"], s.config.vocab);
+  EXPECT_EQ(cfg["activation_function"], "gelu_new");
+  EXPECT_EQ(cfg["layer_norm_epsilon"], 1e-5);
+  EXPECT_EQ(cfg["tie_word_embeddings"], true);
+  EXPECT_EQ(cfg["bos_token_id"], 1);
+  EXPECT_EQ(cfg["eos_token_id"], 2);
+  EXPECT_EQ(DefaultEnv()->ReadFile(dir + "/tokenizer.model").value(), s.tokenizer);
+  auto tc = nlohmann::json::parse(DefaultEnv()->ReadFile(dir + "/tokenizer_config.json").value());
+  EXPECT_EQ(tc["tokenizer_class"], "LlamaTokenizer");
+  EXPECT_EQ(tc["add_bos_token"], false);
+
+  auto st = SafetensorsFile::Open(dir + "/model.safetensors");
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ(st->metadata().at("format"), "pt");
+  EXPECT_EQ(st->tensors().size(), ParamLayout(s.config).size());
+  EXPECT_EQ(st->Find("lm_head.weight"), nullptr);
+  EXPECT_EQ(st->Find("transformer.h.1.attn.c_attn.weight")->shape, (std::vector<int64_t>{32, 96}));
+  EXPECT_EQ(st->Find("transformer.h.1.mlp.c_proj.weight")->shape, (std::vector<int64_t>{128, 32}));
+  // Conv1D layout: c_attn.weight[i][o] == keel qkv.weight[o][i].
+  auto w = st->ReadF32("transformer.h.0.attn.c_attn.weight").value();
+  const ParamTensor* qkv = nullptr;
+  auto layout = ParamLayout(s.config);
+  for (const auto& t : layout)
+    if (t.name == "h.0.attn.qkv.weight") qkv = &t;
+  ASSERT_NE(qkv, nullptr);
+  for (int o : {0, 5, 95})
+    for (int i : {0, 7, 31}) EXPECT_EQ(w[i * 96 + o], s.params[qkv->offset + o * 32 + i]);
+
+  std::vector<std::string> warnings;
+  auto back = LoadExportedModel(dir, &warnings);
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_TRUE(warnings.empty());
+  EXPECT_EQ(back->config, s.config);
+  EXPECT_EQ(back->params, s.params);
+  EXPECT_EQ(back->tokenizer, s.tokenizer);
+  EXPECT_EQ(back->state["step"], 7);
+
+  // Re-exporting replaces the earlier export atomically; f16 round trip has a small error.
+  ASSERT_TRUE(ExportModel(s, dir, {"safetensors", ExportDtype::kF16, ""}).ok());
+  EXPECT_FALSE(DefaultEnv()->Exists(dir + ".old"));
+  auto half = LoadExportedModel(dir, nullptr);
+  ASSERT_TRUE(half.ok()) << half.status().ToString();
+  const auto tokens = TestTokens(16, s.config.vocab);
+  const double rel = RelError(Logits(*half, tokens), Logits(s, tokens));
+  EXPECT_GT(rel, 0.0);
+  EXPECT_LT(rel, 2e-3);
+}
+
+TEST(HfExport, ErrorsAndRefusals) {
+  TempDir tmp;
+  auto s = MakeSnapshot("byte", Tiny(), 0, 12);
+  EXPECT_EQ(ExportModel(s, tmp / "q", {"safetensors", ExportDtype::kQ8_0, ""}).code(), Code::kInvalidArgument);
+  EXPECT_FALSE(DefaultEnv()->Exists(tmp / "q"));
+  // A directory that is not an export is never replaced.
+  ASSERT_TRUE(DefaultEnv()->CreateDirs(tmp / "precious").ok());
+  testing::WriteText(tmp / "precious/notes.txt", "keep");
+  Status st = ExportModel(s, tmp / "precious", {"safetensors", ExportDtype::kF32, ""});
+  EXPECT_EQ(st.code(), Code::kInvalidArgument);
+  EXPECT_EQ(DefaultEnv()->ReadFile(tmp / "precious/notes.txt").value(), "keep");
+  EXPECT_FALSE(DefaultEnv()->Exists(tmp / "precious.tmp"));
+
+  // Byte tokenizer export and import; then damaged exports give one-line errors naming the file.
+  const std::string dir = tmp / "hf";
+  ASSERT_TRUE(ExportModel(s, dir, {"safetensors", ExportDtype::kF32, ""}).ok());
+  auto back = LoadExportedModel(dir, nullptr);
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(back->params, s.params);
+  auto cfg = nlohmann::json::parse(DefaultEnv()->ReadFile(dir + "/config.json").value());
+  EXPECT_TRUE(cfg["bos_token_id"].is_null());
+  auto expect_error = [&](const std::string& file, const std::string& part) {
+    auto r = LoadExportedModel(dir, nullptr);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().message().rfind(dir + "/" + file, 0), 0u) << r.status().message();
+    EXPECT_NE(r.status().message().find(part), std::string::npos) << r.status().message();
+  };
+  auto cfg2 = cfg;
+  cfg2["activation_function"] = "relu";
+  testing::WriteText(dir + "/config.json", cfg2.dump());
+  expect_error("config.json", "activation_function");
+  cfg2 = cfg;
+  cfg2["n_embd"] = 64;  // shapes no longer match
+  testing::WriteText(dir + "/config.json", cfg2.dump());
+  expect_error("model.safetensors", "has shape");
+  cfg2 = cfg;
+  cfg2["n_layer"] = "two";
+  testing::WriteText(dir + "/config.json", cfg2.dump());
+  expect_error("config.json", "n_layer");
+  cfg2 = cfg;
+  cfg2["model_type"] = 5;
+  testing::WriteText(dir + "/config.json", cfg2.dump());
+  expect_error("config.json", "model_type");
+}
+
+// The export read back by an independent PyTorch GPT-2 that uses HF's names and Conv1D layout.
+TEST(HfExport, PyTorchReadsTheExportAndMatchesKeelLogits) {
+  if (RunCommand("/usr/bin/python3 -c 'import torch, numpy'").exit_code != 0)
+    GTEST_SKIP() << "/usr/bin/python3 cannot import torch and numpy";
+  TempDir tmp;
+  auto s = MakeSnapshot("bpe", Tiny(), 5, 13);
+  const std::string dir = tmp / "hf";
+  ASSERT_TRUE(ExportModel(s, dir, {"safetensors", ExportDtype::kF32, ""}).ok());
+  const auto tokens = TestTokens(16, s.config.vocab);
+  const auto logits = Logits(s, tokens);
+  std::ofstream(tmp / "tokens.i32", std::ios::binary)
+      .write(reinterpret_cast<const char*>(tokens.data()), static_cast<std::streamsize>(tokens.size() * 4));
+  std::ofstream(tmp / "logits.f32", std::ios::binary)
+      .write(reinterpret_cast<const char*>(logits.data()), static_cast<std::streamsize>(logits.size() * 4));
+  auto r = RunCommand("/usr/bin/python3 " KEEL_SOURCE_DIR "/tests/hf_export_check.py " + dir + " " +
+                      (tmp / "tokens.i32") + " " + (tmp / "logits.f32"));
+  std::printf("%s", r.output.c_str());
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+}
+
+// keel export + keel sample on the exports reproduce the checkpoint's greedy continuation.
+TEST(ExportCli, ExportThenSampleFromGgufAndHf) {
+  TempDir tmp;
+  auto s = MakeSnapshot("bpe", Tiny(), 2, 14);
+  auto files = EncodeSnapshot({s.config, s.params.data(), nullptr, nullptr, s.state, s.tokenizer});
+  ASSERT_TRUE(files.ok());
+  ASSERT_TRUE(WriteCheckpoint(tmp / "run", 7, *files, 0).ok());
+  const std::string run = tmp / "run";
+  auto sample = [&](const std::string& ckpt) {
+    return RunKeel("sample --ckpt " + ckpt + " --prompt 'the quick' -n 12 --temperature 0 --threads 1 --print-token-ids");
+  };
+  auto ref = sample(run);
+  ASSERT_EQ(ref.exit_code, 0) << ref.output;
+  ASSERT_NE(ref.output.find("generated ids:"), std::string::npos) << ref.output;
+
+  auto e1 = RunKeel("export " + run + " --format gguf --out " + (tmp / "m.gguf"));
+  ASSERT_EQ(e1.exit_code, 0) << e1.output;
+  EXPECT_NE(e1.output.find("wrote"), std::string::npos);
+  auto g = sample(tmp / "m.gguf");
+  ASSERT_EQ(g.exit_code, 0) << g.output;
+  EXPECT_EQ(g.output, ref.output);
+
+  auto e2 = RunKeel("export " + (tmp / "m.gguf") + " --format safetensors --out " + (tmp / "hf"));
+  ASSERT_EQ(e2.exit_code, 0) << e2.output;
+  auto h = sample(tmp / "hf");
+  ASSERT_EQ(h.exit_code, 0) << h.output;
+  EXPECT_EQ(h.output, ref.output);
+
+  auto e3 = RunKeel("export " + run + " --format gguf --dtype q8_0 --out " + (tmp / "q.gguf"));
+  ASSERT_EQ(e3.exit_code, 0) << e3.output;
+  auto q = sample(tmp / "q.gguf");
+  EXPECT_EQ(q.exit_code, 0) << q.output;
+
+  // One-line errors.
+  auto bad = RunKeel("export " + run + " --format onnx --out " + (tmp / "x"));
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("--format \"onnx\" is not one of gguf, safetensors"), std::string::npos) << bad.output;
+  auto bad2 = RunKeel("export " + run + " --dtype q4 --out " + (tmp / "x"));
+  EXPECT_NE(bad2.exit_code, 0);
+  EXPECT_NE(bad2.output.find("--dtype"), std::string::npos) << bad2.output;
+  testing::WriteText(tmp / "junk.gguf", "GGUF\3\0\0\0garbage");
+  auto bad3 = RunKeel("sample --ckpt " + (tmp / "junk.gguf"));
+  EXPECT_NE(bad3.exit_code, 0);
+  EXPECT_NE(bad3.output.find("junk.gguf: "), std::string::npos) << bad3.output;
+  EXPECT_EQ(bad3.output.find('\n'), bad3.output.size() - 1) << bad3.output;
+}
+
+}  // namespace
+}  // namespace keel

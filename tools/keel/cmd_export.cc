@@ -1,0 +1,41 @@
+// cmd_export.cc: `keel export CKPT --format gguf|safetensors --out PATH [--dtype f32|f16|q8_0]` — write a model
+// for llama.cpp (GGUF) or Hugging Face transformers (GPT-2 safetensors directory). CKPT is a run directory,
+// a checkpoint directory, or an earlier export (so exports convert between formats).
+#include <cstdio>
+
+#include "core/env.h"
+#include "export/export.h"
+#include "tools/keel/cli_util.h"
+#include "tools/keel/commands.h"
+
+namespace keel::cli {
+
+int RunExport(int argc, char** argv) {
+  std::string ckpt, out, dtype = "f32";
+  ExportOptions o;
+  CLI::App app("Export a model to GGUF (llama.cpp) or Hugging Face GPT-2 safetensors.", "export");
+  app.add_option("ckpt", ckpt, "run directory (newest valid checkpoint), checkpoint directory, or an export")
+      ->required();
+  app.add_option("--format", o.format, "gguf (one file) or safetensors (a Hugging Face directory)")
+      ->capture_default_str();
+  app.add_option("--out,-o", out, "output file (gguf) or directory (safetensors)")->required();
+  app.add_option("--dtype", dtype, "f32, f16 or q8_0 (q8_0: gguf only)")->capture_default_str();
+  app.add_option("--name", o.name, "general.name in the GGUF metadata (default keel-gpt2)");
+  if (int rc = Parse(app, argc, argv); rc >= 0) return rc;
+  auto d = ParseExportDtype(dtype);
+  if (!d.ok()) return Fail("export", d.status());
+  o.dtype = d.value();
+  if (o.format != "gguf" && o.format != "safetensors")
+    return Fail("export", InvalidArgument("--format \"" + o.format + "\" is not one of gguf, safetensors"));
+
+  std::vector<std::string> warnings;
+  auto snap = LoadModelForInference(ckpt, &warnings);
+  for (const auto& w : warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
+  if (!snap.ok()) return Fail("export", snap.status());
+  if (Status s = ExportModel(*snap, out, o); !s.ok()) return Fail("export", s);
+  std::printf("wrote %s (%s, %s, %s, %.2fM parameters)\n", out.c_str(), o.format.c_str(), ExportDtypeName(o.dtype),
+              snap->config.ToJson().dump().c_str(), NumParams(snap->config) / 1e6);
+  return 0;
+}
+
+}  // namespace keel::cli
