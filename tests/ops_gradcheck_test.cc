@@ -1,0 +1,937 @@
+// ops_gradcheck_test.cc: every backend op against plain double-precision references (tests/ops_reference.h):
+//  - forward outputs against the reference evaluated on the same (float) inputs;
+//  - backward ops against central finite differences of the double reference (h = 1e-5) of the scalar
+//    L = sum(out * R) for a fixed random R (the mean/weighted loss for softmax cross-entropy), with dout = R;
+//  - the accumulate contract (backward twice = twice the gradient), KV-cached decode against full attention,
+//    AdamW and SumSquares against double arithmetic;
+//  - the whole GPT model: Forward's loss against the double reference model, Backward's gradient against finite
+//    differences (of the double reference for every parameter, and of Forward itself for a sample), the
+//    on_group_ready order, and bit-identical results for 1 and 2 threads (what multi-worker determinism rests on).
+//
+// Error measure: rel = max_i |got_i - want_i| / max(max_i |want_i|, floor), the worst absolute error scaled by
+// the tensor's largest reference magnitude (robust to entries near zero). Every check prints its rel so the
+// margins are visible in the test log.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/hash.h"
+#include "model/gpt.h"
+#include "model/gpt_config.h"
+#include "ops_reference.h"
+
+namespace keel {
+namespace {
+
+using ref::ToDouble;
+using ref::Vec;
+
+// Tolerances (see the error measure above). Float kernels land at ~1e-7..1e-6 on these shapes; a wrong term,
+// index or scale gives O(1e-1..1).
+constexpr double kFwdTol = 1e-5;     // forward output vs double reference, floor 1
+constexpr double kGradTol = 1e-4;    // float analytic gradient vs double finite differences, floor kGradFloor
+constexpr double kGradFloor = 1e-2;
+constexpr double kAccumTol = 1e-5;   // second backward call vs 2x the first (row sums restart from g)
+constexpr double kFdStep = 1e-5;     // central-difference step for the double references
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// ---------------------------------------------------------------------------------------------------------
+// Helpers
+
+std::vector<float> RandN(Rng& rng, size_t n, float scale = 1.0f, float offset = 0.0f) {
+  std::vector<float> v(n);
+  for (auto& x : v) x = offset + scale * rng.Normal();
+  return v;
+}
+
+std::vector<int32_t> RandInt(Rng& rng, size_t n, int hi) {
+  std::vector<int32_t> v(n);
+  for (auto& x : v) x = static_cast<int32_t>(rng.Below(static_cast<uint64_t>(hi)));
+  return v;
+}
+
+// A float buffer on the backend's device (host memory on CPU), moved through Upload/Download only.
+class Dev {
+ public:
+  Dev(Backend* be, size_t n) : be_(be), n_(n) {
+    auto r = be->Alloc(n);
+    if (!r.ok()) throw std::runtime_error(r.status().ToString());
+    p_ = r.value();
+  }
+  Dev(Backend* be, const std::vector<float>& host) : Dev(be, host.size()) { Set(host); }
+  Dev(const Dev&) = delete;
+  Dev& operator=(const Dev&) = delete;
+  ~Dev() { be_->Free(p_); }
+  operator float*() const { return p_; }  // NOLINT: implicit, for readable op calls
+  size_t size() const { return n_; }
+  void Set(const std::vector<float>& host) { be_->Upload(p_, host.data(), n_); }
+  void Fill(float v) { Set(std::vector<float>(n_, v)); }
+  std::vector<float> Host() const {
+    std::vector<float> h(n_);
+    EXPECT_TRUE(be_->Sync().ok());
+    be_->Download(h.data(), p_, n_);
+    return h;
+  }
+
+ private:
+  Backend* be_;
+  size_t n_;
+  float* p_ = nullptr;
+};
+
+class DevInt {
+ public:
+  DevInt(Backend* be, const std::vector<int32_t>& host) : be_(be) {
+    auto r = be->AllocInt(host.size());
+    if (!r.ok()) throw std::runtime_error(r.status().ToString());
+    p_ = r.value();
+    be->UploadInt(p_, host.data(), host.size());
+  }
+  DevInt(const DevInt&) = delete;
+  DevInt& operator=(const DevInt&) = delete;
+  ~DevInt() { be_->FreeInt(p_); }
+  operator int32_t*() const { return p_; }  // NOLINT
+
+ private:
+  Backend* be_;
+  int32_t* p_ = nullptr;
+};
+
+// sum_i a_i * r_i in double.
+double Dot(const Vec& a, const std::vector<float>& r) {
+  double s = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) s += a[i] * r[i];
+  return s;
+}
+
+// Central differences of f at x, one coordinate at a time.
+Vec NumGrad(Vec x, const std::function<double(const Vec&)>& f, double h = kFdStep) {
+  Vec g(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double x0 = x[i];
+    x[i] = x0 + h;
+    const double fp = f(x);
+    x[i] = x0 - h;
+    const double fm = f(x);
+    x[i] = x0;
+    g[i] = (fp - fm) / (2.0 * h);
+  }
+  return g;
+}
+
+// rel = max |got - want| / max(max |want|, floor); infinity if anything is not finite.
+double RelErr(const std::vector<float>& got, const Vec& want, double floor, size_t* worst = nullptr) {
+  if (got.size() != want.size()) return INFINITY;
+  double max_err = 0.0, scale = floor;
+  size_t w = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i]) || !std::isfinite(want[i])) {
+      if (worst) *worst = i;
+      return INFINITY;
+    }
+    const double e = std::fabs(static_cast<double>(got[i]) - want[i]);
+    if (e > max_err) max_err = e, w = i;
+    scale = std::max(scale, std::fabs(want[i]));
+  }
+  if (worst) *worst = w;
+  return max_err / scale;
+}
+
+// Checks got against want (rel < tol) and prints the measured rel so the margins show in the log.
+void CheckClose(const std::string& what, const std::vector<float>& got, const Vec& want, double tol, double floor) {
+  size_t worst = 0;
+  const double rel = RelErr(got, want, floor, &worst);
+  std::printf("  [check] %-44s rel %.2e  (tol %.0e)\n", what.c_str(), rel, tol);
+  EXPECT_LT(rel, tol) << what << ": worst at index " << worst << ": got "
+                      << (worst < got.size() ? got[worst] : NAN) << ", want "
+                      << (worst < want.size() ? want[worst] : NAN);
+}
+
+// The accumulate contract: a second backward call on the same buffers adds the same gradient again.
+void CheckAccumulated(const std::string& what, const std::vector<float>& once, const std::vector<float>& twice) {
+  Vec want(once.size());
+  for (size_t i = 0; i < once.size(); ++i) want[i] = 2.0 * once[i];
+  CheckClose(what + " (accumulates)", twice, want, kAccumTol, 1e-30);
+}
+
+bool BitEqual(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// Index and magnitude of the first difference, for failure messages.
+std::string FirstDiff(const std::vector<float>& a, const std::vector<float>& b) {
+  size_t count = 0, first = a.size();
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i)
+    if (std::memcmp(&a[i], &b[i], sizeof(float)) != 0) {
+      if (first == a.size()) first = i;
+      ++count;
+    }
+  if (first == a.size()) return "sizes differ or equal";
+  char buf[160];
+  std::snprintf(buf, sizeof(buf), "%zu of %zu entries differ; first at %zu: %.9g vs %.9g", count, a.size(), first,
+                a[first], b[first]);
+  return buf;
+}
+
+class OpsTest : public ::testing::Test {
+ protected:
+  std::unique_ptr<Backend> be_ = MakeCpuBackend(1);
+  Backend* be() { return be_.get(); }
+  Rng rng_{0x6b65656c};
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Encoder
+
+TEST_F(OpsTest, Encoder) {
+  const int B = 2, T = 5, C = 8, V = 11, maxT = 6, N = B * T;
+  auto tokens = RandInt(rng_, N, V);
+  tokens[3] = tokens[0];
+  tokens[7] = tokens[0];  // a repeated token: the scatter-add must sum its rows
+  std::vector<int32_t> positions(N);
+  for (int n = 0; n < N; ++n) positions[n] = (3 * n + 1) % maxT;
+  auto wte = RandN(rng_, V * C), wpe = RandN(rng_, maxT * C), R = RandN(rng_, N * C);
+  DevInt dtok(be(), tokens), dpos(be(), positions);
+  Dev dwte(be(), wte), dwpe(be(), wpe), dout(be(), R), out(be(), N * C);
+
+  Vec want(N * C);
+  out.Fill(kNaN);
+  be()->EncoderForward(out, dtok, nullptr, dwte, dwpe, B, T, C);
+  ref::Encoder(want.data(), tokens.data(), nullptr, ToDouble(wte).data(), ToDouble(wpe).data(), B, T, C);
+  CheckClose("encoder forward", out.Host(), want, kFwdTol, 1.0);
+  out.Fill(kNaN);
+  be()->EncoderForward(out, dtok, dpos, dwte, dwpe, B, T, C);
+  ref::Encoder(want.data(), tokens.data(), positions.data(), ToDouble(wte).data(), ToDouble(wpe).data(), B, T, C);
+  CheckClose("encoder forward (explicit positions)", out.Host(), want, kFwdTol, 1.0);
+
+  auto L = [&](const Vec& te, const Vec& pe) {
+    Vec o(N * C);
+    ref::Encoder(o.data(), tokens.data(), nullptr, te.data(), pe.data(), B, T, C);
+    return Dot(o, R);
+  };
+  const Vec fd_wte = NumGrad(ToDouble(wte), [&](const Vec& x) { return L(x, ToDouble(wpe)); });
+  const Vec fd_wpe = NumGrad(ToDouble(wpe), [&](const Vec& x) { return L(ToDouble(wte), x); });
+  Dev gwte(be(), V * C), gwpe(be(), maxT * C);
+  be()->EncoderBackward(gwte, gwpe, dout, dtok, B, T, C);
+  const auto once_te = gwte.Host(), once_pe = gwpe.Host();
+  CheckClose("encoder dwte", once_te, fd_wte, kGradTol, kGradFloor);
+  CheckClose("encoder dwpe", once_pe, fd_wpe, kGradTol, kGradFloor);
+  be()->EncoderBackward(gwte, gwpe, dout, dtok, B, T, C);
+  CheckAccumulated("encoder dwte", once_te, gwte.Host());
+  CheckAccumulated("encoder dwpe", once_pe, gwpe.Host());
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// LayerNorm
+
+TEST_F(OpsTest, LayerNorm) {
+  // The last case has variance ~1e-4, where eps = 1e-5 changes rstd by ~5%: a wrong eps shows.
+  for (auto [N, C, xscale] : {std::tuple{10, 8, 2.0f}, {3, 7, 2.0f}, {4, 33, 2.0f}, {5, 8, 0.01f}}) {
+    SCOPED_TRACE("N=" + std::to_string(N) + " C=" + std::to_string(C));
+    std::printf(" LayerNorm N=%d C=%d x-scale %g\n", N, C, xscale);
+    auto x = RandN(rng_, N * C, xscale, 0.35f * xscale), w = RandN(rng_, C, 0.3f, 1.0f), b = RandN(rng_, C, 0.3f),
+         R = RandN(rng_, N * C);
+    Dev dx(be(), x), dw_(be(), w), db_(be(), b), dout(be(), R), out(be(), N * C), mean(be(), N), rstd(be(), N);
+    out.Fill(kNaN);
+    mean.Fill(kNaN);
+    rstd.Fill(kNaN);
+    be()->LayerNormForward(out, mean, rstd, dx, dw_, db_, N, C);
+    Vec want(N * C), want_mean(N), want_rstd(N);
+    ref::LayerNorm(want.data(), want_mean.data(), want_rstd.data(), ToDouble(x).data(), ToDouble(w).data(),
+                   ToDouble(b).data(), N, C);
+    CheckClose("layernorm forward", out.Host(), want, kFwdTol, 1.0);
+    CheckClose("layernorm mean", mean.Host(), want_mean, kFwdTol, 1.0);
+    CheckClose("layernorm rstd", rstd.Host(), want_rstd, kFwdTol, 1.0);
+
+    auto L = [&](const Vec& xx, const Vec& ww, const Vec& bb) {
+      Vec o(N * C);
+      ref::LayerNorm(o.data(), nullptr, nullptr, xx.data(), ww.data(), bb.data(), N, C);
+      return Dot(o, R);
+    };
+    const Vec X = ToDouble(x), W = ToDouble(w), Bv = ToDouble(b);
+    const Vec fd_x = NumGrad(X, [&](const Vec& v) { return L(v, W, Bv); });
+    const Vec fd_w = NumGrad(W, [&](const Vec& v) { return L(X, v, Bv); });
+    const Vec fd_b = NumGrad(Bv, [&](const Vec& v) { return L(X, W, v); });
+    Dev gx(be(), N * C), gw(be(), C), gb(be(), C);
+    be()->LayerNormBackward(gx, gw, gb, dout, dx, dw_, mean, rstd, N, C);
+    const auto ox = gx.Host(), ow = gw.Host(), ob = gb.Host();
+    CheckClose("layernorm dinp", ox, fd_x, kGradTol, kGradFloor);
+    CheckClose("layernorm dw", ow, fd_w, kGradTol, kGradFloor);
+    CheckClose("layernorm db", ob, fd_b, kGradTol, kGradFloor);
+    be()->LayerNormBackward(gx, gw, gb, dout, dx, dw_, mean, rstd, N, C);
+    CheckAccumulated("layernorm dinp", ox, gx.Host());
+    CheckAccumulated("layernorm dw", ow, gw.Host());
+    CheckAccumulated("layernorm db", ob, gb.Host());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Matmul
+
+TEST_F(OpsTest, Matmul) {
+  struct Case {
+    int N, IC, OC;
+    bool bias, dinp;
+  };
+  for (const Case& k : {Case{10, 8, 12, true, true}, Case{7, 5, 3, false, true}, Case{37, 19, 23, true, true},
+                        Case{6, 4, 9, true, false}}) {
+    const int N = k.N, IC = k.IC, OC = k.OC;
+    const std::string tag = "N=" + std::to_string(N) + " IC=" + std::to_string(IC) + " OC=" + std::to_string(OC) +
+                            (k.bias ? " bias" : " no-bias") + (k.dinp ? "" : " dinp=null");
+    SCOPED_TRACE(tag);
+    std::printf(" Matmul %s\n", tag.c_str());
+    auto x = RandN(rng_, N * IC), w = RandN(rng_, OC * IC, 0.5f), b = RandN(rng_, OC, 0.5f), R = RandN(rng_, N * OC);
+    Dev dx(be(), x), dw_(be(), w), db_(be(), b), dout(be(), R), out(be(), N * OC);
+    out.Fill(kNaN);
+    be()->MatmulForward(out, dx, dw_, k.bias ? static_cast<float*>(db_) : nullptr, N, IC, OC);
+    const Vec X = ToDouble(x), W = ToDouble(w), Bv = ToDouble(b);
+    Vec want(N * OC);
+    ref::Matmul(want.data(), X.data(), W.data(), k.bias ? Bv.data() : nullptr, N, IC, OC);
+    CheckClose("matmul forward", out.Host(), want, kFwdTol, 1.0);
+
+    auto L = [&](const Vec& xx, const Vec& ww, const Vec& bb) {
+      Vec o(N * OC);
+      ref::Matmul(o.data(), xx.data(), ww.data(), k.bias ? bb.data() : nullptr, N, IC, OC);
+      return Dot(o, R);
+    };
+    Dev gx(be(), N * IC), gw(be(), OC * IC), gb(be(), OC);
+    auto backward = [&] {
+      be()->MatmulBackward(k.dinp ? static_cast<float*>(gx) : nullptr, gw, k.bias ? static_cast<float*>(gb) : nullptr,
+                           dout, dx, dw_, N, IC, OC);
+    };
+    backward();
+    const auto ox = gx.Host(), ow = gw.Host(), ob = gb.Host();
+    if (k.dinp) CheckClose("matmul dinp", ox, NumGrad(X, [&](const Vec& v) { return L(v, W, Bv); }), kGradTol, kGradFloor);
+    CheckClose("matmul dw", ow, NumGrad(W, [&](const Vec& v) { return L(X, v, Bv); }), kGradTol, kGradFloor);
+    if (k.bias) CheckClose("matmul dbias", ob, NumGrad(Bv, [&](const Vec& v) { return L(X, W, v); }), kGradTol, kGradFloor);
+    backward();
+    if (k.dinp) CheckAccumulated("matmul dinp", ox, gx.Host());
+    CheckAccumulated("matmul dw", ow, gw.Host());
+    if (k.bias) CheckAccumulated("matmul dbias", ob, gb.Host());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Attention
+
+TEST_F(OpsTest, Attention) {
+  struct Case {
+    int B, T, C, NH;
+  };
+  for (const Case& k : {Case{2, 5, 8, 2}, Case{1, 7, 12, 3}, Case{3, 4, 4, 1}, Case{2, 1, 6, 2}}) {
+    const int B = k.B, T = k.T, C = k.C, NH = k.NH;
+    const std::string tag = "B=" + std::to_string(B) + " T=" + std::to_string(T) + " C=" + std::to_string(C) +
+                            " NH=" + std::to_string(NH);
+    SCOPED_TRACE(tag);
+    std::printf(" Attention %s\n", tag.c_str());
+    const size_t nqkv = static_cast<size_t>(B) * T * 3 * C, nout = static_cast<size_t>(B) * T * C,
+                 natt = static_cast<size_t>(B) * NH * T * T;
+    auto qkv = RandN(rng_, nqkv), R = RandN(rng_, nout);
+    Dev dqkv_in(be(), qkv), dout(be(), R), out(be(), nout), att(be(), natt);
+    out.Fill(kNaN);
+    att.Fill(kNaN);
+    be()->AttentionForward(out, att, dqkv_in, B, T, C, NH);
+    const Vec Q = ToDouble(qkv);
+    Vec want(nout), want_att(natt);
+    ref::Attention(want.data(), want_att.data(), Q.data(), B, T, C, NH);
+    CheckClose("attention forward", out.Host(), want, kFwdTol, 1.0);
+    CheckClose("attention probabilities", att.Host(), want_att, kFwdTol, 1.0);
+
+    const Vec fd = NumGrad(Q, [&](const Vec& v) {
+      Vec o(nout);
+      ref::Attention(o.data(), nullptr, v.data(), B, T, C, NH);
+      return Dot(o, R);
+    });
+    Dev g(be(), nqkv), datt(be(), natt);
+    datt.Fill(kNaN);  // scratch: its contents on entry must not matter
+    be()->AttentionBackward(g, datt, dout, dqkv_in, att, B, T, C, NH);
+    const auto once = g.Host();
+    CheckClose("attention dqkv", once, fd, kGradTol, kGradFloor);
+    be()->AttentionBackward(g, datt, dout, dqkv_in, att, B, T, C, NH);
+    CheckAccumulated("attention dqkv", once, g.Host());
+  }
+}
+
+// Decoding one position at a time against a KV cache reproduces the rows of the full causal forward, for two
+// sequences of different lengths advancing together. Cache slots not yet written hold NaN, so reading past
+// pos[b] would show.
+TEST_F(OpsTest, AttentionDecodeMatchesForward) {
+  struct Case {
+    int C, NH, maxT;
+    std::vector<int> lens;
+  };
+  for (const Case& k : {Case{8, 2, 6, {5, 3}}, Case{12, 3, 7, {2, 7}}}) {
+    const int B = static_cast<int>(k.lens.size()), C = k.C, NH = k.NH, maxT = k.maxT;
+    const int T = *std::max_element(k.lens.begin(), k.lens.end());
+    SCOPED_TRACE("C=" + std::to_string(C) + " NH=" + std::to_string(NH));
+    auto qkv = RandN(rng_, static_cast<size_t>(B) * T * 3 * C);
+    Dev dqkv(be(), qkv), full(be(), static_cast<size_t>(B) * T * C), att(be(), static_cast<size_t>(B) * NH * T * T);
+    be()->AttentionForward(full, att, dqkv, B, T, C, NH);
+    const auto want = full.Host();
+    Vec want_ref(static_cast<size_t>(B) * T * C);
+    ref::Attention(want_ref.data(), nullptr, ToDouble(qkv).data(), B, T, C, NH);
+
+    std::vector<float> kc(static_cast<size_t>(B) * maxT * C, kNaN), vc(kc.size(), kNaN);
+    Dev dk(be(), kc), dv(be(), vc), q(be(), static_cast<size_t>(B) * C), out(be(), static_cast<size_t>(B) * C),
+        scratch(be(), static_cast<size_t>(B) * NH * maxT);
+    double worst = 0.0, worst_ref = 0.0;
+    for (int s = 0; s < T; ++s) {
+      // Sequence b is at position min(s, len_b - 1): a finished sequence re-decodes its last position.
+      std::vector<int32_t> pos(B);
+      std::vector<float> qh(static_cast<size_t>(B) * C);
+      for (int b = 0; b < B; ++b) {
+        pos[b] = std::min(s, k.lens[b] - 1);
+        const float* row = qkv.data() + (static_cast<size_t>(b) * T + pos[b]) * 3 * C;
+        std::copy(row, row + C, qh.begin() + static_cast<size_t>(b) * C);
+        std::copy(row + C, row + 2 * C, kc.begin() + (static_cast<size_t>(b) * maxT + pos[b]) * C);
+        std::copy(row + 2 * C, row + 3 * C, vc.begin() + (static_cast<size_t>(b) * maxT + pos[b]) * C);
+      }
+      dk.Set(kc);
+      dv.Set(vc);
+      q.Set(qh);
+      DevInt dpos(be(), pos);
+      out.Fill(kNaN);
+      be()->AttentionDecode(out, q, dk, dv, dpos, scratch, B, maxT, C, NH);
+      const auto got = out.Host();
+      for (int b = 0; b < B; ++b)
+        for (int c = 0; c < C; ++c) {
+          const size_t w = (static_cast<size_t>(b) * T + pos[b]) * C + c;
+          const float g = got[static_cast<size_t>(b) * C + c];
+          ASSERT_TRUE(std::isfinite(g)) << "decode read an unwritten cache slot: b=" << b << " pos=" << pos[b];
+          worst = std::max(worst, std::fabs(static_cast<double>(g) - want[w]));
+          worst_ref = std::max(worst_ref, std::fabs(static_cast<double>(g) - want_ref[w]));
+        }
+    }
+    std::printf("  [check] %-44s abs %.2e / %.2e vs double (tol %.0e)\n", "decode vs AttentionForward", worst,
+                worst_ref, kFwdTol);
+    EXPECT_LT(worst, kFwdTol);
+    EXPECT_LT(worst_ref, kFwdTol);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// GELU, residual
+
+TEST_F(OpsTest, Gelu) {
+  // A sweep of [-6, 6] plus the tanh approximation's branch points: |u| < 0.0625 (series), |u| > 9 (saturated).
+  std::vector<float> x;
+  for (int i = 0; i <= 48; ++i) x.push_back(-6.0f + 0.25f * i + 0.01f * static_cast<float>(i % 3));
+  for (float v : {0.0f, 0.03f, -0.03f, 0.07f, -0.07f, 6.5f, -6.5f, 10.0f, -10.0f, 1e-4f, -20.0f})
+    x.push_back(v);
+  const size_t n = x.size();
+  auto R = RandN(rng_, n);
+  Dev dx(be(), x), dout(be(), R), out(be(), n);
+  out.Fill(kNaN);
+  be()->GeluForward(out, dx, n);
+  Vec want(n);
+  for (size_t i = 0; i < n; ++i) want[i] = ref::Gelu(x[i]);
+  CheckClose("gelu forward", out.Host(), want, kFwdTol, 1.0);
+  const Vec fd = NumGrad(ToDouble(x), [&](const Vec& v) {
+    double s = 0.0;
+    for (size_t i = 0; i < n; ++i) s += ref::Gelu(v[i]) * R[i];
+    return s;
+  });
+  Dev g(be(), n);
+  be()->GeluBackward(g, dx, dout, n);
+  const auto once = g.Host();
+  CheckClose("gelu dinp", once, fd, kGradTol, kGradFloor);
+  be()->GeluBackward(g, dx, dout, n);
+  CheckAccumulated("gelu dinp", once, g.Host());
+}
+
+TEST_F(OpsTest, Residual) {
+  const size_t n = 37;
+  auto a = RandN(rng_, n), b = RandN(rng_, n);
+  Dev da(be(), a), db(be(), b), out(be(), n);
+  out.Fill(kNaN);
+  be()->ResidualForward(out, da, db, n);
+  std::vector<float> want(n);
+  for (size_t i = 0; i < n; ++i) want[i] = a[i] + b[i];  // one correctly rounded float add
+  EXPECT_TRUE(BitEqual(out.Host(), want)) << FirstDiff(out.Host(), want);
+  be()->ResidualForward(da, da, db, n);  // in place, as decode uses it
+  EXPECT_TRUE(BitEqual(da.Host(), want)) << FirstDiff(da.Host(), want);
+  // Residual has no backward op: its gradient is the identity into both inputs, which the model applies by
+  // accumulating dres into both branches (covered by the whole-model checks below).
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Softmax cross-entropy
+
+TEST_F(OpsTest, SoftmaxCrossEntropy) {
+  const int N = 6, V = 11, Vp = 16;
+  auto logits = RandN(rng_, static_cast<size_t>(N) * Vp, 3.0f);
+  for (int n = 0; n < N; ++n)
+    for (int i = V; i < Vp; ++i) logits[n * Vp + i] = 50.0f;  // padding columns: must be ignored
+  for (int i = 0; i < V; ++i) logits[5 * Vp + i] *= 30.0f;   // a row spanning ~±100: exp underflows
+  auto targets = RandInt(rng_, N, V);
+  targets[0] = V - 1;
+  targets[5] = static_cast<int32_t>(std::min_element(logits.begin() + 5 * Vp, logits.begin() + 5 * Vp + V) -
+                                    (logits.begin() + 5 * Vp));  // probability ~exp(-300): loss via log-softmax
+  const float dloss = 0.37f;
+  DevInt dt(be(), targets);
+  Dev dl(be(), logits), losses(be(), N), probs(be(), static_cast<size_t>(N) * Vp);
+  losses.Fill(kNaN);
+  probs.Fill(kNaN);
+  be()->SoftmaxCrossEntropyForward(losses, probs, dl, dt, N, V, Vp);
+  const Vec Lg = ToDouble(logits);
+  Vec want_loss(N), want_probs(static_cast<size_t>(N) * Vp);
+  ref::SoftmaxXent(want_loss.data(), want_probs.data(), Lg.data(), targets.data(), N, V, Vp);
+  const auto got_loss = losses.Host(), got_probs = probs.Host();
+  CheckClose("softmax-xent losses", got_loss, want_loss, kFwdTol, 1.0);
+  CheckClose("softmax-xent probs", got_probs, want_probs, kFwdTol, 1.0);
+  for (int n = 0; n < N; ++n)
+    for (int i = V; i < Vp; ++i) EXPECT_EQ(got_probs[n * Vp + i], 0.0f) << "padded prob n=" << n << " i=" << i;
+
+  const Vec fd = NumGrad(Lg, [&](const Vec& v) {
+    Vec l(N);
+    ref::SoftmaxXent(l.data(), nullptr, v.data(), targets.data(), N, V, Vp);
+    double s = 0.0;
+    for (double x : l) s += x;
+    return dloss * s;
+  });
+  Dev dlog(be(), static_cast<size_t>(N) * Vp);
+  dlog.Fill(kNaN);  // written, not accumulated: prior contents must not matter
+  be()->SoftmaxCrossEntropyBackward(dlog, probs, dt, dloss, N, V, Vp);
+  const auto got_d = dlog.Host();
+  CheckClose("softmax-xent dlogits", got_d, fd, kGradTol, kGradFloor);
+  for (int n = 0; n < N; ++n)
+    for (int i = V; i < Vp; ++i) EXPECT_EQ(got_d[n * Vp + i], 0.0f) << "padded dlogit n=" << n << " i=" << i;
+
+  // In place, as the model runs them (probs == logits, then dlogits == probs): bit-identical results.
+  Dev x(be(), logits), losses2(be(), N);
+  be()->SoftmaxCrossEntropyForward(losses2, x, x, dt, N, V, Vp);
+  EXPECT_TRUE(BitEqual(losses2.Host(), got_loss)) << FirstDiff(losses2.Host(), got_loss);
+  EXPECT_TRUE(BitEqual(x.Host(), got_probs)) << FirstDiff(x.Host(), got_probs);
+  be()->SoftmaxCrossEntropyBackward(x, x, dt, dloss, N, V, Vp);
+  EXPECT_TRUE(BitEqual(x.Host(), got_d)) << FirstDiff(x.Host(), got_d);
+
+  // Softmax only (Op::kSoftmaxForward: no targets, no losses) gives the same probabilities.
+  if (be()->SupportsOp(Op::kSoftmaxForward)) {
+    Dev p2(be(), static_cast<size_t>(N) * Vp);
+    p2.Fill(kNaN);
+    be()->SoftmaxCrossEntropyForward(nullptr, p2, dl, nullptr, N, V, Vp);
+    EXPECT_TRUE(BitEqual(p2.Host(), got_probs)) << FirstDiff(p2.Host(), got_probs);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// AdamW, SumSquares
+
+AdamWParams TestAdamW() {
+  AdamWParams p;
+  p.lr = 1e-2f;
+  p.beta1 = 0.9f;
+  p.beta2 = 0.95f;
+  p.eps = 1e-8f;
+  p.weight_decay = 0.1f;
+  p.t = 1;
+  p.grad_scale = 0.5f;
+  return p;
+}
+ref::AdamWHyper ToRef(const AdamWParams& p) {
+  return {p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, p.grad_scale};  // the exact float values, widened
+}
+
+TEST_F(OpsTest, AdamWMatchesDoubleReference) {
+  const size_t n = 37;
+  auto params = RandN(rng_, n, 0.5f);
+  std::vector<uint8_t> mask(n);
+  for (size_t i = 0; i < n; ++i) mask[i] = i % 3 != 0;
+  AdamWParams p = TestAdamW();
+  Dev dp(be(), params), dm(be(), n), dv(be(), n);
+  Vec P = ToDouble(params), M(n, 0.0), Vv(n, 0.0);
+  for (int64_t t = 1; t <= 6; ++t) {
+    SCOPED_TRACE("step " + std::to_string(t));
+    auto grads = RandN(rng_, n);
+    Dev dg(be(), grads);
+    p.t = t;
+    be()->AdamW(dp, dg, dm, dv, mask.data(), n, p);
+    ref::AdamW(P.data(), ToDouble(grads).data(), M.data(), Vv.data(), mask.data(), n, ToRef(p), t);
+    if (t == 1 || t == 6) {
+      const std::string s = "adamw step " + std::to_string(t);
+      CheckClose(s + " params", dp.Host(), P, 1e-6, 1.0);
+      CheckClose(s + " m", dm.Host(), M, 1e-5, 1e-30);
+      CheckClose(s + " v", dv.Host(), Vv, 1e-5, 1e-30);
+    }
+  }
+}
+
+// With zero gradients and moments the update is pure decay: masked-out entries stay bit-identical, the others
+// shrink by (1 - lr * wd); a null mask decays everything.
+TEST_F(OpsTest, AdamWDecayMask) {
+  const size_t n = 10;
+  auto params = RandN(rng_, n, 1.0f, 0.5f);
+  std::vector<uint8_t> mask = {1, 0, 0, 1, 0, 1, 1, 0, 1, 0};
+  const AdamWParams p = TestAdamW();
+  for (bool null_mask : {false, true}) {
+    SCOPED_TRACE(null_mask ? "null mask" : "mask");
+    Dev dp(be(), params), dg(be(), n), dm(be(), n), dv(be(), n);
+    be()->AdamW(dp, dg, dm, dv, null_mask ? nullptr : mask.data(), n, p);
+    const auto got = dp.Host();
+    for (size_t i = 0; i < n; ++i) {
+      if (!null_mask && mask[i] == 0) {
+        EXPECT_EQ(got[i], params[i]) << "no-decay entry " << i << " changed";
+      } else {
+        const double want = params[i] * (1.0 - static_cast<double>(p.lr) * p.weight_decay);
+        EXPECT_NEAR(got[i], want, 1e-6 * std::fabs(want)) << "decayed entry " << i;
+      }
+    }
+  }
+}
+
+TEST_F(OpsTest, SumSquares) {
+  EXPECT_EQ(be()->SumSquares(nullptr, 0), 0.0);
+  for (size_t n : {size_t{1}, size_t{1000}, size_t{2 * 65536 + 123}}) {
+    auto x = RandN(rng_, n, 3.0f);
+    Dev dx(be(), x);
+    long double want = 0.0L;
+    for (float v : x) want += static_cast<long double>(v) * v;
+    const double got = be()->SumSquares(dx, n);
+    EXPECT_NEAR(got, static_cast<double>(want), 1e-12 * static_cast<double>(want)) << "n=" << n;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The whole model
+
+class ModelTest : public ::testing::Test {
+ protected:
+  static constexpr int kB = 2, kT = 5;  // T < ctx: the last position row gets no gradient
+
+  void SetUp() override {
+    cfg_.layers = 2;
+    cfg_.heads = 2;
+    cfg_.dim = 8;
+    cfg_.ctx = 6;
+    cfg_.vocab = 13;
+    auto m = GptModel::Create(cfg_, be_.get(), kB, kT);
+    ASSERT_TRUE(m.ok()) << m.status().ToString();
+    model_ = std::move(m).value();
+    model_->InitWeights(20240607);
+    // GPT-2's init (std 0.02, unit gains, zero biases) leaves attention almost uniform and most gradients tiny;
+    // noise of std 0.3 on every parameter makes every path carry a gradient well above finite-difference noise.
+    Rng rng(99);
+    auto p = model_->ParamsToHost();
+    for (auto& v : p) v += 0.3f * rng.Normal();
+    model_->SetParamsFromHost(p);
+    params_ = p;
+    tokens_ = RandInt(rng, kB * kT, cfg_.vocab);
+    targets_ = RandInt(rng, kB * kT, cfg_.vocab);
+  }
+
+  double RefLoss(const Vec& params, Vec* losses = nullptr) const {
+    return ref::GptLoss(cfg_, params, tokens_.data(), targets_.data(), kB, kT, losses);
+  }
+  // Zeroed gradients, one Forward + Backward: d(mean loss)/d(params) on the host.
+  std::vector<float> Gradient(float* loss = nullptr, const std::function<void(int)>& on_group_ready = nullptr) {
+    model_->ZeroGrads();
+    float l = model_->Forward(tokens_.data(), targets_.data(), kB, kT);
+    if (loss) *loss = l;
+    model_->Backward(on_group_ready);
+    return model_->GradsToHost();
+  }
+
+  GptConfig cfg_;
+  std::unique_ptr<Backend> be_ = MakeCpuBackend(1);
+  std::unique_ptr<GptModel> model_;
+  std::vector<float> params_;
+  std::vector<int32_t> tokens_, targets_;
+};
+
+TEST_F(ModelTest, ForwardMatchesReference) {
+  const float loss = model_->Forward(tokens_.data(), targets_.data(), kB, kT);
+  Vec want_losses;
+  const double want = RefLoss(ToDouble(params_), &want_losses);
+  std::printf("  loss %.7f, reference %.7f\n", loss, want);
+  CheckClose("model per-position losses", model_->LastLosses(), want_losses, kFwdTol, 1.0);
+  CheckClose("model mean loss", {loss}, Vec{want}, kFwdTol, 1.0);
+}
+
+// Every parameter's gradient against central differences (h = 1e-5) of the double reference model.
+TEST_F(ModelTest, BackwardMatchesReferenceFiniteDifferences) {
+  const auto grads = Gradient();
+  Vec P = ToDouble(params_);
+  for (const ParamTensor& t : model_->tensors()) {
+    Vec fd(t.size);
+    for (size_t j = 0; j < t.size; ++j) {
+      double& x = P[t.offset + j];
+      const double x0 = x;
+      x = x0 + kFdStep;
+      const double lp = RefLoss(P);
+      x = x0 - kFdStep;
+      const double lm = RefLoss(P);
+      x = x0;
+      fd[j] = (lp - lm) / (2.0 * kFdStep);
+    }
+    std::vector<float> got(grads.begin() + t.offset, grads.begin() + t.offset + t.size);
+    CheckClose("grad " + t.name, got, fd, kGradTol, kGradFloor);
+  }
+}
+
+// A sample of every tensor's gradient (3 entries each) against central differences of Forward() itself, in
+// float: h = 1e-2 keeps float rounding of the loss (~1e-7 relative) well under the tolerance, and the O(h^2)
+// truncation error is below it too.
+TEST_F(ModelTest, BackwardMatchesForwardFiniteDifferences) {
+  const auto grads = Gradient();
+  const float h = 1e-2f;
+  Rng pick(7);
+  double worst = 0.0;
+  std::string worst_at;
+  for (const ParamTensor& t : model_->tensors()) {
+    for (int s = 0; s < 3; ++s) {
+      const size_t j = s == 0 ? 0 : s == 1 ? t.size - 1 : pick.Below(t.size);
+      const size_t i = t.offset + j;
+      std::vector<float> p = params_;
+      const float xp = params_[i] + h, xm = params_[i] - h;
+      p[i] = xp;
+      model_->SetParamsFromHost(p);
+      const double lp = model_->Forward(tokens_.data(), targets_.data(), kB, kT);
+      p[i] = xm;
+      model_->SetParamsFromHost(p);
+      const double lm = model_->Forward(tokens_.data(), targets_.data(), kB, kT);
+      const double fd = (lp - lm) / (static_cast<double>(xp) - xm);  // the step actually taken, in float
+      const double err = std::fabs(grads[i] - fd), bound = 2e-2 * std::fabs(fd) + 2e-4;
+      worst = std::max(worst, err / bound);
+      if (err / bound >= worst) worst_at = t.name + "[" + std::to_string(j) + "]";
+      EXPECT_LE(err, bound) << t.name << "[" << j << "]: backward " << grads[i] << ", finite difference " << fd;
+    }
+  }
+  model_->SetParamsFromHost(params_);
+  std::printf("  [check] %-44s worst err/bound %.2f at %s (bound 2e-2 |fd| + 2e-4)\n", "float forward FD (sampled)",
+              worst, worst_at.c_str());
+}
+
+// on_group_ready: every group once, in the order final LN, layers L-1..0, embeddings; and when a group is
+// reported, its gradients are final (equal to the gradients after Backward returns).
+TEST_F(ModelTest, GroupReadyOrderAndFinality) {
+  std::vector<int> order;
+  std::vector<std::vector<float>> snapshot;
+  const auto grads = Gradient(nullptr, [&](int g) {
+    order.push_back(g);
+    snapshot.push_back(model_->GradsToHost());
+  });
+  const int L = cfg_.layers;
+  std::vector<int> want = {L + 1};
+  for (int l = L - 1; l >= 0; --l) want.push_back(1 + l);
+  want.push_back(0);
+  EXPECT_EQ(order, want);
+  for (size_t k = 0; k < order.size(); ++k)
+    for (const ParamTensor& t : model_->tensors()) {
+      if (t.group != order[k]) continue;
+      EXPECT_EQ(0, std::memcmp(snapshot[k].data() + t.offset, grads.data() + t.offset, t.size * sizeof(float)))
+          << t.name << " changed after its group " << order[k] << " was reported ready";
+    }
+}
+
+// Forward + Backward twice without ZeroGrads accumulates twice the gradient.
+TEST_F(ModelTest, BackwardAccumulates) {
+  const auto once = Gradient();
+  model_->Forward(tokens_.data(), targets_.data(), kB, kT);
+  model_->Backward();
+  CheckAccumulated("model gradient", once, model_->GradsToHost());
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Thread-count invariance: bit-identical results with 1 and 2 threads, op by op (shapes large enough for every
+// parallel loop to split, and for OpenBLAS to thread its GEMMs) and for the whole model. Multi-worker
+// determinism rests on this (backend.h, "Determinism").
+
+using Outputs = std::vector<std::pair<std::string, std::vector<float>>>;
+
+// KNOWN ISSUE (reported, not yet decided): OpenBLAS's sgemm (0.3.21, OpenMP build, Zen/Haswell kernels) rounds
+// differently with 1 and 2 threads once M*N*K exceeds its threading threshold (2^18), so MatmulForward and
+// MatmulBackward's dinp/dw — and with them the model's loss and gradients at any realistic size — are not
+// thread-count invariant. While this is false, the checks that depend on threaded GEMMs report the difference
+// and GTEST_SKIP instead of failing; everything keel computes itself (dbias, every other op, the tiny model whose
+// GEMMs stay below the threshold) is still asserted bit-exactly. Set it to true once the CPU matmul is fixed
+// (e.g. fixed-size output tiles, each a single-threaded sgemm, spread over OpenMP threads).
+constexpr bool kGemmThreadInvariant = false;
+constexpr const char* kGemmSkip =
+    "KNOWN ISSUE: OpenBLAS sgemm results depend on the thread count (M*N*K > 2^18); see kGemmThreadInvariant";
+
+// Runs f with 1 and then 2 threads on the same backend and compares every output bit for bit. Outputs for which
+// tolerated(name) is true are reported but not asserted; returns the names of those that differed.
+std::vector<std::string> CompareThreads(Backend* be, const std::function<Outputs()>& f,
+                                        const std::function<bool(const std::string&)>& tolerated = nullptr) {
+  be->SetThreads(1);
+  const Outputs one = f();
+  be->SetThreads(2);
+  const Outputs two = f();
+  be->SetThreads(1);
+  std::vector<std::string> tolerated_diffs;
+  EXPECT_EQ(one.size(), two.size());
+  for (size_t i = 0; i < one.size() && i < two.size(); ++i) {
+    const bool same = BitEqual(one[i].second, two[i].second);
+    const std::string diff = same ? "bit-identical" : FirstDiff(one[i].second, two[i].second);
+    std::printf("  [threads] %-38s %s\n", one[i].first.c_str(), diff.c_str());
+    if (same) continue;
+    if (tolerated && tolerated(one[i].first)) {
+      tolerated_diffs.push_back(one[i].first + " (" + diff + ")");
+    } else {
+      ADD_FAILURE() << one[i].first << " differs between 1 and 2 threads: " << diff;
+    }
+  }
+  return tolerated_diffs;
+}
+void ExpectThreadInvariant(Backend* be, const std::function<Outputs()>& f) { CompareThreads(be, f); }
+
+std::string Join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : "; ") + x;
+  return s;
+}
+
+TEST_F(OpsTest, ThreadInvarianceEncoderLayerNormPointwise) {
+  const int B = 4, T = 64, C = 67, V = 100, N = B * T;
+  const auto tokens = RandInt(rng_, N, V);
+  const auto wte = RandN(rng_, V * C), wpe = RandN(rng_, T * C), x = RandN(rng_, N * C, 2.0f, 0.3f),
+             w = RandN(rng_, C, 0.3f, 1.0f), b = RandN(rng_, C, 0.3f), R = RandN(rng_, N * C),
+             y = RandN(rng_, N * C);
+  ExpectThreadInvariant(be(), [&] {
+    DevInt dtok(be(), tokens);
+    Dev dwte(be(), wte), dwpe(be(), wpe), dx(be(), x), dw_(be(), w), db_(be(), b), dout(be(), R), dy(be(), y);
+    Dev enc(be(), N * C), gte(be(), V * C), gpe(be(), T * C);
+    be()->EncoderForward(enc, dtok, nullptr, dwte, dwpe, B, T, C);
+    be()->EncoderBackward(gte, gpe, dout, dtok, B, T, C);
+    Dev ln(be(), N * C), mean(be(), N), rstd(be(), N), gx(be(), N * C), gw(be(), C), gb(be(), C);
+    be()->LayerNormForward(ln, mean, rstd, dx, dw_, db_, N, C);
+    be()->LayerNormBackward(gx, gw, gb, dout, dx, dw_, mean, rstd, N, C);
+    Dev ge(be(), N * C), gg(be(), N * C), res(be(), N * C);
+    be()->GeluForward(ge, dx, static_cast<size_t>(N) * C);
+    be()->GeluBackward(gg, dx, dout, static_cast<size_t>(N) * C);
+    be()->ResidualForward(res, dx, dy, static_cast<size_t>(N) * C);
+    return Outputs{{"encoder forward", enc.Host()},  {"encoder dwte", gte.Host()},   {"encoder dwpe", gpe.Host()},
+                   {"layernorm forward", ln.Host()}, {"layernorm mean", mean.Host()}, {"layernorm rstd", rstd.Host()},
+                   {"layernorm dinp", gx.Host()},    {"layernorm dw", gw.Host()},     {"layernorm db", gb.Host()},
+                   {"gelu forward", ge.Host()},      {"gelu backward", gg.Host()},    {"residual", res.Host()}};
+  });
+}
+
+TEST_F(OpsTest, ThreadInvarianceAttentionLossOptimizer) {
+  const int B = 2, T = 64, C = 64, NH = 4, maxT = 64, V = 1000, Vp = 1008, NL = 64;
+  const size_t nqkv = static_cast<size_t>(B) * T * 3 * C, nout = static_cast<size_t>(B) * T * C;
+  const auto qkv = RandN(rng_, nqkv), R = RandN(rng_, nout), q = RandN(rng_, B * C), kc = RandN(rng_, B * maxT * C),
+             vc = RandN(rng_, B * maxT * C), logits = RandN(rng_, static_cast<size_t>(NL) * Vp, 3.0f);
+  const std::vector<int32_t> pos = {37, 63};
+  const auto targets = RandInt(rng_, NL, V);
+  const size_t np = 100003;
+  const auto params = RandN(rng_, np), grads = RandN(rng_, np), m0 = RandN(rng_, np, 0.1f);
+  std::vector<float> v0 = RandN(rng_, np, 0.1f);
+  for (auto& v : v0) v = v * v;
+  std::vector<uint8_t> mask(np);
+  for (size_t i = 0; i < np; ++i) mask[i] = (i / 7) % 2;
+  AdamWParams ap = TestAdamW();
+  ap.t = 3;
+  ExpectThreadInvariant(be(), [&] {
+    Dev dqkv(be(), qkv), dout(be(), R), out(be(), nout), att(be(), static_cast<size_t>(B) * NH * T * T),
+        gq(be(), nqkv), datt(be(), static_cast<size_t>(B) * NH * T * T);
+    be()->AttentionForward(out, att, dqkv, B, T, C, NH);
+    be()->AttentionBackward(gq, datt, dout, dqkv, att, B, T, C, NH);
+    Dev dq(be(), q), dk(be(), kc), dv(be(), vc), dec(be(), B * C), scratch(be(), B * NH * maxT);
+    DevInt dpos(be(), pos);
+    be()->AttentionDecode(dec, dq, dk, dv, dpos, scratch, B, maxT, C, NH);
+    Dev dl(be(), logits), losses(be(), NL), probs(be(), static_cast<size_t>(NL) * Vp),
+        dlog(be(), static_cast<size_t>(NL) * Vp);
+    DevInt dt(be(), targets);
+    be()->SoftmaxCrossEntropyForward(losses, probs, dl, dt, NL, V, Vp);
+    be()->SoftmaxCrossEntropyBackward(dlog, probs, dt, 1.0f / NL, NL, V, Vp);
+    Dev p(be(), params), g(be(), grads), m(be(), m0), v(be(), v0);
+    be()->AdamW(p, g, m, v, mask.data(), np, ap);
+    const double ss = be()->SumSquares(g, np);
+    return Outputs{{"attention forward", out.Host()},
+                   {"attention probabilities", att.Host()},
+                   {"attention dqkv", gq.Host()},
+                   {"attention decode", dec.Host()},
+                   {"softmax-xent losses", losses.Host()},
+                   {"softmax-xent probs", probs.Host()},
+                   {"softmax-xent dlogits", dlog.Host()},
+                   {"adamw params", p.Host()},
+                   {"adamw m", m.Host()},
+                   {"adamw v", v.Host()},
+                   {"sum of squares (as 2 floats)", {static_cast<float>(ss), static_cast<float>(ss - static_cast<float>(ss))}}};
+  });
+}
+
+// The linear layer, whose GEMMs run in OpenBLAS: large enough (N*IC*OC >> 2^18, OpenBLAS's threading threshold)
+// that OpenBLAS splits them across threads. dbias is keel's own column sum and is always asserted.
+TEST_F(OpsTest, ThreadInvarianceMatmul) {
+  struct Case {
+    int N, IC, OC;
+  };
+  std::vector<std::string> gemm_diffs;
+  for (const Case& k : {Case{512, 64, 192}, Case{300, 100, 333}, Case{256, 256, 768}}) {
+    const int N = k.N, IC = k.IC, OC = k.OC;
+    const std::string tag = "N=" + std::to_string(N) + " IC=" + std::to_string(IC) + " OC=" + std::to_string(OC);
+    SCOPED_TRACE(tag);
+    std::printf(" Matmul %s\n", tag.c_str());
+    const auto x = RandN(rng_, static_cast<size_t>(N) * IC), w = RandN(rng_, static_cast<size_t>(OC) * IC, 0.1f),
+               b = RandN(rng_, OC), R = RandN(rng_, static_cast<size_t>(N) * OC);
+    auto diffs = CompareThreads(
+        be(),
+        [&] {
+          Dev dx(be(), x), dw_(be(), w), db_(be(), b), dout(be(), R), out(be(), static_cast<size_t>(N) * OC),
+              gx(be(), static_cast<size_t>(N) * IC), gw(be(), static_cast<size_t>(OC) * IC), gb(be(), OC);
+          be()->MatmulForward(out, dx, dw_, db_, N, IC, OC);
+          be()->MatmulBackward(gx, gw, gb, dout, dx, dw_, N, IC, OC);
+          return Outputs{{"matmul forward (sgemm)", out.Host()},
+                         {"matmul dinp (sgemm)", gx.Host()},
+                         {"matmul dw (sgemm)", gw.Host()},
+                         {"matmul dbias", gb.Host()}};
+        },
+        [](const std::string& name) { return !kGemmThreadInvariant && name.find("(sgemm)") != std::string::npos; });
+    for (auto& d : diffs) gemm_diffs.push_back(tag + " " + d);
+  }
+  if (!gemm_diffs.empty()) GTEST_SKIP() << kGemmSkip << ": " << Join(gemm_diffs);
+}
+
+// The tiny model (every GEMM below OpenBLAS's threading threshold) and a small one whose GEMMs do thread.
+TEST_F(ModelTest, ThreadInvariance) {
+  ExpectThreadInvariant(be_.get(), [&] {
+    float loss = 0.0f;
+    auto g = Gradient(&loss);
+    return Outputs{{"tiny model loss", {loss}}, {"tiny model gradient", g}};
+  });
+}
+
+// A small model whose GEMMs do thread (the qkv GEMM is 256 x 64 x 192): asserted only once the GEMMs are
+// thread-count invariant (kGemmThreadInvariant); until then a difference is reported and the test skips.
+TEST(ModelThreads, ThreadInvarianceThreadedGemms) {
+  GptConfig cfg;
+  cfg.layers = 2;
+  cfg.heads = 4;
+  cfg.dim = 64;
+  cfg.ctx = 64;
+  cfg.vocab = 256;
+  const int B = 4, T = 64;
+  auto be = MakeCpuBackend(1);
+  auto m = GptModel::Create(cfg, be.get(), B, T);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  auto model = std::move(m).value();
+  model->InitWeights(5);
+  Rng rng(11);
+  const auto tokens = RandInt(rng, B * T, cfg.vocab), targets = RandInt(rng, B * T, cfg.vocab);
+  auto diffs = CompareThreads(
+      be.get(),
+      [&] {
+        model->ZeroGrads();
+        const float loss = model->Forward(tokens.data(), targets.data(), B, T);
+        model->Backward();
+        return Outputs{{"small model loss", {loss}}, {"small model gradient", model->GradsToHost()}};
+      },
+      [](const std::string&) { return !kGemmThreadInvariant; });
+  if (!diffs.empty()) GTEST_SKIP() << kGemmSkip << ": " << Join(diffs);
+}
+
+}  // namespace
+}  // namespace keel
