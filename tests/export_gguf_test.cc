@@ -286,8 +286,9 @@ TEST(Gguf, ByteTokenizerVocabulary) {
   ASSERT_EQ(toks->size(), 256u);
   EXPECT_EQ((*toks)[0x0A], "<0x0A>");
   EXPECT_EQ((*toks)[0xFF], "<0xFF>");
+  EXPECT_EQ((*toks)[0x20], "\xE2\x96\x81") << "llama.cpp's SPM tokenizer looks spaces up as U+2581";
   const auto types = f->FindKey("tokenizer.ggml.token_type")->AsI32Array().value();
-  for (int32_t t : types) EXPECT_EQ(t, 6);
+  for (int i = 0; i < 256; ++i) EXPECT_EQ(types[i], i == 0x20 ? 1 : 6) << i;
   EXPECT_EQ(f->FindKey("tokenizer.ggml.bos_token_id"), nullptr);
   EXPECT_EQ(*f->FindKey("general.name")->AsString(), "keel-gpt2");
 }

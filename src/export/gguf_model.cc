@@ -109,6 +109,13 @@ Result<std::string> EncodeModelGguf(const TrainingSnapshot& s, ExportDtype dtype
       sc = (*tok)->score(i);
       ty = (*tok)->piece_type(i);
       if (ty == kPieceUnknown && unk < 0) unk = i;
+      if (byte_tok && i == ' ') {
+        // llama.cpp's SPM tokenizer rewrites every space as U+2581 before looking pieces up; with "<0x20>" it
+        // would fall back to the three bytes of U+2581. A normal piece "▁" maps it back to id 32 (and
+        // detokenizes to a space).
+        p = "\xE2\x96\x81";
+        ty = kPieceNormal;
+      }
     } else {
       p = "<pad_" + std::to_string(i) + ">";
     }

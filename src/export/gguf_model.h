@@ -19,8 +19,10 @@
 // padded with --vocab) become unused pieces "<pad_ID>" (token type 5, score 0).
 //   - bpe: keel's SentencePiece pieces as they are ("▁the", "<0x0A>", "<unk>"/"<s>"/"</s>"), their scores and
 //     types (1 normal, 2 unknown, 3 control, 6 byte); llama.cpp's SPM tokenizer merges by these scores.
-//   - byte: the 256 pieces "<0x00>".."<0xFF>" of type 6 (byte); llama.cpp's SPM tokenizer encodes any text
-//     through its byte fallback, so each byte becomes token id = byte value, exactly as keel's byte tokenizer.
+//   - byte: the 256 pieces "<0x00>".."<0xFF>" of type 6 (byte), except id 32 (space), which is the normal
+//     piece "▁" (U+2581): llama.cpp's SPM tokenizer first rewrites spaces as U+2581 and looks characters up as
+//     pieces, falling back to byte pieces for the rest, so each byte becomes token id = byte value, exactly as
+//     keel's byte tokenizer (except a literal U+2581 in the text, which llama.cpp reads as a space).
 //     No special-token keys are written: llama.cpp then assumes its SPM defaults unk=0, bos=1, eos=2, i.e. the
 //     bytes 0x00-0x02 (harmless for text; llama.cpp would stop generating at byte 0x02).
 // keel-specific keys make the import exact: keel.tokenizer (u8 array: the tokenizer file's bytes),
