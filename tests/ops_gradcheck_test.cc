@@ -284,8 +284,9 @@ TEST_F(OpsTest, Matmul) {
     int N, IC, OC;
     bool bias, dinp;
   };
+  // N = 1 is the single-row (decode) shape.
   for (const Case& k : {Case{10, 8, 12, true, true}, Case{7, 5, 3, false, true}, Case{37, 19, 23, true, true},
-                        Case{6, 4, 9, true, false}}) {
+                        Case{6, 4, 9, true, false}, Case{1, 9, 13, true, true}, Case{1, 6, 5, false, true}}) {
     const int N = k.N, IC = k.IC, OC = k.OC;
     const std::string tag = "N=" + std::to_string(N) + " IC=" + std::to_string(IC) + " OC=" + std::to_string(OC) +
                             (k.bias ? " bias" : " no-bias") + (k.dinp ? "" : " dinp=null");
