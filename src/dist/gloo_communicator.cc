@@ -21,6 +21,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <mutex>
@@ -299,7 +300,10 @@ Result<std::unique_ptr<Communicator>> ConnectGlooCommunicator(std::shared_ptr<St
                       store->Describe() + ")";
   try {
     ctx = std::make_shared<gloo::rendezvous::Context>(rank, size);
-    ctx->setTimeout(timeout);
+    // The context's timeout is the pairs' timeout, which Gloo multiplies by 5 for the initial connect and
+    // otherwise uses only in sync mode (we run async and pass every operation its own timeout): a fifth
+    // bounds the connect by --comm-timeout too.
+    ctx->setTimeout(std::max(std::chrono::milliseconds(1), timeout / 5));
     GlooStoreAdapter adapter(store, options.timeout_s, abort);
     ctx->connectFullMesh(adapter, dev);
     // Addresses for Abort(): ours (one listening address per pair) and the peers' listening addresses for us.

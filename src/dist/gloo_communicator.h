@@ -30,8 +30,9 @@ struct GlooOptions {
 };
 
 // Forms the group: this member is `rank` of `size`. `store` should be a view private to this group (a prefix
-// such as "gen/<n>"), since Gloo's keys ("0", "rank_0", ...) are reused by every group. Returns within about
-// 2 * timeout_s (or sooner if *abort becomes true) when a member does not show up.
+// such as "gen/<n>"), since Gloo's keys ("0", "rank_0", ...) are reused by every group. When a member does not
+// show up it returns within about 2 * timeout_s (waiting for its address, then connecting), or sooner if
+// *abort becomes true.
 Result<std::unique_ptr<Communicator>> ConnectGlooCommunicator(std::shared_ptr<Store> store, int rank, int size,
                                                               const GlooOptions& options,
                                                               const std::atomic<bool>* abort = nullptr);

@@ -37,7 +37,20 @@ Result<int> EnvInt(const char* name, bool required, int fallback) {
   return static_cast<int>(x);
 }
 
-std::string ValueText(const nlohmann::json& j) { return j.is_string() ? j.get<std::string>() : j.dump(); }
+// JSON text that never throws (invalid UTF-8 is replaced): store contents come from other processes.
+std::string Dump(const nlohmann::json& j) { return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace); }
+
+std::string ValueText(const nlohmann::json& j) { return j.is_string() ? j.get<std::string>() : Dump(j); }
+
+// A field of an object as text / as an int, with a fallback when absent or of another type.
+std::string StrField(const nlohmann::json& j, const char* key, const std::string& fallback) {
+  if (!j.is_object() || !j.contains(key)) return fallback;
+  return ValueText(j[key]);
+}
+int IntField(const nlohmann::json& j, const char* key, int fallback) {
+  if (!j.is_object() || !j.contains(key) || !j[key].is_number_integer()) return fallback;
+  return j[key].get<int>();
+}
 
 // "dim: job has 32, this worker has 64; heads: ..." for two objects (or the values when not objects).
 std::string FieldDiff(const nlohmann::json& a, const nlohmann::json& b) {
@@ -115,7 +128,7 @@ Result<NodeAssignment> JoinAsNode(Store& job, const std::string& job_id, int min
     return InvalidArgument(refused + "it already has its " + std::to_string(max_nodes) +
                            " node(s) (--nnodes MAX); is the job id in use by another run?");
   nlohmann::json me = {{"host", Hostname()}, {"pid", static_cast<int64_t>(getpid())}, {"nproc_per_node", nproc_per_node}};
-  KEEL_RETURN_IF_ERROR(job.Set("node/" + std::to_string(node), me.dump()));
+  KEEL_RETURN_IF_ERROR(job.Set("node/" + std::to_string(node), Dump(me)));
 
   if (node == 0) {
     // The first node decides when the job starts: MIN nodes present, then MAX or the last-call window.
@@ -139,7 +152,7 @@ Result<NodeAssignment> JoinAsNode(Store& job, const std::string& job_id, int min
     }
     count = std::min(count, max_nodes);
     nlohmann::json closed = {{"nnodes", count}, {"nproc_per_node", nproc_per_node}};
-    KEEL_ASSIGN_OR_RETURN(bool won, job.SetIfAbsent("nodes_closed", closed.dump()));
+    KEEL_ASSIGN_OR_RETURN(bool won, job.SetIfAbsent("nodes_closed", Dump(closed)));
     if (!won) return InvalidArgument(refused + "it was started by another node 0 (is the job id in use by another run?)");
     return NodeAssignment{0, count};
   }
@@ -149,18 +162,19 @@ Result<NodeAssignment> JoinAsNode(Store& job, const std::string& job_id, int min
                                 "node 0 of job " + job_id + " to start the job (" + std::to_string(min_nodes) +
                                     " node(s) needed)", abort));
   auto closed = nlohmann::json::parse(closed_text, nullptr, false);
-  if (closed.is_discarded() || !closed.contains("nnodes") || !closed.contains("nproc_per_node"))
+  const int nnodes = IntField(closed, "nnodes", -1), job_nproc = IntField(closed, "nproc_per_node", -1);
+  if (closed.is_discarded() || nnodes < 1 || job_nproc < 1)
     return Corrupt("job " + job_id + ": malformed nodes_closed record in " + job.Describe());
-  const int nnodes = closed["nnodes"].get<int>();
   if (node >= nnodes)
     return InvalidArgument(refused + "it started with " + std::to_string(nnodes) + " node(s) before this one joined");
-  if (closed["nproc_per_node"].get<int>() != nproc_per_node)
-    return InvalidArgument(refused + "--nproc-per-node differs: job has " + closed["nproc_per_node"].dump() +
+  if (job_nproc != nproc_per_node)
+    return InvalidArgument(refused + "--nproc-per-node differs: job has " + std::to_string(job_nproc) +
                            ", this node has " + std::to_string(nproc_per_node));
   return NodeAssignment{node, nnodes};
 }
 
 std::string DescriptorDifference(const nlohmann::json& job, const nlohmann::json& mine) {
+  if (!job.is_object() || !mine.is_object()) return job == mine ? "" : "descriptor differs: " + FieldDiff(job, mine);
   struct Section {
     const char* key;
     const char* label;
@@ -202,19 +216,19 @@ Result<std::unique_ptr<WorkerGroup>> WorkerGroup::Join(std::shared_ptr<Store> jo
 
   std::string refusal;
   if (rank == 0) {
-    KEEL_RETURN_IF_ERROR(job->Set("desc", descriptor.dump()));
+    KEEL_RETURN_IF_ERROR(job->Set("desc", Dump(descriptor)));
   } else {
     KEEL_ASSIGN_OR_RETURN(std::string text,
                           WaitGet(*job, "desc", left(), "rank 0 of job " + job_id + " to publish the job's descriptor",
                                   abort));
     auto theirs = nlohmann::json::parse(text, nullptr, false);
-    if (theirs.is_discarded()) return Corrupt("job " + job_id + ": malformed descriptor in " + job->Describe());
+    if (!theirs.is_object()) return Corrupt("job " + job_id + ": malformed descriptor in " + job->Describe());
     std::string diff = DescriptorDifference(theirs, descriptor);
     if (!diff.empty()) refusal = refused_prefix + diff;
   }
   nlohmann::json member = {{"host", Hostname()}, {"pid", static_cast<int64_t>(getpid())}};
   if (!refusal.empty()) member["refused"] = refusal.substr(refused_prefix.size());
-  KEEL_ASSIGN_OR_RETURN(bool fresh, job->SetIfAbsent("member/" + std::to_string(rank), member.dump()));
+  KEEL_ASSIGN_OR_RETURN(bool fresh, job->SetIfAbsent("member/" + std::to_string(rank), Dump(member)));
   if (!fresh)
     return InvalidArgument(refused_prefix + "rank " + std::to_string(rank) +
                            " joined twice (two workers were given the same rank, or the job id was used before)");
@@ -235,7 +249,7 @@ Result<std::unique_ptr<WorkerGroup>> WorkerGroup::Join(std::shared_ptr<Store> jo
       auto m = nlohmann::json::parse(*v, nullptr, false);
       if (!m.is_discarded() && m.contains("refused"))
         return Aborted("job " + job_id + " cannot start: rank " + std::to_string(r) + " (host " +
-                       m.value("host", "?") + ") was refused: " + m["refused"].get<std::string>());
+                       StrField(m, "host", "?") + ") was refused: " + StrField(m, "refused", "?"));
     }
     if (n_seen == world) break;
     if (abort && abort->load()) return Aborted("aborted while waiting for the workers of job " + job_id);
