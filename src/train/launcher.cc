@@ -170,6 +170,7 @@ struct Worker {
   int out_fd = -1;   // read end of its stdout/stderr (pipe or pty master)
   bool running = false;
   int status = 0;
+  int restarts = 0;
 };
 
 // Opens a pseudo-terminal in raw mode (no "\n" -> "\r\n"): the master for the launcher, the slave for rank 0.
@@ -210,31 +211,47 @@ class Attempt {
   }
 
   Status Start() {
+    std::set<std::string> ours = {"KEEL_RANK", "KEEL_WORLD_SIZE", "KEEL_LOCAL_RANK", "KEEL_LOCAL_WORLD_SIZE",
+                                  "KEEL_NODE_RANK", "KEEL_NNODES", "KEEL_RESTART"};
+    for (const auto& [k, v] : o_.env) ours.insert(k);
+    for (char** e = environ; e && *e; ++e) {
+      std::string kv = *e;
+      std::string key = kv.substr(0, kv.find('='));
+      if (!ours.count(key)) base_env_.push_back(kv);
+    }
+    for (const auto& [k, v] : o_.env) base_env_.push_back(k + "=" + v);
+    for (int local = 0; local < o_.nproc; ++local) {
+      Worker w;
+      w.local = local;
+      w.rank = o_.node_rank * o_.nproc + local;
+      KEEL_RETURN_IF_ERROR(Spawn(&w, 0));
+      workers_.push_back(w);
+    }
+    std::string line = "launcher: started " + std::to_string(o_.nproc) + " worker(s) of " +
+                       std::to_string(o_.nproc * o_.nnodes) + " (node " + std::to_string(o_.node_rank) + " of " +
+                       std::to_string(o_.nnodes) + "):";
+    for (const auto& w : workers_) line += " rank " + std::to_string(w.rank) + " pid " + std::to_string(w.pid) + ";";
+    line.pop_back();
+    relay_->Own(line);
+    return Status::Ok();
+  }
+
+  // Starts (or restarts) one worker.
+  Status Spawn(Worker* wp, int restart) {
+    Worker& w = *wp;
     const int world = o_.nproc * o_.nnodes;
     const bool tty = isatty(STDERR_FILENO);
-    // Everything the children need is built before fork (after fork only async-signal-safe calls).
+    // Everything the child needs is built before fork (after fork only async-signal-safe calls).
     std::vector<std::string> argv_s = {o_.exe};
     argv_s.insert(argv_s.end(), o_.args.begin(), o_.args.end());
     std::vector<char*> argv;
     for (auto& a : argv_s) argv.push_back(a.data());
     argv.push_back(nullptr);
-    std::set<std::string> ours = {"KEEL_RANK", "KEEL_WORLD_SIZE", "KEEL_LOCAL_RANK", "KEEL_LOCAL_WORLD_SIZE",
-                                  "KEEL_NODE_RANK", "KEEL_NNODES"};
-    for (const auto& [k, v] : o_.env) ours.insert(k);
-    std::vector<std::string> base_env;
-    for (char** e = environ; e && *e; ++e) {
-      std::string kv = *e;
-      std::string key = kv.substr(0, kv.find('='));
-      if (!ours.count(key)) base_env.push_back(kv);
-    }
-    for (const auto& [k, v] : o_.env) base_env.push_back(k + "=" + v);
-
     const pid_t parent = getpid();
-    for (int local = 0; local < o_.nproc; ++local) {
-      Worker w;
-      w.local = local;
-      w.rank = o_.node_rank * o_.nproc + local;
-      std::vector<std::string> env_s = base_env;
+    {
+      const int local = w.local;
+      std::vector<std::string> env_s = base_env_;
+      if (restart > 0) env_s.push_back("KEEL_RESTART=" + std::to_string(restart));
       env_s.push_back("KEEL_RANK=" + std::to_string(w.rank));
       env_s.push_back("KEEL_WORLD_SIZE=" + std::to_string(world));
       env_s.push_back("KEEL_LOCAL_RANK=" + std::to_string(local));
@@ -282,18 +299,14 @@ class Attempt {
       w.pid = pid;
       w.out_fd = rd;
       w.running = true;
-      workers_.push_back(w);
+      w.restarts = restart;
     }
-    std::string line = "launcher: started " + std::to_string(o_.nproc) + " worker(s) of " + std::to_string(world) +
-                       " (node " + std::to_string(o_.node_rank) + " of " + std::to_string(o_.nnodes) + "):";
-    for (const auto& w : workers_) line += " rank " + std::to_string(w.rank) + " pid " + std::to_string(w.pid) + ";";
-    line.pop_back();
-    relay_->Own(line);
     return Status::Ok();
   }
 
   LaunchResult Wait() {
     LaunchResult res;
+    bool any_ok = false;
     int handled_signals = g_signals;
     std::string first_failure;
     auto kill_at = Clock::time_point::max();
@@ -359,6 +372,43 @@ class Attempt {
         w.running = false;
         w.status = st;
         const bool ok = WIFEXITED(st) && WEXITSTATUS(st) == 0;
+        if (ok) any_ok = true;
+        if (o_.on_exit) o_.on_exit(w.rank, w.pid, st);
+        if (!ok && o_.elastic) {
+          // Elastic: the others carry on (they re-form without it); this one is restarted if allowed.
+          const std::string what = "worker rank " + std::to_string(w.rank) + " (pid " + std::to_string(w.pid) + ") " +
+                                   DescribeStatus(st);
+          if (first_failure.empty()) first_failure = what;
+          const bool quarantined = WIFEXITED(st) && WEXITSTATUS(st) == kExitQuarantined;
+          if (quarantined) {
+            relay_->Own("launcher: " + what + ": quarantined after repeated faults; not restarted");
+          } else if (res.stopped_by_signal) {
+            relay_->Own("launcher: " + what + " while stopping; not restarted");
+          } else if (restarts_used_ < o_.max_restarts) {
+            ++restarts_used_;
+            if (w.out_fd >= 0) {  // what it wrote before dying, then its new incarnation's stream
+              for (;;) {
+                pollfd pf = {w.out_fd, POLLIN, 0};
+                if (::poll(&pf, 1, 0) <= 0 || !(pf.revents & POLLIN)) break;
+                ssize_t n = ::read(w.out_fd, buf.data(), buf.size());
+                if (n <= 0) break;
+                relay_->OnData(w.local, w.rank, buf.data(), static_cast<size_t>(n));
+              }
+              relay_->OnEof(w.local, w.rank);
+              ::close(w.out_fd);
+              w.out_fd = -1;
+            }
+            Status sp = Spawn(&w, restarts_used_);
+            relay_->Own("launcher: " + what + "; restarting it (restart " + std::to_string(restarts_used_) + " of " +
+                        std::to_string(o_.max_restarts) + ", pid " + std::to_string(w.pid) + ")" +
+                        (sp.ok() ? "" : ": failed: " + sp.message()));
+            if (o_.on_restart && sp.ok()) o_.on_restart(w.rank, w.pid, restarts_used_, what);
+          } else {
+            relay_->Own("launcher: " + what + "; no restarts left (--max-restarts " + std::to_string(o_.max_restarts) +
+                        "): the job continues without it");
+          }
+          continue;
+        }
         if (!ok && first_failure.empty()) {
           first_failure = "worker rank " + std::to_string(w.rank) + " (pid " + std::to_string(w.pid) + ") " +
                           DescribeStatus(st);
@@ -375,6 +425,14 @@ class Attempt {
         kill_at = Clock::time_point::max();
       }
     }
+    if (o_.elastic) {
+      // The job succeeded if a worker finished it (others may have failed along the way).
+      if (!any_ok) {
+        res.exit_code = 1;
+        res.message = first_failure.empty() ? "no worker finished" : first_failure;
+      }
+      return res;
+    }
     if (!first_failure.empty()) {
       res.exit_code = 1;
       res.message = first_failure;
@@ -386,13 +444,17 @@ class Attempt {
   const LaunchOptions& o_;
   Relay* relay_;
   std::vector<Worker> workers_;
+  std::vector<std::string> base_env_;
+  int restarts_used_ = 0;
 };
 
 }  // namespace
 
 Result<LaunchResult> LaunchWorkers(const LaunchOptions& o) {
   if (o.nproc < 1) return InvalidArgument("--nproc must be at least 1");
-  if (o.max_restarts != 0) return InvalidArgument("--max-restarts is not supported yet");
+  if (o.max_restarts < 0) return InvalidArgument("--max-restarts must be >= 0");
+  if (o.max_restarts > 0 && !o.elastic)
+    return InvalidArgument("--max-restarts needs elastic training (restarted workers rejoin a running group)");
   if (::pipe2(g_wake_pipe, O_CLOEXEC | O_NONBLOCK) != 0)
     return IoError(std::string("launcher: pipe: ") + std::strerror(errno));
   g_signals = 0;
@@ -400,8 +462,8 @@ Result<LaunchResult> LaunchWorkers(const LaunchOptions& o) {
   {
     SignalScope signals;
     Relay relay(STDERR_FILENO, isatty(STDERR_FILENO), o.prefix_output, o.nproc);
-    // One attempt; a restart policy would loop here: on failure, if attempts <= max_restarts and no stop was
-    // requested, start a new attempt (the workers re-rendezvous under a new generation).
+    // One attempt. Elastic jobs restart individual workers inside it (they rejoin the running group); static
+    // jobs end at the first failure.
     Attempt attempt(o, &relay);
     Status s = attempt.Start();
     if (!s.ok()) {

@@ -10,13 +10,16 @@
 // Signals: SIGINT/SIGTERM to the launcher are forwarded to every worker as SIGTERM (the trainer stops at the
 // next step boundary with a checkpoint; all ranks agree through the stats allreduce). A second signal is
 // forwarded again (the workers' second signal is fatal).
-// Failures: a worker that exits non-zero or is killed makes the launcher SIGTERM the others, SIGKILL whatever
-// is left after kill_grace_s, and return non-zero with a message naming the worker.
-// Restarts (a later issue): Launch() runs attempts through RunOnce(); max_restarts > 0 is where a new attempt
-// (a new rendezvous generation) would start. Only 0 is implemented.
+// Failures (static jobs): a worker that exits non-zero or is killed makes the launcher SIGTERM the others,
+// SIGKILL whatever is left after kill_grace_s, and return non-zero with a message naming the worker.
+// Failures (elastic jobs, docs/step-protocol.md): the others carry on (they re-form without it); the failed
+// worker is restarted with the same rank and KEEL_RESTART=n while fewer than max_restarts restarts were made
+// (in total, on this machine), except when it exited with kExitQuarantined. The launcher succeeds when any
+// worker finished the job (exit 0).
 // Nothing here calls exit(); errors come back as values. Not thread-safe: one launch per process at a time
 // (it owns the SIGINT/SIGTERM handlers while it runs and restores them after).
 #pragma once
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -24,6 +27,9 @@
 #include "core/status.h"
 
 namespace keel {
+
+// A worker's exit status meaning "quarantined after repeated faults": never restarted.
+inline constexpr int kExitQuarantined = 3;
 
 struct LaunchOptions {
   std::string exe;                     // the program to run (keel's own binary: /proc/self/exe)
@@ -33,7 +39,11 @@ struct LaunchOptions {
   int nnodes = 1;
   std::vector<std::pair<std::string, std::string>> env;  // extra environment of every worker
   double kill_grace_s = 5;             // after a failure, how long the others get before SIGKILL
-  int max_restarts = 0;                // restarts of the whole local group after a failure (only 0 for now)
+  bool elastic = false;                // restart single workers instead of ending the job (see above)
+  int max_restarts = 0;                // elastic: worker restarts allowed on this machine
+  // Called (on the launcher's thread) when a worker exits (wait status) / is restarted.
+  std::function<void(int rank, int pid, int status)> on_exit;
+  std::function<void(int rank, int pid, int restart, const std::string& why)> on_restart;
   bool prefix_output = true;           // "[rank R] " before each relayed line
 };
 

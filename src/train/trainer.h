@@ -6,7 +6,14 @@
 // mode each micro-batch's gradient is computed from zeroed buffers and summed in fixed point (exact_sum.h), so
 // the update does not depend on which worker computed what, nor on the worker or thread count. Resuming
 // restores parameters, moments and the step (the data position), so an interrupted run continues bit-exactly.
-// Errors: bad options, unreadable data or checkpoints, and communicator failures come back as a Status.
+// Fault tolerance: every step follows the step protocol of docs/step-protocol.md — (1) quorum, (2) compute this
+// member's micro-batches, (3) reduce, (4) commit vote, (5) optimizer step — in Trainer::RunStep. Nothing is
+// applied before the vote, so an aborted attempt leaves the state untouched and is simply redone. With a
+// static group (Train) a communicator failure ends training; with an elastic group (TrainElastic) the
+// survivors re-form without the failed member and redo the step, joiners get the state from a peer, and
+// non-finite results and silent corruption are caught by the vote and repaired.
+// Errors: bad options, unreadable data or checkpoints, and (static groups) communicator failures come back as a
+// Status.
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -39,6 +46,18 @@ struct TrainOptions {
   int64_t stop_after = 0;     // stop (with a checkpoint) after this many steps in this invocation; 0 = never
   double peak_gflops = 0;     // for MFU; 0 = measure a GEMM at start
   bool progress = true;       // live progress line on stderr
+  // Fault tolerance (docs/step-protocol.md).
+  int64_t check_every = 10;   // every K steps: whole training state hashed and compared across members, and an
+                              // in-memory snapshot kept for rollbacks (parameters are compared every step); 0: never
+  double verify_fraction = 0; // deterministic mode: this fraction of micro-batches is recomputed by a second
+                              // member and the gradients compared bit for bit
+  double spike_factor = 0;    // loss > running mean + factor * running deviation: roll back and skip the data
+                              // (0: off)
+  int quarantine_after = 2;   // faults on one member (within 100 steps) before it is quarantined
+  double straggler_evict = 0; // evict a member persistently slower than this multiple of the median (0: never)
+  std::string inject;         // fault-injection spec (elastic/fault_inject.h; needs KEEL_ALLOW_FAULT_INJECTION=1)
+  int launch_rank = 0;        // this worker's launch rank / world (fault-injection targets, labels)
+  int launch_world = 1;
 };
 
 // Validates options that do not need the data (sizes, ranges). Errors name the flag.
@@ -49,12 +68,19 @@ struct TrainResult {
   float last_loss = 0;
   float last_val_loss = -1;
   bool stopped_early = false;
+  int64_t attempts_failed = 0; // step attempts aborted and redone by this member
 };
 
 // Runs training. stop (may be null) is polled at step boundaries: when set, the worker writes a checkpoint and
 // returns. log(line) receives human-readable log lines (may be null: stderr).
 Result<TrainResult> Train(const TrainOptions& o, Communicator* comm, const std::atomic<bool>* stop = nullptr,
                           const std::function<void(const std::string&)>& log = nullptr);
+
+// Elastic training: the membership (src/elastic/membership.h) forms generations of live members; the loop
+// survives crashed, hung and corrupting members. A member that is quarantined returns kAborted.
+class ElasticGroup;
+Result<TrainResult> TrainElastic(const TrainOptions& o, ElasticGroup* group, const std::atomic<bool>* stop = nullptr,
+                                 const std::function<void(const std::string&)>& log = nullptr);
 
 // sgemm GFLOP/s on this machine with the current thread count (a short measurement, ~0.1 s).
 double MeasureGemmPeakGflops();

@@ -14,6 +14,9 @@
 #include "dist/rendezvous.h"
 #include "formats/checkpoint.h"
 #include "tools/keel/cli_util.h"
+#include "elastic/events.h"
+#include "elastic/fault_inject.h"
+#include "elastic/membership.h"
 #include "train/launcher.h"
 
 namespace keel::cli {
@@ -32,7 +35,18 @@ void DistFlags::AddTo(CLI::App& app) {
       ->capture_default_str();
   app.add_option("--comm-timeout", comm_timeout_s,
                  "seconds without progress after which a collective (or connecting the group) fails: a dead or "
-                 "hung worker is reported within this time")
+                 "hung worker is reported within this time (static jobs; elastic jobs use --hang-timeout)")
+      ->capture_default_str()
+      ->each([this](const std::string&) { comm_timeout_given = true; });
+  app.add_flag("--elastic", elastic,
+               "fault-tolerant training: survivors of a crashed, hung or corrupting worker re-form and redo the step "
+               "(implied by --min-workers/--max-workers/--max-restarts)");
+  app.add_option("--min-workers", min_workers, "elastic: quorum floor; with fewer live workers the job waits");
+  app.add_option("--max-workers", max_workers, "elastic: most workers in a group (more wait as spares)");
+  app.add_option("--max-restarts", max_restarts, "elastic: restarts of failed workers allowed (per machine)");
+  app.add_option("--hang-timeout", hang_timeout_s,
+                 "elastic: the one timeout: a worker silent this long is declared hung and evicted (heartbeats "
+                 "every 1/10 of it); also bounds forming a group; collectives are backstopped at 30x")
       ->capture_default_str();
 }
 
@@ -93,6 +107,52 @@ Result<nlohmann::json> Descriptor(const TrainOptions& o) {
                         {"resume", {{"resume", o.resume}, {"newest_checkpoint_step", resume_step}}}};
 }
 
+// One worker of an elastic job: it joins the job's membership (a new uid), then trains in whatever generation
+// it is admitted to; a restarted or late worker gets the state from a live peer.
+int RunElasticWorker(TrainOptions o, const DistFlags& d, const WorkerPlacement& p, const std::string& url_text) {
+  if (d.comm_timeout_given)
+    return Fail("train", InvalidArgument("--comm-timeout does not apply to elastic jobs: --hang-timeout is their one "
+                                         "timeout (collectives are backstopped at 30x it)"));
+  if (!(d.hang_timeout_s > 0)) return Fail("train", InvalidArgument("--hang-timeout must be positive"));
+  if (o.inject.empty())
+    if (const char* v = std::getenv("KEEL_INJECT")) o.inject = v;
+  auto desc = Descriptor(o);
+  if (!desc.ok()) return Fail("train", desc.status());
+  desc->erase("resume");  // a restarted worker sees newer checkpoints than the job started from
+  auto url = RdzvUrl(url_text);
+  if (!url.ok()) return Fail("train", url.status());
+  auto store = OpenStore(*url, std::min(5.0, d.rdzv_timeout_s));
+  if (!store.ok()) return Fail("train", store.status());
+  auto hb_store = OpenStore(*url, std::min(5.0, d.rdzv_timeout_s));  // the heartbeat thread's own connection
+  if (!hb_store.ok()) return Fail("train", hb_store.status());
+  ElasticOptions eo;
+  eo.t = ElasticTimeouts::From(d.hang_timeout_s, d.rdzv_timeout_s);
+  eo.min_workers = std::max(1, d.min_workers);
+  eo.max_workers = d.max_workers > 0 ? d.max_workers : (1 << 20);
+  eo.expected_initial = p.world;
+  eo.rank = p.rank;
+  eo.host = !d.host.empty() ? d.host : p.host;
+  eo.iface = !d.iface.empty() ? d.iface : p.iface;
+  EventLog events;
+  auto log = [](const std::string& line) { std::fprintf(stderr, "%s\n", line.c_str()); };
+  auto group = ElasticGroup::Join(*store, *hb_store, eo, *desc, &events, log);
+  if (!group.ok()) return Fail("train", group.status());
+  o.launch_rank = p.rank;
+  o.launch_world = p.world;
+  o.progress = true;  // whoever leads the current generation prints progress
+  auto r = TrainElastic(o, group->get(), &StopFlag(), log);
+  if (!r.ok()) {
+    if (r.status().code() == Code::kAborted && r.status().message().rfind("quarantined", 0) == 0) {
+      std::fprintf(stderr, "keel train: %s\n", r.status().message().c_str());
+      return kExitQuarantined;
+    }
+    return Fail("train", r.status());
+  }
+  if (r->final_step > 0 || o.steps == 0) PrintDone(*r);
+  else std::fprintf(stderr, "the job finished before this worker could take part\n");
+  return 0;
+}
+
 int RunWorker(TrainOptions o, const DistFlags& d, const WorkerPlacement& p) {
   InstallStopHandlers();
   std::signal(SIGPIPE, SIG_IGN);  // a launcher that died: keep going to the checkpoint, don't die on a log line
@@ -113,9 +173,10 @@ int RunWorker(TrainOptions o, const DistFlags& d, const WorkerPlacement& p) {
     unsigned hw = std::max(1u, std::thread::hardware_concurrency());
     o.threads = std::max(1, static_cast<int>(hw) / std::max(1, p.local_world));
   }
-  if (p.rank != 0) o.progress = false;
   auto status = ValidateTrainOptions(o);
   if (!status.ok()) return Fail("train", status);
+  if (d.Elastic()) return RunElasticWorker(std::move(o), d, p, url_text);
+  if (p.rank != 0) o.progress = false;
   auto desc = Descriptor(o);
   if (!desc.ok()) return Fail("train", desc.status());
   auto url = RdzvUrl(url_text);
@@ -162,6 +223,20 @@ int RunLauncher(const TrainOptions& o, const DistFlags& d, const std::vector<std
   if (nproc > 1024) return Fail("train", InvalidArgument("--nproc " + std::to_string(nproc) + " is too many"));
   if (!(d.rdzv_timeout_s > 0)) return Fail("train", InvalidArgument("--rdzv-timeout must be positive"));
   if (!(d.comm_timeout_s > 0)) return Fail("train", InvalidArgument("--comm-timeout must be positive"));
+  const bool elastic = d.Elastic();
+  if (elastic && d.comm_timeout_given)
+    return Fail("train", InvalidArgument("--comm-timeout does not apply to elastic jobs: --hang-timeout is their one "
+                                         "timeout (collectives are backstopped at 30x it)"));
+  if (elastic && !(d.hang_timeout_s > 0)) return Fail("train", InvalidArgument("--hang-timeout must be positive"));
+  if (d.max_restarts < 0 || d.min_workers < 0 || d.max_workers < 0)
+    return Fail("train", InvalidArgument("--min-workers/--max-workers/--max-restarts must be >= 0"));
+  {
+    std::string spec = o.inject;
+    if (spec.empty())
+      if (const char* v = std::getenv("KEEL_INJECT")) spec = v;
+    auto inj = FaultInjector::Create(spec, 0, 1);
+    if (!inj.ok()) return Fail("train", inj.status());
+  }
   auto nn = ParseNnodes(d.nnodes);
   if (!nn.ok()) return Fail("train", nn.status());
   auto status = ValidateTrainOptions(o);
@@ -176,12 +251,21 @@ int RunLauncher(const TrainOptions& o, const DistFlags& d, const std::vector<std
     if (!url.ok()) return Fail("train", url.status());
     auto store = OpenStore(*url, std::min(5.0, d.rdzv_timeout_s));
     if (!store.ok()) return Fail("train", store.status());
-    RendezvousOptions ro;
-    ro.rdzv_timeout_s = d.rdzv_timeout_s;
-    auto node = JoinAsNode(**store, url->job, nn->first, nn->second, nproc, ro, &StopFlag());
-    if (!node.ok()) return Fail("train", node.status());
-    lo.node_rank = node->node_rank;
-    lo.nnodes = node->nnodes;
+    if (elastic) {
+      // Elastic machines do not wait for each other: each takes the next node index and starts its workers,
+      // which join the job's membership (a late machine's workers join the running job).
+      auto k = (*store)->Increment("elastic_nodes");
+      if (!k.ok()) return Fail("train", k.status());
+      lo.node_rank = static_cast<int>(*k - 1);
+      lo.nnodes = std::max(nn->first, lo.node_rank + 1);
+    } else {
+      RendezvousOptions ro;
+      ro.rdzv_timeout_s = d.rdzv_timeout_s;
+      auto node = JoinAsNode(**store, url->job, nn->first, nn->second, nproc, ro, &StopFlag());
+      if (!node.ok()) return Fail("train", node.status());
+      lo.node_rank = node->node_rank;
+      lo.nnodes = node->nnodes;
+    }
   } else {
     if (nn->second > 1)
       return Fail("train", InvalidArgument("--nnodes " + d.nnodes + " needs --rdzv redis://HOST:PORT/JOB_ID (or "
@@ -204,6 +288,22 @@ int RunLauncher(const TrainOptions& o, const DistFlags& d, const std::vector<std
   if (n <= 0) return Fail("train", IoError("cannot find keel's own binary (/proc/self/exe)"));
   lo.exe.assign(self, static_cast<size_t>(n));
   lo.args = args;
+  EventLog events;
+  if (elastic) {
+    lo.elastic = true;
+    lo.max_restarts = d.max_restarts;
+    // The time origin of random fault schedules (the same for restarted workers).
+    if (!std::getenv("KEEL_INJECT_T0")) lo.env.emplace_back("KEEL_INJECT_T0", std::to_string(EventLog::Now()));
+    const std::string events_path = JoinPath(o.out_dir, "events.jsonl");
+    lo.on_restart = [&events, events_path, node = lo.node_rank](int rank, int pid, int restart, const std::string& why) {
+      if (!events.is_open()) events.Open(events_path);
+      events.Emit("restart", {{"rank", rank}, {"pid", pid}, {"restart", restart}, {"node", node}, {"why", why}});
+    };
+    lo.on_exit = [&events, events_path](int rank, int pid, int status) {
+      if (!events.is_open()) events.Open(events_path);
+      events.Emit("worker_exit", {{"rank", rank}, {"pid", pid}, {"status", status}});
+    };
+  }
   auto res = LaunchWorkers(lo);
   if (!temp_dir.empty()) {
     std::error_code ec;
@@ -217,6 +317,8 @@ int RunLauncher(const TrainOptions& o, const DistFlags& d, const std::vector<std
 }  // namespace
 
 int RunTrainAnyMode(TrainOptions o, const DistFlags& d, const std::vector<std::string>& args) {
+  if (o.inject.empty())
+    if (const char* v = std::getenv("KEEL_INJECT")) o.inject = v;  // workers started by other launchers
   auto placement = PlacementFromEnv();
   if (!placement.ok()) return Fail("train", placement.status());
   if (placement->has_value()) return RunWorker(std::move(o), d, **placement);

@@ -90,6 +90,29 @@ int RunTrain(int argc, char** argv) {
   bool deterministic_flag = false;
   app.add_flag("--deterministic", deterministic_flag, "bit-exact across worker counts and resumes (default)");
   app.add_flag("--no-progress", [&](int64_t) { o.progress = false; }, "no live progress line");
+  app.add_option("--check-every", o.check_every,
+                 "every K steps compare a hash of the whole training state across workers and keep an in-memory "
+                 "snapshot for rollbacks (parameters are compared every step; 0: never)")
+      ->capture_default_str();
+  app.add_option("--verify-fraction", o.verify_fraction,
+                 "deterministic mode: fraction of micro-batches recomputed by a second worker, gradients compared "
+                 "bit for bit")
+      ->capture_default_str();
+  app.add_option("--spike-factor", o.spike_factor,
+                 "loss above running mean + F x running deviation: roll back to the snapshot and skip that data "
+                 "(0: off)")
+      ->capture_default_str();
+  app.add_option("--quarantine-after", o.quarantine_after,
+                 "faults (non-finite results, corrupted state) on one worker within 100 steps before it is "
+                 "quarantined")
+      ->capture_default_str();
+  app.add_option("--straggler-evict", o.straggler_evict,
+                 "elastic: a worker slower than this multiple of the median for 5 steps leaves (0: never; slower "
+                 "workers always get fewer micro-batches)")
+      ->capture_default_str();
+  app.add_option("--inject", o.inject,
+                 "fault injection for testing, e.g. 'crash:rank=1,step=5;nan:rank=2,step=8' (needs "
+                 "KEEL_ALLOW_FAULT_INJECTION=1; see docs/step-protocol.md)");
   DistFlags dist;
   dist.AddTo(app);
   if (int rc = Parse(app, static_cast<int>(av.size()), av.data()); rc >= 0) return rc;

@@ -1,0 +1,312 @@
+// fault_inject.cc: parsing and firing of injected faults.
+#include "elastic/fault_inject.h"
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "core/hash.h"
+#include "elastic/events.h"
+
+namespace keel {
+
+const char* FaultKindName(FaultSpec::Kind k) {
+  switch (k) {
+    case FaultSpec::kCrash: return "crash";
+    case FaultSpec::kHang: return "hang";
+    case FaultSpec::kSlow: return "slow";
+    case FaultSpec::kNan: return "nan";
+    case FaultSpec::kBitflip: return "bitflip";
+    case FaultSpec::kTruncateCkpt: return "truncate-ckpt";
+    case FaultSpec::kRandom: return "random";
+  }
+  return "?";
+}
+
+namespace {
+
+std::vector<std::string> SplitOn(const std::string& s, char sep) {
+  std::vector<std::string> out;
+  std::string cur;
+  for (char c : s) {
+    if (c == sep) {
+      out.push_back(cur);
+      cur.clear();
+    } else {
+      cur += c;
+    }
+  }
+  out.push_back(cur);
+  return out;
+}
+
+std::string Trim(std::string s) {
+  while (!s.empty() && std::isspace(static_cast<unsigned char>(s.back()))) s.pop_back();
+  size_t i = 0;
+  while (i < s.size() && std::isspace(static_cast<unsigned char>(s[i]))) ++i;
+  return s.substr(i);
+}
+
+bool KindFromName(const std::string& n, FaultSpec::Kind* k) {
+  const FaultSpec::Kind all[] = {FaultSpec::kCrash, FaultSpec::kHang, FaultSpec::kSlow, FaultSpec::kNan,
+                                 FaultSpec::kBitflip, FaultSpec::kTruncateCkpt, FaultSpec::kRandom};
+  for (auto x : all)
+    if (n == FaultKindName(x)) {
+      *k = x;
+      return true;
+    }
+  return false;
+}
+
+bool ParseNum(const std::string& s, double* out) {
+  char* end = nullptr;
+  double v = std::strtod(s.c_str(), &end);
+  if (s.empty() || *end != 0 || !std::isfinite(v)) return false;
+  *out = v;
+  return true;
+}
+
+}  // namespace
+
+Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
+  std::vector<FaultSpec> out;
+  for (std::string item : SplitOn(spec, ';')) {
+    item = Trim(item);
+    if (item.empty()) continue;
+    const std::string bad = "--inject: '" + item + "': ";
+    size_t colon = item.find(':');
+    FaultSpec f;
+    if (!KindFromName(Trim(item.substr(0, colon)), &f.kind))
+      return InvalidArgument(bad + "unknown fault kind (crash, hang, slow, nan, bitflip, truncate-ckpt, random)");
+    if (colon != std::string::npos) {
+      for (std::string kv : SplitOn(item.substr(colon + 1), ',')) {
+        kv = Trim(kv);
+        if (kv.empty()) continue;
+        size_t eq = kv.find('=');
+        if (eq == std::string::npos) return InvalidArgument(bad + "expected key=value, got '" + kv + "'");
+        std::string k = Trim(kv.substr(0, eq)), v = Trim(kv.substr(eq + 1));
+        double x = 0;
+        if (k == "kinds") {
+          for (const std::string& name : SplitOn(v, '+')) {
+            FaultSpec::Kind kk;
+            if (!KindFromName(Trim(name), &kk) || kk == FaultSpec::kRandom || kk == FaultSpec::kTruncateCkpt ||
+                kk == FaultSpec::kSlow)
+              return InvalidArgument(bad + "kinds: '" + name + "' is not one of crash, hang, nan, bitflip");
+            f.kinds.push_back(kk);
+          }
+          continue;
+        }
+        if (k == "then") {
+          if (v != "kill" && v != "hang") return InvalidArgument(bad + "then must be kill or hang");
+          f.then_kill = v == "kill";
+          continue;
+        }
+        if (!ParseNum(v, &x)) return InvalidArgument(bad + k + "=" + v + " is not a number");
+        if (k == "rank" && x >= 0) f.rank = static_cast<int>(x);
+        else if (k == "step" && x >= 0) f.step = static_cast<int64_t>(x);
+        else if (k == "secs" && x > 0) f.secs = x;
+        else if (k == "factor" && x >= 1) f.factor = x;
+        else if (k == "steps" && x >= 1) f.steps = static_cast<int64_t>(x);
+        else if (k == "every" && x > 0) f.every = x;
+        else if (k == "start" && x >= 0) f.start = x;
+        else if (k == "seed" && x >= 0) f.seed = static_cast<uint64_t>(x);
+        else if (k == "ranks" && x >= 1) f.ranks = static_cast<int>(x);
+        else return InvalidArgument(bad + "unknown or out-of-range key '" + k + "'");
+      }
+    }
+    if (f.kind == FaultSpec::kRandom) {
+      if (f.kinds.empty()) f.kinds = {FaultSpec::kCrash, FaultSpec::kHang, FaultSpec::kNan, FaultSpec::kBitflip};
+    } else {
+      if (f.step < 0) return InvalidArgument(bad + "needs step=S");
+      if (f.rank < 0 && f.kind != FaultSpec::kTruncateCkpt) return InvalidArgument(bad + "needs rank=R");
+    }
+    out.push_back(f);
+  }
+  return out;
+}
+
+Result<std::unique_ptr<FaultInjector>> FaultInjector::Create(const std::string& spec, int rank, int world) {
+  if (Trim(spec).empty()) return std::unique_ptr<FaultInjector>();
+  const char* allow = std::getenv("KEEL_ALLOW_FAULT_INJECTION");
+  if (!allow || std::string(allow) != "1")
+    return InvalidArgument("fault injection (--inject / KEEL_INJECT) is refused unless the environment also has "
+                           "KEEL_ALLOW_FAULT_INJECTION=1 (it kills and corrupts workers on purpose)");
+  KEEL_ASSIGN_OR_RETURN(auto specs, ParseFaultSpec(spec));
+  return std::unique_ptr<FaultInjector>(new FaultInjector(std::move(specs), rank, world));
+}
+
+FaultInjector::FaultInjector(std::vector<FaultSpec> specs, int rank, int world)
+    : specs_(std::move(specs)), rank_(rank), world_(std::max(1, world)) {
+  // The random schedule: identical in every worker (a function of the spec and the job's start time).
+  double t0 = EventLog::Now();
+  if (const char* v = std::getenv("KEEL_INJECT_T0")) t0 = std::atof(v);
+  for (size_t s = 0; s < specs_.size(); ++s) {
+    const FaultSpec& f = specs_[s];
+    if (f.kind != FaultSpec::kRandom) continue;
+    random_window_ = std::max(1.0, f.every / 2);
+    Rng rng(MixKey(f.seed, 0xFA017ull));
+    const int ranks = f.ranks > 0 ? f.ranks : world_;
+    double t = t0 + (f.start >= 0 ? f.start : f.every);
+    for (int k = 0; k < 100000 && t < t0 + 7 * 86400; ++k) {
+      Timed e;
+      e.t = t;
+      e.kind = f.kinds[rng.Below(f.kinds.size())];
+      e.rank = static_cast<int>(rng.Below(static_cast<uint64_t>(ranks)));
+      e.index = k;
+      timed_.push_back(e);
+      t += f.every * (0.5 + static_cast<double>(rng.Uniform()));
+    }
+  }
+}
+
+bool FaultInjector::Claim(const std::string& id) {
+  if (std::find(claimed_local_.begin(), claimed_local_.end(), id) != claimed_local_.end()) return false;
+  claimed_local_.push_back(id);
+  return claim_ ? claim_(id) : true;
+}
+
+void FaultInjector::Record(FaultSpec::Kind kind, int64_t step, const std::string& id, const std::string& detail) {
+  std::fprintf(stderr, "inject: %s at step %lld (%s)%s%s\n", FaultKindName(kind), static_cast<long long>(step),
+               id.c_str(), detail.empty() ? "" : ": ", detail.c_str());
+  std::fflush(stderr);
+  if (events_) events_->Emit("inject", {{"kind", FaultKindName(kind)}, {"step", step}, {"id", id}, {"detail", detail}});
+}
+
+bool FaultInjector::DueRandom(FaultSpec::Kind kind, int64_t step, double* secs) {
+  if (timed_.empty()) return false;
+  const double now = EventLog::Now();
+  for (const auto& e : timed_) {
+    if (e.t > now) break;
+    if (e.kind != kind || e.rank != rank_ || now - e.t > random_window_) continue;
+    const std::string id = "random/" + std::to_string(e.index);
+    if (!Claim(id)) continue;
+    for (const auto& f : specs_)
+      if (f.kind == FaultSpec::kRandom) *secs = f.secs;
+    Record(kind, step, id, "scheduled at +" + std::to_string(static_cast<int>(now - e.t)) + "s late");
+    return true;
+  }
+  return false;
+}
+
+bool FaultInjector::AfterMicroBatch(int64_t step) {
+  std::lock_guard<std::mutex> l(mu_);
+  for (size_t s = 0; s < specs_.size(); ++s) {
+    const FaultSpec& f = specs_[s];
+    if ((f.kind != FaultSpec::kCrash && f.kind != FaultSpec::kHang) || f.rank != rank_ || f.step != step) continue;
+    const std::string id = std::string(FaultKindName(f.kind)) + "/" + std::to_string(s);
+    if (!Claim(id)) continue;
+    if (f.kind == FaultSpec::kCrash) {
+      Record(f.kind, step, id, "SIGKILL");
+      ::raise(SIGKILL);
+    }
+    Record(f.kind, step, id, "SIGSTOP for " + std::to_string(f.secs) + " s");
+    HangProcessFor(f.secs);
+    return true;
+  }
+  double secs = 5;
+  if (DueRandom(FaultSpec::kCrash, step, &secs)) ::raise(SIGKILL);
+  if (DueRandom(FaultSpec::kHang, step, &secs)) {
+    HangProcessFor(secs);
+    return true;
+  }
+  return false;
+}
+
+bool FaultInjector::CorruptGradient(int64_t step, float* grads, size_t n) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (n == 0) return false;
+  bool fire = false;
+  std::string id;
+  for (size_t s = 0; s < specs_.size() && !fire; ++s) {
+    const FaultSpec& f = specs_[s];
+    if (f.kind != FaultSpec::kNan || f.rank != rank_ || f.step != step) continue;
+    id = "nan/" + std::to_string(s);
+    if (Claim(id)) {
+      fire = true;
+      Record(f.kind, step, id, "NaN in a gradient");
+    }
+  }
+  double secs = 0;
+  if (!fire && DueRandom(FaultSpec::kNan, step, &secs)) fire = true;
+  if (!fire) return false;
+  grads[static_cast<size_t>(MixKey(static_cast<uint64_t>(step), 77) % n)] = std::nanf("");
+  return true;
+}
+
+bool FaultInjector::FlipParamBit(int64_t step, float* params, size_t n) {
+  std::lock_guard<std::mutex> l(mu_);
+  if (n == 0) return false;
+  bool fire = false;
+  std::string id = "bitflip";
+  for (size_t s = 0; s < specs_.size() && !fire; ++s) {
+    const FaultSpec& f = specs_[s];
+    if (f.kind != FaultSpec::kBitflip || f.rank != rank_ || f.step != step) continue;
+    id = "bitflip/" + std::to_string(s);
+    if (Claim(id)) fire = true;
+  }
+  double secs = 0;
+  const bool random = !fire && DueRandom(FaultSpec::kBitflip, step, &secs);
+  if (!fire && !random) return false;
+  const uint64_t h = MixKey(static_cast<uint64_t>(step), 0xB17F11Bull + static_cast<uint64_t>(rank_));
+  const size_t idx = static_cast<size_t>(h % n);
+  const int bit = static_cast<int>((h >> 40) % 31);
+  uint32_t w;
+  std::memcpy(&w, params + idx, 4);
+  w ^= uint32_t{1} << bit;
+  std::memcpy(params + idx, &w, 4);
+  if (fire) Record(FaultSpec::kBitflip, step, id, "parameter " + std::to_string(idx) + " bit " + std::to_string(bit));
+  return true;
+}
+
+double FaultInjector::SlowFactor(int64_t step) {
+  std::lock_guard<std::mutex> l(mu_);
+  double f = 1;
+  for (size_t s = 0; s < specs_.size(); ++s) {
+    const FaultSpec& x = specs_[s];
+    if (x.kind != FaultSpec::kSlow || x.rank != rank_ || step < x.step || step >= x.step + x.steps) continue;
+    const std::string id = "slow/" + std::to_string(s);
+    if (Claim(id)) Record(x.kind, step, id, "x" + std::to_string(x.factor) + " for " + std::to_string(x.steps) + " steps");
+    f = std::max(f, x.factor);
+  }
+  return f;
+}
+
+bool FaultInjector::TruncateCheckpoint(int64_t step, bool* then_kill) {
+  std::lock_guard<std::mutex> l(mu_);
+  for (size_t s = 0; s < specs_.size(); ++s) {
+    const FaultSpec& f = specs_[s];
+    if (f.kind != FaultSpec::kTruncateCkpt || f.step != step || (f.rank >= 0 && f.rank != rank_)) continue;
+    const std::string id = "truncate-ckpt/" + std::to_string(s);
+    if (!Claim(id)) continue;
+    *then_kill = f.then_kill;
+    Record(f.kind, step, id, f.then_kill ? "then SIGKILL" : "then stall");
+    return true;
+  }
+  return false;
+}
+
+void HangProcessFor(double secs) {
+  const pid_t parent = getpid();
+  struct timespec ts;
+  ts.tv_sec = static_cast<time_t>(secs);
+  ts.tv_nsec = static_cast<long>((secs - std::floor(secs)) * 1e9);
+  pid_t helper = fork();
+  if (helper == 0) {
+    // Only async-signal-safe calls in the child of a multi-threaded process.
+    while (nanosleep(&ts, &ts) != 0) {
+    }
+    ::kill(parent, SIGCONT);
+    ::_exit(0);
+  }
+  if (helper < 0) return;
+  ::raise(SIGSTOP);
+  ::waitpid(helper, nullptr, 0);
+}
+
+}  // namespace keel

@@ -1,0 +1,102 @@
+// fault_inject.h: scheduled faults for testing fault tolerance (`keel train --inject SPEC`, or KEEL_INJECT for
+// workers started by other launchers). Off by default, and impossible to enable by accident: a spec is
+// refused unless the environment also has KEEL_ALLOW_FAULT_INJECTION=1.
+//
+// SPEC: items separated by ';', each KIND:key=value,key=value
+//   crash:rank=R,step=S               SIGKILL itself after its first micro-batch of step S
+//   hang:rank=R,step=S,secs=X         SIGSTOP itself there for X seconds (default 5; a helper SIGCONTs it)
+//   slow:rank=R,step=S,factor=F,steps=N   compute F times slower (default 3) for N steps (default 1000000)
+//   nan:rank=R,step=S                 a NaN in the gradient of its first micro-batch of step S
+//   bitflip:rank=R,step=S             flip one bit of one parameter at the start of step S
+//   truncate-ckpt:step=S,then=kill|hang   the checkpoint of step S is left half-written (a .tmp directory with a
+//                                     truncated weights file); then the writer SIGKILLs itself (default) or
+//                                     stalls (so a test can kill every worker while the write "is in flight")
+//   random:every=T,seed=N,kinds=crash+hang+nan+bitflip,secs=X,start=T0,ranks=W
+//                                     a fault every T seconds on average (uniform in [T/2, 3T/2]) from T0 seconds
+//                                     (default T) after the job's start (KEEL_INJECT_T0, set by the launcher),
+//                                     of a kind and rank (of W, default the world size) drawn from the seed
+// rank is the worker's launch rank (KEEL_RANK): a restarted worker keeps it. Each fault fires once per job
+// (claimed through the rendezvous store when there is one) and is written to events.jsonl ("inject") first.
+// Thread safety: the hooks are called from the training thread (TruncateCheckpoint from the writer thread).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+
+namespace keel {
+
+class EventLog;
+
+struct FaultSpec {
+  enum Kind { kCrash, kHang, kSlow, kNan, kBitflip, kTruncateCkpt, kRandom } kind = kCrash;
+  int rank = -1;          // -1: any (truncate-ckpt: whoever writes the checkpoint)
+  int64_t step = -1;
+  double secs = 5;        // hang
+  double factor = 3;      // slow
+  int64_t steps = 1000000;
+  bool then_kill = true;  // truncate-ckpt
+  // random
+  double every = 15, start = -1;
+  uint64_t seed = 1;
+  std::vector<Kind> kinds;
+  int ranks = 0;
+};
+
+const char* FaultKindName(FaultSpec::Kind k);
+
+// Parses SPEC (no environment check). Errors name the offending item.
+Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec);
+
+class FaultInjector {
+ public:
+  // nullptr when spec is empty. Fails when the spec is malformed or KEEL_ALLOW_FAULT_INJECTION=1 is missing.
+  // rank/world: this worker's launch rank and the launched world size.
+  static Result<std::unique_ptr<FaultInjector>> Create(const std::string& spec, int rank, int world);
+
+  // claim(id) returns true exactly once per job for each fault id (default: always true, i.e. once per process).
+  void SetClaim(std::function<bool(const std::string&)> claim) { claim_ = std::move(claim); }
+  void SetEvents(EventLog* events) { events_ = events; }
+  void SetUid(int64_t uid) { uid_ = uid; }
+
+  // Hooks. Each returns whether it injected something.
+  bool AfterMicroBatch(int64_t step);                          // crash / hang
+  bool CorruptGradient(int64_t step, float* grads, size_t n);  // nan
+  bool FlipParamBit(int64_t step, float* params, size_t n);    // bitflip
+  double SlowFactor(int64_t step);                             // slow (1 = normal)
+  // truncate-ckpt: true if the checkpoint of `step` must be left half-written; *then_kill says what follows.
+  bool TruncateCheckpoint(int64_t step, bool* then_kill);
+
+ private:
+  struct Timed {
+    double t;  // Unix time
+    FaultSpec::Kind kind;
+    int rank;
+    int index;
+  };
+  FaultInjector(std::vector<FaultSpec> specs, int rank, int world);
+  bool Claim(const std::string& id);
+  void Record(FaultSpec::Kind kind, int64_t step, const std::string& id, const std::string& detail);
+  // The next due random fault of `kind` for this rank (claimed), or false.
+  bool DueRandom(FaultSpec::Kind kind, int64_t step, double* secs);
+
+  std::vector<FaultSpec> specs_;
+  std::vector<Timed> timed_;
+  int rank_, world_;
+  int64_t uid_ = -1;
+  double random_window_ = 10;
+  std::function<bool(const std::string&)> claim_;
+  std::vector<std::string> claimed_local_;
+  EventLog* events_ = nullptr;
+  std::mutex mu_;
+};
+
+// Stops this process for `secs` seconds (SIGSTOP; a forked helper sends SIGCONT). Returns after waking.
+void HangProcessFor(double secs);
+
+}  // namespace keel

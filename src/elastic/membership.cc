@@ -1,0 +1,585 @@
+// membership.cc: heartbeats, the watchdog, the quorum loop and group forming (see membership.h).
+#include "elastic/membership.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+
+#include "dist/gloo_communicator.h"
+#include "dist/rendezvous.h"
+
+namespace keel {
+namespace {
+
+std::string Hostname() {
+  char host[256] = {0};
+  if (gethostname(host, sizeof(host) - 1) != 0) return "?";
+  return host;
+}
+
+std::string Dump(const nlohmann::json& j) { return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace); }
+
+int64_t IntOr(const nlohmann::json& j, const char* k, int64_t fallback) {
+  if (!j.is_object() || !j.contains(k) || !j[k].is_number_integer()) return fallback;
+  return j[k].get<int64_t>();
+}
+std::string StrOr(const nlohmann::json& j, const char* k, const std::string& fallback) {
+  if (!j.is_object() || !j.contains(k) || !j[k].is_string()) return fallback;
+  return j[k].get<std::string>();
+}
+
+std::string Secs(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.2fs", s);
+  return buf;
+}
+
+std::string UidList(const std::vector<int64_t>& v) {
+  std::string s;
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
+  return "[" + s + "]";
+}
+
+}  // namespace
+
+bool LocalProcessGone(int64_t pid) {
+  if (pid <= 0) return false;
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  if (!f) return true;
+  std::string line;
+  std::getline(f, line);
+  size_t close = line.rfind(')');
+  if (close == std::string::npos || close + 2 >= line.size()) return false;
+  const char state = line[close + 2];
+  return state == 'Z' || state == 'X';
+}
+
+double ElasticGroup::Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+ElasticGroup::ElasticGroup(std::shared_ptr<Store> store, std::shared_ptr<Store> hb_store, ElasticOptions o,
+                           EventLog* events, std::function<void(const std::string&)> log)
+    : store_(std::move(store)), hb_store_(std::move(hb_store)), o_(std::move(o)), events_(events),
+      log_(std::move(log)), host_(Hostname()) {}
+
+Result<std::unique_ptr<ElasticGroup>> ElasticGroup::Join(std::shared_ptr<Store> store, std::shared_ptr<Store> hb_store,
+                                                         const ElasticOptions& o, const nlohmann::json& descriptor,
+                                                         EventLog* events,
+                                                         std::function<void(const std::string&)> log) {
+  auto s = MakePrefixStore(std::move(store), "elastic");
+  auto hs = MakePrefixStore(std::move(hb_store), "elastic");
+  if (o.min_workers < 1 || o.max_workers < o.min_workers)
+    return InvalidArgument("--min-workers " + std::to_string(o.min_workers) + " / --max-workers " +
+                           std::to_string(o.max_workers) + ": expected 1 <= min <= max");
+  KEEL_ASSIGN_OR_RETURN(bool first, s->SetIfAbsent("desc", Dump(descriptor)));
+  if (!first) {
+    KEEL_ASSIGN_OR_RETURN(auto text, s->TryGet("desc"));
+    auto theirs = nlohmann::json::parse(text.value_or(""), nullptr, false);
+    if (!theirs.is_object()) return Corrupt("malformed job descriptor in " + s->Describe());
+    std::string diff = DescriptorDifference(theirs, descriptor);
+    if (!diff.empty()) return InvalidArgument("refused by the job in " + s->Describe() + ": " + diff);
+  }
+  std::unique_ptr<ElasticGroup> g(new ElasticGroup(s, hs, o, events, std::move(log)));
+  KEEL_ASSIGN_OR_RETURN(auto latest, s->TryGet("latest"));
+  g->joined_running_ = latest.has_value();
+  KEEL_ASSIGN_OR_RETURN(int64_t n, s->Increment("uids"));
+  g->uid_ = n - 1;
+  if (events) events->SetIdentity(g->uid_, o.rank);
+  KEEL_RETURN_IF_ERROR(g->WriteStatus(*s));
+  g->hb_thread_ = std::thread([p = g.get()] { p->HeartbeatLoop(); });
+  return g;
+}
+
+ElasticGroup::~ElasticGroup() {
+  bool leave = false;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    leave = state_ != "gone" && state_ != "quarantined";
+  }
+  if (leave) Leave("gone");
+  StopHeartbeats();
+}
+
+void ElasticGroup::StopHeartbeats() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (hb_thread_.joinable()) hb_thread_.join();
+}
+
+void ElasticGroup::Leave(const std::string& state) {
+  StopHeartbeats();
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    state_ = state;
+    ready_ = false;
+  }
+  (void)WriteStatus(*store_);
+}
+
+Status ElasticGroup::WriteStatus(Store& s) {
+  nlohmann::json rec;
+  int64_t uid;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    ++seq_;
+    uid = uid_.load();
+    rec = {{"seq", seq_}, {"t", EventLog::Now()}, {"pid", static_cast<int64_t>(getpid())}, {"host", host_},
+           {"rank", o_.rank}, {"gen", gen_}, {"step", step_}, {"epoch", epoch_}, {"has_state", has_state_},
+           {"state", state_}};
+    if (ready_) {
+      rec["after"] = after_;
+      rec["why"] = voluntary_ ? "reform" : "fault";
+    }
+  }
+  return s.Set("m/" + std::to_string(uid), Dump(rec));
+}
+
+void ElasticGroup::Publish() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    dirty_ = true;
+  }
+  cv_.notify_all();
+}
+
+void ElasticGroup::SetProgress(int64_t step, int64_t epoch, bool has_state) {
+  bool changed;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    changed = has_state != has_state_;
+    step_ = step;
+    epoch_ = epoch;
+    has_state_ = has_state;
+  }
+  if (changed) Publish();
+}
+
+void ElasticGroup::HeartbeatLoop() {
+  double next_beat = 0, next_scan = 0;
+  for (;;) {
+    bool write = false;
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      if (stop_) return;
+      const double now = Now();
+      if (dirty_ || now >= next_beat) {
+        dirty_ = false;
+        write = true;
+        next_beat = now + o_.t.heartbeat_s;
+      }
+    }
+    if (write) (void)WriteStatus(*hb_store_);
+    const double now = Now();
+    Watch(now);
+    if (now >= next_scan) {
+      ScanJoiners(now);
+      next_scan = now + o_.t.heartbeat_s;
+    }
+    std::unique_lock<std::mutex> l(mu_);
+    const double wake = std::min(next_beat, Now() + o_.t.watch_tick_s);
+    const auto deadline = std::chrono::steady_clock::time_point(
+        std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(wake)));
+    cv_.wait_until(l, deadline, [&] { return stop_ || dirty_; });
+  }
+}
+
+nlohmann::json ElasticGroup::Observe(Store& s, int64_t uid, double now) {
+  auto v = s.TryGet("m/" + std::to_string(uid));
+  if (!v.ok() || !v->has_value()) return nlohmann::json();
+  auto rec = nlohmann::json::parse(**v, nullptr, false);
+  if (!rec.is_object()) return nlohmann::json();
+  const int64_t seq = IntOr(rec, "seq", -1);
+  std::lock_guard<std::mutex> l(peers_mu_);
+  Peer& p = peers_[uid];
+  if (p.seq != seq) {
+    if (p.seq == -1) {
+      // First sight: trust the record's age (same clock on one machine; clamped for skewed remote clocks).
+      double age = 0;
+      if (rec.contains("t") && rec["t"].is_number()) age = std::max(0.0, EventLog::Now() - rec["t"].get<double>());
+      p.last_seen = now - age;
+    } else {
+      p.last_seen = now;
+    }
+    p.seq = seq;
+  }
+  p.rec = rec;
+  return rec;
+}
+
+PeerInfo ElasticGroup::InfoOf(int64_t uid, double now) {
+  (void)now;
+  PeerInfo info;
+  info.uid = uid;
+  std::lock_guard<std::mutex> l(peers_mu_);
+  auto it = peers_.find(uid);
+  if (it == peers_.end()) return info;
+  const auto& rec = it->second.rec;
+  info.last_seen = it->second.last_seen;
+  const std::string state = StrOr(rec, "state", "");
+  info.gone = state == "gone" || state == "quarantined" ||
+              (StrOr(rec, "host", "") == host_ && LocalProcessGone(IntOr(rec, "pid", -1)));
+  info.ready = rec.contains("after");
+  info.after = IntOr(rec, "after", -2);
+  info.has_state = rec.contains("has_state") && rec["has_state"].is_boolean() && rec["has_state"].get<bool>();
+  return info;
+}
+
+void ElasticGroup::Watch(double now) {
+  const int64_t g = watched_gen_.load();
+  if (g < 0 || gen_dead_.load()) return;
+  std::vector<int64_t> members;
+  {
+    std::lock_guard<std::mutex> l(watch_mu_);
+    members = watched_members_;
+  }
+  std::string why, how;
+  int64_t lost = -1;
+  for (int64_t u : members) {
+    if (u == uid_.load()) continue;
+    nlohmann::json rec = Observe(*hb_store_, u, now);
+    PeerInfo p = InfoOf(u, now);
+    if (rec.is_null()) continue;
+    const std::string state = StrOr(rec, "state", "");
+    if (state == "gone" || state == "quarantined") {
+      why = "member " + std::to_string(u) + " left the job (" + state + ")";
+      how = state;
+    } else if (p.gone) {
+      why = "member " + std::to_string(u) + " (pid " + std::to_string(IntOr(rec, "pid", -1)) + ") exited";
+      how = "crash";
+    } else if (p.ready && p.after >= g && StrOr(rec, "why", "") != "reform") {
+      why = "member " + std::to_string(u) + " left generation " + std::to_string(g);
+      how = "left";
+    } else if (IntOr(rec, "gen", -1) > g) {
+      why = "member " + std::to_string(u) + " is in a newer generation";
+      how = "superseded";
+    } else if (now - p.last_seen > o_.t.stale_s) {
+      why = "member " + std::to_string(u) + " silent for " + Secs(now - p.last_seen) +
+            " (hung, stopped or unreachable; --hang-timeout " + Secs(o_.t.hang_s) + ")";
+      how = "hang";
+    } else {
+      continue;
+    }
+    lost = u;
+    break;
+  }
+  if (why.empty()) {
+    auto latest = hb_store_->TryGet("latest");
+    if (latest.ok() && latest->has_value()) {
+      const int64_t l = std::atoll((*latest)->c_str());
+      if (l > g) {
+        why = "a newer generation " + std::to_string(l) + " exists without this member";
+        how = "evicted";
+      }
+    }
+  }
+  if (why.empty()) return;
+  {
+    std::lock_guard<std::mutex> l(watch_mu_);
+    if (watched_gen_.load() != g || gen_dead_.load()) return;
+    gen_dead_ = true;
+    dead_reason_ = why;
+    if (watched_comm_) watched_comm_->Abort();
+  }
+  if (how != "left" && how != "superseded") {
+    if (log_) log_("watchdog: generation " + std::to_string(g) + ": " + why + "; aborting its collectives");
+    if (events_) {
+      nlohmann::json f = {{"gen", g}, {"how", how}, {"reason", why}};
+      if (lost >= 0) f["lost_uid"] = lost;
+      events_->Emit("detect", f);
+    }
+  }
+}
+
+void ElasticGroup::ScanJoiners(double now) {
+  const int64_t g = watched_gen_.load();
+  if (g < 0) {
+    joiners_ = false;
+    return;
+  }
+  std::vector<int64_t> members;
+  {
+    std::lock_guard<std::mutex> l(watch_mu_);
+    members = watched_members_;
+  }
+  auto n = hb_store_->Counter("uids");
+  if (!n.ok()) return;
+  bool found = false;
+  for (int64_t u = 0; u < *n; ++u) {
+    if (u == uid_.load() || std::find(members.begin(), members.end(), u) != members.end()) continue;
+    {
+      std::lock_guard<std::mutex> l(peers_mu_);
+      if (std::find(dead_uids_.begin(), dead_uids_.end(), u) != dead_uids_.end()) continue;
+    }
+    nlohmann::json rec = Observe(*hb_store_, u, now);
+    if (rec.is_null()) continue;
+    PeerInfo p = InfoOf(u, now);
+    if (p.gone) {
+      std::lock_guard<std::mutex> l(peers_mu_);
+      dead_uids_.push_back(u);
+      continue;
+    }
+    if (Alive(p, now, o_.t.stale_s) && p.ready && p.after >= g) found = true;
+  }
+  joiners_ = found && static_cast<int>(members.size()) < o_.max_workers;
+}
+
+std::string ElasticGroup::dead_reason() {
+  std::lock_guard<std::mutex> l(watch_mu_);
+  return dead_reason_;
+}
+
+void ElasticGroup::Unwatch() {
+  std::lock_guard<std::mutex> l(watch_mu_);
+  watched_gen_ = -1;
+  watched_members_.clear();
+  watched_comm_ = nullptr;
+  gen_dead_ = false;
+  dead_reason_.clear();
+  joiners_ = false;
+}
+
+Result<std::vector<int64_t>> ElasticGroup::GenerationMembers(Store& s, int64_t gen) {
+  {
+    std::lock_guard<std::mutex> l(peers_mu_);
+    auto it = gen_members_cache_.find(gen);
+    if (it != gen_members_cache_.end()) return it->second;
+  }
+  KEEL_ASSIGN_OR_RETURN(auto text, s.TryGet("g/" + std::to_string(gen)));
+  if (!text) return NotFound("generation " + std::to_string(gen));
+  auto j = nlohmann::json::parse(*text, nullptr, false);
+  if (!j.is_object() || !j.contains("members") || !j["members"].is_array())
+    return Corrupt("malformed generation record g/" + std::to_string(gen) + " in " + s.Describe());
+  std::vector<int64_t> m;
+  for (const auto& x : j["members"])
+    if (x.is_number_integer()) m.push_back(x.get<int64_t>());
+  std::sort(m.begin(), m.end());
+  std::lock_guard<std::mutex> l(peers_mu_);
+  gen_members_cache_[gen] = m;
+  return m;
+}
+
+Result<std::unique_ptr<Communicator>> ElasticGroup::Form(int64_t gen, const std::vector<int64_t>& members, int index) {
+  const int size = static_cast<int>(members.size());
+  if (size == 1) return MakeLocalCommunicator();
+  struct State {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    Result<std::unique_ptr<Communicator>> result{Internal("not formed")};
+    std::atomic<bool> abort{false};
+  };
+  auto st = std::make_shared<State>();
+  GlooOptions g;
+  g.hostname = o_.host;
+  g.iface = o_.iface;
+  g.timeout_s = o_.t.op_s;
+  auto gen_store = MakePrefixStore(store_, "g/" + std::to_string(gen) + "/gloo");
+  // Gloo bounds its connect by the operation timeout (long, on purpose); forming must be quick, so it runs
+  // on a thread that is abandoned (and finishes on its own) when the deadline passes.
+  std::thread([st, gen_store, index, size, g] {
+    auto r = ConnectGlooCommunicator(gen_store, index, size, g, &st->abort);
+    std::lock_guard<std::mutex> l(st->mu);
+    st->result = std::move(r);
+    st->done = true;
+    st->cv.notify_all();
+  }).detach();
+  std::unique_lock<std::mutex> l(st->mu);
+  if (!st->cv.wait_for(l, std::chrono::duration<double>(o_.t.form_s), [&] { return st->done; })) {
+    st->abort = true;
+    return Timeout("generation " + std::to_string(gen) + " " + UidList(members) + ": not every member connected within " +
+                   Secs(o_.t.form_s));
+  }
+  return std::move(st->result);
+}
+
+Status ElasticGroup::NewIncarnation(const std::string& why) {
+  const int64_t old = uid_.load();
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    state_ = "gone";
+  }
+  (void)WriteStatus(*store_);
+  KEEL_ASSIGN_OR_RETURN(int64_t n, store_->Increment("uids"));
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    uid_ = n - 1;
+    seq_ = 0;
+    gen_ = -1;
+    state_ = "ready";
+    has_state_ = false;
+  }
+  was_member_ = false;
+  if (events_) {
+    events_->SetIdentity(n - 1, o_.rank);
+    events_->Emit("rejoin", {{"old_uid", old}, {"reason", why}});
+  }
+  if (log_) log_(why + "; rejoining as member " + std::to_string(n - 1));
+  return WriteStatus(*store_);
+}
+
+Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, bool voluntary) {
+  Unwatch();
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    after_ = std::max(after_, gen_);
+    ready_ = true;
+    voluntary_ = voluntary;
+    state_ = "ready";
+  }
+  Publish();
+  const double t_start = Now();
+  double ready_since = t_start, last_log = t_start;
+  QuorumConfig cfg;
+  cfg.min_workers = o_.min_workers;
+  cfg.max_workers = o_.max_workers;
+  cfg.stale_s = o_.t.stale_s;
+  cfg.straggle_s = o_.t.straggle_s;
+  cfg.initial_wait_s = o_.t.initial_wait_s;
+  Store& s = *store_;
+  for (;;) {
+    if (stop && stop->load()) return Aborted("stopped while waiting for a generation to form");
+    const double now = Now();
+    KEEL_ASSIGN_OR_RETURN(auto done, s.TryGet("done"));
+    if (done) {
+      Generation g;
+      g.done = true;
+      return g;
+    }
+    int64_t after;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      after = after_;
+    }
+    KEEL_ASSIGN_OR_RETURN(auto latest_text, s.TryGet("latest"));
+    const int64_t latest = latest_text ? std::atoll(latest_text->c_str()) : -1;
+    if (latest > after + 1) {
+      // Generations were formed without this member: only the newest one matters.
+      after = latest - 1;
+      std::lock_guard<std::mutex> l(mu_);
+      after_ = after;
+    }
+    QuorumView v;
+    v.my_uid = uid_.load();
+    v.after = after;
+    v.ready_since = ready_since;
+    v.expected_initial = o_.expected_initial;
+    auto next = GenerationMembers(s, after + 1);
+    if (next.ok()) {
+      v.next_exists = true;
+      v.next_members = *next;
+    } else if (next.status().code() != Code::kNotFound) {
+      return next.status();
+    }
+    if (after >= 0) {
+      auto prev = GenerationMembers(s, after);
+      if (prev.ok()) v.prev_members = *prev;
+    }
+    if (!v.next_exists) {
+      KEEL_ASSIGN_OR_RETURN(int64_t n, s.Counter("uids"));
+      for (int64_t u = 0; u < n; ++u) {
+        if (u == v.my_uid) continue;
+        {
+          std::lock_guard<std::mutex> l(peers_mu_);
+          if (std::find(dead_uids_.begin(), dead_uids_.end(), u) != dead_uids_.end()) continue;
+        }
+        if (Observe(s, u, now).is_null()) continue;
+        PeerInfo p = InfoOf(u, now);
+        if (p.gone) {
+          std::lock_guard<std::mutex> l(peers_mu_);
+          dead_uids_.push_back(u);
+        }
+        v.peers.push_back(p);
+      }
+    }
+    QuorumDecision d = Decide(now, v, cfg);
+    switch (d.kind) {
+      case QuorumDecision::kJoin: {
+        const int index = static_cast<int>(std::find(d.members.begin(), d.members.end(), v.my_uid) - d.members.begin());
+        auto comm = Form(d.gen, d.members, index);
+        if (!comm.ok()) {
+          if (log_) log_("generation " + std::to_string(d.gen) + " could not form: " + comm.status().message());
+          if (events_) events_->Emit("form_failed", {{"gen", d.gen}, {"reason", comm.status().message()}});
+          {
+            std::lock_guard<std::mutex> l(mu_);
+            after_ = d.gen;
+            voluntary_ = false;
+          }
+          Publish();
+          ready_since = Now();
+          continue;
+        }
+        {
+          std::lock_guard<std::mutex> l(mu_);
+          gen_ = d.gen;
+          after_ = d.gen - 1;
+          ready_ = false;
+          state_ = "member";
+        }
+        Publish();
+        was_member_ = true;
+        Generation g;
+        g.gen = d.gen;
+        g.members = d.members;
+        g.index = index;
+        g.comm = std::move(comm).value();
+        g.formed_s = Now() - t_start;
+        {
+          std::lock_guard<std::mutex> l(watch_mu_);
+          watched_members_ = d.members;
+          watched_comm_ = g.comm.get();
+          gen_dead_ = false;
+          dead_reason_.clear();
+          watched_gen_ = d.gen;
+        }
+        return g;
+      }
+      case QuorumDecision::kSkip: {
+        {
+          std::lock_guard<std::mutex> l(mu_);
+          after_ = d.gen;
+          voluntary_ = false;
+        }
+        if (was_member_) {
+          KEEL_RETURN_IF_ERROR(NewIncarnation("evicted: generation " + std::to_string(d.gen) + " " +
+                                              UidList(d.members) + " was formed without member " +
+                                              std::to_string(v.my_uid)));
+        }
+        Publish();
+        ready_since = Now();
+        continue;
+      }
+      case QuorumDecision::kPropose: {
+        nlohmann::json rec = {{"members", d.members}, {"by", v.my_uid}, {"t", EventLog::Now()}};
+        KEEL_ASSIGN_OR_RETURN(bool won, s.SetIfAbsent("g/" + std::to_string(d.gen), Dump(rec)));
+        if (won) {
+          KEEL_RETURN_IF_ERROR(s.Set("latest", std::to_string(d.gen)));
+          if (events_) events_->Emit("propose", {{"gen", d.gen}, {"members", d.members}, {"why", d.reason}});
+        }
+        continue;
+      }
+      case QuorumDecision::kWait:
+        if (now - last_log >= 5) {
+          if (log_) log_("waiting for a generation: " + d.reason);
+          last_log = now;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(15));
+        continue;
+    }
+  }
+}
+
+bool ElasticGroup::Claim(const std::string& id) {
+  auto r = store_->SetIfAbsent("claim/" + id, std::to_string(uid_.load()));
+  return r.ok() && *r;
+}
+
+Status ElasticGroup::MarkDone(int64_t step) { return store_->Set("done", Dump({{"step", step}})); }
+
+}  // namespace keel

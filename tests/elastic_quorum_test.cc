@@ -1,0 +1,474 @@
+// elastic_quorum_test.cc: the pure decisions of elastic training with a fake clock — quorum (who forms the next
+// generation, when), micro-batch assignment, the commit vote, the state-sync plan, timeouts, fault specs.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+
+#include "elastic/fault_inject.h"
+#include "elastic/quorum.h"
+
+namespace keel {
+namespace {
+
+PeerInfo Peer(int64_t uid, double last_seen, bool ready = false, int64_t after = -2, bool gone = false) {
+  PeerInfo p;
+  p.uid = uid;
+  p.last_seen = last_seen;
+  p.ready = ready;
+  p.after = after;
+  p.gone = gone;
+  return p;
+}
+
+QuorumConfig Config(int min_workers = 1) {
+  QuorumConfig c;
+  c.min_workers = min_workers;
+  c.stale_s = 1.5;
+  c.straggle_s = 60;
+  c.initial_wait_s = 30;
+  return c;
+}
+
+TEST(Quorum, FirstGenerationWaitsForTheLaunchedWorkersThenTheLowestProposes) {
+  QuorumView v;
+  v.my_uid = 0;
+  v.after = -1;
+  v.ready_since = 100;
+  v.expected_initial = 3;
+  v.peers = {Peer(0, 100, true, -1), Peer(1, 100, true, -1)};
+  auto d = Decide(100.5, v, Config());
+  EXPECT_EQ(d.kind, QuorumDecision::kWait) << d.reason;
+  EXPECT_NE(d.reason.find("2 of 3"), std::string::npos) << d.reason;
+  v.peers.push_back(Peer(2, 100.4, true, -1));
+  d = Decide(100.5, v, Config());
+  ASSERT_EQ(d.kind, QuorumDecision::kPropose) << d.reason;
+  EXPECT_EQ(d.gen, 0);
+  EXPECT_EQ(d.members, (std::vector<int64_t>{0, 1, 2}));
+  // The others wait for the leader.
+  v.my_uid = 2;
+  d = Decide(100.5, v, Config());
+  EXPECT_EQ(d.kind, QuorumDecision::kWait);
+  EXPECT_NE(d.reason.find("leader (member 0)"), std::string::npos) << d.reason;
+}
+
+TEST(Quorum, FirstGenerationStartsWithoutAMissingWorkerAfterTheInitialWait) {
+  QuorumView v;
+  v.my_uid = 0;
+  v.after = -1;
+  v.ready_since = 100;
+  v.expected_initial = 3;
+  v.peers = {Peer(0, 100, true, -1), Peer(1, 100, true, -1)};
+  v.peers = {Peer(0, 129.9, true, -1), Peer(1, 129.9, true, -1)};  // heartbeating while they wait
+  EXPECT_EQ(Decide(129.9, v, Config()).kind, QuorumDecision::kWait);
+  auto d = Decide(130.1, v, Config());
+  ASSERT_EQ(d.kind, QuorumDecision::kPropose);
+  EXPECT_EQ(d.members, (std::vector<int64_t>{0, 1}));
+}
+
+TEST(Quorum, AnExistingProposalIsJoinedOrSkipped) {
+  QuorumView v;
+  v.my_uid = 4;
+  v.after = 2;
+  v.next_exists = true;
+  v.next_members = {1, 4};
+  auto d = Decide(0, v, Config());
+  EXPECT_EQ(d.kind, QuorumDecision::kJoin);
+  EXPECT_EQ(d.gen, 3);
+  v.next_members = {1, 2};
+  d = Decide(0, v, Config());
+  EXPECT_EQ(d.kind, QuorumDecision::kSkip);
+  EXPECT_EQ(d.gen, 3);
+}
+
+// Generation 5 = {0,1,2}; member 1 crashed. Its heartbeat is still fresh for a while: the leader waits for it
+// (it might just be busy) unless it is known gone, then proposes without it as soon as it goes stale.
+TEST(Quorum, SurvivorsReformWithoutAStaleMember) {
+  QuorumView v;
+  v.my_uid = 0;
+  v.after = 5;
+  v.ready_since = 10;
+  v.prev_members = {0, 1, 2};
+  v.peers = {Peer(0, 10, true, 5), Peer(1, 9.9), Peer(2, 10, true, 5)};
+  auto d = Decide(10.2, v, Config());
+  EXPECT_EQ(d.kind, QuorumDecision::kWait) << d.reason;
+  EXPECT_NE(d.reason.find("member(s) [1]"), std::string::npos) << d.reason;
+  // 1.5 s after its last heartbeat it is dead.
+  d = Decide(11.41, v, Config());
+  ASSERT_EQ(d.kind, QuorumDecision::kPropose) << d.reason;
+  EXPECT_EQ(d.gen, 6);
+  EXPECT_EQ(d.members, (std::vector<int64_t>{0, 2}));
+  // A process known to be gone (same host /proc, or its status) is not waited for at all.
+  v.peers[1].gone = true;
+  d = Decide(10.2, v, Config());
+  ASSERT_EQ(d.kind, QuorumDecision::kPropose) << d.reason;
+  EXPECT_EQ(d.members, (std::vector<int64_t>{0, 2}));
+}
+
+TEST(Quorum, StaleBoundaryWithAFakeClock) {
+  PeerInfo p = Peer(3, 50.0);
+  EXPECT_TRUE(Alive(p, 51.5, 1.5));
+  EXPECT_FALSE(Alive(p, 51.5001, 1.5));
+  p.gone = true;
+  EXPECT_FALSE(Alive(p, 50.0, 1.5));
+}
+
+// A live member of the failed generation that never arrives (stuck outside a collective) is left out after
+// straggle_s.
+TEST(Quorum, ALiveButAbsentMemberIsLeftOutAfterTheStraggleWindow) {
+  QuorumView v;
+  v.my_uid = 0;
+  v.after = 1;
+  v.ready_since = 0;
+  v.prev_members = {0, 1};
+  auto c = Config();
+  for (double t : {1.0, 30.0, 59.0}) {
+    v.peers = {Peer(0, t, true, 1), Peer(1, t)};  // 1 keeps heartbeating
+    EXPECT_EQ(Decide(t, v, c).kind, QuorumDecision::kWait) << t;
+  }
+  v.peers = {Peer(0, 60.5, true, 1), Peer(1, 60.5)};
+  auto d = Decide(60.5, v, c);
+  ASSERT_EQ(d.kind, QuorumDecision::kPropose);
+  EXPECT_EQ(d.members, (std::vector<int64_t>{0}));
+}
+
+// A joiner ready after a running, healthy generation never proposes over it: it waits to be admitted.
+TEST(Quorum, AJoinerNeverProposesOverAHealthyGeneration) {
+  QuorumView v;
+  v.my_uid = 7;
+  v.after = 3;
+  v.ready_since = 0;
+  v.prev_members = {0, 2};
+  for (double t : {0.1, 59.0, 600.0}) {
+    v.peers = {Peer(0, t), Peer(2, t), Peer(7, t, true, 3)};
+    auto d = Decide(t, v, Config());
+    EXPECT_EQ(d.kind, QuorumDecision::kWait) << t;
+    EXPECT_NE(d.reason.find("is running"), std::string::npos) << d.reason;
+  }
+  // Once the members come to the quorum (a step boundary), the joiner is included.
+  v.my_uid = 0;
+  v.peers = {Peer(0, 601, true, 3), Peer(2, 601, true, 3), Peer(7, 601, true, 3)};
+  auto d = Decide(601, v, Config());
+  ASSERT_EQ(d.kind, QuorumDecision::kPropose);
+  EXPECT_EQ(d.members, (std::vector<int64_t>{0, 2, 7}));
+  // If the whole generation died, the joiners carry on by themselves.
+  v.my_uid = 7;
+  v.peers = {Peer(0, 500), Peer(2, 500), Peer(7, 601, true, 3)};
+  d = Decide(601, v, Config());
+  ASSERT_EQ(d.kind, QuorumDecision::kPropose);
+  EXPECT_EQ(d.members, (std::vector<int64_t>{7}));
+}
+
+TEST(Quorum, BelowMinWorkersTheJobWaitsInsteadOfFailing) {
+  QuorumView v;
+  v.my_uid = 0;
+  v.after = 4;
+  v.prev_members = {0, 1, 2};
+  v.peers = {Peer(0, 0, true, 4), Peer(1, -10), Peer(2, -10)};
+  for (double t : {0.0, 100.0, 10000.0}) {
+    v.peers[0].last_seen = t;
+    auto d = Decide(t, v, Config(2));
+    EXPECT_EQ(d.kind, QuorumDecision::kWait);
+    EXPECT_NE(d.reason.find("below quorum: 1 of --min-workers 2"), std::string::npos) << d.reason;
+  }
+  v.peers.push_back(Peer(9, 10000, true, 4));  // a replacement arrives
+  auto d = Decide(10000, v, Config(2));
+  ASSERT_EQ(d.kind, QuorumDecision::kPropose);
+  EXPECT_EQ(d.members, (std::vector<int64_t>{0, 9}));
+}
+
+TEST(Quorum, MaxWorkersKeepsPreviousMembersFirst) {
+  QuorumView v;
+  v.my_uid = 1;
+  v.after = 2;
+  v.prev_members = {1, 5};
+  v.peers = {Peer(1, 0, true, 2), Peer(3, 0, true, 2), Peer(4, 0, true, 2), Peer(5, 0, true, 2)};
+  auto c = Config();
+  c.max_workers = 3;
+  auto d = Decide(0, v, c);
+  ASSERT_EQ(d.kind, QuorumDecision::kPropose);
+  EXPECT_EQ(d.members, (std::vector<int64_t>{1, 3, 5}));
+}
+
+// ---- assignment ----
+
+TEST(Assign, CoversEveryMissingMicroBatchOnceAndKeepsHoldings) {
+  const int M = 8;
+  std::vector<MicroSet> held(3);
+  held[0].Set(0), held[0].Set(3);
+  held[2].Set(5);
+  auto a = AssignMicroBatches(M, held, {1, 1, 1}, {});
+  MicroSet all;
+  int total = 0;
+  for (int k = 0; k < 3; ++k) {
+    EXPECT_FALSE(a[static_cast<size_t>(k)].Intersects(held[static_cast<size_t>(k)]));
+    for (const auto& h : held) EXPECT_FALSE(a[static_cast<size_t>(k)].Intersects(h));
+    EXPECT_FALSE(all.Intersects(a[static_cast<size_t>(k)]));
+    all |= a[static_cast<size_t>(k)];
+    total += a[static_cast<size_t>(k)].Count();
+  }
+  for (const auto& h : held) all |= h;
+  EXPECT_TRUE(all == MicroSet::All(M));
+  EXPECT_EQ(total, 5);
+  // Loads end up balanced (targets 3, 3, 2 -> holdings count).
+  EXPECT_EQ(a[0].Count() + held[0].Count(), 3);
+  EXPECT_EQ(a[1].Count() + held[1].Count(), 3);
+  EXPECT_EQ(a[2].Count() + held[2].Count(), 2);
+}
+
+TEST(Assign, SlowerMembersGetFewerAndAvoidanceIsHonoured) {
+  auto a = AssignMicroBatches(12, std::vector<MicroSet>(3), {1, 1, 0.5}, {});
+  EXPECT_EQ(a[0].Count(), 5);
+  EXPECT_EQ(a[1].Count(), 5);
+  EXPECT_EQ(a[2].Count(), 2);
+  std::vector<MicroSet> avoid(2);
+  avoid[0].Set(0);
+  auto b = AssignMicroBatches(2, std::vector<MicroSet>(2), {1, 1}, avoid);
+  EXPECT_TRUE(b[1].Has(0));
+  // When everyone avoids it, it still gets computed.
+  avoid[1].Set(0);
+  auto c = AssignMicroBatches(2, std::vector<MicroSet>(2), {1, 1}, avoid);
+  EXPECT_TRUE(c[0].Has(0) || c[1].Has(0));
+}
+
+// ---- the vote ----
+
+std::vector<VoteRecord> Votes(int n, int M) {
+  std::vector<VoteRecord> v(static_cast<size_t>(n));
+  for (int k = 0; k < n; ++k) {
+    v[static_cast<size_t>(k)].uid = 10 + k;
+    v[static_cast<size_t>(k)].gen = 3;
+    v[static_cast<size_t>(k)].step = 42;
+    v[static_cast<size_t>(k)].params_hash = 0xABC;
+  }
+  for (int i = 0; i < M; ++i) {
+    v[static_cast<size_t>(i % n)].held.Set(i);
+    v[static_cast<size_t>(i % n)].loss[i] = 1.0 + i;
+  }
+  return v;
+}
+
+TEST(Vote, CommitsWhenEverythingAgreesAndTheLossIsExact) {
+  VoteConfig c;
+  c.M = 4;
+  StrikeBook strikes;
+  std::vector<std::pair<int, int64_t>> bad;
+  auto o = DecideCommit(Votes(3, 4), c, &strikes, &bad);
+  EXPECT_TRUE(o.commit) << o.reason;
+  EXPECT_DOUBLE_EQ(o.loss, (1 + 2 + 3 + 4) / 4.0);
+}
+
+TEST(Vote, NonFiniteAbortsBlamesTheMemberThenQuarantinesOnRepeat) {
+  VoteConfig c;
+  c.M = 4;
+  StrikeBook strikes;
+  std::vector<std::pair<int, int64_t>> bad;
+  auto v = Votes(3, 4);
+  v[1].held.Clear(1);
+  v[1].bad.Set(1);
+  auto o = DecideCommit(v, c, &strikes, &bad);
+  EXPECT_FALSE(o.commit);
+  EXPECT_EQ(o.clear_holdings, std::vector<int>{1});
+  ASSERT_EQ(o.avoid.size(), 1u);
+  EXPECT_EQ(o.avoid[0], std::make_pair(1, 1));
+  EXPECT_TRUE(o.quarantine.empty());
+  EXPECT_NE(o.reason.find("member 11: non-finite"), std::string::npos) << o.reason;
+  // The redo on member 2 is fine: commit.
+  auto w = Votes(3, 4);
+  w[2].held.Set(1);
+  w[1].held.Clear(1);
+  EXPECT_TRUE(DecideCommit(w, c, &strikes, &bad).commit);
+  bad.clear();
+  // Member 11 again, 10 steps later: quarantined.
+  for (auto& r : v) r.step = 52;
+  o = DecideCommit(v, c, &strikes, &bad);
+  EXPECT_EQ(o.quarantine, std::vector<int>{1});
+}
+
+TEST(Vote, TheSameMicroBatchNonFiniteOnTwoMembersIsTheData) {
+  VoteConfig c;
+  c.M = 4;
+  StrikeBook strikes;
+  std::vector<std::pair<int, int64_t>> bad;
+  auto v = Votes(3, 4);
+  v[1].held.Clear(1), v[1].bad.Set(1);
+  EXPECT_FALSE(DecideCommit(v, c, &strikes, &bad).commit);
+  auto w = Votes(3, 4);
+  w[1].held.Clear(1);
+  w[2].bad.Set(1);
+  auto o = DecideCommit(w, c, &strikes, &bad);
+  EXPECT_TRUE(o.commit);
+  EXPECT_TRUE(o.data_fault);
+  EXPECT_TRUE(o.skip_update);
+  EXPECT_EQ(strikes.Count(11, 42, 100), 0);  // the first blame was taken back
+}
+
+TEST(Vote, AMinorityReplicaIsRepairedFromTheMajority) {
+  VoteConfig c;
+  c.M = 3;
+  StrikeBook strikes;
+  std::vector<std::pair<int, int64_t>> bad;
+  auto v = Votes(3, 3);
+  v[2].params_hash = 0xBAD;
+  auto o = DecideCommit(v, c, &strikes, &bad);
+  EXPECT_FALSE(o.commit);
+  EXPECT_EQ(o.repair, std::vector<int>{2});
+  EXPECT_EQ(o.source, 0);
+  EXPECT_EQ(o.clear_holdings, std::vector<int>{2});
+  EXPECT_FALSE(o.rollback);
+  // Whole-state hashes on a check step: same treatment.
+  auto w = Votes(3, 3);
+  for (auto& r : w) r.state_hash = 7;
+  w[0].state_hash = 8;
+  o = DecideCommit(w, c, &strikes, &bad);
+  EXPECT_EQ(o.repair, std::vector<int>{0});
+  EXPECT_EQ(o.source, 1);
+}
+
+TEST(Vote, TwoReplicasThatDisagreeRollBack) {
+  VoteConfig c;
+  c.M = 2;
+  StrikeBook strikes;
+  std::vector<std::pair<int, int64_t>> bad;
+  auto v = Votes(2, 2);
+  v[1].params_hash = 0xBAD;
+  auto o = DecideCommit(v, c, &strikes, &bad);
+  EXPECT_FALSE(o.commit);
+  EXPECT_TRUE(o.rollback);
+  EXPECT_TRUE(o.repair.empty());
+}
+
+TEST(Vote, DisagreementOnTheStepResyncsAndGapsAreRecomputed) {
+  VoteConfig c;
+  c.M = 4;
+  StrikeBook strikes;
+  std::vector<std::pair<int, int64_t>> bad;
+  auto v = Votes(2, 4);
+  v[1].step = 43;
+  EXPECT_TRUE(DecideCommit(v, c, &strikes, &bad).resync);
+  auto w = Votes(2, 4);
+  w[0].held.Clear(2);  // nobody holds micro-batch 2
+  auto o = DecideCommit(w, c, &strikes, &bad);
+  EXPECT_FALSE(o.commit);
+  EXPECT_EQ(o.clear_holdings.size(), 2u);
+}
+
+TEST(Vote, CrossCheckedGradientsMustMatch) {
+  VoteConfig c;
+  c.M = 2;
+  StrikeBook strikes;
+  std::vector<std::pair<int, int64_t>> bad;
+  auto v = Votes(3, 2);
+  for (int k = 0; k < 3; ++k) {
+    v[static_cast<size_t>(k)].n_verify = 1;
+    v[static_cast<size_t>(k)].verify_micro[0] = 1;
+    v[static_cast<size_t>(k)].verify_hash[0] = 99;
+  }
+  EXPECT_TRUE(DecideCommit(v, c, &strikes, &bad).commit);
+  v[2].verify_hash[0] = 98;
+  auto o = DecideCommit(v, c, &strikes, &bad);
+  EXPECT_FALSE(o.commit);
+  EXPECT_EQ(o.clear_holdings, std::vector<int>{2});
+}
+
+TEST(Vote, StopAndJoinerFlagsAreOredAcrossMembers) {
+  VoteConfig c;
+  c.M = 2;
+  StrikeBook strikes;
+  std::vector<std::pair<int, int64_t>> bad;
+  auto v = Votes(2, 2);
+  v[1].flags = kFlagStop | kFlagJoiners;
+  auto o = DecideCommit(v, c, &strikes, &bad);
+  EXPECT_TRUE(o.commit);
+  EXPECT_TRUE(o.stop);
+  EXPECT_TRUE(o.joiners);
+}
+
+// ---- state sync ----
+
+TEST(Sync, TheNewestStateWinsAndStaleOrEmptyMembersReceiveIt) {
+  std::vector<SyncRecord> r(4);
+  for (int k = 0; k < 4; ++k) {
+    r[static_cast<size_t>(k)].uid = k;
+    r[static_cast<size_t>(k)].has_state = 1;
+    r[static_cast<size_t>(k)].step = 10;
+    r[static_cast<size_t>(k)].state_hash = 5;
+    r[static_cast<size_t>(k)].held_step = 10;
+    r[static_cast<size_t>(k)].held_epoch = 0;
+  }
+  r[0].held.Set(0);
+  r[1].step = 11;  // committed the step the others missed
+  r[1].state_hash = 6;
+  r[3].has_state = 0;  // a joiner
+  auto p = PlanSync(r);
+  EXPECT_EQ(p.source, 1);
+  EXPECT_EQ(p.step, 11);
+  EXPECT_EQ(p.receivers, (std::vector<int>{0, 2, 3}));
+  EXPECT_TRUE(p.held[0].Empty());  // its holdings were for step 10
+  // Everyone agrees: nobody receives; holdings are kept.
+  r[1].step = 10, r[1].state_hash = 5, r[3].has_state = 1;
+  p = PlanSync(r);
+  EXPECT_TRUE(p.receivers.empty());
+  EXPECT_TRUE(p.held[0].Has(0));
+  // A later epoch (a rollback) outranks a later step; the majority hash wins among equals.
+  r[2].epoch = 1, r[2].step = 3, r[2].state_hash = 1;
+  p = PlanSync(r);
+  EXPECT_EQ(p.source, 2);
+  r[2].epoch = 0, r[2].step = 10, r[2].state_hash = 5;
+  r[0].state_hash = 9;
+  p = PlanSync(r);
+  EXPECT_NE(p.source, 0);
+  EXPECT_EQ(p.state_hash, 5u);
+  EXPECT_EQ(p.receivers, std::vector<int>{0});
+  // Nobody has state: load from disk.
+  for (auto& x : r) x.has_state = 0;
+  EXPECT_EQ(PlanSync(r).source, -1);
+}
+
+// ---- timeouts and fault specs ----
+
+TEST(Timeouts, EverythingDerivesFromTheHangTimeout) {
+  auto t = ElasticTimeouts::From(2, 60);
+  EXPECT_DOUBLE_EQ(t.heartbeat_s, 0.2);
+  EXPECT_DOUBLE_EQ(t.stale_s, 1.5);
+  EXPECT_DOUBLE_EQ(t.watch_tick_s, 0.05);
+  EXPECT_DOUBLE_EQ(t.form_s, 2);
+  EXPECT_DOUBLE_EQ(t.op_s, 60);
+  EXPECT_LE(t.stale_s + 2 * t.watch_tick_s, 2.0);  // hang detected within the knob
+  auto u = ElasticTimeouts::From(8, 60);
+  EXPECT_DOUBLE_EQ(u.watch_tick_s, 0.05);
+  EXPECT_DOUBLE_EQ(u.op_s, 240);
+}
+
+TEST(FaultSpec, ParsesAndRejects) {
+  auto s = ParseFaultSpec("crash:rank=1,step=5; hang:rank=2,step=8,secs=3;random:every=15,seed=7,kinds=nan+bitflip");
+  ASSERT_TRUE(s.ok()) << s.status().message();
+  ASSERT_EQ(s->size(), 3u);
+  EXPECT_EQ((*s)[0].kind, FaultSpec::kCrash);
+  EXPECT_EQ((*s)[1].secs, 3);
+  EXPECT_EQ((*s)[2].kinds.size(), 2u);
+  EXPECT_FALSE(ParseFaultSpec("explode:rank=1,step=2").ok());
+  EXPECT_FALSE(ParseFaultSpec("crash:step=2").ok());
+  EXPECT_FALSE(ParseFaultSpec("crash:rank=1,step=x").ok());
+  EXPECT_FALSE(ParseFaultSpec("random:kinds=crash+slow").ok());
+}
+
+TEST(FaultSpec, InjectionNeedsTheEnvironmentSwitch) {
+  unsetenv("KEEL_ALLOW_FAULT_INJECTION");
+  auto a = FaultInjector::Create("crash:rank=0,step=1", 0, 1);
+  ASSERT_FALSE(a.ok());
+  EXPECT_NE(a.status().message().find("KEEL_ALLOW_FAULT_INJECTION=1"), std::string::npos);
+  auto none = FaultInjector::Create("", 0, 1);
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(none->get(), nullptr);
+  setenv("KEEL_ALLOW_FAULT_INJECTION", "1", 1);
+  auto b = FaultInjector::Create("nan:rank=0,step=1", 0, 1);
+  ASSERT_TRUE(b.ok());
+  float g[4] = {1, 2, 3, 4};
+  EXPECT_FALSE((*b)->CorruptGradient(0, g, 4));
+  EXPECT_TRUE((*b)->CorruptGradient(1, g, 4));
+  EXPECT_FALSE((*b)->CorruptGradient(1, g, 4));  // once
+  unsetenv("KEEL_ALLOW_FAULT_INJECTION");
+}
+
+}  // namespace
+}  // namespace keel

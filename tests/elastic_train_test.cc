@@ -1,0 +1,322 @@
+// elastic_train_test.cc: fault-tolerant training through the keel binary with real processes — SIGKILL and
+// SIGSTOP of workers mid-run, NaN and bit-flip injection, quarantine, a worker joining through the same
+// rendezvous (and a late "machine" on Redis) with live state transfer, the quorum floor, and kill -9 of every
+// worker during a checkpoint write followed by --resume. Every run must end with weights bit-identical to a
+// failure-free one-process run (docs/step-protocol.md).
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <chrono>
+#include <filesystem>
+#include <regex>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "dist_test_util.h"
+
+namespace keel::testing {
+namespace {
+
+double WallNow() {
+  return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+std::vector<std::string> Split(const std::string& s) {
+  std::vector<std::string> out;
+  std::string cur;
+  for (char c : s) {
+    if (c == ' ') {
+      if (!cur.empty()) out.push_back(cur);
+      cur.clear();
+    } else {
+      cur += c;
+    }
+  }
+  if (!cur.empty()) out.push_back(cur);
+  return out;
+}
+
+int MetricsLines(const std::string& run) {
+  std::string m = ReadFileText(run + "/metrics.jsonl");
+  return static_cast<int>(std::count(m.begin(), m.end(), '\n'));
+}
+
+std::vector<nlohmann::json> Events(const std::string& run) {
+  std::vector<nlohmann::json> out;
+  std::string text = ReadFileText(run + "/events.jsonl");
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t nl = text.find('\n', pos);
+    if (nl == std::string::npos) nl = text.size();
+    auto j = nlohmann::json::parse(text.substr(pos, nl - pos), nullptr, false);
+    if (j.is_object()) out.push_back(j);
+    pos = nl + 1;
+  }
+  return out;
+}
+
+int CountEvents(const std::vector<nlohmann::json>& ev, const std::string& name) {
+  int n = 0;
+  for (const auto& e : ev) n += e.value("event", "") == name;
+  return n;
+}
+
+// pid of launch rank r from the launcher's "started" line (or a later "restarting it (..., pid N)").
+pid_t PidOf(const std::string& log, int rank) {
+  std::smatch m;
+  if (std::regex_search(log, m, std::regex("rank " + std::to_string(rank) + " pid (\\d+)"))) return std::stoi(m[1]);
+  return -1;
+}
+
+// "final state: step N, hash H" lines of every member that finished.
+std::set<std::string> FinalHashes(const std::string& log) {
+  std::set<std::string> out;
+  std::regex re(R"(final state: step \d+, hash ([0-9a-f]+))");
+  for (auto it = std::sregex_iterator(log.begin(), log.end(), re); it != std::sregex_iterator(); ++it)
+    out.insert((*it)[1]);
+  return out;
+}
+
+constexpr int kSteps = 200;
+
+class ElasticTrain : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new TempDir();
+    std::string text;
+    const char* words[] = {"alpha", "beta", "gamma", "delta", "keel", "ship", "sea", "wind", "sail", "north"};
+    uint64_t x = 4242;
+    for (int line = 0; line < 600; ++line) {
+      for (int w = 0; w < 10; ++w) {
+        x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+        text += words[(x >> 33) % 10];
+        text += w == 9 ? "\n" : " ";
+      }
+    }
+    WriteText(*dir_ / "corpus.txt", text);
+    auto r = RunKeel("prepare --input " + (*dir_ / "corpus.txt") + " --out " + Data() + " --tokenizer byte");
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    auto s = RunKeel(Args(Straight()));
+    ASSERT_EQ(s.exit_code, 0) << s.output;
+  }
+  static void TearDownTestSuite() { delete dir_; }
+  static std::string Data() { return *dir_ / "data"; }
+  static std::string Straight() { return *dir_ / "straight"; }
+  static std::string Args(const std::string& out, int steps = kSteps) {
+    return "train --data " + Data() + " --out " + out + " --layers 2 --heads 2 --dim 32 --ctx 32 --batch 2 " +
+           "--grad-accum 6 --steps " + std::to_string(steps) + " --threads 1 --no-progress --checkpoint-every 50 " +
+           "--eval-every 100";
+  }
+  static void ExpectSameAsStraight(const std::string& run, int step = kSteps) {
+    char name[32];
+    std::snprintf(name, sizeof(name), "/ckpt-%08d/", step);
+    for (const char* f : {"model.safetensors", "optim.safetensors"}) {
+      std::string a = ReadFileText(Straight() + name + f), b = ReadFileText(run + name + f);
+      ASSERT_FALSE(a.empty());
+      ASSERT_FALSE(b.empty()) << run << name << f << " missing";
+      EXPECT_TRUE(a == b) << run << name << f << " differs from the failure-free one-process run";
+    }
+  }
+  static TempDir* dir_;
+};
+TempDir* ElasticTrain::dir_ = nullptr;
+
+std::vector<std::string> InjectEnv() { return {"KEEL_ALLOW_FAULT_INJECTION=1"}; }
+
+// SIGKILL of a worker mid-run: the survivors re-form without it and redo the step (no restart, no reload);
+// the launcher restarts it and it rejoins with the state from a peer; the weights end bit-identical.
+TEST_F(ElasticTrain, SigkillOfAWorkerMidRunIsSurvivedBitIdentically) {
+  TempDir t;
+  const std::string out = t / "run";
+  Background job(Split(Args(out) + " --nproc 3 --max-restarts 2"), t / "log");
+  ASSERT_TRUE(WaitUntil([&] { return MetricsLines(out) >= 40; }, 120)) << job.Output();
+  const std::string log0 = job.Output();
+  const pid_t victim = PidOf(log0, 1), s0 = PidOf(log0, 0), s2 = PidOf(log0, 2);
+  ASSERT_GT(victim, 0) << log0;
+  const double t_kill = WallNow();
+  ASSERT_EQ(kill(victim, SIGKILL), 0);
+  const int code = job.Wait(180);
+  ASSERT_EQ(code, 0) << job.Output();
+  const std::string log = job.Output();
+  ExpectSameAsStraight(out);
+  EXPECT_NE(log.find("worker rank 1 (pid " + std::to_string(victim) + ") was killed by signal 9 (SIGKILL); restarting"),
+            std::string::npos) << log;
+  EXPECT_EQ(log.find("restarting it", log.find("restarting it") + 1), std::string::npos) << "only one restart: " << log;
+  // Survivors were never restarted: their pids finished the job.
+  auto ev = Events(out);
+  std::set<int64_t> exited_ok;
+  for (const auto& e : ev)
+    if (e.value("event", "") == "worker_exit" && e.value("status", -1) == 0) exited_ok.insert(e.value("pid", 0));
+  EXPECT_TRUE(exited_ok.count(s0) && exited_ok.count(s2)) << log;
+  EXPECT_NE(log.find("received the training state"), std::string::npos) << "the restarted worker rejoined: " << log;
+  // Crash -> next committed step.
+  double recovered = -1;
+  for (const auto& e : ev)
+    if (e.value("event", "") == "commit" && e.value("t", 0.0) > t_kill && e.value("recovered", false)) {
+      recovered = e.value("t", 0.0) - t_kill;
+      break;
+    }
+  ASSERT_GT(recovered, 0) << "no recovered commit after the kill";
+  std::printf("crash -> next committed step: %.3f s\n", recovered);
+  EXPECT_LT(recovered, 5.0);
+  const auto hashes = FinalHashes(log);
+  EXPECT_EQ(hashes.size(), 1u) << "every member ends with the same state: " << log;
+}
+
+// SIGSTOP of a worker: its heartbeats stop; the watchdog detects it within --hang-timeout (2 s), aborts the
+// collective the others wait in, and they re-form without it. When it wakes up it finds itself evicted and
+// rejoins as a new member, receiving the current state; the weights end bit-identical.
+TEST_F(ElasticTrain, SigstopOfAWorkerIsDetectedEvictedAndItRejoinsOnWaking) {
+  TempDir t;
+  const std::string out = t / "run";
+  Background job(Split(Args(out) + " --nproc 3 --elastic"), t / "log");
+  ASSERT_TRUE(WaitUntil([&] { return MetricsLines(out) >= 40; }, 120)) << job.Output();
+  const pid_t victim = PidOf(job.Output(), 2);
+  ASSERT_GT(victim, 0);
+  const double t_stop = WallNow();
+  ASSERT_EQ(kill(victim, SIGSTOP), 0);
+  std::this_thread::sleep_for(std::chrono::seconds(4));
+  ASSERT_EQ(kill(victim, SIGCONT), 0);
+  const int code = job.Wait(180);
+  ASSERT_EQ(code, 0) << job.Output();
+  const std::string log = job.Output();
+  ExpectSameAsStraight(out);
+  double detected = -1;
+  for (const auto& e : Events(out))
+    if (e.value("event", "") == "detect" && e.value("how", "") == "hang" && e.value("t", 0.0) > t_stop) {
+      detected = e.value("t", 0.0) - t_stop;
+      break;
+    }
+  ASSERT_GT(detected, 0) << log;
+  std::printf("hang detected after %.3f s\n", detected);
+  EXPECT_LT(detected, 2.0 + 0.5) << "--hang-timeout 2 (0.5 s slack for a loaded machine)";
+  EXPECT_NE(log.find("[rank 2] evicted: generation"), std::string::npos) << log;
+  EXPECT_NE(log.find("rejoining as member"), std::string::npos) << log;
+  EXPECT_NE(log.find("[rank 2] received the training state"), std::string::npos) << log;
+  EXPECT_EQ(FinalHashes(log).size(), 1u) << log;
+}
+
+// NaN in a gradient: the vote fails, the step is redone elsewhere and leaves no trace; a flipped parameter bit is
+// found by the per-step parameter hash and repaired from the majority.
+TEST_F(ElasticTrain, NanAndBitflipAreCaughtRepairedAndLeaveNoTrace) {
+  TempDir t;
+  const std::string out = t / "run";
+  Background job(Split(Args(out) + " --nproc 3 --elastic --inject nan:rank=1,step=20;bitflip:rank=2,step=60"),
+                 t / "log", InjectEnv());
+  const int code = job.Wait(180);
+  ASSERT_EQ(code, 0) << job.Output();
+  const std::string log = job.Output();
+  ExpectSameAsStraight(out);
+  auto ev = Events(out);
+  EXPECT_EQ(CountEvents(ev, "inject"), 2) << log;
+  EXPECT_GE(CountEvents(ev, "nan"), 1) << log;
+  EXPECT_GE(CountEvents(ev, "sdc"), 1) << log;
+  EXPECT_NE(log.find("non-finite loss or gradient in micro-batch"), std::string::npos) << log;
+  EXPECT_NE(log.find("(silent data corruption): repairing it from member"), std::string::npos) << log;
+  EXPECT_NE(log.find("[rank 2] received the training state (step 60)"), std::string::npos) << log;
+  EXPECT_EQ(FinalHashes(log).size(), 1u) << log;
+}
+
+// The same worker producing non-finite values twice is quarantined (exit status 3, never restarted); the others
+// finish without it.
+TEST_F(ElasticTrain, RepeatedNanQuarantinesTheWorker) {
+  TempDir t;
+  const std::string out = t / "run";
+  Background job(
+      Split(Args(out) + " --nproc 3 --max-restarts 2 --inject nan:rank=0,step=15;nan:rank=0,step=25"),
+      t / "log", InjectEnv());
+  const int code = job.Wait(180);
+  ASSERT_EQ(code, 0) << job.Output();
+  const std::string log = job.Output();
+  ExpectSameAsStraight(out);
+  EXPECT_NE(log.find("[rank 0] this worker is quarantined after repeated faults"), std::string::npos) << log;
+  EXPECT_NE(log.find("worker rank 0"), std::string::npos) << log;
+  EXPECT_NE(log.find("quarantined after repeated faults; not restarted"), std::string::npos) << log;
+  EXPECT_GE(CountEvents(Events(out), "quarantine"), 1);
+}
+
+// Below --min-workers the job waits (it does not fail); a worker started by hand joins through the same
+// rendezvous, receives the state, and the job finishes bit-identically with the joiner's state equal to the
+// others'.
+TEST_F(ElasticTrain, BelowQuorumTheJobWaitsUntilAWorkerJoinsThroughTheRendezvous) {
+  TempDir t;
+  const std::string out = t / "run", rdzv = "file://" + (t / "rdzv");
+  Background job(Split(Args(out) + " --nproc 2 --min-workers 2 --rdzv " + rdzv), t / "log");
+  ASSERT_TRUE(WaitUntil([&] { return MetricsLines(out) >= 30; }, 120)) << job.Output();
+  const pid_t victim = PidOf(job.Output(), 1);
+  ASSERT_EQ(kill(victim, SIGKILL), 0);
+  ASSERT_TRUE(WaitUntil([&] { return job.Output().find("was killed by signal 9") != std::string::npos; }, 20));
+  const int lines = MetricsLines(out);
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  EXPECT_LE(MetricsLines(out), lines + 1) << "one worker trained alone below --min-workers 2";
+  EXPECT_EQ(job.Wait(0.1), -1) << "the job must wait, not fail: " << job.Output();
+  // A replacement (as a new machine's worker would) through the same rendezvous.
+  Background joiner(Split(Args(out) + " --elastic --min-workers 2 --rdzv " + rdzv + " --host 127.0.0.1"),
+                    t / "joiner.log", {"KEEL_RANK=1", "KEEL_WORLD_SIZE=2"});
+  ASSERT_EQ(joiner.Wait(180), 0) << joiner.Output() << "\n----\n" << job.Output();
+  ASSERT_EQ(job.Wait(60), 0) << job.Output();
+  ExpectSameAsStraight(out);
+  const std::string jl = joiner.Output();
+  EXPECT_NE(jl.find("received the training state"), std::string::npos) << jl;
+  auto hashes = FinalHashes(jl + job.Output());
+  EXPECT_EQ(hashes.size(), 1u) << "the joiner's state equals the others': " << jl << "\n----\n" << job.Output();
+}
+
+// Two "machines" on Redis: the second starts later, its worker joins the running job and gets the state.
+TEST_F(ElasticTrain, RedisLateMachineJoinsTheRunningJob) {
+  if (!HaveRedis()) GTEST_SKIP() << "redis-server not installed";
+  RedisServer redis;
+  ASSERT_TRUE(redis.ok());
+  TempDir t;
+  const std::string out = t / "run";
+  const std::string dist = " --rdzv " + redis.Url("late") + " --nnodes 1:2 --elastic --host 127.0.0.1";
+  Background a(Split(Args(out) + dist + " --nproc-per-node 2"), t / "a.log");
+  ASSERT_TRUE(WaitUntil([&] { return MetricsLines(out) >= 30; }, 120)) << a.Output();
+  Background b(Split(Args(out) + dist + " --nproc-per-node 1"), t / "b.log");
+  ASSERT_EQ(a.Wait(180), 0) << a.Output() << "\n----\n" << b.Output();
+  ASSERT_EQ(b.Wait(60), 0) << b.Output();
+  ExpectSameAsStraight(out);
+  const std::string bl = b.Output();
+  EXPECT_NE(bl.find("(node 1 of 2): rank 2 pid"), std::string::npos) << bl;
+  EXPECT_NE(bl.find("received the training state"), std::string::npos) << bl;
+  EXPECT_EQ(FinalHashes(a.Output() + bl).size(), 1u) << a.Output() << "\n----\n" << bl;
+}
+
+// Whole-job loss: kill -9 of every worker (and the launcher) while a checkpoint write is in flight; --resume
+// (with another worker count) falls back past the half-written checkpoint and ends bit-identical.
+TEST_F(ElasticTrain, KillNineOfAllWorkersDuringACheckpointWriteThenResume) {
+  TempDir t;
+  const std::string out = t / "run";
+  Background job(Split(Args(out) + " --nproc 2 --inject truncate-ckpt:step=100,then=hang"), t / "log", InjectEnv());
+  const std::string tmp = out + "/ckpt-00000100.tmp";
+  ASSERT_TRUE(WaitUntil([&] { return std::filesystem::exists(tmp); }, 120)) << job.Output();
+  const std::string log = job.Output();
+  for (int r = 0; r < 2; ++r) {
+    pid_t p = PidOf(log, r);
+    ASSERT_GT(p, 0) << log;
+    kill(p, SIGKILL);
+  }
+  kill(job.pid(), SIGKILL);
+  job.Wait(30);
+  ASSERT_FALSE(std::filesystem::exists(out + "/ckpt-00000100/COMMITTED"));
+  ASSERT_TRUE(std::filesystem::exists(out + "/ckpt-00000050/COMMITTED"));
+  auto r = RunKeel(Args(out) + " --nproc 3 --resume");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("resuming from " + out + "/ckpt-00000050 at step 50"), std::string::npos) << r.output;
+  ExpectSameAsStraight(out);
+}
+
+// Fault injection cannot be switched on by accident.
+TEST_F(ElasticTrain, InjectionNeedsTheEnvironmentSwitch) {
+  TempDir t;
+  auto r = RunKeel(Args(t / "run", 4) + " --nproc 2 --elastic --inject crash:rank=1,step=2");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("KEEL_ALLOW_FAULT_INJECTION=1"), std::string::npos) << r.output;
+  r = RunKeel(Args(t / "run2", 4) + " --nproc 2 --elastic --comm-timeout 5");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("--hang-timeout is their one timeout"), std::string::npos) << r.output;
+}
+
+}  // namespace
+}  // namespace keel::testing
