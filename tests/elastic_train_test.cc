@@ -273,7 +273,7 @@ TEST_F(ElasticTrain, RedisLateMachineJoinsTheRunningJob) {
   const std::string dist = " --rdzv " + redis.Url("late") + " --nnodes 1:2 --elastic --host 127.0.0.1";
   Background a(Split(Args(out) + dist + " --nproc-per-node 2"), t / "a.log");
   ASSERT_TRUE(WaitUntil([&] { return MetricsLines(out) >= 30; }, 120)) << a.Output();
-  Background b(Split(Args(out) + dist + " --nproc-per-node 1"), t / "b.log");
+  Background b(Split(Args(out) + dist + " --nproc-per-node 2"), t / "b.log");
   ASSERT_EQ(a.Wait(180), 0) << a.Output() << "\n----\n" << b.Output();
   ASSERT_EQ(b.Wait(60), 0) << b.Output();
   ExpectSameAsStraight(out);

@@ -15,6 +15,7 @@ EventLog::~EventLog() {
 void EventLog::Open(const std::string& path) {
   std::lock_guard<std::mutex> l(mu_);
   if (fd_ >= 0) ::close(fd_);
+  path_ = path;
   fd_ = path.empty() ? -1 : ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
 }
 
@@ -30,6 +31,7 @@ double EventLog::Now() {
 
 void EventLog::Emit(const std::string& event, nlohmann::json fields) {
   std::lock_guard<std::mutex> l(mu_);
+  if (fd_ < 0 && !path_.empty()) fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
   if (fd_ < 0) return;
   nlohmann::json j = {{"t", Now()}, {"event", event}};
   if (uid_ >= 0) j["uid"] = uid_;

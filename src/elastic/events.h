@@ -21,9 +21,9 @@ class EventLog {
   ~EventLog();
   EventLog(const EventLog&) = delete;
   EventLog& operator=(const EventLog&) = delete;
-  // Opens (creating) path for appending; an empty path disables the log.
+  // Appends to path (created on the first event after its directory exists); an empty path disables the log.
   void Open(const std::string& path);
-  bool is_open() const { return fd_ >= 0; }
+  bool is_open() const { return !path_.empty(); }
   // Identity stamped on every line (worker events).
   void SetIdentity(int64_t uid, int rank);
   // Appends {"t", "event", "uid"?, "rank"?, ...fields}.
@@ -33,6 +33,7 @@ class EventLog {
 
  private:
   std::mutex mu_;
+  std::string path_;
   int fd_ = -1;
   int64_t uid_ = -1;
   int rank_ = -1;

@@ -463,10 +463,7 @@ void Trainer::EnsureRunDir() {
 }
 
 void Trainer::Emit(const std::string& event, nlohmann::json fields) {
-  if (!events_->is_open()) {
-    EnsureRunDir();
-    if (run_dir_ready_) events_->Open(JoinPath(o_.out_dir, "events.jsonl"));
-  }
+  if (!events_->is_open()) events_->Open(JoinPath(o_.out_dir, "events.jsonl"));
   events_->Emit(event, std::move(fields));
 }
 
@@ -493,6 +490,7 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
     if (elastic_) inject_->SetClaim([this](const std::string& id) { return elastic_->Claim("inject/" + id); });
   }
   events_->SetIdentity(elastic_ ? uid_ : -1, o_.launch_rank);
+  if (elastic_ && !events_->is_open()) events_->Open(JoinPath(o_.out_dir, "events.jsonl"));
   peak_ = o_.peak_gflops > 0 ? o_.peak_gflops : (o_.launch_rank == 0 || elastic_ ? MeasureGemmPeakGflops() : 1.0);
   if (o_.launch_rank == 0 && !(elastic_ && elastic_->joined_running_job()))
     log_("model: " + std::to_string(o_.model.layers) + " layers, " + std::to_string(o_.model.heads) + " heads, dim " +
@@ -604,8 +602,7 @@ Result<bool> Trainer::Quorum() {
         size_ = static_cast<int>(gen_.members.size());
         members_ = gen_.members;
         gen_no_ = gen_.gen;
-        log_("generation " + std::to_string(gen_no_) + ": members " + UidList(members_) + " (" +
-             std::to_string(size_) + " of " + std::to_string(o_.launch_world) + " launched), this is member " +
+        log_("generation " + std::to_string(gen_no_) + ": members " + UidList(members_) + ", this is member " +
              std::to_string(uid_) + ", formed in " + Fmt("%.0f ms", gen_.formed_s * 1e3));
       }
       reducer_ = std::make_unique<BucketReducer>(comm_);
