@@ -38,7 +38,10 @@ class CpuBackend final : public Backend {
   void SetThreads(int n) override {
     if (n < 1) n = 1;
     omp_set_num_threads(n);
-    openblas_set_num_threads(n);
+    // OpenBLAS itself stays single-threaded: its threading changes sgemm's rounding with the thread count (even
+    // when called inside an OpenMP region). keel parallelises GEMMs itself over shape-determined tiles
+    // (matmul.cc), which keeps every result independent of --threads.
+    openblas_set_num_threads(1);
   }
 
   Result<float*> Alloc(size_t count) override {
@@ -103,6 +106,11 @@ class CpuBackend final : public Backend {
   void AttentionDecode(float* out, const float* q, const float* k_cache, const float* v_cache, const int32_t* pos,
                        float* scratch, int B, int maxT, int C, int NH) override {
     cpu::AttentionDecode(out, q, k_cache, v_cache, pos, scratch, B, maxT, C, NH);
+  }
+  void AttentionDecodeSlots(float* out, const float* q, const float* k_cache, const float* v_cache,
+                            const int32_t* pos, const int32_t* host_slots, float* scratch, int N, int maxT, int C,
+                            int NH) override {
+    cpu::AttentionDecode(out, q, k_cache, v_cache, pos, scratch, N, maxT, C, NH, host_slots);
   }
   void GeluForward(float* out, const float* inp, size_t n) override { cpu::GeluForward(out, inp, n); }
   void GeluBackward(float* dinp, const float* inp, const float* dout, size_t n) override {

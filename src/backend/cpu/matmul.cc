@@ -1,9 +1,45 @@
-// matmul.cc: the linear layer (out = inp @ W^T + b) and its backward, through OpenBLAS sgemm.
+// matmul.cc: the linear layer (out = inp @ W^T + b) and its backward, through OpenBLAS sgemm (sgemv for one row).
+//
+// Thread-count invariance: OpenBLAS's own threading changes the rounding of sgemm with the thread count (last-bit
+// differences once M*N*K > 2^18, measured in tests/ops_gradcheck_test.cc). keel therefore splits every product
+// into output tiles by a rule that depends on the shape only, and runs each tile as a single-threaded sgemm on
+// an OpenMP thread. Each output element's K-reduction then happens inside one single-threaded call whose
+// arguments do not depend on the thread count, so results are bit-identical for any --threads.
 #include <cblas.h>
+
+#include <algorithm>
 
 #include "backend/cpu/cpu_ops.h"
 
 namespace keel::cpu {
+
+namespace {
+
+// Row-major C[M,N] = alpha * op(A)[M,K] @ op(B)[K,N] + beta * C, tiled along the larger output dimension into
+// at most kMaxTiles tiles of at least kMinTile rows/columns.
+void TiledSgemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+                const float* B, int ldb, float beta, float* C, int ldc) {
+  constexpr int kMaxTiles = 16, kMinTile = 256;
+  const bool split_m = M >= N;
+  const int dim = split_m ? M : N;
+  const int tiles = std::clamp((dim + kMinTile - 1) / kMinTile, 1, kMaxTiles);
+  const int step = (dim + tiles - 1) / tiles;
+  const CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans, tb = trans_b ? CblasTrans : CblasNoTrans;
+#pragma omp parallel for schedule(static)
+  for (int t = 0; t < tiles; ++t) {
+    const int lo = t * step, len = std::min(step, dim - lo);
+    if (len <= 0) continue;
+    if (split_m) {
+      const float* a = trans_a ? A + lo : A + static_cast<size_t>(lo) * lda;
+      cblas_sgemm(CblasRowMajor, ta, tb, len, N, K, alpha, a, lda, B, ldb, beta, C + static_cast<size_t>(lo) * ldc, ldc);
+    } else {
+      const float* b = trans_b ? B + static_cast<size_t>(lo) * ldb : B + lo;
+      cblas_sgemm(CblasRowMajor, ta, tb, M, len, K, alpha, A, lda, b, ldb, beta, C + lo, ldc);
+    }
+  }
+}
+
+}  // namespace
 
 void MatmulForward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC) {
   float beta = 0.0f;
@@ -15,13 +51,26 @@ void MatmulForward(float* out, const float* inp, const float* w, const float* bi
     }
     beta = 1.0f;
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, IC, 1.0f, inp, IC, w, IC, beta, out, OC);
+  if (N == 1) {
+    // One row (batch-1 decode, e.g. the LM head): matrix-vector products stream W once, where sgemm would first
+    // pack all of it; this path is memory-bandwidth bound. Fixed row chunks keep it thread-count invariant.
+    constexpr int kChunk = 256;
+    const int chunks = (OC + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static)
+    for (int c = 0; c < chunks; ++c) {
+      const int lo = c * kChunk, len = std::min(kChunk, OC - lo);
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, len, IC, 1.0f, w + static_cast<size_t>(lo) * IC, IC, inp, 1, beta,
+                  out + lo, 1);
+    }
+    return;
+  }
+  TiledSgemm(false, true, N, OC, IC, 1.0f, inp, IC, w, IC, beta, out, OC);
 }
 
 void MatmulBackward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w, int N,
                     int IC, int OC) {
-  if (dinp) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, IC, OC, 1.0f, dout, OC, w, IC, 1.0f, dinp, IC);
-  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dw, IC);
+  if (dinp) TiledSgemm(false, false, N, IC, OC, 1.0f, dout, OC, w, IC, 1.0f, dinp, IC);
+  TiledSgemm(true, false, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dw, IC);
   if (dbias) AccumulateColumnSums(dbias, dout, N, OC);
 }
 
