@@ -93,6 +93,18 @@ class Backend {
   // [B, maxT, C] already hold positions 0..pos[b] (inclusive); out [B,C]. scratch >= B*NH*maxT floats.
   virtual void AttentionDecode(float* out, const float* q, const float* k_cache, const float* v_cache,
                                const int32_t* pos, float* scratch, int B, int maxT, int C, int NH) = 0;
+  // AttentionDecode for N rows where row i attends KV-cache slot host_slots[i] (a host array) instead of slot i.
+  // Several rows may share a slot (a chunk of one prompt): row i sees that slot's positions 0..pos[i].
+  // scratch >= N*NH*maxT floats. The default runs one AttentionDecode per row; backends may do better.
+  virtual void AttentionDecodeSlots(float* out, const float* q, const float* k_cache, const float* v_cache,
+                                    const int32_t* pos, const int32_t* host_slots, float* scratch, int N, int maxT,
+                                    int C, int NH) {
+    const size_t slot_stride = static_cast<size_t>(maxT) * C;
+    for (int i = 0; i < N; ++i)
+      AttentionDecode(out + static_cast<size_t>(i) * C, q + static_cast<size_t>(i) * C,
+                      k_cache + host_slots[i] * slot_stride, v_cache + host_slots[i] * slot_stride, pos + i, scratch,
+                      1, maxT, C, NH);
+  }
   virtual void GeluForward(float* out, const float* inp, size_t n) = 0;
   virtual void GeluBackward(float* dinp, const float* inp, const float* dout, size_t n) = 0;
   virtual void ResidualForward(float* out, const float* a, const float* b, size_t n) = 0;

@@ -76,7 +76,7 @@ void AttentionBackward(float* dqkv, float* datt, const float* dout, const float*
 }
 
 void AttentionDecode(float* out, const float* q, const float* k_cache, const float* v_cache, const int32_t* pos,
-                     float* scratch, int B, int maxT, int C, int NH) {
+                     float* scratch, int B, int maxT, int C, int NH, const int32_t* slots) {
   const int hs = C / NH;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
 #pragma omp parallel for schedule(static)
@@ -84,8 +84,9 @@ void AttentionDecode(float* out, const float* q, const float* k_cache, const flo
     int b = bh / NH, h = bh % NH;
     int len = pos[b] + 1;
     const float* qv = q + static_cast<size_t>(b) * C + h * hs;
-    const float* kc = k_cache + static_cast<size_t>(b) * maxT * C + h * hs;
-    const float* vc = v_cache + static_cast<size_t>(b) * maxT * C + h * hs;
+    const size_t slot = static_cast<size_t>(slots ? slots[b] : b);
+    const float* kc = k_cache + slot * maxT * C + h * hs;
+    const float* vc = v_cache + slot * maxT * C + h * hs;
     float* s = scratch + static_cast<size_t>(bh) * maxT;
     float mx = -INFINITY;
     for (int j = 0; j < len; ++j) {

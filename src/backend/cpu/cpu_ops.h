@@ -22,8 +22,9 @@ void MatmulBackward(float* dinp, float* dw, float* dbias, const float* dout, con
 void AttentionForward(float* out, float* att, const float* qkv, int B, int T, int C, int NH);
 void AttentionBackward(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att, int B, int T,
                        int C, int NH);
+// slots (host, may be null = identity): row b reads KV-cache slot slots[b].
 void AttentionDecode(float* out, const float* q, const float* k_cache, const float* v_cache, const int32_t* pos,
-                     float* scratch, int B, int maxT, int C, int NH);
+                     float* scratch, int B, int maxT, int C, int NH, const int32_t* slots = nullptr);
 void GeluForward(float* out, const float* inp, size_t n);
 void GeluBackward(float* dinp, const float* inp, const float* dout, size_t n);
 void ResidualForward(float* out, const float* a, const float* b, size_t n);
