@@ -197,6 +197,31 @@ TEST_F(ElasticTrain, SigstopOfAWorkerIsDetectedEvictedAndItRejoinsOnWaking) {
   EXPECT_EQ(FinalHashes(log).size(), 1u) << log;
 }
 
+// A collective that never returns while every process keeps heartbeating (injected: a member enters the reduce
+// but sends nothing): the watchdogs see every member blocked in the same collective for longer than the
+// allowance (H + payload / 100 MB/s), abort it, and the step is redone.
+TEST_F(ElasticTrain, ACollectiveThatNeverReturnsIsAbortedByTheWatchdog) {
+  TempDir t;
+  const std::string out = t / "run";
+  Background job(Split(Args(out) + " --nproc 3 --elastic --inject stall:rank=1,step=30,secs=120"), t / "log",
+                 InjectEnv());
+  const int code = job.Wait(180);
+  ASSERT_EQ(code, 0) << job.Output();
+  const std::string log = job.Output();
+  ExpectSameAsStraight(out);
+  auto ev = Events(out);
+  double t_inject = 0, t_detect = 0;
+  for (const auto& e : ev) {
+    if (e.value("event", "") == "inject") t_inject = e.value("t", 0.0);
+    if (e.value("event", "") == "detect" && e.value("how", "") == "stuck" && t_detect == 0) t_detect = e.value("t", 0.0);
+  }
+  ASSERT_GT(t_inject, 0) << log;
+  ASSERT_GT(t_detect, t_inject) << log;
+  std::printf("stuck collective detected after %.3f s\n", t_detect - t_inject);
+  EXPECT_LT(t_detect - t_inject, 3.0) << "allowance 2 s + payload 0.2 MB / 100 MB/s + ticks: " << log;
+  EXPECT_NE(log.find("a collective that does not return"), std::string::npos) << log;
+}
+
 // NaN in a gradient: the vote fails, the step is redone elsewhere and leaves no trace; a flipped parameter bit is
 // found by the per-step parameter hash and repaired from the majority.
 TEST_F(ElasticTrain, NanAndBitflipAreCaughtRepairedAndLeaveNoTrace) {
@@ -305,6 +330,75 @@ TEST_F(ElasticTrain, KillNineOfAllWorkersDuringACheckpointWriteThenResume) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("resuming from " + out + "/ckpt-00000050 at step 50"), std::string::npos) << r.output;
   ExpectSameAsStraight(out);
+}
+
+// A finite, silent corruption of one gradient (a flipped mantissa bit) passes every other check; with
+// --verify-fraction 1 each micro-batch is recomputed by a second member, the gradient hashes differ, and the step
+// is redone. Without the cross-check the same fault changes the final weights (it would have gone unnoticed).
+TEST_F(ElasticTrain, VerifyFractionCatchesASilentGradientCorruption) {
+  TempDir t;
+  const int steps = 40;
+  ASSERT_EQ(RunKeel(Args(t / "straight", steps)).exit_code, 0);
+  const std::string inject = " --inject corrupt:rank=1,step=20";
+  Background checked(Split(Args(t / "checked", steps) + " --nproc 3 --elastic --verify-fraction 1" + inject),
+                     t / "checked.log", InjectEnv());
+  ASSERT_EQ(checked.Wait(180), 0) << checked.Output();
+  Background unchecked(Split(Args(t / "unchecked", steps) + " --nproc 3 --elastic" + inject), t / "unchecked.log",
+                       InjectEnv());
+  ASSERT_EQ(unchecked.Wait(180), 0) << unchecked.Output();
+  const std::string f = "/ckpt-00000040/model.safetensors";
+  const std::string ref = ReadFileText(t / "straight" + f);
+  ASSERT_FALSE(ref.empty());
+  EXPECT_TRUE(ReadFileText(t / "checked" + f) == ref) << checked.Output();
+  EXPECT_FALSE(ReadFileText(t / "unchecked" + f) == ref) << "the injected corruption should change the weights";
+  EXPECT_NE(checked.Output().find("recomputed gradients differ"), std::string::npos) << checked.Output();
+}
+
+// A worker computing 4x slower gets fewer micro-batches (the global batch is unchanged, so are the weights).
+TEST_F(ElasticTrain, ASlowWorkerGetsFewerMicroBatches) {
+  TempDir t;
+  const int steps = 40;
+  ASSERT_EQ(RunKeel(Args(t / "straight", steps)).exit_code, 0);
+  Background job(Split(Args(t / "run", steps) + " --nproc 3 --elastic --inject slow:rank=2,step=3,factor=5"),
+                 t / "log", InjectEnv());
+  ASSERT_EQ(job.Wait(180), 0) << job.Output();
+  const std::string f = "/ckpt-00000040/model.safetensors";
+  EXPECT_TRUE(ReadFileText(t / "run" + f) == ReadFileText(t / "straight" + f));
+  // Find the slow member's uid (rank 2) and check it ended with the smallest share.
+  const std::string log = job.Output();
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(log, m, std::regex(R"(\[rank 2\] generation 0: members \S+, this is member (\d+))")))
+      << log;
+  const int64_t slow_uid = std::stoll(m[1]);
+  nlohmann::json last;
+  for (const auto& e : Events(t / "run"))
+    if (e.value("event", "") == "shares") last = e;
+  ASSERT_TRUE(last.is_object()) << log;
+  const auto members = last["members"].get<std::vector<int64_t>>();
+  const auto counts = last["micro_batches"].get<std::vector<int>>();
+  for (size_t k = 0; k < members.size(); ++k)
+    if (members[k] == slow_uid)
+      for (size_t j = 0; j < members.size(); ++j) EXPECT_LE(counts[k], counts[j]) << last.dump();
+  EXPECT_LT(*std::min_element(counts.begin(), counts.end()), 2) << last.dump();  // fair split is 2 each
+}
+
+// A loss spike rolls every member back to the in-memory snapshot and skips the data window that caused it;
+// the result is deterministic: one process and three workers end with the same weights.
+TEST_F(ElasticTrain, LossSpikeRollsBackAndSkipsTheDataForAnyWorkerCount) {
+  TempDir t;
+  const int steps = 60;
+  const std::string spike = " --spike-factor 4 --check-every 10 --inject spike:rank=0,step=45";
+  auto one = RunCommand("KEEL_ALLOW_FAULT_INJECTION=1 " + std::string(KEEL_BINARY) + " " + Args(t / "one", steps) +
+                        spike);
+  ASSERT_EQ(one.exit_code, 0) << one.output;
+  Background three(Split(Args(t / "three", steps) + " --nproc 3 --elastic" + spike), t / "log", InjectEnv());
+  ASSERT_EQ(three.Wait(180), 0) << three.Output();
+  EXPECT_NE(one.output.find("loss spike"), std::string::npos) << one.output;
+  EXPECT_NE(one.output.find("rolled back to step 40 and skipping 6 step(s) of data"), std::string::npos) << one.output;
+  EXPECT_NE(three.Output().find("rolled back to step 40"), std::string::npos) << three.Output();
+  EXPECT_GE(CountEvents(Events(t / "three"), "spike"), 1);
+  const std::string f = "/ckpt-00000060/model.safetensors";
+  EXPECT_TRUE(ReadFileText(t / "one" + f) == ReadFileText(t / "three" + f));
 }
 
 // Fault injection cannot be switched on by accident.

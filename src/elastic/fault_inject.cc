@@ -25,6 +25,9 @@ const char* FaultKindName(FaultSpec::Kind k) {
     case FaultSpec::kBitflip: return "bitflip";
     case FaultSpec::kTruncateCkpt: return "truncate-ckpt";
     case FaultSpec::kRandom: return "random";
+    case FaultSpec::kStall: return "stall";
+    case FaultSpec::kCorrupt: return "corrupt";
+    case FaultSpec::kSpike: return "spike";
   }
   return "?";
 }
@@ -54,8 +57,9 @@ std::string Trim(std::string s) {
 }
 
 bool KindFromName(const std::string& n, FaultSpec::Kind* k) {
-  const FaultSpec::Kind all[] = {FaultSpec::kCrash, FaultSpec::kHang, FaultSpec::kSlow, FaultSpec::kNan,
-                                 FaultSpec::kBitflip, FaultSpec::kTruncateCkpt, FaultSpec::kRandom};
+  const FaultSpec::Kind all[] = {FaultSpec::kCrash, FaultSpec::kHang,         FaultSpec::kSlow,   FaultSpec::kNan,
+                                 FaultSpec::kBitflip, FaultSpec::kTruncateCkpt, FaultSpec::kRandom, FaultSpec::kStall,
+                                 FaultSpec::kCorrupt, FaultSpec::kSpike};
   for (auto x : all)
     if (n == FaultKindName(x)) {
       *k = x;
@@ -83,7 +87,8 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
     size_t colon = item.find(':');
     FaultSpec f;
     if (!KindFromName(Trim(item.substr(0, colon)), &f.kind))
-      return InvalidArgument(bad + "unknown fault kind (crash, hang, slow, nan, bitflip, truncate-ckpt, random)");
+      return InvalidArgument(bad + "unknown fault kind (crash, hang, slow, stall, nan, corrupt, spike, bitflip, "
+                                   "truncate-ckpt, random)");
     if (colon != std::string::npos) {
       for (std::string kv : SplitOn(item.substr(colon + 1), ',')) {
         kv = Trim(kv);
@@ -96,7 +101,8 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
           for (const std::string& name : SplitOn(v, '+')) {
             FaultSpec::Kind kk;
             if (!KindFromName(Trim(name), &kk) || kk == FaultSpec::kRandom || kk == FaultSpec::kTruncateCkpt ||
-                kk == FaultSpec::kSlow)
+                kk == FaultSpec::kSlow || kk == FaultSpec::kStall || kk == FaultSpec::kCorrupt ||
+                kk == FaultSpec::kSpike)
               return InvalidArgument(bad + "kinds: '" + name + "' is not one of crash, hang, nan, bitflip");
             f.kinds.push_back(kk);
           }
@@ -223,19 +229,27 @@ bool FaultInjector::CorruptGradient(int64_t step, float* grads, size_t n) {
   if (n == 0) return false;
   bool fire = false;
   std::string id;
+  const size_t idx = static_cast<size_t>(MixKey(static_cast<uint64_t>(step), 77) % n);
   for (size_t s = 0; s < specs_.size() && !fire; ++s) {
     const FaultSpec& f = specs_[s];
-    if (f.kind != FaultSpec::kNan || f.rank != rank_ || f.step != step) continue;
-    id = "nan/" + std::to_string(s);
-    if (Claim(id)) {
-      fire = true;
-      Record(f.kind, step, id, "NaN in a gradient");
+    if ((f.kind != FaultSpec::kNan && f.kind != FaultSpec::kCorrupt) || f.rank != rank_ || f.step != step) continue;
+    id = std::string(FaultKindName(f.kind)) + "/" + std::to_string(s);
+    if (!Claim(id)) continue;
+    if (f.kind == FaultSpec::kCorrupt) {
+      uint32_t w;
+      std::memcpy(&w, grads + idx, 4);
+      w ^= uint32_t{1} << 21;  // a mantissa bit: still finite
+      std::memcpy(grads + idx, &w, 4);
+      Record(f.kind, step, id, "gradient " + std::to_string(idx) + " mantissa bit 21 flipped");
+      return true;
     }
+    fire = true;
+    Record(f.kind, step, id, "NaN in a gradient");
   }
   double secs = 0;
   if (!fire && DueRandom(FaultSpec::kNan, step, &secs)) fire = true;
   if (!fire) return false;
-  grads[static_cast<size_t>(MixKey(static_cast<uint64_t>(step), 77) % n)] = std::nanf("");
+  grads[idx] = std::nanf("");
   return true;
 }
 
@@ -275,6 +289,34 @@ double FaultInjector::SlowFactor(int64_t step) {
     f = std::max(f, x.factor);
   }
   return f;
+}
+
+double FaultInjector::LossFactor(int64_t step) {
+  std::lock_guard<std::mutex> l(mu_);
+  for (size_t s = 0; s < specs_.size(); ++s) {
+    const FaultSpec& f = specs_[s];
+    if (f.kind != FaultSpec::kSpike || f.rank != rank_ || f.step != step) continue;
+    const std::string id = "spike/" + std::to_string(s);
+    if (!Claim(id)) continue;
+    const double factor = f.factor == 3 ? 100 : f.factor;  // 3 is the parser's default (slow); spikes use 100
+    Record(f.kind, step, id, "loss x" + std::to_string(factor));
+    return factor;
+  }
+  return 1;
+}
+
+bool FaultInjector::StallCollective(int64_t step, double* secs) {
+  std::lock_guard<std::mutex> l(mu_);
+  for (size_t s = 0; s < specs_.size(); ++s) {
+    const FaultSpec& f = specs_[s];
+    if (f.kind != FaultSpec::kStall || f.rank != rank_ || f.step != step) continue;
+    const std::string id = "stall/" + std::to_string(s);
+    if (!Claim(id)) continue;
+    *secs = f.secs;
+    Record(f.kind, step, id, "the gradient reduce sends nothing for " + std::to_string(f.secs) + " s");
+    return true;
+  }
+  return false;
 }
 
 bool FaultInjector::TruncateCheckpoint(int64_t step, bool* then_kill) {

@@ -6,7 +6,13 @@
 //   crash:rank=R,step=S               SIGKILL itself after its first micro-batch of step S
 //   hang:rank=R,step=S,secs=X         SIGSTOP itself there for X seconds (default 5; a helper SIGCONTs it)
 //   slow:rank=R,step=S,factor=F,steps=N   compute F times slower (default 3) for N steps (default 1000000)
+//   stall:rank=R,step=S,secs=X        at step S, enter the gradient reduce but send nothing for X seconds
+//                                     (default 30): a collective that does not return while every process
+//                                     keeps heartbeating
 //   nan:rank=R,step=S                 a NaN in the gradient of its first micro-batch of step S
+//   corrupt:rank=R,step=S             one flipped mantissa bit in that gradient (finite: only a cross-check,
+//                                     --verify-fraction, can see it)
+//   spike:rank=R,step=S,factor=F      its first micro-batch of step S reports F times its loss (default 100)
 //   bitflip:rank=R,step=S             flip one bit of one parameter at the start of step S
 //   truncate-ckpt:step=S,then=kill|hang   the checkpoint of step S is left half-written (a .tmp directory with a
 //                                     truncated weights file); then the writer SIGKILLs itself (default) or
@@ -34,7 +40,7 @@ namespace keel {
 class EventLog;
 
 struct FaultSpec {
-  enum Kind { kCrash, kHang, kSlow, kNan, kBitflip, kTruncateCkpt, kRandom } kind = kCrash;
+  enum Kind { kCrash, kHang, kSlow, kNan, kBitflip, kTruncateCkpt, kRandom, kStall, kCorrupt, kSpike } kind = kCrash;
   int rank = -1;          // -1: any (truncate-ckpt: whoever writes the checkpoint)
   int64_t step = -1;
   double secs = 5;        // hang
@@ -69,6 +75,8 @@ class FaultInjector {
   bool CorruptGradient(int64_t step, float* grads, size_t n);  // nan
   bool FlipParamBit(int64_t step, float* params, size_t n);    // bitflip
   double SlowFactor(int64_t step);                             // slow (1 = normal)
+  bool StallCollective(int64_t step, double* secs);            // stall: for how long
+  double LossFactor(int64_t step);                             // spike (1 = normal)
   // truncate-ckpt: true if the checkpoint of `step` must be left half-written; *then_kill says what follows.
   bool TruncateCheckpoint(int64_t step, bool* then_kill);
 

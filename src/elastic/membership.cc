@@ -133,6 +133,7 @@ Status ElasticGroup::WriteStatus(Store& s) {
     rec = {{"seq", seq_}, {"t", EventLog::Now()}, {"pid", static_cast<int64_t>(getpid())}, {"host", host_},
            {"rank", o_.rank}, {"gen", gen_}, {"step", step_}, {"epoch", epoch_}, {"has_state", has_state_},
            {"state", state_}};
+    if (!waiting_.empty()) rec["wait"] = waiting_;
     if (ready_) {
       rec["after"] = after_;
       rec["why"] = voluntary_ ? "reform" : "fault";
@@ -159,6 +160,16 @@ void ElasticGroup::SetProgress(int64_t step, int64_t epoch, bool has_state) {
     has_state_ = has_state;
   }
   if (changed) Publish();
+}
+
+void ElasticGroup::SetWaiting(const std::string& key) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (waiting_ == key) return;
+    waiting_ = key;
+    waiting_since_ = Now();
+  }
+  Publish();
 }
 
 void ElasticGroup::HeartbeatLoop() {
@@ -268,6 +279,35 @@ void ElasticGroup::Watch(double now) {
     }
     lost = u;
     break;
+  }
+  // A collective every member is blocked in, for longer than any transfer of its payload should take.
+  if (why.empty()) {
+    std::string my_key;
+    double my_since = 0;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      my_key = waiting_;
+      my_since = waiting_since_;
+    }
+    const double allowance = o_.t.hang_s + payload_bytes_.load() / 100e6;
+    bool all = !my_key.empty() && now - my_since > allowance;
+    for (int64_t u : members) {
+      if (u == uid_.load()) continue;
+      std::string key;
+      {
+        std::lock_guard<std::mutex> l(peers_mu_);
+        auto it = peers_.find(u);
+        if (it != peers_.end()) key = StrOr(it->second.rec, "wait", "");
+      }
+      auto& seen = wait_seen_[u];  // when this observer first saw the member blocked in `key`
+      if (seen.first != key) seen = {key, now};
+      all = all && key == my_key && now - seen.second > allowance;
+    }
+    if (all && members.size() > 1) {
+      why = "every member has been blocked in " + my_key + " for over " + Secs(allowance) +
+            " (a collective that does not return)";
+      how = "stuck";
+    }
   }
   if (why.empty()) {
     auto latest = hb_store_->TryGet("latest");

@@ -80,6 +80,12 @@ class ElasticGroup {
 
   // What the heartbeats report about this member's training state.
   void SetProgress(int64_t step, int64_t epoch, bool has_state);
+  // This member is blocked in a collective (`key` names it, e.g. "g3/s41/a0/reduce"; empty: not waiting).
+  // When every member of the generation reports the same key for longer than the allowance (H plus the
+  // payload at 100 MB/s), nothing is computing and nothing is arriving: the collective is stuck, and the
+  // watchdog aborts it (a collective that never returns, with every member still heartbeating).
+  void SetWaiting(const std::string& key);
+  void SetPayloadBytes(double bytes) { payload_bytes_ = bytes; }
 
   // Leaves the current generation and blocks until a generation with this member in it is formed, the job is
   // done (Generation::done), or *stop is set (kAborted). Polls the store every 15 ms; logs why it waits every
@@ -143,6 +149,10 @@ class ElasticGroup {
   int64_t seq_ = 0;
   int64_t gen_ = -1, after_ = -1, step_ = 0, epoch_ = 0;
   bool ready_ = false, has_state_ = false, voluntary_ = false;
+  std::string waiting_;
+  double waiting_since_ = 0;  // steady clock
+  std::atomic<double> payload_bytes_{0};
+  std::map<int64_t, std::pair<std::string, double>> wait_seen_;  // watchdog: uid -> (key, first seen)
   std::string state_ = "joining";
 
   // Peers (guarded by peers_mu_).

@@ -201,6 +201,7 @@ class Trainer {
   Result<bool> RunStep();
   Result<bool> Quorum();
   struct Plan {
+    int attempt = 0;
     MicroSet mine;
     std::vector<VerifyTask> verify;
     std::vector<MicroSet> assigned;
@@ -278,6 +279,7 @@ class Trainer {
   double held_loss_[128] = {};
   std::vector<MicroSet> group_held_;   // every member's holdings (agreed)
   std::vector<MicroSet> avoid_;        // per member: micro-batches not to give it again this step
+  std::vector<int> last_counts_;       // the last full-step split (for the "shares" event)
   // This attempt.
   MicroSet bad_;
   int computed_ = 0;
@@ -316,6 +318,7 @@ class Trainer {
   double flops_per_token_ = 0;
   int64_t tokens_per_step_ = 0;
   TrainResult result_;
+  std::vector<double> phase_ms_;  // the committed attempt: compute, reduce wait, vote, apply
   int64_t steps_this_run_ = 0;
   double tokens_done_ = 0, loop_seconds_ = 0;
   bool tty_ = false;
@@ -484,6 +487,7 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
     return InvalidArgument("--grad-accum above 128 is not supported in elastic mode");
   uid_ = elastic_ ? elastic_->uid() : static_comm_->rank();
   KEEL_RETURN_IF_ERROR(Open());
+  if (elastic_) elastic_->SetPayloadBytes(static_cast<double>(P_) * (o_.deterministic ? 8 : 4));
   KEEL_ASSIGN_OR_RETURN(inject_, FaultInjector::Create(o_.inject, o_.launch_rank, o_.launch_world));
   if (inject_) {
     inject_->SetEvents(events_);
@@ -533,18 +537,28 @@ Result<bool> Trainer::RunStep() {
     }
     // (2) Compute this member's share: the micro-batches of the step that no member holds yet.
     const Plan plan = MakePlan(attempt);
+    const auto t_compute = Clock::now();
     Compute(plan);
+    const auto t_reduce = Clock::now();
     // (3) Reduce (started during (2): buckets go out as backward finishes them). Bounded: a dead member fails
-    //     it at once, a hung one via the heartbeat watchdog's Abort, anything else at the collective backstop.
+    //     it at once, a hung one via the heartbeat watchdog's Abort, a collective every member is stuck in via
+    //     the same watchdog, anything else at the collective backstop.
+    const std::string wait_key = "g" + std::to_string(gen_no_) + "/s" + std::to_string(step_) + "/a" +
+                                 std::to_string(attempt);
+    if (elastic_) elastic_->SetWaiting(wait_key + "/reduce");
     Status reduced = FinishReduce();
+    if (elastic_) elastic_->SetWaiting("");
     if (!reduced.ok()) {
       KEEL_RETURN_IF_ERROR(GroupFailed(reduced));
       continue;
     }
     // (4) Commit vote: every member reports what it contributed and its checks (non-finite values, parameter
     //     and state hashes, cross-checked gradients); the outcome is a pure function of the gathered votes.
+    const auto t_vote = Clock::now();
     std::vector<VoteRecord> records;
+    if (elastic_) elastic_->SetWaiting(wait_key + "/vote");
     auto vote = VoteOnStep(&records);
+    if (elastic_) elastic_->SetWaiting("");
     if (!vote.ok()) {
       KEEL_RETURN_IF_ERROR(GroupFailed(vote.status()));
       continue;
@@ -554,7 +568,11 @@ Result<bool> Trainer::RunStep() {
       continue;
     }
     // (5) Only now: the optimizer step.
+    const auto t_apply = Clock::now();
     const double gnorm = Apply(*vote, records);
+    phase_ms_ = {std::chrono::duration<double>(t_reduce - t_compute).count() * 1e3,
+                 std::chrono::duration<double>(t_vote - t_reduce).count() * 1e3,
+                 std::chrono::duration<double>(t_apply - t_vote).count() * 1e3, Since(t_apply) * 1e3};
     return AfterCommit(*vote, gnorm, Since(t0), attempt + 1);
   }
 }
@@ -651,6 +669,7 @@ Status Trainer::GroupFailed(const Status& why) {
 
 Trainer::Plan Trainer::MakePlan(int attempt) {
   Plan p;
+  p.attempt = attempt;
   if (static_cast<int>(group_held_.size()) != size_) group_held_.assign(static_cast<size_t>(size_), MicroSet{});
   if (static_cast<int>(avoid_.size()) != size_) avoid_.assign(static_cast<size_t>(size_), MicroSet{});
   group_held_[static_cast<size_t>(index_)] = held_;
@@ -668,6 +687,19 @@ Trainer::Plan Trainer::MakePlan(int attempt) {
     }
   p.assigned = AssignMicroBatches(M_, group_held_, shares, avoid_);
   p.mine = p.assigned[static_cast<size_t>(index_)];
+  // Record when straggler shares change how a full step is split (the leader, on fresh attempts).
+  if (leader() && attempt == 0 && elastic_) {
+    std::vector<int> counts;
+    for (const auto& a : p.assigned) counts.push_back(a.Count());
+    if (counts != last_counts_) {
+      if (!last_counts_.empty() || std::any_of(shares.begin(), shares.end(), [](double x) { return x < 0.95; })) {
+        Emit("shares", {{"step", step_}, {"members", members_}, {"micro_batches", counts}, {"shares", shares}});
+        log_("step " + std::to_string(step_ + 1) + ": micro-batches per member " + UidList(std::vector<int64_t>(
+                 counts.begin(), counts.end())) + " (members " + UidList(members_) + ", by measured speed)");
+      }
+      last_counts_ = counts;
+    }
+  }
   if (o_.deterministic && o_.verify_fraction > 0)
     p.verify = PickVerifications(o_.seed, step_, attempt, o_.verify_fraction, p.assigned);
   return p;
@@ -718,6 +750,16 @@ void Trainer::Compute(const Plan& plan) {
   };
   bool first_sum = true;
   if (!o_.deterministic && held_.Empty()) model_->ZeroGrads();
+  // Injected stall: this member is in the reduce (it says so in its heartbeat) but sends nothing, as if its
+  // collective never returned; it resumes when its watchdog aborts the generation (or after the stall).
+  double stall_s = 0;
+  if (inject_ && elastic_ && inject_->StallCollective(step, &stall_s)) {
+    elastic_->SetWaiting("g" + std::to_string(gen_no_) + "/s" + std::to_string(step_) + "/a" +
+                         std::to_string(plan.attempt) + "/reduce");
+    const auto until = Clock::now() + std::chrono::duration<double>(stall_s);
+    while (Clock::now() < until && !elastic_->generation_dead())
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
   for (size_t k = 0; k < tasks.size(); ++k) {
     const Task& t = tasks[k];
     const auto tm = Clock::now();
@@ -758,12 +800,13 @@ void Trainer::Compute(const Plan& plan) {
       verify_hashes_.push_back({t.micro, Hash64(grads_host_, P_ * sizeof(float))});
     if (t.sum) {
       ++computed_;
+      const bool was_first = first_sum;
       first_sum = false;
       if (nonfinite > 0) {
         bad_.Set(t.micro);
       } else {
         held_.Set(t.micro);
-        held_loss_[t.micro] = loss;
+        held_loss_[t.micro] = loss * (inject_ && was_first ? inject_->LossFactor(step) : 1.0);
       }
       if (inject_) inject_->AfterMicroBatch(step);
     }
@@ -998,6 +1041,25 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
       result_.last_val_loss = val_loss;
     }
   }
+  // Checkpoint at the boundary (the leader writes; the state is identical on every member).
+  const bool stop_now = v.stop;
+  double ckpt_stall_ms = -1;
+  const bool want_ckpt = stop_now || (o_.checkpoint_every > 0 && (last || step_ % o_.checkpoint_every == 0));
+  if (want_ckpt && leader()) {
+    EnsureRunDir();
+    const auto t_ckpt = Clock::now();
+    KEEL_ASSIGN_OR_RETURN(auto files, EncodeCheckpoint(step_));
+    bool then_kill = true;
+    if (inject_ && inject_->TruncateCheckpoint(step_, &then_kill)) {
+      WriteTruncatedCheckpoint(o_.out_dir, step_, files);
+      if (then_kill) ::raise(SIGKILL);
+      for (;;) std::this_thread::sleep_for(std::chrono::seconds(3600));
+    }
+    KEEL_RETURN_IF_ERROR(ckpt_->Start(std::move(files), step_));
+    // The training thread's share of an asynchronous checkpoint (snapshot encoding + waiting for the
+    // previous write): the stall it adds to this step.
+    ckpt_stall_ms = Since(t_ckpt) * 1e3;
+  }
   if (leader()) {
     EnsureRunDir();
     if (!metrics_) {
@@ -1014,7 +1076,11 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
                         {"tokens_per_s", tok_s}, {"mfu", mfu}, {"step_ms", dt * 1e3}, {"workers", size_},
                         {"elapsed_s", Since(t_start_)}};
     if (elastic_) m["gen"] = gen_no_, m["attempts"] = attempts;
+    if (phase_ms_.size() == 4)
+      m["phase_ms"] = {{"compute", phase_ms_[0]}, {"reduce_wait", phase_ms_[1]}, {"vote", phase_ms_[2]},
+                       {"apply", phase_ms_[3]}};
     if (val_loss >= 0) m["val_loss"] = val_loss;
+    if (ckpt_stall_ms >= 0) m["checkpoint_stall_ms"] = ckpt_stall_ms;
     *metrics_ << m.dump() << "\n";
     metrics_->flush();
     nlohmann::json ev = {{"step", step}, {"gen", gen_no_}, {"members", size_}, {"attempts", attempts},
@@ -1041,20 +1107,6 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
     metrics_.reset();  // a member that becomes leader later reopens (and trims) the file
   }
   faults_pending_since_step_ = -1;
-  // Checkpoint at the boundary (the leader writes; the state is identical on every member).
-  const bool stop_now = v.stop;
-  const bool want_ckpt = stop_now || (o_.checkpoint_every > 0 && (last || step_ % o_.checkpoint_every == 0));
-  if (want_ckpt && leader()) {
-    EnsureRunDir();
-    KEEL_ASSIGN_OR_RETURN(auto files, EncodeCheckpoint(step_));
-    bool then_kill = true;
-    if (inject_ && inject_->TruncateCheckpoint(step_, &then_kill)) {
-      WriteTruncatedCheckpoint(o_.out_dir, step_, files);
-      if (then_kill) ::raise(SIGKILL);
-      for (;;) std::this_thread::sleep_for(std::chrono::seconds(3600));
-    }
-    KEEL_RETURN_IF_ERROR(ckpt_->Start(std::move(files), step_));
-  }
   if (stop_now && !last) {
     result_.stopped_early = true;
     if (leader()) {
