@@ -1,6 +1,8 @@
 // gpt.cc: GPT-2 forward, backward and KV-cached decoding, written as a sequence of backend ops.
 #include "model/gpt.h"
 
+#include <algorithm>
+#include <cassert>
 #include <cmath>
 
 #include "core/hash.h"
@@ -194,13 +196,15 @@ void GptModel::Backward(const std::function<void(int group)>& on_group_ready) {
 // ---------------------------------------------------------------------------------------------------------
 // DecodeState
 
-Result<std::unique_ptr<DecodeState>> DecodeState::Create(GptModel* model, int B, int maxT) {
+Result<std::unique_ptr<DecodeState>> DecodeState::Create(GptModel* model, int B, int maxT, int max_rows) {
   const GptConfig& c = model->config();
   if (B <= 0) return InvalidArgument("decode batch must be positive");
   if (maxT <= 0 || maxT > c.ctx)
     return InvalidArgument("decode context " + std::to_string(maxT) + " must be in [1, " + std::to_string(c.ctx) +
                            "]");
-  std::unique_ptr<DecodeState> s(new DecodeState(model, B, maxT));
+  if (max_rows < 0) return InvalidArgument("decode rows must be >= 0");
+  const int R = std::max(B, max_rows);
+  std::unique_ptr<DecodeState> s(new DecodeState(model, B, maxT, R));
   Backend* be = model->backend();
   const size_t C = c.dim;
   auto alloc = [&](size_t n, float** out) -> Status {
@@ -216,17 +220,21 @@ Result<std::unique_ptr<DecodeState>> DecodeState::Create(GptModel* model, int B,
     KEEL_RETURN_IF_ERROR(alloc(static_cast<size_t>(B) * maxT * C, &s->k_cache_[l]));
     KEEL_RETURN_IF_ERROR(alloc(static_cast<size_t>(B) * maxT * C, &s->v_cache_[l]));
   }
-  for (auto [p, n] : {std::pair{&s->x_, B * C}, {&s->ln_, B * C}, {&s->mean_, size_t(B)}, {&s->rstd_, size_t(B)},
-                      {&s->qkv_, 3 * B * C}, {&s->atty_, B * C}, {&s->tmp_, B * C}, {&s->fch_, 4 * B * C},
-                      {&s->fch_gelu_, 4 * B * C}, {&s->logits_, size_t(B) * c.vocab},
-                      {&s->scratch_, size_t(B) * c.heads * maxT}})
+  const size_t Rs = static_cast<size_t>(R);
+  for (auto [p, n] : {std::pair{&s->x_, Rs * C}, {&s->ln_, Rs * C}, {&s->mean_, Rs}, {&s->rstd_, Rs},
+                      {&s->qkv_, 3 * Rs * C}, {&s->atty_, Rs * C}, {&s->tmp_, Rs * C}, {&s->fch_, 4 * Rs * C},
+                      {&s->fch_gelu_, 4 * Rs * C}, {&s->logits_, size_t(B) * c.vocab}, {&s->lnsel_, size_t(B) * C},
+                      {&s->scratch_, Rs * c.heads * maxT}})
     KEEL_RETURN_IF_ERROR(alloc(n, p));
-  auto t = be->AllocInt(B);
+  auto t = be->AllocInt(Rs);
   if (!t.ok()) return t.status();
   s->tok_ = t.value();
-  auto p = be->AllocInt(B);
+  auto p = be->AllocInt(Rs);
   if (!p.ok()) return p.status();
   s->pos_ = p.value();
+  s->identity_.resize(Rs);
+  for (int i = 0; i < R; ++i) s->identity_[static_cast<size_t>(i)] = i;
+  s->host_logits_.reserve(size_t(B) * c.vocab);
   return s;
 }
 
@@ -239,10 +247,21 @@ DecodeState::~DecodeState() {
 
 const std::vector<float>& DecodeState::Step(const int32_t* tokens, const int32_t* positions, int n) {
   assert(n > 0 && n <= B_);
+  return StepRows(tokens, positions, identity_.data(), n, identity_.data(), n);
+}
+
+const std::vector<float>& DecodeState::StepRows(const int32_t* tokens, const int32_t* positions,
+                                                const int32_t* slots, int n, const int32_t* logit_rows,
+                                                int n_logits) {
+  assert(n > 0 && n <= R_ && n_logits >= 0 && n_logits <= B_);
   GptModel& m = *model_;
   Backend* be = m.backend();
   const GptConfig& c = m.config();
   const int C = c.dim, NH = c.heads, V = c.vocab;
+  const size_t Cs = static_cast<size_t>(C);
+  // Row b in slot b for every b: the batched AttentionDecode applies as is.
+  bool identity = true;
+  for (int b = 0; b < n && identity; ++b) identity = slots[b] == b;
   be->UploadInt(tok_, tokens, n);
   be->UploadInt(pos_, positions, n);
   be->EncoderForward(x_, tok_, pos_, m.P(0), m.P(1), n, 1, C);
@@ -250,14 +269,18 @@ const std::vector<float>& DecodeState::Step(const int32_t* tokens, const int32_t
     auto W = [&](int k) { return m.P(m.LayerTensor(l, k)); };
     be->LayerNormForward(ln_, mean_, rstd_, x_, W(kLn1W), W(kLn1B), n, C);
     be->MatmulForward(qkv_, ln_, W(kQkvW), W(kQkvB), n, C, 3 * C);
+    // Every row's K and V go into the cache before any row attends, so rows of one slot see each other.
     for (int b = 0; b < n; ++b) {
-      size_t slot = (static_cast<size_t>(b) * maxT_ + positions[b]) * C;
-      be->Copy(k_cache_[l] + slot, qkv_ + static_cast<size_t>(b) * 3 * C + C, C);
-      be->Copy(v_cache_[l] + slot, qkv_ + static_cast<size_t>(b) * 3 * C + 2 * C, C);
+      size_t slot = (static_cast<size_t>(slots[b]) * maxT_ + positions[b]) * Cs;
+      be->Copy(k_cache_[l] + slot, qkv_ + static_cast<size_t>(b) * 3 * Cs + Cs, Cs);
+      be->Copy(v_cache_[l] + slot, qkv_ + static_cast<size_t>(b) * 3 * Cs + 2 * Cs, Cs);
     }
-    // q rows are strided by 3C in qkv_; gather them into atty_ as the [n, C] query block.
-    for (int b = 0; b < n; ++b) be->Copy(tmp_ + static_cast<size_t>(b) * C, qkv_ + static_cast<size_t>(b) * 3 * C, C);
-    be->AttentionDecode(atty_, tmp_, k_cache_[l], v_cache_[l], pos_, scratch_, n, maxT_, C, NH);
+    // q rows are strided by 3C in qkv_; gather them into tmp_ as the [n, C] query block.
+    for (int b = 0; b < n; ++b) be->Copy(tmp_ + static_cast<size_t>(b) * Cs, qkv_ + static_cast<size_t>(b) * 3 * Cs, Cs);
+    if (identity)
+      be->AttentionDecode(atty_, tmp_, k_cache_[l], v_cache_[l], pos_, scratch_, n, maxT_, C, NH);
+    else
+      be->AttentionDecodeSlots(atty_, tmp_, k_cache_[l], v_cache_[l], pos_, slots, scratch_, n, maxT_, C, NH);
     be->MatmulForward(tmp_, atty_, W(kProjW), W(kProjB), n, C, C);
     be->ResidualForward(x_, x_, tmp_, static_cast<size_t>(n) * C);
     be->LayerNormForward(ln_, mean_, rstd_, x_, W(kLn2W), W(kLn2B), n, C);
@@ -266,10 +289,23 @@ const std::vector<float>& DecodeState::Step(const int32_t* tokens, const int32_t
     be->MatmulForward(tmp_, fch_gelu_, W(kFcProjW), W(kFcProjB), n, 4 * C, C);
     be->ResidualForward(x_, x_, tmp_, static_cast<size_t>(n) * C);
   }
-  const size_t lnf = m.tensors().size() - 2;
-  be->LayerNormForward(ln_, mean_, rstd_, x_, m.P(lnf), m.P(lnf + 1), n, C);
-  be->MatmulForward(logits_, ln_, m.P(0), nullptr, n, C, V);
-  host_logits_.resize(static_cast<size_t>(n) * V);
+  host_logits_.resize(static_cast<size_t>(n_logits) * V);
+  if (n_logits == 0) return host_logits_;
+  // The final LayerNorm and the LM head (the largest matmul) run only on the rows whose logits are wanted.
+  bool all_rows = n_logits == n;
+  for (int i = 0; i < n_logits && all_rows; ++i) all_rows = logit_rows[i] == i;
+  const float* head_in = ln_;
+  if (all_rows) {
+    const size_t lnf = m.tensors().size() - 2;
+    be->LayerNormForward(ln_, mean_, rstd_, x_, m.P(lnf), m.P(lnf + 1), n, C);
+  } else {
+    for (int i = 0; i < n_logits; ++i)
+      be->Copy(tmp_ + static_cast<size_t>(i) * Cs, x_ + static_cast<size_t>(logit_rows[i]) * Cs, Cs);
+    const size_t lnf = m.tensors().size() - 2;
+    be->LayerNormForward(lnsel_, mean_, rstd_, tmp_, m.P(lnf), m.P(lnf + 1), n_logits, C);
+    head_in = lnsel_;
+  }
+  be->MatmulForward(logits_, head_in, m.P(0), nullptr, n_logits, C, V);
   be->Download(host_logits_.data(), logits_, host_logits_.size());
   return host_logits_;
 }

@@ -82,28 +82,43 @@ class GptModel {
   friend class DecodeState;
 };
 
-// KV-cached incremental decoding for up to B sequences of up to maxT positions: each Step() advances every
+// KV-cached incremental decoding for up to B sequences ("slots") of up to maxT positions: each Step() advances every
 // active sequence by one position at the cost of one position (not the whole context).
+//
+// StepRows() is the general form a continuous-batching server uses: any set of slots, and several rows per slot
+// (a chunk of a prompt fed in one step). Step() is StepRows() with row b in slot b and logits for every row.
+// Buffers are allocated once in Create(); steps do not allocate (after the first call at a given size).
+// Thread safety: one thread at a time (and not concurrently with other users of the same GptModel).
 class DecodeState {
  public:
-  static Result<std::unique_ptr<DecodeState>> Create(GptModel* model, int B, int maxT);
+  // max_rows: the most rows one StepRows() may feed (0: B).
+  static Result<std::unique_ptr<DecodeState>> Create(GptModel* model, int B, int maxT, int max_rows = 0);
   ~DecodeState();
   // Feeds tokens[b] at position positions[b] for b < n (positions < maxT, and each sequence's positions
   // fed in order); returns logits [n, V] on the host.
   const std::vector<float>& Step(const int32_t* tokens, const int32_t* positions, int n);
+  // Feeds row i = (tokens[i], positions[i]) into KV-cache slot slots[i] for i < n <= max_rows. Rows of one slot
+  // must have distinct positions, and every position below a row's position must be filled by earlier steps or
+  // by another row of this step (each row attends to its slot's positions 0..positions[i]). Returns the logits
+  // of the rows listed in logit_rows (n_logits <= max_batch() of them, in that order) as [n_logits, V].
+  const std::vector<float>& StepRows(const int32_t* tokens, const int32_t* positions, const int32_t* slots, int n,
+                                     const int32_t* logit_rows, int n_logits);
   int max_batch() const { return B_; }
   int max_positions() const { return maxT_; }
+  int max_rows() const { return R_; }
 
  private:
-  DecodeState(GptModel* m, int B, int maxT) : model_(m), B_(B), maxT_(maxT) {}
+  DecodeState(GptModel* m, int B, int maxT, int R) : model_(m), B_(B), maxT_(maxT), R_(R) {}
   GptModel* model_;
-  int B_, maxT_;
+  int B_, maxT_, R_;
   std::vector<float*> k_cache_, v_cache_;  // per layer [B, maxT, C]
   float *x_ = nullptr, *ln_ = nullptr, *mean_ = nullptr, *rstd_ = nullptr, *qkv_ = nullptr, *atty_ = nullptr,
-        *tmp_ = nullptr, *fch_ = nullptr, *fch_gelu_ = nullptr, *logits_ = nullptr, *scratch_ = nullptr;
+        *tmp_ = nullptr, *fch_ = nullptr, *fch_gelu_ = nullptr, *logits_ = nullptr, *scratch_ = nullptr,
+        *lnsel_ = nullptr;
   int32_t *tok_ = nullptr, *pos_ = nullptr;
   std::vector<float*> owned_;
   std::vector<float> host_logits_;
+  std::vector<int32_t> identity_;  // 0..max(B, R)-1, for Step()
 };
 
 }  // namespace keel

@@ -5,7 +5,8 @@ namespace keel::cli {
 
 const std::vector<Command>& Commands() {
   static const std::vector<Command> kCommands = {
-      {"prepare", RunPrepare}, {"train", RunTrain}, {"sample", RunSample}, {"info", RunInfo}, {"export", RunExport}};
+      {"prepare", RunPrepare}, {"train", RunTrain}, {"sample", RunSample}, {"info", RunInfo}, {"export", RunExport},
+      {"serve", RunServe}};
   return kCommands;
 }
 

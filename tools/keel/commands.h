@@ -17,5 +17,6 @@ int RunTrain(int argc, char** argv);
 int RunSample(int argc, char** argv);
 int RunInfo(int argc, char** argv);
 int RunExport(int argc, char** argv);
+int RunServe(int argc, char** argv);
 
 }  // namespace keel::cli

@@ -15,6 +15,7 @@ void Usage() {
                "  sample    generate text from a checkpoint\n"
                "  info      describe a data dir, run dir or checkpoint\n"
                "  export    write a model as GGUF (llama.cpp) or Hugging Face safetensors\n"
+               "  serve     serve a model over HTTP (OpenAI-compatible API, web page)\n"
                "run 'keel <command> --help' for the options of a command\n");
 }
 }  // namespace

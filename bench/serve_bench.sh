@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# bench/serve_bench.sh: keel serve's decode speed and behaviour under load, on one model and prompt, in one run.
+#   1. single-stream decode tokens/s: keel serve vs a KV-cached PyTorch implementation of the same model
+#      (bench/serve_bench_torch.py, same thread count) and, when LLAMA_CPP_BIN points at llama.cpp's llama-bench
+#      or llama-cli, vs llama.cpp running keel's own GGUF export (f32) of the model. Never downloads or builds
+#      llama.cpp.
+#   2. aggregate generated tokens/s and p50/p99 time-to-first-token with 1, 4 and 16 concurrent streaming clients
+#      (keel serve --parallel 16; each client sends REQS requests back to back, temperature 0.8).
+# Prints Markdown tables.
+#
+#   bash bench/serve_bench.sh [THREADS] [DECODE_TOKENS]      (defaults: all cores, 128)
+# Model shape (env): LAYERS HEADS DIM CTX VOCAB (default 12 12 768 512 50257: GPT-2 small's shape, the byte
+# tokenizer padded to GPT-2's vocabulary so the LM head is the real 50257 x 768 matrix-vector product). The
+# weights come from one training step: decode speed does not depend on their values. Needs build/keel
+# (scripts/build) and Debian's python3-torch (/usr/bin/python3). Not a test: figures vary with the machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+THREADS=${1:-$(nproc)}
+TOKENS=${2:-128}
+LAYERS=${LAYERS:-12} HEADS=${HEADS:-12} DIM=${DIM:-768} CTX=${CTX:-512} VOCAB=${VOCAB:-50257}
+REQS=${REQS:-4}
+LOAD_TOKENS=${LOAD_TOKENS:-64}
+PY=/usr/bin/python3
+KEEL=./build/keel
+WORK=$(mktemp -d)
+SERVER_PID=""
+cleanup() {
+  if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+echo "preparing a ${LAYERS}L/${HEADS}H/${DIM}C ctx ${CTX} vocab ${VOCAB} model..." >&2
+printf 'the quick brown fox jumps over the lazy dog %s\n' $(seq 1 20000) > "$WORK/corpus.txt"
+$KEEL prepare --input "$WORK/corpus.txt" --out "$WORK/data" --tokenizer byte >/dev/null 2>&1
+$KEEL train --data "$WORK/data" --out "$WORK/run" --layers "$LAYERS" --heads "$HEADS" --dim "$DIM" --ctx "$CTX" \
+  --vocab "$VOCAB" --batch 1 --steps 1 --threads "$THREADS" --no-progress --eval-every 0 --eval-batches 1 \
+  --keep 1 >"$WORK/train.log" 2>&1 || { cat "$WORK/train.log"; exit 1; }
+CKPT=$(ls -d "$WORK"/run/ckpt-* | tail -n 1)
+
+# The same prompt everywhere: 32 bytes = 32 byte-tokenizer ids.
+PROMPT="The quick brown fox jumps over t"
+IDS=$($PY -c "import sys; print(','.join(str(b) for b in sys.argv[1].encode()))" "$PROMPT")
+
+start_server() {  # extra flags
+  $KEEL serve "$CKPT" --port 0 --threads "$THREADS" --model-name bench "$@" >"$WORK/serve.log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 1 600); do
+    PORT=$(sed -n 's/.*listening on http:\/\/[^:]*:\([0-9]*\).*/\1/p' "$WORK/serve.log")
+    [ -n "$PORT" ] && return 0
+    sleep 0.1
+  done
+  cat "$WORK/serve.log"
+  exit 1
+}
+stop_server() {
+  kill -TERM "$SERVER_PID"
+  wait "$SERVER_PID" || true
+  SERVER_PID=""
+}
+
+echo "single-stream decode..." >&2
+start_server --parallel 16
+KEEL_SINGLE=$($PY bench/serve_bench_client.py single --port "$PORT" --prompt-ids "$IDS" --tokens "$TOKENS")
+TORCH_SINGLE=$($PY bench/serve_bench_torch.py "$CKPT" --prompt-ids "$IDS" --tokens "$TOKENS" --threads "$THREADS" \
+  --vocab-limit 256 2>/dev/null | tail -n 1)
+
+LLAMA=""
+if [ -n "${LLAMA_CPP_BIN:-}" ]; then
+  echo "llama.cpp ($LLAMA_CPP_BIN)..." >&2
+  $KEEL export "$CKPT" --format gguf --dtype f32 --out "$WORK/model.gguf" >"$WORK/export.log" 2>&1 ||
+    { cat "$WORK/export.log"; exit 1; }
+  case "$(basename "$LLAMA_CPP_BIN")" in
+    *bench*)
+      LLAMA=$("$LLAMA_CPP_BIN" -m "$WORK/model.gguf" -p 0 -n "$TOKENS" -t "$THREADS" -r 3 -o json 2>/dev/null |
+        $PY -c "import json,sys; r=[x for x in json.load(sys.stdin) if x.get('n_gen',0)>0]; print(r[0]['avg_ts'])")
+      ;;
+    *)
+      "$LLAMA_CPP_BIN" -m "$WORK/model.gguf" -p "$PROMPT" -n "$TOKENS" -t "$THREADS" --temp 0 --ignore-eos \
+        -no-cnv >"$WORK/llama.out" 2>"$WORK/llama.err" </dev/null || true
+      LLAMA=$(sed -n 's/.*eval time.*runs *(.*, *\([0-9.]*\) tokens per second).*/\1/p' "$WORK/llama.err" |
+        grep -v prompt | tail -n 1)
+      [ -n "$LLAMA" ] || LLAMA=$(grep -E "^.*[^t] eval time" "$WORK/llama.err" | sed -n 's/.*, *\([0-9.]*\) tokens per second.*/\1/p' | tail -n 1)
+      ;;
+  esac
+fi
+
+echo "load: 1, 4, 16 clients..." >&2
+LOADS=()
+for c in 1 4 16; do
+  LOADS+=("$($PY bench/serve_bench_client.py load --port "$PORT" --prompt-ids "$IDS" --tokens "$LOAD_TOKENS" \
+    --clients "$c" --requests "$REQS")")
+done
+stop_server
+
+$PY - "$THREADS" "$TOKENS" "$LAYERS/$HEADS/$DIM ctx $CTX vocab $VOCAB" "$KEEL_SINGLE" "$TORCH_SINGLE" \
+  "${LLAMA:-}" "$LOAD_TOKENS" "$REQS" "${LOADS[@]}" <<'PY'
+import json, platform, subprocess, sys
+threads, tokens, shape, keel, torch_r, llama, load_tokens, reqs = sys.argv[1:9]
+loads = [json.loads(x) for x in sys.argv[9:]]
+k, t = json.loads(keel), json.loads(torch_r)
+cpu = subprocess.run(["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True, text=True).stdout.strip()
+print(f"keel serve benchmark: {shape} (byte tokenizer), {threads} threads, {cpu}, PyTorch {t['torch']}")
+print()
+print(f"Single-stream greedy decode, 32-token prompt, {tokens} new tokens (decode steps only):")
+print()
+print("| implementation | decode tok/s | vs keel |")
+print("|---|---|---|")
+kd = k["decode_tok_s"]
+print(f"| keel serve (HTTP, streamed) | {kd:.1f} | 1.00x |")
+print(f"| PyTorch, KV cache (in process) | {t['decode_tok_s']:.1f} | {t['decode_tok_s']/kd:.2f}x |")
+if llama:
+    print(f"| llama.cpp, keel's GGUF export (f32) | {float(llama):.1f} | {float(llama)/kd:.2f}x |")
+else:
+    print("| llama.cpp | not run (set LLAMA_CPP_BIN) | |")
+print()
+print(f"keel serve --parallel 16 under load: each client sends {reqs} streaming requests back to back "
+      f"(32-token prompt, {load_tokens} new tokens, temperature 0.8):")
+print()
+print("| concurrent clients | aggregate tok/s | TTFT p50 | TTFT p99 | requests |")
+print("|---|---|---|---|---|")
+for l in loads:
+    err = f" ({len(l['errors'])} errors: {l['errors'][0]})" if l["errors"] else ""
+    print(f"| {l['clients']} | {l['agg_tok_s']:.1f} | {l['ttft_p50_ms']:.0f} ms | {l['ttft_p99_ms']:.0f} ms "
+          f"| {l['requests']}{err} |")
+PY

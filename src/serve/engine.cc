@@ -1,0 +1,395 @@
+// engine.cc: the continuous-batching scheduler (see engine.h).
+#include "serve/engine.h"
+
+#include <algorithm>
+
+#include "data/tokenizer.h"
+#include "model/gpt.h"
+
+namespace keel {
+
+const char* FinishReasonName(FinishReason r) {
+  switch (r) {
+    case FinishReason::kStop: return "stop";
+    case FinishReason::kLength: return "length";
+    case FinishReason::kCancelled: return "cancelled";
+    default: return "";
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Generation
+
+Generation::Update Generation::Wait(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> l(mu_);
+  cv_.wait_for(l, timeout, [&] { return finished_ || !text_.empty() || !tokens_.empty(); });
+  Update u;
+  u.text.swap(text_);
+  u.tokens.swap(tokens_);
+  u.finished = finished_;
+  u.reason = reason_;
+  u.error = error_;
+  u.prompt_tokens = prompt_tokens_;
+  u.completion_tokens = completion_tokens_;
+  return u;
+}
+
+void Generation::Cancel() { cancel_ = true; }
+
+void Generation::Publish(const std::string& text, const std::vector<int32_t>& tokens, int completion_tokens) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    text_ += text;
+    tokens_.insert(tokens_.end(), tokens.begin(), tokens.end());
+    completion_tokens_ = completion_tokens;
+  }
+  cv_.notify_all();
+}
+
+void Generation::Finish(FinishReason reason, Status error, int completion_tokens) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    finished_ = true;
+    reason_ = reason;
+    error_ = std::move(error);
+    completion_tokens_ = completion_tokens;
+  }
+  cv_.notify_all();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Engine
+
+namespace {
+
+// Bytes at the end of s (after `from`) that begin an incomplete UTF-8 sequence, to hold back until it completes.
+size_t IncompleteUtf8Tail(const std::string& s, size_t from) {
+  const size_t n = s.size();
+  for (size_t back = 1; back <= 3 && back <= n - from; ++back) {
+    const auto c = static_cast<unsigned char>(s[n - back]);
+    if ((c & 0xC0) == 0x80) continue;  // continuation byte: keep looking for the lead
+    size_t need = c >= 0xF0 && c <= 0xF4 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 && c <= 0xDF ? 2 : 1;
+    if (c >= 0xF5) need = 1;
+    return need > back ? back : 0;
+  }
+  return 0;
+}
+
+// Length of the longest suffix of s (after `from`) that is a proper prefix of stop.
+size_t StopPrefixTail(const std::string& s, size_t from, const std::string& stop) {
+  size_t avail = s.size() - from;
+  for (size_t k = std::min(stop.size() - 1, avail); k > 0; --k)
+    if (s.compare(s.size() - k, k, stop, 0, k) == 0) return k;
+  return 0;
+}
+
+}  // namespace
+
+Engine::Engine(GptModel* model, const Tokenizer* tok, const EngineOptions& o, ServeMetrics* metrics)
+    : model_(model), tok_(tok), opts_(o), metrics_(metrics) {}
+
+Result<std::unique_ptr<Engine>> Engine::Create(GptModel* model, const Tokenizer* tokenizer, const EngineOptions& o,
+                                               ServeMetrics* metrics) {
+  const GptConfig& c = model->config();
+  if (o.parallel < 1 || o.parallel > 4096) return InvalidArgument("--parallel must be in [1, 4096]");
+  if (o.queue < 0) return InvalidArgument("--queue must be >= 0");
+  if (o.prefill_chunk < 1) return InvalidArgument("the prefill chunk must be >= 1");
+  const int ctx = o.ctx == 0 ? c.ctx : o.ctx;
+  if (ctx < 2 || ctx > c.ctx)
+    return InvalidArgument("--ctx " + std::to_string(o.ctx) + " must be in [2, " + std::to_string(c.ctx) +
+                           "] (the model's context)");
+  if (tokenizer->vocab_size() > c.vocab) return InvalidArgument("the tokenizer's vocabulary exceeds the model's");
+  std::unique_ptr<Engine> e(new Engine(model, tokenizer, o, metrics));
+  e->ctx_ = ctx;
+  e->vocab_ = std::min(c.vocab, tokenizer->vocab_size());
+  KEEL_ASSIGN_OR_RETURN(e->state_, DecodeState::Create(model, o.parallel, ctx, o.parallel + o.prefill_chunk));
+  e->slots_.resize(static_cast<size_t>(o.parallel));
+  if (metrics) metrics->SetSlots(o.parallel);
+  e->thread_ = std::thread([p = e.get()] { p->Loop(); });
+  return e;
+}
+
+Engine::~Engine() { Shutdown(std::chrono::steady_clock::now()); }
+
+int Engine::queued() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return static_cast<int>(queue_.size());
+}
+
+std::shared_ptr<Generation> Engine::Submit(GenerationRequest request, SubmitStatus* status, std::string* error) {
+  auto fail = [&](SubmitStatus s, std::string msg) -> std::shared_ptr<Generation> {
+    *status = s;
+    if (error) *error = std::move(msg);
+    return nullptr;
+  };
+  const int n = static_cast<int>(request.prompt.size());
+  if (n < 1) return fail(SubmitStatus::kInvalid, "the prompt must hold at least one token");
+  if (n >= ctx_)
+    return fail(SubmitStatus::kInvalid, "the prompt is " + std::to_string(n) + " tokens; the context holds " +
+                                            std::to_string(ctx_) + " (prompt and completion together)");
+  for (int32_t t : request.prompt)
+    if (t < 0 || t >= model_->config().vocab) return fail(SubmitStatus::kInvalid, "prompt token out of range");
+  if (request.max_tokens < 0) return fail(SubmitStatus::kInvalid, "max_tokens must be >= 0");
+  auto gen = std::make_shared<Generation>();
+  gen->prompt_tokens_ = n;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (!accepting_) {
+      if (metrics_) metrics_->CountRejected("shutting_down");
+      return fail(SubmitStatus::kShuttingDown, "the server is shutting down");
+    }
+    // Requests beyond the free slots wait in the queue; `queue` bounds how many may wait.
+    const int free_slots = opts_.parallel - active_.load();
+    if (static_cast<int>(queue_.size()) >= opts_.queue + std::max(0, free_slots)) {
+      if (metrics_) metrics_->CountRejected("queue_full");
+      return fail(SubmitStatus::kQueueFull, "the server is busy: " + std::to_string(queue_.size()) +
+                                                " requests are waiting (--queue " + std::to_string(opts_.queue) +
+                                                "); retry later");
+    }
+    queue_.push_back(Pending{gen, std::move(request), std::chrono::steady_clock::now()});
+    ++busy_;
+    if (metrics_) metrics_->SetQueueDepth(static_cast<int>(queue_.size()));
+  }
+  cv_.notify_all();
+  *status = SubmitStatus::kOk;
+  return gen;
+}
+
+void Engine::BeginShutdown() {
+  std::lock_guard<std::mutex> l(mu_);
+  accepting_ = false;
+}
+
+void Engine::Shutdown(std::chrono::steady_clock::time_point deadline) {
+  std::call_once(shutdown_once_, [&] {
+    std::unique_lock<std::mutex> l(mu_);
+    accepting_ = false;
+    idle_cv_.wait_until(l, deadline, [&] { return busy_ == 0; });
+    if (busy_ > 0) {
+      // Past the deadline: the scheduler cancels whatever is still queued or running before its next step.
+      for (auto& p : queue_) p.gen->Cancel();
+      shutdown_cancel_ = true;
+    }
+    stop_ = true;
+    l.unlock();
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  });
+}
+
+void Engine::Admit(Slot& s, Pending p) {
+  s.gen = std::move(p.gen);
+  s.req = std::move(p.req);
+  s.rng = Rng(s.req.sampling.seed);
+  s.fed = 0;
+  s.next = 0;
+  s.generated = 0;
+  s.text.clear();
+  s.published = 0;
+  s.new_tokens.clear();
+  s.max_stop = 0;
+  for (const auto& st : s.req.stop) s.max_stop = std::max(s.max_stop, st.size());
+  s.submitted = p.submitted;
+  s.order = next_order_++;
+  if (metrics_) metrics_->AddPromptTokens(static_cast<int64_t>(s.req.prompt.size()));
+  active_ += 1;
+}
+
+void Engine::FinishSlot(Slot& s, FinishReason reason, Status error) {
+  if (reason != FinishReason::kCancelled) {
+    // Flush everything (a trailing partial UTF-8 sequence included).
+    s.gen->Publish(s.text.substr(s.published), s.new_tokens, s.generated);
+    s.published = s.text.size();
+    s.new_tokens.clear();
+  } else if (metrics_) {
+    metrics_->CountCancelled();
+  }
+  s.gen->Finish(reason, std::move(error), s.generated);
+  s.gen.reset();
+  active_ -= 1;
+  std::lock_guard<std::mutex> l(mu_);
+  if (--busy_ == 0) idle_cv_.notify_all();
+}
+
+void Engine::PublishSafe(Slot& s) {
+  size_t hold = 0;
+  for (const auto& st : s.req.stop) hold = std::max(hold, StopPrefixTail(s.text, s.published, st));
+  size_t end = s.text.size() - hold;
+  end -= IncompleteUtf8Tail(s.text.substr(0, end), s.published);
+  if (end > s.published || !s.new_tokens.empty()) {
+    s.gen->Publish(s.text.substr(s.published, end - s.published), s.new_tokens, s.generated);
+    s.published = std::max(s.published, end);
+    s.new_tokens.clear();
+  }
+}
+
+bool Engine::OnToken(Slot& s, int32_t token) {
+  if (s.generated == 0 && metrics_)
+    metrics_->ObserveTimeToFirstToken(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - s.submitted).count());
+  if (token == tok_->eos_id()) {
+    FinishSlot(s, FinishReason::kStop);
+    return true;
+  }
+  s.generated += 1;
+  s.new_tokens.push_back(token);
+  if (metrics_) metrics_->AddGeneratedTokens(1);
+  const std::string piece = tok_->DecodePiece(token);
+  s.text += piece;
+  // A match must end inside the new piece; search from just before it. The earliest match wins.
+  size_t cut = std::string::npos;
+  for (const auto& st : s.req.stop) {
+    size_t from = s.text.size() > piece.size() + st.size() ? s.text.size() - piece.size() - st.size() : 0;
+    size_t at = s.text.find(st, from);
+    if (at != std::string::npos) cut = std::min(cut, at);
+  }
+  if (cut != std::string::npos) {
+    s.text.resize(std::max(cut, s.published));
+    FinishSlot(s, FinishReason::kStop);
+    return true;
+  }
+  // The token just sampled sits at position prompt + generated - 1; another one needs a free position after it.
+  const int next_pos = static_cast<int>(s.req.prompt.size()) + s.generated;
+  if (s.generated >= s.req.max_tokens || next_pos >= ctx_) {
+    FinishSlot(s, FinishReason::kLength);
+    return true;
+  }
+  PublishSafe(s);
+  s.next = token;
+  return false;
+}
+
+void Engine::Loop() {
+  if (opts_.threads > 0) model_->backend()->SetThreads(opts_.threads);
+  const int P = opts_.parallel;
+  std::vector<int32_t> toks, poss, rows_slot, logit_rows, logit_slot;
+  toks.reserve(static_cast<size_t>(state_->max_rows()));
+  poss.reserve(toks.capacity());
+  rows_slot.reserve(toks.capacity());
+  std::vector<int> prefilling;
+  auto window_start = std::chrono::steady_clock::now();
+  int64_t window_tokens = 0;
+  for (;;) {
+    std::vector<Pending> cancelled_pending;
+    bool cancel_all = false;
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      // Requests cancelled while queued end without ever taking a slot.
+      for (auto it = queue_.begin(); it != queue_.end();) {
+        if (it->gen->cancel_requested()) {
+          cancelled_pending.push_back(std::move(*it));
+          it = queue_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      for (auto& s : slots_) {
+        if (queue_.empty()) break;
+        if (s.gen) continue;
+        Pending p = std::move(queue_.front());
+        queue_.pop_front();
+        Admit(s, std::move(p));
+      }
+      if (metrics_) {
+        metrics_->SetQueueDepth(static_cast<int>(queue_.size()));
+        metrics_->SetActiveSlots(active_.load());
+      }
+      cancel_all = shutdown_cancel_;
+      if (active_.load() == 0 && queue_.empty() && cancelled_pending.empty()) {
+        if (stop_) break;
+        // Idle: the throughput gauge decays to 0 after a second without work.
+        if (!cv_.wait_for(l, std::chrono::seconds(1), [&] { return stop_ || !queue_.empty(); }) && metrics_)
+          metrics_->SetTokensPerSecond(0);
+        window_start = std::chrono::steady_clock::now();
+        window_tokens = 0;
+        continue;
+      }
+    }
+    for (auto& p : cancelled_pending) {
+      if (metrics_) metrics_->CountCancelled();
+      p.gen->Finish(FinishReason::kCancelled,
+                    cancel_all ? Unavailable("the server is shutting down") : Status::Ok(), 0);
+      std::lock_guard<std::mutex> l(mu_);
+      if (--busy_ == 0) idle_cv_.notify_all();
+    }
+    // Cancelled sequences free their slots before the step.
+    for (auto& s : slots_) {
+      if (!s.gen) continue;
+      if (cancel_all) s.gen->Cancel();
+      if (s.gen->cancel_requested())
+        FinishSlot(s, FinishReason::kCancelled,
+                   cancel_all ? Unavailable("the server is shutting down") : Status::Ok());
+      else if (s.req.max_tokens == 0)
+        FinishSlot(s, FinishReason::kLength);
+    }
+    // One batch: decode rows first (one per sequence past its prompt), then prompt chunks, oldest first.
+    toks.clear();
+    poss.clear();
+    rows_slot.clear();
+    logit_rows.clear();
+    logit_slot.clear();
+    prefilling.clear();
+    for (int i = 0; i < P; ++i) {
+      Slot& s = slots_[static_cast<size_t>(i)];
+      if (!s.gen) continue;
+      const int n = static_cast<int>(s.req.prompt.size());
+      if (s.fed < n) {
+        prefilling.push_back(i);
+        continue;
+      }
+      logit_rows.push_back(static_cast<int32_t>(toks.size()));
+      logit_slot.push_back(i);
+      toks.push_back(s.next);
+      poss.push_back(n + s.generated - 1);
+      rows_slot.push_back(i);
+    }
+    std::sort(prefilling.begin(), prefilling.end(),
+              [&](int a, int b) { return slots_[static_cast<size_t>(a)].order < slots_[static_cast<size_t>(b)].order; });
+    int budget = opts_.prefill_chunk;
+    for (int i : prefilling) {
+      if (budget == 0) break;
+      Slot& s = slots_[static_cast<size_t>(i)];
+      const int n = static_cast<int>(s.req.prompt.size());
+      const int take = std::min(budget, n - s.fed);
+      for (int k = 0; k < take; ++k) {
+        toks.push_back(s.req.prompt[static_cast<size_t>(s.fed)]);
+        poss.push_back(s.fed);
+        rows_slot.push_back(i);
+        ++s.fed;
+      }
+      budget -= take;
+      if (s.fed == n) {
+        logit_rows.push_back(static_cast<int32_t>(toks.size() - 1));
+        logit_slot.push_back(i);
+      }
+    }
+    if (toks.empty()) continue;
+    const std::vector<float>& logits =
+        state_->StepRows(toks.data(), poss.data(), rows_slot.data(), static_cast<int>(toks.size()),
+                         logit_rows.data(), static_cast<int>(logit_rows.size()));
+    const size_t V = static_cast<size_t>(model_->config().vocab);
+    for (size_t r = 0; r < logit_slot.size(); ++r) {
+      Slot& s = slots_[static_cast<size_t>(logit_slot[r])];
+      int32_t next = SampleToken(logits.data() + r * V, vocab_, s.req.sampling, s.rng);
+      OnToken(s, next);
+      ++window_tokens;
+    }
+    if (metrics_) {
+      metrics_->SetActiveSlots(active_.load());
+      auto now = std::chrono::steady_clock::now();
+      double dt = std::chrono::duration<double>(now - window_start).count();
+      if (dt >= 1.0) {
+        metrics_->SetTokensPerSecond(static_cast<double>(window_tokens) / dt);
+        window_start = now;
+        window_tokens = 0;
+      }
+    }
+    if (opts_.step_delay_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(opts_.step_delay_ms));
+  }
+  if (metrics_) {
+    metrics_->SetActiveSlots(0);
+    metrics_->SetQueueDepth(0);
+  }
+}
+
+}  // namespace keel

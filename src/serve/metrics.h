@@ -1,0 +1,73 @@
+// metrics.h: the counters, gauges and histograms `keel serve` exposes at GET /metrics in the Prometheus text
+// exposition format (version 0.0.4). Metric names (all prefixed keel_):
+//   requests_total{endpoint,status}         counter  HTTP requests by route ("other" for unknown paths) and status
+//   prompt_tokens_total                      counter  prompt tokens admitted for generation
+//   generation_tokens_total                  counter  tokens generated
+//   requests_cancelled_total                 counter  generations cancelled (client disconnect, shutdown deadline)
+//   requests_rejected_total{reason}          counter  generations refused: queue_full, shutting_down
+//   generation_tokens_per_second             gauge    tokens generated per second over the last ~1 s window
+//   queue_depth                              gauge    requests waiting for a slot
+//   active_slots / slots                     gauge    sequences being generated / the slot count (--parallel)
+//   time_to_first_token_seconds              histogram  from admission to the first generated token
+//   request_duration_seconds                 histogram  completion requests, from arrival to the last byte
+// Thread safety: every method may be called from any thread.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace keel {
+
+class Histogram {
+ public:
+  explicit Histogram(std::vector<double> upper_bounds);
+  void Observe(double v);
+  // Appends the _bucket/_sum/_count lines of metric `name`.
+  void Render(const std::string& name, std::string* out) const;
+  uint64_t count() const;
+
+ private:
+  mutable std::mutex mu_;
+  std::vector<double> bounds_;
+  std::vector<uint64_t> counts_;  // per bucket (not cumulative), plus +Inf
+  double sum_ = 0;
+  uint64_t count_ = 0;
+};
+
+class ServeMetrics {
+ public:
+  ServeMetrics();
+  void CountRequest(const std::string& endpoint, int status);
+  void AddPromptTokens(int64_t n) { prompt_tokens_ += n; }
+  void AddGeneratedTokens(int64_t n) { generated_tokens_ += n; }
+  void CountCancelled() { cancelled_ += 1; }
+  void CountRejected(const std::string& reason);
+  void SetTokensPerSecond(double v) { tokens_per_s_ = v; }
+  void SetQueueDepth(int n) { queue_depth_ = n; }
+  void SetActiveSlots(int n) { active_slots_ = n; }
+  void SetSlots(int n) { slots_ = n; }
+  void ObserveTimeToFirstToken(double seconds) { ttft_.Observe(seconds); }
+  void ObserveRequestDuration(double seconds) { duration_.Observe(seconds); }
+
+  int64_t generated_tokens() const { return generated_tokens_; }
+  int64_t cancelled() const { return cancelled_; }
+  int active_slots() const { return active_slots_; }
+  int queue_depth() const { return queue_depth_; }
+
+  std::string Render() const;
+
+ private:
+  mutable std::mutex mu_;
+  std::map<std::pair<std::string, int>, uint64_t> requests_;
+  std::map<std::string, uint64_t> rejected_;
+  std::atomic<int64_t> prompt_tokens_{0}, generated_tokens_{0}, cancelled_{0};
+  std::atomic<double> tokens_per_s_{0};
+  std::atomic<int> queue_depth_{0}, active_slots_{0}, slots_{0};
+  Histogram ttft_, duration_;
+};
+
+}  // namespace keel

@@ -1,0 +1,300 @@
+// serve_engine_test.cc: the serving pieces in process — DecodeState::StepRows (arbitrary slots, chunked prefill,
+// selected logit rows) against Step(), the continuous-batching Engine against the single-sequence Generate(),
+// stop strings and UTF-8 hold-back, cancellation, the queue bound, and ParseCompletionRequest / the chat template.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "backend/backend.h"
+#include "core/hash.h"
+#include "data/tokenizer.h"
+#include "model/gpt.h"
+#include "serve/engine.h"
+#include "serve/http_api.h"
+#include "serve/metrics.h"
+#include "serve/sampling.h"
+
+namespace keel {
+namespace {
+
+struct TestModel {
+  std::unique_ptr<Backend> be = MakeCpuBackend(1);
+  std::unique_ptr<GptModel> model;
+  explicit TestModel(GptConfig c, float noise = 0.3f) {
+    auto m = GptModel::Create(c, be.get(), 1, 1);
+    EXPECT_TRUE(m.ok());
+    model = std::move(m.value());
+    model->InitWeights(11);
+    // Larger weights than the GPT-2 init: peaked, far-from-uniform logits (no near-ties for greedy decoding).
+    auto p = model->ParamsToHost();
+    Rng rng(5);
+    for (auto& x : p) x += noise * rng.Normal();
+    model->SetParamsFromHost(p);
+  }
+};
+
+GptConfig ByteConfig() { return GptConfig{.layers = 2, .heads = 2, .dim = 16, .ctx = 40, .vocab = 256}; }
+
+TEST(DecodeRows, ChunkedPrefillAndSlotsMatchStep) {
+  GptConfig c{.layers = 2, .heads = 2, .dim = 16, .ctx = 16, .vocab = 37};
+  TestModel tm(c);
+  Rng rng(9);
+  std::vector<int32_t> s0, s1;
+  for (int t = 0; t < 10; ++t) s0.push_back(static_cast<int32_t>(rng.Below(c.vocab)));
+  for (int t = 0; t < 7; ++t) s1.push_back(static_cast<int32_t>(rng.Below(c.vocab)));
+  // Reference: one sequence at a time, one position per Step.
+  auto ref = [&](const std::vector<int32_t>& s) {
+    auto st = DecodeState::Create(tm.model.get(), 1, c.ctx);
+    std::vector<std::vector<float>> out;
+    for (int t = 0; t < static_cast<int>(s.size()); ++t) out.push_back((*st)->Step(&s[t], &t, 1));
+    return out;
+  };
+  auto r0 = ref(s0), r1 = ref(s1);
+  // Slots 2 and 0 of a 3-slot state; step 1 feeds s0[0..6) and s1[0..4) as chunks (10 rows) and asks for the
+  // logits of each chunk's last row; step 2 feeds the rest.
+  auto st = DecodeState::Create(tm.model.get(), 3, c.ctx, 12);
+  ASSERT_TRUE(st.ok());
+  EXPECT_EQ((*st)->max_rows(), 12);
+  auto check = [&](const float* got, const std::vector<float>& want) {
+    for (int v = 0; v < c.vocab; ++v) EXPECT_NEAR(got[v], want[static_cast<size_t>(v)], 1e-4);
+  };
+  {
+    std::vector<int32_t> tok, pos, slot;
+    for (int t = 0; t < 6; ++t) tok.push_back(s0[t]), pos.push_back(t), slot.push_back(2);
+    for (int t = 0; t < 4; ++t) tok.push_back(s1[t]), pos.push_back(t), slot.push_back(0);
+    int32_t want_rows[2] = {9, 5};  // s1's last row first: logits come back in the order asked
+    const auto& lg = (*st)->StepRows(tok.data(), pos.data(), slot.data(), 10, want_rows, 2);
+    ASSERT_EQ(lg.size(), 2u * c.vocab);
+    check(lg.data(), r1[3]);
+    check(lg.data() + c.vocab, r0[5]);
+  }
+  {
+    std::vector<int32_t> tok, pos, slot;
+    for (int t = 4; t < 7; ++t) tok.push_back(s1[t]), pos.push_back(t), slot.push_back(0);
+    for (int t = 6; t < 10; ++t) tok.push_back(s0[t]), pos.push_back(t), slot.push_back(2);
+    int32_t want_rows[2] = {2, 6};
+    const auto& lg = (*st)->StepRows(tok.data(), pos.data(), slot.data(), 7, want_rows, 2);
+    check(lg.data(), r1[6]);
+    check(lg.data() + c.vocab, r0[9]);
+  }
+  // No logits at all is allowed (a step of prompt chunks that all continue next step).
+  int32_t t0 = 1, p0 = 0, sl = 1;
+  EXPECT_TRUE((*st)->StepRows(&t0, &p0, &sl, 1, nullptr, 0).empty());
+}
+
+std::vector<int32_t> ReferenceGenerate(GptModel* m, const Tokenizer& tok, const std::vector<int32_t>& prompt,
+                                       const SamplingParams& sp, int max_tokens, int ctx) {
+  auto st = DecodeState::Create(m, 1, ctx);
+  GenerateOptions o;
+  o.sampling = sp;
+  o.max_new_tokens = max_tokens;
+  auto out = Generate(**st, tok, prompt, o);
+  EXPECT_TRUE(out.ok());
+  return out.ok() ? *out : std::vector<int32_t>{};
+}
+
+struct Collected {
+  std::string text;
+  std::vector<int32_t> tokens;
+  std::vector<std::string> pieces;
+  Generation::Update last;
+};
+
+Collected Collect(Generation& g) {
+  Collected c;
+  for (;;) {
+    auto u = g.Wait(std::chrono::milliseconds(1000));
+    if (!u.text.empty()) c.pieces.push_back(u.text);
+    c.text += u.text;
+    c.tokens.insert(c.tokens.end(), u.tokens.begin(), u.tokens.end());
+    if (u.finished) {
+      c.last = u;
+      return c;
+    }
+  }
+}
+
+TEST(Engine, BatchedGenerationsEqualGenerate) {
+  TestModel tm(ByteConfig());
+  ByteTokenizer tok;
+  ServeMetrics metrics;
+  // 3 slots, a 5-token prefill budget per step: 7 requests queue, join as slots free up, and prefill in chunks.
+  auto eng = Engine::Create(tm.model.get(), &tok, EngineOptions{.parallel = 3, .ctx = 40, .queue = 16,
+                                                                 .prefill_chunk = 5, .threads = 1},
+                            &metrics);
+  ASSERT_TRUE(eng.ok()) << eng.status().ToString();
+  const std::vector<std::string> prompts = {"hello", "a", "the quick brown fox", "xyz xyz", "0123456789", "Q", "mm"};
+  std::vector<std::shared_ptr<Generation>> gens;
+  std::vector<GenerationRequest> reqs;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    GenerationRequest r;
+    r.prompt = tok.Encode(prompts[i]);
+    r.sampling = SamplingParams{.temperature = i % 2 ? 0.9f : 0.0f, .top_k = 20, .top_p = 0.9f, .seed = 100 + i};
+    r.max_tokens = 8 + static_cast<int>(i) * 3;
+    reqs.push_back(r);
+    SubmitStatus ss;
+    gens.push_back((*eng)->Submit(r, &ss, nullptr));
+    ASSERT_EQ(ss, SubmitStatus::kOk);
+  }
+  int64_t total = 0;
+  for (size_t i = 0; i < gens.size(); ++i) {
+    Collected c = Collect(*gens[i]);
+    auto want = ReferenceGenerate(tm.model.get(), tok, reqs[i].prompt, reqs[i].sampling, reqs[i].max_tokens, 40);
+    EXPECT_EQ(c.tokens, want) << prompts[i];
+    // The published pieces concatenate to exactly the generated bytes (UTF-8 hold-back loses nothing).
+    EXPECT_EQ(c.text, tok.Decode(want)) << prompts[i];
+    EXPECT_EQ(c.last.reason, want.size() == static_cast<size_t>(reqs[i].max_tokens) ? FinishReason::kLength
+                                                                                     : FinishReason::kStop);
+    EXPECT_EQ(c.last.prompt_tokens, static_cast<int>(reqs[i].prompt.size()));
+    EXPECT_EQ(c.last.completion_tokens, static_cast<int>(want.size()));
+    // No piece but the last may end inside a UTF-8 sequence that later bytes complete.
+    for (size_t p = 0; p + 1 < c.pieces.size(); ++p) {
+      const std::string& s = c.pieces[p];
+      const auto b = static_cast<unsigned char>(s.back());
+      const auto n = static_cast<unsigned char>(c.pieces[p + 1][0]);
+      EXPECT_FALSE(b >= 0xC2 && b <= 0xF4 && (n & 0xC0) == 0x80) << "a piece split a UTF-8 sequence";
+    }
+    total += static_cast<int64_t>(want.size());
+  }
+  EXPECT_EQ(metrics.generated_tokens(), total);
+  EXPECT_EQ((*eng)->active(), 0);
+}
+
+TEST(Engine, ContextLimitAndStopStrings) {
+  TestModel tm(ByteConfig());
+  ByteTokenizer tok;
+  auto eng = Engine::Create(tm.model.get(), &tok, EngineOptions{.parallel = 2, .ctx = 24, .threads = 1}, nullptr);
+  ASSERT_TRUE(eng.ok());
+  GenerationRequest r;
+  r.prompt = tok.Encode("abcd");
+  r.sampling.temperature = 0;
+  r.max_tokens = 1000;
+  SubmitStatus ss;
+  Collected full = Collect(*(*eng)->Submit(r, &ss, nullptr));
+  EXPECT_EQ(full.last.reason, FinishReason::kLength);
+  EXPECT_EQ(full.tokens.size(), 24u - 4u);  // the context ends the generation
+  EXPECT_EQ(full.tokens, ReferenceGenerate(tm.model.get(), tok, r.prompt, r.sampling, 1000, 24));
+  // A stop string three bytes in: the text ends before it and nothing of it was ever published.
+  const std::string stop = full.text.substr(3, 2);
+  r.stop = {stop};
+  Collected cut = Collect(*(*eng)->Submit(r, &ss, nullptr));
+  EXPECT_EQ(cut.last.reason, FinishReason::kStop);
+  EXPECT_EQ(cut.text, full.text.substr(0, full.text.find(stop)));
+  // Too long a prompt, or an empty one, is refused.
+  r.prompt.assign(24, 'a');
+  EXPECT_EQ((*eng)->Submit(r, &ss, nullptr), nullptr);
+  EXPECT_EQ(ss, SubmitStatus::kInvalid);
+  r.prompt.clear();
+  EXPECT_EQ((*eng)->Submit(r, &ss, nullptr), nullptr);
+  EXPECT_EQ(ss, SubmitStatus::kInvalid);
+}
+
+TEST(Engine, CancelQueueBoundAndShutdown) {
+  TestModel tm(ByteConfig());
+  ByteTokenizer tok;
+  ServeMetrics metrics;
+  auto eng = Engine::Create(
+      tm.model.get(), &tok, EngineOptions{.parallel = 1, .ctx = 40, .queue = 1, .threads = 1, .step_delay_ms = 20},
+      &metrics);
+  ASSERT_TRUE(eng.ok());
+  GenerationRequest r;
+  r.prompt = tok.Encode("go");
+  r.max_tokens = 30;
+  SubmitStatus ss;
+  auto a = (*eng)->Submit(r, &ss, nullptr);
+  ASSERT_EQ(ss, SubmitStatus::kOk);
+  while ((*eng)->active() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  auto b = (*eng)->Submit(r, &ss, nullptr);
+  ASSERT_EQ(ss, SubmitStatus::kOk);
+  std::string why;
+  EXPECT_EQ((*eng)->Submit(r, &ss, &why), nullptr);
+  EXPECT_EQ(ss, SubmitStatus::kQueueFull) << why;
+  // Cancelling the running one frees the slot for the queued one.
+  a->Cancel();
+  Collected ca = Collect(*a);
+  EXPECT_EQ(ca.last.reason, FinishReason::kCancelled);
+  EXPECT_TRUE(ca.last.error.ok());
+  EXPECT_LT(ca.last.completion_tokens, 30);
+  // Shutdown with a deadline in the past: the running generation is cancelled with an error.
+  while ((*eng)->active() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  (*eng)->Shutdown(std::chrono::steady_clock::now());
+  Collected cb = Collect(*b);
+  EXPECT_EQ(cb.last.reason, FinishReason::kCancelled);
+  EXPECT_FALSE(cb.last.error.ok());
+  EXPECT_EQ((*eng)->Submit(r, &ss, nullptr), nullptr);
+  EXPECT_EQ(ss, SubmitStatus::kShuttingDown);
+  EXPECT_EQ(metrics.cancelled(), 2);
+}
+
+TEST(ParseRequest, DefaultsAndFields) {
+  ParseOptions o{"m", 256};
+  auto r = ParseCompletionRequest(R"({"prompt": "hi"})", ApiEndpoint::kCompletions, o);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->prompt, "hi");
+  EXPECT_EQ(r->sampling.temperature, 1.0f);
+  EXPECT_EQ(r->sampling.top_p, 1.0f);
+  EXPECT_EQ(r->sampling.top_k, 0);
+  EXPECT_EQ(r->max_tokens, -1);
+  EXPECT_FALSE(r->stream);
+  EXPECT_FALSE(r->seed_given);
+  r = ParseCompletionRequest(
+      R"({"model": "m", "prompt": ["x"], "temperature": 0, "top_p": 0.5, "top_k": 3, "max_tokens": 7.0,
+          "stop": "\n", "seed": -1, "n": 1, "stream": true, "stream_options": {"include_usage": true},
+          "user": "ignored", "presence_penalty": 0})",
+      ApiEndpoint::kCompletions, o);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->prompt, "x");
+  EXPECT_EQ(r->sampling.temperature, 0.0f);
+  EXPECT_EQ(r->sampling.top_k, 3);
+  EXPECT_EQ(r->max_tokens, 7);
+  EXPECT_EQ(r->stop, std::vector<std::string>{"\n"});
+  EXPECT_EQ(r->sampling.seed, ~0ull);
+  EXPECT_TRUE(r->stream && r->include_usage && r->seed_given);
+  r = ParseCompletionRequest(R"({"prompt": [1, 2, 255]})", ApiEndpoint::kCompletions, o);
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(r->prompt_is_tokens);
+  EXPECT_EQ(r->prompt_tokens, (std::vector<int32_t>{1, 2, 255}));
+}
+
+TEST(ParseRequest, ErrorsNameTheParam) {
+  ParseOptions o{"m", 256};
+  std::string param;
+  auto r = ParseCompletionRequest(R"({"prompt": "x", "top_k": "many"})", ApiEndpoint::kCompletions, o, &param);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kInvalidArgument);
+  EXPECT_EQ(param, "top_k");
+  r = ParseCompletionRequest(R"({"prompt": "x", "model": "other"})", ApiEndpoint::kCompletions, o, &param);
+  EXPECT_EQ(r.status().code(), Code::kNotFound);
+  EXPECT_EQ(param, "model");
+  r = ParseCompletionRequest(R"({"prompt": [256]})", ApiEndpoint::kCompletions, o, &param);
+  EXPECT_FALSE(r.ok());
+  EXPECT_EQ(param, "prompt");
+  r = ParseCompletionRequest(R"({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})",
+                             ApiEndpoint::kChatCompletions, o, &param);
+  EXPECT_FALSE(r.ok());
+  EXPECT_EQ(param, "messages[0].content");
+  r = ParseCompletionRequest("[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]", ApiEndpoint::kCompletions, o, &param);
+  EXPECT_FALSE(r.ok());
+  EXPECT_EQ(param, "");
+  std::string deep(100000, '[');
+  EXPECT_FALSE(ParseCompletionRequest(deep, ApiEndpoint::kCompletions, o).ok());
+}
+
+TEST(ParseRequest, ChatTemplate) {
+  ParseOptions o{"", 256};
+  auto r = ParseCompletionRequest(
+      R"({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
+                       {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"}],
+          "max_completion_tokens": 5})",
+      ApiEndpoint::kChatCompletions, o);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->prompt, "System: S\nUser: U1\nAssistant: A1\nUser: U2\nAssistant:");
+  EXPECT_EQ(r->max_tokens, 5);
+  auto stops = ChatStops({"x"});
+  EXPECT_EQ(stops, (std::vector<std::string>{"x", "\nUser:", "\nSystem:"}));
+  // Responses serialise invalid UTF-8 as U+FFFD instead of throwing.
+  EXPECT_EQ(DumpJson(nlohmann::json(std::string("a\xff"))), "\"a\xef\xbf\xbd\"");
+}
+
+}  // namespace
+}  // namespace keel

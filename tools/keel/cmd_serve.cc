@@ -1,0 +1,125 @@
+// cmd_serve.cc: `keel serve CKPT` — an OpenAI-compatible HTTP inference server with continuous batching
+// (src/serve/engine.h, src/serve/server.h; docs/serving.md).
+#include <csignal>
+#include <cstdio>
+#include <thread>
+
+#include "backend/backend.h"
+#include "data/tokenizer.h"
+#include "export/export.h"
+#include "model/gpt.h"
+#include "serve/engine.h"
+#include "serve/metrics.h"
+#include "serve/server.h"
+#include "tools/keel/cli_util.h"
+#include "tools/keel/commands.h"
+
+namespace keel::cli {
+
+namespace {
+
+std::string BaseName(std::string p) {
+  while (p.size() > 1 && p.back() == '/') p.pop_back();
+  size_t slash = p.rfind('/');
+  return slash == std::string::npos ? p : p.substr(slash + 1);
+}
+
+}  // namespace
+
+int RunServe(int argc, char** argv) {
+  std::string ckpt, device = "cpu", model_name;
+  ServerOptions so;
+  EngineOptions eo;
+  int threads = 0;
+  double drain_timeout = 10.0;
+  CLI::App app("Serve a model over HTTP (OpenAI-compatible completions and chat, streaming, a web page at /).",
+               "serve");
+  app.add_option("ckpt", ckpt,
+                 "run directory (newest valid checkpoint), checkpoint directory, .gguf file or Hugging Face export "
+                 "directory")
+      ->required();
+  app.add_option("--host", so.host, "address to bind")->capture_default_str();
+  app.add_option("--port", so.port, "port to bind (0: any free port)")->capture_default_str();
+  app.add_option("--api-key", so.api_key, "require \"Authorization: Bearer KEY\" on /v1/*");
+  app.add_option("--parallel", eo.parallel, "sequences decoded together (KV-cache slots)")->capture_default_str();
+  app.add_option("--ctx,-c", eo.ctx, "context per sequence, prompt and completion (0: the model's)")
+      ->capture_default_str();
+  app.add_option("--threads,-t", threads, "CPU threads (0: all cores)");
+  app.add_option("--queue", eo.queue, "requests that may wait for a slot before 429")->capture_default_str();
+  app.add_option("--model-name", model_name, "model id in the API (default: the checkpoint's directory name)");
+  app.add_option("--prefill-chunk", eo.prefill_chunk, "prompt tokens fed per batched step")->capture_default_str();
+  app.add_option("--max-body", so.max_body_bytes, "largest request body in bytes (413 beyond)")->capture_default_str();
+  app.add_option("--drain-timeout", drain_timeout, "seconds in-flight requests get to finish on SIGTERM/SIGINT")
+      ->capture_default_str();
+  app.add_option("--device", device)->capture_default_str();
+  // Testing aid (hidden): slows every engine step so tests can observe queueing, cancellation and draining.
+  app.add_option("--debug-step-delay-ms", eo.step_delay_ms)->group("");
+  if (int rc = Parse(app, argc, argv); rc >= 0) return rc;
+  if (so.port < 0 || so.port > 65535) return Fail("serve", InvalidArgument("--port must be in [0, 65535]"));
+  if (eo.parallel < 1) return Fail("serve", InvalidArgument("--parallel must be >= 1"));
+  if (eo.queue < 0) return Fail("serve", InvalidArgument("--queue must be >= 0"));
+  if (eo.prefill_chunk < 1) return Fail("serve", InvalidArgument("--prefill-chunk must be >= 1"));
+  if (so.max_body_bytes < 1024) return Fail("serve", InvalidArgument("--max-body must be >= 1024"));
+  if (!(drain_timeout >= 0)) return Fail("serve", InvalidArgument("--drain-timeout must be >= 0"));
+
+  std::vector<std::string> warnings;
+  auto snap = LoadModelForInference(ckpt, &warnings);
+  for (const auto& w : warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
+  if (!snap.ok()) return Fail("serve", snap.status());
+  const bool byte_tok = snap->tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
+  auto tok = LoadTokenizer(byte_tok ? "byte" : "bpe", snap->tokenizer);
+  if (!tok.ok()) return Fail("serve", tok.status().Wrap(ckpt + ": tokenizer"));
+  if ((*tok)->vocab_size() > snap->config.vocab)
+    return Fail("serve", Corrupt(ckpt + ": tokenizer vocabulary does not match the model's"));
+  if (eo.ctx < 0 || eo.ctx > snap->config.ctx)
+    return Fail("serve", InvalidArgument("--ctx must be in [0, " + std::to_string(snap->config.ctx) +
+                                         "] (the model's context)"));
+  auto backend = MakeBackend(device, threads > 0 ? threads : 0);
+  if (!backend.ok()) return Fail("serve", backend.status());
+  eo.threads = threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency());
+  auto model = GptModel::Create(snap->config, backend->get(), 1, 1);
+  if (!model.ok()) return Fail("serve", model.status());
+  (*model)->SetParamsFromHost(snap->params);
+  snap->params.clear();
+  snap->params.shrink_to_fit();
+
+  ServeMetrics metrics;
+  auto engine = Engine::Create(model->get(), tok->get(), eo, &metrics);
+  if (!engine.ok()) return Fail("serve", engine.status());
+
+  so.model_name = model_name.empty() ? BaseName(ckpt) : model_name;
+  if (so.model_name.empty()) so.model_name = "keel";
+  so.http_threads = std::clamp(eo.parallel + eo.queue + 16, 16, 1024);
+  nlohmann::json meta = snap->config.ToJson();
+  meta["serve_ctx"] = (*engine)->context();
+  meta["parallel"] = eo.parallel;
+  meta["tokenizer"] = (*tok)->type();
+  so.model_meta = meta;
+
+  std::signal(SIGPIPE, SIG_IGN);
+  InstallStopHandlers();
+  HttpServer server(engine->get(), tok->get(), &metrics, so);
+  if (Status s = server.Bind(); !s.ok()) return Fail("serve", s);
+  server.Start();
+  std::fprintf(stderr, "keel serve: listening on http://%s:%d (model %s, %d slots x %d positions, %d threads)\n",
+               so.host.c_str(), server.port(), so.model_name.c_str(), eo.parallel, (*engine)->context(),
+               eo.threads);
+  std::fflush(stderr);
+
+  while (!StopFlag().load() && server.running()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const bool failed = !StopFlag().load();
+  std::fprintf(stderr, "keel serve: %s; finishing in-flight requests (up to %.0f s)\n",
+               failed ? "the listener stopped" : "stopping", drain_timeout);
+  std::fflush(stderr);
+  server.BeginDrain();
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(drain_timeout * 1000.0));
+  (*engine)->Shutdown(deadline);
+  // Give handlers a moment to write the final bytes of what the engine finished (or cancelled).
+  server.WaitIdle(std::max(deadline, std::chrono::steady_clock::now()) + std::chrono::seconds(2));
+  server.Stop();
+  std::fprintf(stderr, "keel serve: stopped\n");
+  return failed ? 1 : 0;
+}
+
+}  // namespace keel::cli
