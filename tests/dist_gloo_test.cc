@@ -163,19 +163,30 @@ TEST(Gloo, FormingAGroupNobodyJoinsTimesOut) {
 }
 
 TEST(Gloo, BadBindAddressNamesIt) {
+  // Gloo 0.5 leaks its getaddrinfo/getifaddrs results when binding fails; run the failing calls in a child that
+  // leaves with _exit, so leak checkers (ASan builds) judge keel's code, not that.
   TempDir t;
-  auto store = Must(OpenFileStore(t / "job"));
-  GlooOptions g = Loopback(1);
-  g.hostname = "192.0.2.1";  // TEST-NET-1: not an address of this machine
-  auto c = ConnectGlooCommunicator(store, 0, 2, g);
-  ASSERT_FALSE(c.ok());
-  EXPECT_NE(c.status().message().find("cannot bind to 192.0.2.1"), std::string::npos) << c.status().message();
-  g = Loopback(1);
-  g.hostname = "";
-  g.iface = "no-such-iface0";
-  c = ConnectGlooCommunicator(store, 0, 2, g);
-  ASSERT_FALSE(c.ok());
-  EXPECT_NE(c.status().message().find("no-such-iface0"), std::string::npos) << c.status().message();
+  pid_t pid = fork();
+  if (pid == 0) {
+    auto store = OpenFileStore(t / "job");
+    if (!store.ok()) _exit(2);
+    GlooOptions g = Loopback(1);
+    g.hostname = "192.0.2.1";  // TEST-NET-1: not an address of this machine
+    auto c = ConnectGlooCommunicator(*store, 0, 2, g);
+    WriteText(t / "host", c.ok() ? "ok" : c.status().message());
+    g = Loopback(1);
+    g.hostname = "";
+    g.iface = "no-such-iface0";
+    c = ConnectGlooCommunicator(*store, 0, 2, g);
+    WriteText(t / "iface", c.ok() ? "ok" : c.status().message());
+    _exit(0);
+  }
+  int st = 0;
+  ASSERT_EQ(waitpid(pid, &st, 0), pid);
+  ASSERT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+  std::string host = ReadFileText(t / "host"), iface = ReadFileText(t / "iface");
+  EXPECT_NE(host.find("cannot bind to 192.0.2.1"), std::string::npos) << host;
+  EXPECT_NE(iface.find("no-such-iface0"), std::string::npos) << iface;
 }
 
 TEST(Gloo, InterfaceAddress) {

@@ -1,4 +1,4 @@
-// dist_store_test.cc: rendezvous stores (file and a real redis-server), URL parsing, bounded waits, the
+// dist_rendezvous_test.cc: rendezvous stores (file and a real redis-server), URL parsing, bounded waits, the
 // worker-level join protocol (refusals, duplicate ranks, reused job ids, timeouts) and descriptor differences.
 #include <gtest/gtest.h>
 
