@@ -8,7 +8,11 @@ redone, goodput, members over time, and whether the final weights are bit-identi
   detection time  inject -> first sign of it on a survivor: a collective failing or the watchdog (crash, hang),
                   the vote (nan: "nan" event, bitflip: "sdc" event)
   recovery time   inject -> the next committed step after it ("crash -> next completed step")
-  goodput         (time the clean run took for its steps) / (time the faulty run took for the same steps)
+  goodput         (time the clean run took for its steps) / (time the faulty run took for the same steps);
+                  confounded when the faulty run's membership makes it faster or slower per step (on an
+                  oversubscribed machine fewer workers can be faster), hence also:
+  goodput (own)   steps x the faulty run's own median first-attempt step time / its wall time: the fraction of
+                  time spent making progress at its own normal speed (the rest: redone work, re-forming, waiting)
 
 Usage: chaos.py CLEAN_RUN_DIR FAULTY_RUN_DIR [--json OUT]
 """
@@ -138,6 +142,13 @@ def analyse(clean_dir, faulty_dir):
     res["bit_identical"] = same
     cstep = [m["step_ms"] for m in cm]
     res["clean_step_ms_p50"] = pct(cstep, 50)
+    first = [e.get("step_ms", 0) for e in fcommits if e.get("attempts", 1) == 1]
+    res["faulty_first_attempt_step_ms_p50"] = pct(first, 50)
+    if res.get("faulty_s") and first:
+        res["goodput_own"] = len(set(steps)) * pct(first, 50) / 1e3 / res["faulty_s"]
+    stalls = [m["checkpoint_stall_ms"] for m in cm + fm if "checkpoint_stall_ms" in m]
+    res["checkpoint_stall_ms"] = stalls
+    res["members_per_commit"] = {str(k): sizes.count(k) for k in sorted(set(s for s in sizes if s is not None))}
     return res
 
 
@@ -165,6 +176,12 @@ def main():
     if res.get("goodput"):
         print("clean %.1f s, faulty %.1f s for the same steps: goodput %.1f%% (clean step p50 %.0f ms)" % (
             res["clean_s"], res["faulty_s"], 100 * res["goodput"], res["clean_step_ms_p50"]))
+    if res.get("goodput_own"):
+        print("goodput (own): %.1f%% (faulty run's first-attempt step p50 %.0f ms; commits by group size %s)" % (
+            100 * res["goodput_own"], res["faulty_first_attempt_step_ms_p50"], res["members_per_commit"]))
+    if res["checkpoint_stall_ms"]:
+        print("checkpoint stall on the training thread (ms): %s (vs clean step p50 %.0f ms)" % (
+            ", ".join("%.0f" % x for x in res["checkpoint_stall_ms"]), res["clean_step_ms_p50"]))
     print("final weights bit-identical to the failure-free run: %s (%s vs %s)" % (
         {True: "YES", False: "NO", None: "n/a"}[res["bit_identical"]], res["final_ckpt"][0], res["final_ckpt"][1]))
     if "--json" in sys.argv:

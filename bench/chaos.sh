@@ -27,6 +27,7 @@ ARGS=(train --data "$OUT/data" --layers 4 --heads 4 --dim 256 --ctx 256 --vocab 
       --grad-accum "$ACCUM" --steps "$STEPS" --lr 1e-3 --warmup 20 --threads 1 --checkpoint-every 50 --keep 2
       --eval-every 100 --eval-batches 2 --no-progress --nproc "$NPROC")
 rm -rf "$OUT/clean" "$OUT/faulty"
+echo "== $(date -u +%FT%TZ) $(nproc) cores; load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== clean run: ${ARGS[*]} --elastic"
 /usr/bin/time -f "clean wall %e s" "$KEEL" "${ARGS[@]}" --elastic --out "$OUT/clean" > "$OUT/clean.log" 2>&1
 tail -n 2 "$OUT/clean.log"
@@ -35,5 +36,6 @@ echo "== faulty run: --max-restarts 1000 --inject '$SPEC'"
 KEEL_ALLOW_FAULT_INJECTION=1 /usr/bin/time -f "faulty wall %e s" "$KEEL" "${ARGS[@]}" --max-restarts 1000 \
   --inject "$SPEC" --out "$OUT/faulty" > "$OUT/faulty.log" 2>&1 || true
 tail -n 2 "$OUT/faulty.log"
+echo "== $(date -u +%FT%TZ) load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== comparison"
 python3 "$HERE/chaos.py" "$OUT/clean" "$OUT/faulty" --json "$OUT/chaos.json"

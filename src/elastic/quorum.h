@@ -208,6 +208,7 @@ struct SyncRecord {
   MicroSet held;              // micro-batches held for (held_epoch, held_step)
   int64_t held_epoch = -1;
   int64_t held_step = -1;
+  double peak_gflops = 0;     // this member's GEMM peak measurement (0: none), for MFU on whoever leads
 };
 
 struct SyncPlan {

@@ -80,17 +80,26 @@ using Clock = std::chrono::steady_clock;
 
 double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-// Writes checkpoints on a background thread from an in-memory snapshot taken at a step boundary, so training
-// continues while the files are written. At most one write is in flight; Wait() joins it.
+// Encodes and writes checkpoints on a background thread from an in-memory copy of the state taken at a step
+// boundary, so training continues while they are encoded and written (the training thread only copies the
+// buffers). At most one write is in flight; Wait() joins it.
 class AsyncCheckpointer {
  public:
   AsyncCheckpointer(std::string run_dir, int keep) : run_dir_(std::move(run_dir)), keep_(keep) {}
   ~AsyncCheckpointer() { (void)Wait(); }
-  // files: the encoded checkpoint (an in-memory snapshot of one step boundary).
-  Status Start(std::vector<CheckpointFile> files, int64_t step) {
+  // view: borrowed buffers that stay untouched until the next Start/Wait. before_write (may be empty) runs on
+  // the writer thread with the encoded files first (fault injection).
+  Status Start(SnapshotView view, int64_t step,
+               std::function<void(const std::vector<CheckpointFile>&)> before_write = nullptr) {
     KEEL_RETURN_IF_ERROR(Wait());
-    thread_ = std::thread([this, files = std::move(files), step]() {
-      result_ = WriteCheckpoint(run_dir_, step, files, keep_);
+    thread_ = std::thread([this, view = std::move(view), step, before_write = std::move(before_write)]() {
+      auto files = EncodeSnapshot(view);
+      if (!files.ok()) {
+        result_ = files.status();
+        return;
+      }
+      if (before_write) before_write(*files);
+      result_ = WriteCheckpoint(run_dir_, step, *files, keep_);
     });
     return Status::Ok();
   }
@@ -232,7 +241,7 @@ class Trainer {
   void StateFromHost(const float* p, const float* m, const float* v);
   bool leader() const { return index_ == 0; }
   void Emit(const std::string& event, nlohmann::json fields = nlohmann::json::object());
-  Result<std::vector<CheckpointFile>> EncodeCheckpoint(int64_t next_step);
+  SnapshotView CheckpointView(int64_t next_step);
 
   TrainOptions o_;
   const std::atomic<bool>* stop_;
@@ -310,7 +319,8 @@ class Trainer {
   int64_t faults_pending_since_step_ = -1;  // a fault is being recovered from (for the "recovered" event)
   double fault_t_ = 0;
 
-  // Output.
+  // Output. The checkpoint copies outlive the writer (declared first, destroyed last).
+  std::vector<float> ckpt_p_, ckpt_m_, ckpt_v_;
   std::unique_ptr<AsyncCheckpointer> ckpt_;
   std::unique_ptr<std::ofstream> metrics_;
   bool run_dir_ready_ = false;
@@ -495,7 +505,10 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
   }
   events_->SetIdentity(elastic_ ? uid_ : -1, o_.launch_rank);
   if (elastic_ && !events_->is_open()) events_->Open(JoinPath(o_.out_dir, "events.jsonl"));
-  peak_ = o_.peak_gflops > 0 ? o_.peak_gflops : (o_.launch_rank == 0 || elastic_ ? MeasureGemmPeakGflops() : 1.0);
+  // Launch rank 0 measures the GEMM peak (for MFU; alone, so the measurement is not shared with the others);
+  // elastic members adopt the largest measurement in the group's state sync, whoever leads.
+  const bool joiner = elastic_ && elastic_->joined_running_job();
+  peak_ = o_.peak_gflops > 0 ? o_.peak_gflops : (o_.launch_rank == 0 && !joiner ? MeasureGemmPeakGflops() : 0.0);
   if (o_.launch_rank == 0 && !(elastic_ && elastic_->joined_running_job()))
     log_("model: " + std::to_string(o_.model.layers) + " layers, " + std::to_string(o_.model.heads) + " heads, dim " +
          std::to_string(o_.model.dim) + ", ctx " + std::to_string(T_) + ", vocab " + std::to_string(o_.model.vocab) +
@@ -1048,16 +1061,20 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
   if (want_ckpt && leader()) {
     EnsureRunDir();
     const auto t_ckpt = Clock::now();
-    KEEL_ASSIGN_OR_RETURN(auto files, EncodeCheckpoint(step_));
+    KEEL_RETURN_IF_ERROR(ckpt_->Wait());  // the previous write (normally finished long ago)
+    StateToHost(&ckpt_p_, &ckpt_m_, &ckpt_v_);
+    std::function<void(const std::vector<CheckpointFile>&)> before_write;
     bool then_kill = true;
     if (inject_ && inject_->TruncateCheckpoint(step_, &then_kill)) {
-      WriteTruncatedCheckpoint(o_.out_dir, step_, files);
-      if (then_kill) ::raise(SIGKILL);
-      for (;;) std::this_thread::sleep_for(std::chrono::seconds(3600));
+      before_write = [dir = o_.out_dir, step = step_, then_kill](const std::vector<CheckpointFile>& files) {
+        WriteTruncatedCheckpoint(dir, step, files);  // as a crash in the middle of the write leaves it
+        if (then_kill) ::raise(SIGKILL);
+        for (;;) std::this_thread::sleep_for(std::chrono::seconds(3600));
+      };
     }
-    KEEL_RETURN_IF_ERROR(ckpt_->Start(std::move(files), step_));
-    // The training thread's share of an asynchronous checkpoint (snapshot encoding + waiting for the
-    // previous write): the stall it adds to this step.
+    KEEL_RETURN_IF_ERROR(ckpt_->Start(CheckpointView(step_), step_, std::move(before_write)));
+    // The training thread's share of an asynchronous checkpoint (copying the state; waiting for the previous
+    // write): the stall it adds to this step.
     ckpt_stall_ms = Since(t_ckpt) * 1e3;
   }
   if (leader()) {
@@ -1069,7 +1086,7 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
       if (!*metrics_) return IoError(path + ": cannot open for appending");
     }
     const double tok_s = tokens_per_step_ / dt;
-    const double mfu = flops_per_token_ * tok_s / (peak_ * 1e9);
+    const double mfu = peak_ > 0 ? flops_per_token_ * tok_s / (peak_ * 1e9) : 0.0;
     const double avg_tok_s = tokens_done_ / loop_seconds_;
     const double eta = (o_.steps - step_) * tokens_per_step_ / avg_tok_s;
     nlohmann::json m = {{"step", step}, {"loss", v.loss}, {"lr", LearningRate(o_.optim, step)}, {"grad_norm", gnorm},
@@ -1141,8 +1158,10 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
             log_("this worker is " + Fmt("%.1fx", xs[k] / median) + " slower than the median for 5 steps; leaving "
                  "(--straggler-evict)");
             Emit("straggler", {{"step", step}, {"factor", xs[k] / median}, {"action", "evicted"}});
-            elastic_->Leave("gone");
-            return Aborted("evicted as a straggler");
+            elastic_->Leave("quarantined");
+            // Not restarted by its launcher (a slow machine stays slow): the same exit status as a quarantine.
+            return Aborted("quarantined as a straggler: " + Fmt("%.1fx", xs[k] / median) +
+                           " slower than the median for 5 steps (--straggler-evict)");
           }
         }
       }
@@ -1261,10 +1280,12 @@ Status Trainer::SyncState(int depth) {
   mine.held = held_;
   mine.held_epoch = held_epoch_;
   mine.held_step = held_step_;
+  mine.peak_gflops = peak_;
   std::vector<SyncRecord> all(static_cast<size_t>(size_));
   if (size_ > 1) KEEL_RETURN_IF_ERROR(comm_->Allgather(&mine, all.data(), sizeof(SyncRecord)));
   else all[0] = mine;
   SyncPlan plan = PlanSync(all);
+  for (const auto& r : all) peak_ = std::max(peak_, r.peak_gflops);
   if (plan.source < 0) {
     if (depth > 0) return Internal("no member holds training state after loading it");
     KEEL_RETURN_IF_ERROR(LoadStateFromDisk());
@@ -1362,24 +1383,19 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
   return Status::Ok();
 }
 
-Result<std::vector<CheckpointFile>> Trainer::EncodeCheckpoint(int64_t next_step) {
-  std::vector<float> p_copy, m_copy, v_copy;
-  const float *p = model_->params(), *m = adam_->m(), *v = adam_->v();
-  if (!host_) {
-    StateToHost(&p_copy, &m_copy, &v_copy);
-    p = p_copy.data(), m = m_copy.data(), v = v_copy.data();
-  }
+// The checkpoint of the state copied into ckpt_p_/m_/v_ (encoded on the writer thread).
+SnapshotView Trainer::CheckpointView(int64_t next_step) {
   SnapshotView s;
   s.config = o_.model;
-  s.params = p;
-  s.adam_m = m;
-  s.adam_v = v;
+  s.params = ckpt_p_.data();
+  s.adam_m = ckpt_m_.data();
+  s.adam_v = ckpt_v_.data();
   s.state = {{"step", next_step}, {"seed", o_.seed}, {"data_fingerprint", data_->fingerprint()},
              {"keel_version", KEEL_VERSION}, {"deterministic", o_.deterministic}, {"batch", B_},
              {"grad_accum", M_}, {"steps", o_.steps}, {"lr", o_.optim.lr}, {"warmup", o_.optim.warmup}};
   if (data_offset_ != 0) s.state["data_offset"] = data_offset_;
   s.tokenizer = tokenizer_bytes_;
-  return EncodeSnapshot(s);
+  return s;
 }
 
 }  // namespace
