@@ -346,6 +346,26 @@ TEST(ServeAuth, ApiKeyRequiredOnV1) {
   EXPECT_EQ(s.Wait(std::chrono::seconds(20)), 0) << s.log();
 }
 
+TEST(ServeCli, ServesItsGgufExport) {
+  TempDir d;
+  auto e = RunKeel("export " + TinyModelDir() + " --format gguf --out " + d / "tiny.gguf");
+  ASSERT_EQ(e.exit_code, 0) << e.output;
+  ServerProcess s;
+  ASSERT_TRUE(s.Start("", d / "tiny.gguf")) << s.log();
+  auto m = s.Client()->Get("/v1/models");
+  ASSERT_TRUE(m);
+  EXPECT_EQ(json::parse(m->body)["data"][0]["id"], "tiny");
+  auto r = s.Client()->Post("/v1/completions",
+                            R"({"prompt": "the quick", "max_tokens": 12, "temperature": 0, "return_tokens": true})",
+                            "application/json");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  const json j = json::parse(r->body);
+  std::vector<int> got;
+  for (const auto& t : j["choices"][0]["tokens"]) got.push_back(t.get<int>());
+  EXPECT_EQ(got, SampleBytes("the quick", 12, "--temperature 0"));
+}
+
 TEST(ServeCli, BadArgumentsFailWithOneLine) {
   auto r = RunKeel("serve /nonexistent/run --port 0");
   EXPECT_EQ(r.exit_code, 1) << r.output;

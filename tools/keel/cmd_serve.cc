@@ -21,7 +21,9 @@ namespace {
 std::string BaseName(std::string p) {
   while (p.size() > 1 && p.back() == '/') p.pop_back();
   size_t slash = p.rfind('/');
-  return slash == std::string::npos ? p : p.substr(slash + 1);
+  std::string base = slash == std::string::npos ? p : p.substr(slash + 1);
+  if (base.size() > 5 && base.compare(base.size() - 5, 5, ".gguf") == 0) base.resize(base.size() - 5);
+  return base;
 }
 
 }  // namespace
@@ -46,7 +48,7 @@ int RunServe(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--threads,-t", threads, "CPU threads (0: all cores)");
   app.add_option("--queue", eo.queue, "requests that may wait for a slot before 429")->capture_default_str();
-  app.add_option("--model-name", model_name, "model id in the API (default: the checkpoint's directory name)");
+  app.add_option("--model-name", model_name, "model id in the API (default: the checkpoint's directory or file name, without .gguf)");
   app.add_option("--prefill-chunk", eo.prefill_chunk, "prompt tokens fed per batched step")->capture_default_str();
   app.add_option("--max-body", so.max_body_bytes, "largest request body in bytes (413 beyond)")->capture_default_str();
   app.add_option("--drain-timeout", drain_timeout, "seconds in-flight requests get to finish on SIGTERM/SIGINT")
