@@ -107,7 +107,7 @@ print()
 print("| implementation | decode tok/s | vs keel |")
 print("|---|---|---|")
 kd = k["decode_tok_s"]
-print(f"| keel serve (HTTP, streamed) | {kd:.1f} | 1.00x |")
+print(f"| keel serve (over HTTP) | {kd:.1f} | 1.00x |")
 print(f"| PyTorch, KV cache (in process) | {t['decode_tok_s']:.1f} | {t['decode_tok_s']/kd:.2f}x |")
 if llama:
     print(f"| llama.cpp, keel's GGUF export (f32) | {float(llama):.1f} | {float(llama)/kd:.2f}x |")
