@@ -28,6 +28,7 @@ const char* FaultKindName(FaultSpec::Kind k) {
     case FaultSpec::kStall: return "stall";
     case FaultSpec::kCorrupt: return "corrupt";
     case FaultSpec::kSpike: return "spike";
+    case FaultSpec::kDeaf: return "deaf";
   }
   return "?";
 }
@@ -59,7 +60,7 @@ std::string Trim(std::string s) {
 bool KindFromName(const std::string& n, FaultSpec::Kind* k) {
   const FaultSpec::Kind all[] = {FaultSpec::kCrash, FaultSpec::kHang,         FaultSpec::kSlow,   FaultSpec::kNan,
                                  FaultSpec::kBitflip, FaultSpec::kTruncateCkpt, FaultSpec::kRandom, FaultSpec::kStall,
-                                 FaultSpec::kCorrupt, FaultSpec::kSpike};
+                                 FaultSpec::kCorrupt, FaultSpec::kSpike, FaultSpec::kDeaf};
   for (auto x : all)
     if (n == FaultKindName(x)) {
       *k = x;
@@ -87,8 +88,8 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
     size_t colon = item.find(':');
     FaultSpec f;
     if (!KindFromName(Trim(item.substr(0, colon)), &f.kind))
-      return InvalidArgument(bad + "unknown fault kind (crash, hang, slow, stall, nan, corrupt, spike, bitflip, "
-                                   "truncate-ckpt, random)");
+      return InvalidArgument(bad + "unknown fault kind (crash, hang, slow, stall, deaf, nan, corrupt, spike, "
+                                   "bitflip, truncate-ckpt, random)");
     if (colon != std::string::npos) {
       for (std::string kv : SplitOn(item.substr(colon + 1), ',')) {
         kv = Trim(kv);
@@ -102,7 +103,7 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
             FaultSpec::Kind kk;
             if (!KindFromName(Trim(name), &kk) || kk == FaultSpec::kRandom || kk == FaultSpec::kTruncateCkpt ||
                 kk == FaultSpec::kSlow || kk == FaultSpec::kStall || kk == FaultSpec::kCorrupt ||
-                kk == FaultSpec::kSpike)
+                kk == FaultSpec::kSpike || kk == FaultSpec::kDeaf)
               return InvalidArgument(bad + "kinds: '" + name + "' is not one of crash, hang, nan, bitflip");
             f.kinds.push_back(kk);
           }
@@ -303,6 +304,20 @@ double FaultInjector::LossFactor(int64_t step) {
     return factor;
   }
   return 1;
+}
+
+bool FaultInjector::DeafCollective(int64_t step, double* secs) {
+  std::lock_guard<std::mutex> l(mu_);
+  for (size_t s = 0; s < specs_.size(); ++s) {
+    const FaultSpec& f = specs_[s];
+    if (f.kind != FaultSpec::kDeaf || f.rank != rank_ || f.step != step) continue;
+    const std::string id = "deaf/" + std::to_string(s);
+    if (!Claim(id)) continue;
+    *secs = f.secs == 5 ? 30 : f.secs;  // 5 is the parser's default (hang)
+    Record(f.kind, step, id, "the communication thread blocks for " + std::to_string(*secs) + " s, deaf to Abort");
+    return true;
+  }
+  return false;
 }
 
 bool FaultInjector::StallCollective(int64_t step, double* secs) {

@@ -9,6 +9,8 @@
 //   stall:rank=R,step=S,secs=X        at step S, enter the gradient reduce but send nothing for X seconds
 //                                     (default 30): a collective that does not return while every process
 //                                     keeps heartbeating
+//   deaf:rank=R,step=S,secs=X         at step S, its communication thread blocks for X seconds (default 30) in a
+//                                     way Communicator::Abort cannot wake (as a stuck collective once did)
 //   nan:rank=R,step=S                 a NaN in the gradient of its first micro-batch of step S
 //   corrupt:rank=R,step=S             one flipped mantissa bit in that gradient (finite: only a cross-check,
 //                                     --verify-fraction, can see it)
@@ -40,7 +42,9 @@ namespace keel {
 class EventLog;
 
 struct FaultSpec {
-  enum Kind { kCrash, kHang, kSlow, kNan, kBitflip, kTruncateCkpt, kRandom, kStall, kCorrupt, kSpike } kind = kCrash;
+  enum Kind {
+    kCrash, kHang, kSlow, kNan, kBitflip, kTruncateCkpt, kRandom, kStall, kCorrupt, kSpike, kDeaf
+  } kind = kCrash;
   int rank = -1;          // -1: any (truncate-ckpt: whoever writes the checkpoint)
   int64_t step = -1;
   double secs = 5;        // hang
@@ -76,6 +80,7 @@ class FaultInjector {
   bool FlipParamBit(int64_t step, float* params, size_t n);    // bitflip
   double SlowFactor(int64_t step);                             // slow (1 = normal)
   bool StallCollective(int64_t step, double* secs);            // stall: for how long
+  bool DeafCollective(int64_t step, double* secs);             // deaf: for how long
   double LossFactor(int64_t step);                             // spike (1 = normal)
   // truncate-ckpt: true if the checkpoint of `step` must be left half-written; *then_kill says what follows.
   bool TruncateCheckpoint(int64_t step, bool* then_kill);

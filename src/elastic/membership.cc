@@ -323,6 +323,7 @@ void ElasticGroup::Watch(double now) {
   {
     std::lock_guard<std::mutex> l(watch_mu_);
     if (watched_gen_.load() != g || gen_dead_.load()) return;
+    dead_since_ = Now();
     gen_dead_ = true;
     dead_reason_ = why;
     if (watched_comm_) watched_comm_->Abort();

@@ -98,6 +98,7 @@ class ElasticGroup {
 
   // The watchdog gave up on the current generation (and aborted its communicator); the reason.
   bool generation_dead() const { return gen_dead_.load(); }
+  double dead_for() const { return gen_dead_.load() ? Now() - dead_since_.load() : 0; }  // seconds
   std::string dead_reason();
   // Live members wait to be admitted (the next step boundary should re-form).
   bool joiners_waiting() const { return joiners_.load(); }
@@ -167,6 +168,7 @@ class ElasticGroup {
   std::vector<int64_t> watched_members_;
   Communicator* watched_comm_ = nullptr;
   std::atomic<bool> gen_dead_{false};
+  std::atomic<double> dead_since_{0};
   std::string dead_reason_;
   std::atomic<bool> joiners_{false};
 

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -223,6 +224,10 @@ class Trainer {
   double Apply(const VoteOutcome& v, const std::vector<VoteRecord>& records);
   Result<bool> AfterCommit(const VoteOutcome& v, double gnorm, double dt, int attempts);
   Status GroupFailed(const Status& why);
+  // Runs a collective on the communication thread; elastic members give up on it (kAborted) when the watchdog
+  // aborted the group and it still has not returned shortly after.
+  Status Collective(std::function<Status(Communicator*)> op);
+  std::function<bool()> GiveUp();
 
   // State.
   Status SyncState(int depth = 0);
@@ -268,8 +273,11 @@ class Trainer {
   // Deterministic mode: acc_ = this member's sum of its held micro-batches (fixed point); red_ = the copy that
   // is allreduced in place (so a failed reduce leaves the holdings intact). Fast mode: the model's gradient
   // buffer accumulates the holdings; redf_ is the copy allreduced.
-  std::vector<int64_t> acc_, red_;
-  std::vector<float> redf_;
+  // The reduce copies are shared with the communication thread: one a given-up collective may still write
+  // into stays with it, and the next group gets fresh ones.
+  std::vector<int64_t> acc_;
+  std::shared_ptr<std::vector<int64_t>> red_ = std::make_shared<std::vector<int64_t>>();
+  std::shared_ptr<std::vector<float>> redf_ = std::make_shared<std::vector<float>>();
   bool in_place_ = false;        // one static member, one micro-batch: round the gradient in place (no buffers)
 
   // The training state every member agrees on (it travels with state transfers; hashed into StateHash).
@@ -305,7 +313,8 @@ class Trainer {
   // The group.
   Communicator* static_comm_ = nullptr;
   ElasticGroup* elastic_ = nullptr;
-  Generation gen_, old_gen_;
+  Generation gen_;
+  std::shared_ptr<Communicator> comm_sp_;  // shared with the communication thread (see BucketReducer)
   Communicator* comm_ = nullptr;
   int index_ = 0, size_ = 1;
   int64_t gen_no_ = 0;
@@ -597,6 +606,7 @@ Result<bool> Trainer::Quorum() {
       if (!elastic_) {
         if (comm_) return Internal("a static group cannot re-form");
         comm_ = static_comm_;
+        comm_sp_ = std::shared_ptr<Communicator>(static_comm_, [](Communicator*) {});  // not ours
         index_ = comm_->rank();
         size_ = comm_->size();
         members_.clear();
@@ -604,15 +614,22 @@ Result<bool> Trainer::Quorum() {
         gen_no_ = 0;
       } else {
         elastic_->SetProgress(step_, epoch_, has_state_);
+        if (reducer_ && reducer_->abandoned()) {
+          // A collective of the old group is still blocked (its communicator did not wake on Abort): it keeps
+          // the old buffers; this member continues with new ones.
+          red_ = std::make_shared<std::vector<int64_t>>();
+          redf_ = std::make_shared<std::vector<float>>();
+        }
         reducer_.reset();
         elastic_->Unwatch();
         comm_ = nullptr;
         // A voluntary re-form keeps the old sockets open until the new group exists (members still finishing
         // the last collective of the committed step must not see them close); a failed group is dropped.
-        if (voluntary_) old_gen_ = std::move(gen_);
+        std::shared_ptr<Communicator> old_comm = std::move(comm_sp_);
+        if (!voluntary_) old_comm.reset();
         gen_ = Generation();
         auto g = elastic_->NextGeneration(stop_, voluntary_);
-        old_gen_ = Generation();
+        old_comm.reset();
         if (!g.ok()) {
           if (g.status().code() == Code::kAborted && stop_ && stop_->load()) {
             result_.stopped_early = true;
@@ -628,7 +645,8 @@ Result<bool> Trainer::Quorum() {
         }
         gen_ = std::move(*g);
         uid_ = elastic_->uid();
-        comm_ = gen_.comm.get();
+        comm_sp_ = std::shared_ptr<Communicator>(std::move(gen_.comm));
+        comm_ = comm_sp_.get();
         index_ = gen_.index;
         size_ = static_cast<int>(gen_.members.size());
         members_ = gen_.members;
@@ -636,11 +654,13 @@ Result<bool> Trainer::Quorum() {
         log_("generation " + std::to_string(gen_no_) + ": members " + UidList(members_) + ", this is member " +
              std::to_string(uid_) + ", formed in " + Fmt("%.0f ms", gen_.formed_s * 1e3));
       }
-      reducer_ = std::make_unique<BucketReducer>(comm_);
+      reducer_ = std::make_unique<BucketReducer>(comm_sp_);
       if (size_ > 1) {
-        if (o_.deterministic) red_.resize(P_);
-        else redf_.resize(P_);
+        if (o_.deterministic) red_->resize(P_);
+        else redf_->resize(P_);
       }
+      reducer_->KeepAlive(red_);
+      reducer_->KeepAlive(redf_);
       need_group_ = false;
       voluntary_ = false;
       need_sync_ = true;
@@ -661,6 +681,14 @@ Result<bool> Trainer::Quorum() {
     return true;
   }
 }
+
+std::function<bool()> Trainer::GiveUp() {
+  if (!elastic_) return nullptr;
+  const double after = std::min(1.0, 0.5 * elastic_->options().t.hang_s);
+  return [this, after] { return elastic_->generation_dead() && elastic_->dead_for() > after; };
+}
+
+Status Trainer::Collective(std::function<Status(Communicator*)> op) { return reducer_->Run(std::move(op), GiveUp()); }
 
 Status Trainer::GroupFailed(const Status& why) {
   ++result_.attempts_failed;
@@ -686,7 +714,8 @@ Trainer::Plan Trainer::MakePlan(int attempt) {
   if (static_cast<int>(group_held_.size()) != size_) group_held_.assign(static_cast<size_t>(size_), MicroSet{});
   if (static_cast<int>(avoid_.size()) != size_) avoid_.assign(static_cast<size_t>(size_), MicroSet{});
   group_held_[static_cast<size_t>(index_)] = held_;
-  // Straggler shares: inverse of each member's running time per micro-batch, relative to the fastest.
+  // Straggler shares: inverse of each member's running time per micro-batch, relative to the fastest — for
+  // members more than 1.5x slower (below that, timing noise would only reshuffle an even split).
   std::vector<double> shares(static_cast<size_t>(size_), 1.0);
   double fastest = 0;
   for (int64_t u : members_) {
@@ -696,7 +725,8 @@ Trainer::Plan Trainer::MakePlan(int attempt) {
   if (fastest > 0)
     for (int k = 0; k < size_; ++k) {
       auto it = speed_.find(members_[static_cast<size_t>(k)]);
-      if (it != speed_.end() && it->second > 0) shares[static_cast<size_t>(k)] = std::max(0.05, fastest / it->second);
+      if (it != speed_.end() && it->second > 1.5 * fastest)
+        shares[static_cast<size_t>(k)] = std::max(0.05, fastest / it->second);
     }
   p.assigned = AssignMicroBatches(M_, group_held_, shares, avoid_);
   p.mine = p.assigned[static_cast<size_t>(index_)];
@@ -758,11 +788,19 @@ void Trainer::Compute(const Plan& plan) {
   };
   // Deterministic mode: the bucket of the holdings' sum goes out as a copy (a failed reduce keeps acc_).
   auto submit = [&](size_t off, size_t count) {
-    std::memcpy(red_.data() + off, acc_.data() + off, count * sizeof(int64_t));
-    reducer_->SubmitInt64(red_.data() + off, count);
+    std::memcpy(red_->data() + off, acc_.data() + off, count * sizeof(int64_t));
+    reducer_->SubmitInt64(red_->data() + off, count);
   };
   bool first_sum = true;
   if (!o_.deterministic && held_.Empty()) model_->ZeroGrads();
+  // Injected deaf collective: the communication thread blocks where Abort cannot reach it; the training thread
+  // must give up waiting once the watchdog has aborted the group.
+  double deaf_s = 0;
+  if (inject_ && elastic_ && size_ > 1 && inject_->DeafCollective(step, &deaf_s))
+    reducer_->Submit([deaf_s](Communicator*) {
+      std::this_thread::sleep_for(std::chrono::duration<double>(deaf_s));
+      return Status::Ok();
+    });
   // Injected stall: this member is in the reduce (it says so in its heartbeat) but sends nothing, as if its
   // collective never returned; it resumes when its watchdog aborts the generation (or after the stall).
   double stall_s = 0;
@@ -794,8 +832,8 @@ void Trainer::Compute(const Plan& plan) {
           submit(off, count);
         } else {
           nonfinite += CountNonFinite(g, count);
-          std::memcpy(redf_.data() + off, g, count * sizeof(float));
-          reducer_->SubmitFloat(redf_.data() + off, count);
+          std::memcpy(redf_->data() + off, g, count * sizeof(float));
+          reducer_->SubmitFloat(redf_->data() + off, count);
         }
       });
     } else {
@@ -837,8 +875,8 @@ void Trainer::Compute(const Plan& plan) {
       if (o_.deterministic) submit(off, count);
       else {
         float* g = host_grads(off, count);
-        std::memcpy(redf_.data() + off, g, count * sizeof(float));
-        reducer_->SubmitFloat(redf_.data() + off, count);
+        std::memcpy(redf_->data() + off, g, count * sizeof(float));
+        reducer_->SubmitFloat(redf_->data() + off, count);
       }
     }
   }
@@ -855,7 +893,7 @@ void Trainer::ClearHoldings() {
 
 Status Trainer::FinishReduce() {
   if (size_ <= 1) return Status::Ok();
-  return reducer_->Wait();
+  return reducer_->Wait(GiveUp());
 }
 
 // ---- (4) vote ----------------------------------------------------------------------------------------------
@@ -884,8 +922,16 @@ Result<VoteOutcome> Trainer::VoteOnStep(std::vector<VoteRecord>* records) {
   for (int i = 0; i < M_; ++i)
     if (held_.Has(i)) r.loss[i] = held_loss_[i];
   records->assign(static_cast<size_t>(size_), VoteRecord{});
-  if (size_ > 1) KEEL_RETURN_IF_ERROR(comm_->Allgather(&r, records->data(), sizeof(VoteRecord)));
-  else (*records)[0] = r;
+  if (size_ > 1) {
+    auto in = std::make_shared<VoteRecord>(r);
+    auto out = std::make_shared<std::vector<VoteRecord>>(static_cast<size_t>(size_));
+    KEEL_RETURN_IF_ERROR(Collective([in, out](Communicator* c) {
+      return c->Allgather(in.get(), out->data(), sizeof(VoteRecord));
+    }));
+    *records = *out;
+  } else {
+    (*records)[0] = r;
+  }
   VoteConfig c;
   c.M = M_;
   c.quarantine_after = o_.quarantine_after;
@@ -989,12 +1035,12 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
     if (leader()) Emit("data_fault", {{"step", step_}});
   } else {
     if (CheckStep()) TakeSnapshot();  // the state the vote just verified (before this update)
-    const int64_t* sum = size_ > 1 ? red_.data() : acc_.data();
+    const int64_t* sum = size_ > 1 ? red_->data() : acc_.data();
     if (o_.deterministic && !in_place_) {
       FixedPointToFloat(grads_host_, sum, P_, 1.0 / M_);
     } else if (!o_.deterministic) {
       const float inv = 1.0f / static_cast<float>(M_);
-      const float* src = size_ > 1 ? redf_.data() : grads_host_;
+      const float* src = size_ > 1 ? redf_->data() : grads_host_;
       if (!host_ && size_ <= 1) backend_->Download(staging_.data(), model_->grads(), P_);
       for (size_t j = 0; j < P_; ++j) grads_host_[j] = src[j] * inv;
     }
@@ -1046,7 +1092,10 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
       vs[0] += model_->Forward(inputs_.data(), targets_.data(), B_, T_);
       vs[1] += 1;
     }
-    Status s = size_ > 1 ? comm_->AllreduceSum(vs, 2) : Status::Ok();
+    auto sums = std::make_shared<std::array<double, 2>>(std::array<double, 2>{vs[0], vs[1]});
+    Status s = size_ > 1 ? Collective([sums](Communicator* c) { return c->AllreduceSum(sums->data(), 2); })
+                         : Status::Ok();
+    vs[0] = (*sums)[0], vs[1] = (*sums)[1];
     if (!s.ok()) {
       KEEL_RETURN_IF_ERROR(GroupFailed(s));
     } else if (vs[1] > 0) {
@@ -1282,8 +1331,16 @@ Status Trainer::SyncState(int depth) {
   mine.held_step = held_step_;
   mine.peak_gflops = peak_;
   std::vector<SyncRecord> all(static_cast<size_t>(size_));
-  if (size_ > 1) KEEL_RETURN_IF_ERROR(comm_->Allgather(&mine, all.data(), sizeof(SyncRecord)));
-  else all[0] = mine;
+  if (size_ > 1) {
+    auto in = std::make_shared<SyncRecord>(mine);
+    auto out = std::make_shared<std::vector<SyncRecord>>(static_cast<size_t>(size_));
+    KEEL_RETURN_IF_ERROR(Collective([in, out](Communicator* c) {
+      return c->Allgather(in.get(), out->data(), sizeof(SyncRecord));
+    }));
+    all = *out;
+  } else {
+    all[0] = mine;
+  }
   SyncPlan plan = PlanSync(all);
   for (const auto& r : all) peak_ = std::max(peak_, r.peak_gflops);
   if (plan.source < 0) {
@@ -1329,12 +1386,20 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
     h.aux_len = aux.size();
     h.hash = StateHash();
   }
-  KEEL_RETURN_IF_ERROR(comm_->Broadcast(&h, sizeof(h), source));
+  {
+    auto hb = std::make_shared<Header>(h);
+    KEEL_RETURN_IF_ERROR(Collective([hb, source](Communicator* c) { return c->Broadcast(hb.get(), sizeof(Header), source); }));
+    h = *hb;
+  }
   if (h.magic != 0x4B45454C53594E43ull || h.params != P_ || h.aux_len > (1u << 24))
     return Corrupt("state transfer from member " + std::to_string(members_[static_cast<size_t>(source)]) +
                    ": malformed header");
-  aux.resize(h.aux_len);
-  KEEL_RETURN_IF_ERROR(comm_->Broadcast(aux.data(), aux.size(), source));
+  {
+    auto ab = std::make_shared<std::string>(aux);
+    ab->resize(h.aux_len);
+    KEEL_RETURN_IF_ERROR(Collective([ab, source](Communicator* c) { return c->Broadcast(ab->data(), ab->size(), source); }));
+    aux = *ab;
+  }
   // Host memory: the source sends from, and receivers receive into, the model's and optimizer's own buffers;
   // the other members receive into one scratch buffer. Device memory goes through host copies.
   std::vector<float> p, m, v, scratch;
@@ -1349,7 +1414,10 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
     p.resize(P_), m.resize(P_), v.resize(P_);
     bufs[0] = p.data(), bufs[1] = m.data(), bufs[2] = v.data();
   }
-  for (float* b : bufs) KEEL_RETURN_IF_ERROR(comm_->Broadcast(b, P_ * sizeof(float), source));
+  // (A given-up broadcast could in principle still write into these buffers; in practice nothing arrives on a
+  // group every peer has aborted, and a receiver holds no state until it verifies a later transfer.)
+  for (float* b : bufs)
+    KEEL_RETURN_IF_ERROR(Collective([b, this, source](Communicator* c) { return c->Broadcast(b, P_ * sizeof(float), source); }));
   if (me_recv) {
     if (!host_) StateFromHost(p.data(), m.data(), v.data());
     auto a = nlohmann::json::parse(aux, nullptr, false);
