@@ -278,7 +278,11 @@ TEST(Vote, NonFiniteAbortsBlamesTheMemberThenQuarantinesOnRepeat) {
   w[1].held.Clear(1);
   EXPECT_TRUE(DecideCommit(w, c, &strikes, &bad).commit);
   bad.clear();
-  // Member 11 again, 10 steps later: quarantined.
+  // A corruption strike does not add up with a non-finite one.
+  auto x = Votes(3, 4);
+  x[1].params_hash = 0xBAD;
+  EXPECT_TRUE(DecideCommit(x, c, &strikes, &bad).quarantine.empty());
+  // Member 11 non-finite again, 10 steps later: quarantined.
   for (auto& r : v) r.step = 52;
   o = DecideCommit(v, c, &strikes, &bad);
   EXPECT_EQ(o.quarantine, std::vector<int>{1});
@@ -299,7 +303,7 @@ TEST(Vote, TheSameMicroBatchNonFiniteOnTwoMembersIsTheData) {
   EXPECT_TRUE(o.commit);
   EXPECT_TRUE(o.data_fault);
   EXPECT_TRUE(o.skip_update);
-  EXPECT_EQ(strikes.Count(11, 42, 100), 0);  // the first blame was taken back
+  EXPECT_EQ(strikes.Count(11, kStrikeNonFinite, 42, 100), 0);  // the first blame was taken back
 }
 
 TEST(Vote, AMinorityReplicaIsRepairedFromTheMajority) {

@@ -210,27 +210,27 @@ std::vector<VerifyTask> PickVerifications(uint64_t seed, int64_t step, int attem
 
 // ---- the commit vote ----
 
-int StrikeBook::Count(int64_t uid, int64_t step, int64_t window) const {
+int StrikeBook::Count(int64_t uid, int kind, int64_t step, int64_t window) const {
   for (const auto& s : v)
-    if (s.uid == uid) return step - s.last_step <= window ? s.count : 0;
+    if (s.uid == uid && s.kind == kind) return step - s.last_step <= window ? s.count : 0;
   return 0;
 }
 
-int StrikeBook::Add(int64_t uid, int64_t step, int64_t window) {
+int StrikeBook::Add(int64_t uid, int kind, int64_t step, int64_t window) {
   for (auto& s : v)
-    if (s.uid == uid) {
+    if (s.uid == uid && s.kind == kind) {
       if (step - s.last_step > window) s.count = 0;
       ++s.count;
       s.last_step = step;
       return s.count;
     }
-  v.push_back({uid, 1, step});
+  v.push_back({uid, kind, 1, step});
   return 1;
 }
 
-void StrikeBook::Refund(int64_t uid) {
+void StrikeBook::Refund(int64_t uid, int kind) {
   for (auto& s : v)
-    if (s.uid == uid && s.count > 0) --s.count;
+    if (s.uid == uid && s.kind == kind && s.count > 0) --s.count;
 }
 
 namespace {
@@ -301,7 +301,7 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
   }
   if (o.data_fault) {
     // Take back the strikes of this step's earlier blames for the data's micro-batches.
-    for (const auto& [mb, uid] : *data_bad) (void)mb, strikes->Refund(uid);
+    for (const auto& [mb, uid] : *data_bad) (void)mb, strikes->Refund(uid, kStrikeNonFinite);
     o.commit = true;
     o.skip_update = true;
     o.reason = "";
@@ -312,7 +312,7 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
     for (int k = 0; k < n; ++k) {
       const VoteRecord& r = votes[static_cast<size_t>(k)];
       if (r.bad.Empty()) continue;
-      if (strikes->Add(r.uid, step, c.strike_window) >= c.quarantine_after) {
+      if (strikes->Add(r.uid, kStrikeNonFinite, step, c.strike_window) >= c.quarantine_after) {
         quarantine[static_cast<size_t>(k)] = true;
         o.notes.push_back(Uid(r) + ": repeated faults; quarantined");
       }
@@ -344,7 +344,7 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
       o.notes.push_back(Uid(r) + ": " + (params ? "parameters" : "training state") + " hash " + HashHex(h[static_cast<size_t>(k)]) +
                         " differs from the majority's " + HashHex(h[static_cast<size_t>(maj)]) +
                         " (silent data corruption): repairing it from " + Uid(votes[static_cast<size_t>(maj)]));
-      if (strikes->Add(r.uid, step, c.strike_window) >= c.quarantine_after) {
+      if (strikes->Add(r.uid, kStrikeCorrupt, step, c.strike_window) >= c.quarantine_after) {
         quarantine[static_cast<size_t>(k)] = true;
         o.notes.push_back(Uid(r) + ": repeated faults; quarantined");
       }
@@ -378,7 +378,7 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
           const VoteRecord& r = votes[static_cast<size_t>(k)];
           o.notes.push_back(Uid(r) + ": gradient of micro-batch " + std::to_string(mb) +
                             " differs from two other members' (silent data corruption)");
-          if (strikes->Add(r.uid, step, c.strike_window) >= c.quarantine_after) {
+          if (strikes->Add(r.uid, kStrikeCorrupt, step, c.strike_window) >= c.quarantine_after) {
             quarantine[static_cast<size_t>(k)] = true;
             o.notes.push_back(Uid(r) + ": repeated faults; quarantined");
           }

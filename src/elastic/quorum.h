@@ -154,21 +154,24 @@ inline constexpr uint32_t kFlagReform = 4;        // this member wants a new gen
 
 struct VoteConfig {
   int M = 1;
-  int quarantine_after = 2;   // faults (non-finite results, state mismatches) on one member before quarantine
+  int quarantine_after = 2;   // faults of one kind (non-finite results; corrupted state or gradients) on one
+                              // member before it is quarantined
   int64_t strike_window = 100;  // ... counted over this many steps (older strikes expire)
 };
 
 // Per-member fault history the vote outcome depends on (agreed: it travels with the training state).
+inline constexpr int kStrikeNonFinite = 0, kStrikeCorrupt = 1;
 struct Strike {
   int64_t uid = -1;
+  int kind = kStrikeNonFinite;
   int count = 0;
   int64_t last_step = 0;
 };
 struct StrikeBook {
   std::vector<Strike> v;
-  int Count(int64_t uid, int64_t step, int64_t window) const;  // unexpired strikes of uid at `step`
-  int Add(int64_t uid, int64_t step, int64_t window);           // returns the new count
-  void Refund(int64_t uid);                                      // takes one strike back
+  int Count(int64_t uid, int kind, int64_t step, int64_t window) const;  // unexpired strikes at `step`
+  int Add(int64_t uid, int kind, int64_t step, int64_t window);           // returns the new count
+  void Refund(int64_t uid, int kind);                                      // takes one strike back
 };
 
 struct VoteOutcome {

@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -81,20 +83,30 @@ using Clock = std::chrono::steady_clock;
 
 double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-// Encodes and writes checkpoints on a background thread from an in-memory copy of the state taken at a step
-// boundary, so training continues while they are encoded and written (the training thread only copies the
-// buffers). At most one write is in flight; Wait() joins it.
+// Encodes and writes checkpoints on a background thread, so training continues while they are encoded and
+// written. The view may borrow the live training buffers: the training thread calls WaitEncoded() before it
+// next modifies them (the optimizer step, a state transfer), which normally finds the encoding long finished
+// (it overlaps the next step's forward/backward, which only read the parameters). At most one write is in
+// flight; Wait() joins it.
 class AsyncCheckpointer {
  public:
   AsyncCheckpointer(std::string run_dir, int keep) : run_dir_(std::move(run_dir)), keep_(keep) {}
   ~AsyncCheckpointer() { (void)Wait(); }
-  // view: borrowed buffers that stay untouched until the next Start/Wait. before_write (may be empty) runs on
-  // the writer thread with the encoded files first (fault injection).
+  // before_write (may be empty) runs on the writer thread with the encoded files first (fault injection).
   Status Start(SnapshotView view, int64_t step,
                std::function<void(const std::vector<CheckpointFile>&)> before_write = nullptr) {
     KEEL_RETURN_IF_ERROR(Wait());
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      encoded_ = false;
+    }
     thread_ = std::thread([this, view = std::move(view), step, before_write = std::move(before_write)]() {
       auto files = EncodeSnapshot(view);
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        encoded_ = true;
+      }
+      cv_.notify_all();
       if (!files.ok()) {
         result_ = files.status();
         return;
@@ -103,6 +115,11 @@ class AsyncCheckpointer {
       result_ = WriteCheckpoint(run_dir_, step, *files, keep_);
     });
     return Status::Ok();
+  }
+  // The borrowed buffers are free again (returns at once when no encoding is in progress).
+  void WaitEncoded() {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [this] { return encoded_; });
   }
   Status Wait() {
     if (thread_.joinable()) thread_.join();
@@ -115,6 +132,9 @@ class AsyncCheckpointer {
   std::string run_dir_;
   int keep_;
   std::thread thread_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool encoded_ = true;
   Status result_;
 };
 
@@ -426,6 +446,7 @@ Status Trainer::Open() {
 }
 
 Status Trainer::LoadInitialState() {
+  ckpt_->WaitEncoded();
   if (resuming_) {
     model_->SetParamsFromHost(resume_snap_.params);
     backend_->Upload(adam_->m(), resume_snap_.adam_m.data(), P_);
@@ -760,7 +781,10 @@ void Trainer::Compute(const Plan& plan) {
     held_step_ = step_;
     held_epoch_ = epoch_;
   }
-  if (inject_) inject_->FlipParamBit(step, Params(), host_ ? P_ : 0);
+  if (inject_) {
+    ckpt_->WaitEncoded();
+    inject_->FlipParamBit(step, Params(), host_ ? P_ : 0);
+  }
   // Tasks: cross-checks this member verifies (computed, hashed, not summed) first, then its own micro-batches;
   // the last one's backward feeds the reducer bucket by bucket.
   struct Task {
@@ -1035,6 +1059,7 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
     if (leader()) Emit("data_fault", {{"step", step_}});
   } else {
     if (CheckStep()) TakeSnapshot();  // the state the vote just verified (before this update)
+    ckpt_->WaitEncoded();             // a checkpoint being encoded from these buffers
     const int64_t* sum = size_ > 1 ? red_->data() : acc_.data();
     if (o_.deterministic && !in_place_) {
       FixedPointToFloat(grads_host_, sum, P_, 1.0 / M_);
@@ -1111,7 +1136,7 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
     EnsureRunDir();
     const auto t_ckpt = Clock::now();
     KEEL_RETURN_IF_ERROR(ckpt_->Wait());  // the previous write (normally finished long ago)
-    StateToHost(&ckpt_p_, &ckpt_m_, &ckpt_v_);
+    if (!host_) StateToHost(&ckpt_p_, &ckpt_m_, &ckpt_v_);  // host memory: encoded from the live buffers
     std::function<void(const std::vector<CheckpointFile>&)> before_write;
     bool then_kill = true;
     if (inject_ && inject_->TruncateCheckpoint(step_, &then_kill)) {
@@ -1122,8 +1147,8 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
       };
     }
     KEEL_RETURN_IF_ERROR(ckpt_->Start(CheckpointView(step_), step_, std::move(before_write)));
-    // The training thread's share of an asynchronous checkpoint (copying the state; waiting for the previous
-    // write): the stall it adds to this step.
+    // The training thread's share of an asynchronous checkpoint (waiting for the previous write; device
+    // backends: copying the state to the host): the stall it adds to this step.
     ckpt_stall_ms = Since(t_ckpt) * 1e3;
   }
   if (leader()) {
@@ -1223,7 +1248,7 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
 
 nlohmann::json Trainer::AuxJson() const {
   nlohmann::json strikes = nlohmann::json::array();
-  for (const auto& s : strikes_.v) strikes.push_back({s.uid, s.count, s.last_step});
+  for (const auto& s : strikes_.v) strikes.push_back({s.uid, s.kind, s.count, s.last_step});
   nlohmann::json speed = nlohmann::json::array();
   for (const auto& [u, x] : speed_) speed.push_back({u, x});
   return {{"step", step_}, {"epoch", epoch_}, {"data_offset", data_offset_}, {"loss_mean", loss_mean_},
@@ -1240,7 +1265,8 @@ void Trainer::InstallAux(const nlohmann::json& a) {
   strikes_.v.clear();
   if (a.contains("strikes"))
     for (const auto& s : a["strikes"])
-      if (s.is_array() && s.size() == 3) strikes_.v.push_back({s[0].get<int64_t>(), s[1].get<int>(), s[2].get<int64_t>()});
+      if (s.is_array() && s.size() == 4)
+        strikes_.v.push_back({s[0].get<int64_t>(), s[1].get<int>(), s[2].get<int>(), s[3].get<int64_t>()});
   speed_.clear();
   if (a.contains("speed"))
     for (const auto& s : a["speed"])
@@ -1258,6 +1284,7 @@ void Trainer::StateToHost(std::vector<float>* p, std::vector<float>* m, std::vec
 }
 
 void Trainer::StateFromHost(const float* p, const float* m, const float* v) {
+  ckpt_->WaitEncoded();
   if (host_) {
     if (p != model_->params()) std::memcpy(model_->params(), p, P_ * sizeof(float));
   } else {
@@ -1400,6 +1427,7 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
     KEEL_RETURN_IF_ERROR(Collective([ab, source](Communicator* c) { return c->Broadcast(ab->data(), ab->size(), source); }));
     aux = *ab;
   }
+  if (me_recv) ckpt_->WaitEncoded();
   // Host memory: the source sends from, and receivers receive into, the model's and optimizer's own buffers;
   // the other members receive into one scratch buffer. Device memory goes through host copies.
   std::vector<float> p, m, v, scratch;
@@ -1451,13 +1479,14 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
   return Status::Ok();
 }
 
-// The checkpoint of the state copied into ckpt_p_/m_/v_ (encoded on the writer thread).
+// The checkpoint of the current state, encoded on the writer thread: from the live buffers on host memory
+// (the trainer waits for the encoding before it modifies them), from ckpt_p_/m_/v_ copies otherwise.
 SnapshotView Trainer::CheckpointView(int64_t next_step) {
   SnapshotView s;
   s.config = o_.model;
-  s.params = ckpt_p_.data();
-  s.adam_m = ckpt_m_.data();
-  s.adam_v = ckpt_v_.data();
+  s.params = host_ ? model_->params() : ckpt_p_.data();
+  s.adam_m = host_ ? adam_->m() : ckpt_m_.data();
+  s.adam_v = host_ ? adam_->v() : ckpt_v_.data();
   s.state = {{"step", next_step}, {"seed", o_.seed}, {"data_fingerprint", data_->fingerprint()},
              {"keel_version", KEEL_VERSION}, {"deterministic", o_.deterministic}, {"batch", B_},
              {"grad_accum", M_}, {"steps", o_.steps}, {"lr", o_.optim.lr}, {"warmup", o_.optim.warmup}};

@@ -53,7 +53,7 @@ struct TrainOptions {
                               // member and the gradients compared bit for bit
   double spike_factor = 0;    // loss > running mean + factor * running deviation: roll back and skip the data
                               // (0: off)
-  int quarantine_after = 2;   // faults on one member (within 100 steps) before it is quarantined
+  int quarantine_after = 2;   // faults of one kind on one member (within 100 steps) before it is quarantined
   double straggler_evict = 0; // evict a member persistently slower than this multiple of the median (0: never)
   std::string inject;         // fault-injection spec (elastic/fault_inject.h; needs KEEL_ALLOW_FAULT_INJECTION=1)
   int launch_rank = 0;        // this worker's launch rank / world (fault-injection targets, labels)

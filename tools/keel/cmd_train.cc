@@ -103,7 +103,7 @@ int RunTrain(int argc, char** argv) {
                  "(0: off)")
       ->capture_default_str();
   app.add_option("--quarantine-after", o.quarantine_after,
-                 "faults (non-finite results, corrupted state) on one worker within 100 steps before it is "
+                 "faults of one kind (non-finite results; corrupted state) on one worker within 100 steps before it is "
                  "quarantined")
       ->capture_default_str();
   app.add_option("--straggler-evict", o.straggler_evict,
