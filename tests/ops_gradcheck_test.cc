@@ -28,6 +28,7 @@
 #include "backend/backend.h"
 #include "core/hash.h"
 #include "model/gpt.h"
+#include "backend/cpu/vec_math.h"
 #include "model/gpt_config.h"
 #include "ops_reference.h"
 
@@ -330,7 +331,8 @@ TEST_F(OpsTest, Attention) {
   struct Case {
     int B, T, C, NH;
   };
-  for (const Case& k : {Case{2, 5, 8, 2}, Case{1, 7, 12, 3}, Case{3, 4, 4, 1}, Case{2, 1, 6, 2}}) {
+  for (const Case& k : {Case{2, 5, 8, 2}, Case{1, 7, 12, 3}, Case{3, 4, 4, 1}, Case{2, 1, 6, 2},
+                        Case{1, 37, 8, 2}}) {  // T=37: rows longer than the vector blocks
     const int B = k.B, T = k.T, C = k.C, NH = k.NH;
     const std::string tag = "B=" + std::to_string(B) + " T=" + std::to_string(T) + " C=" + std::to_string(C) +
                             " NH=" + std::to_string(NH);
@@ -524,6 +526,46 @@ TEST_F(OpsTest, SoftmaxCrossEntropy) {
     be()->SoftmaxCrossEntropyForward(nullptr, p2, dl, nullptr, N, V, Vp);
     EXPECT_TRUE(BitEqual(p2.Host(), got_probs)) << FirstDiff(p2.Host(), got_probs);
   }
+}
+
+// The CPU kernels' vector exp/tanh must equal the scalar reference functions bit for bit (so an element's
+// result does not depend on whether it falls in a vector block or a loop tail).
+TEST(VecMath, SixteenLanesMatchScalarBitForBit) {
+  std::vector<float> x;
+  for (int i = -4000; i <= 4000; ++i) x.push_back(0.025f * static_cast<float>(i));  // [-100, 100]
+  for (float v : {0.0f, -0.0f, 1e-30f, -1e-30f, 0.0624f, 0.0626f, -0.0625f, 4.5f, 9.0f, 9.5f, -88.0f, 88.5f, 89.0f,
+                  -87.0f, -87.5f, 1e30f, -1e30f, std::numeric_limits<float>::infinity(),
+                  -std::numeric_limits<float>::infinity(), kNaN})
+    x.push_back(v);
+  while (x.size() % cpu::kLanes) x.push_back(0.5f);
+  auto bits = [](float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+  };
+  for (size_t i = 0; i < x.size(); i += cpu::kLanes) {
+    const cpu::VecF v = cpu::LoadV(&x[i]);
+    const cpu::VecF e = cpu::VecExp(v), t = cpu::VecTanh(v);
+    for (int l = 0; l < cpu::kLanes; ++l) {
+      ASSERT_EQ(bits(e[l]), bits(cpu::VecExp(x[i + l]))) << "exp(" << x[i + l] << ")";
+      ASSERT_EQ(bits(t[l]), bits(cpu::VecTanh(x[i + l]))) << "tanh(" << x[i + l] << ")";
+    }
+  }
+}
+
+// Rows wider than the kernels' vector blocks (the vectorised max/exp/sum paths and their scalar tails).
+TEST_F(OpsTest, SoftmaxCrossEntropyWideRows) {
+  const int N = 5, V = 75, Vp = 80;
+  auto logits = RandN(rng_, static_cast<size_t>(N) * Vp, 4.0f);
+  for (int i = 0; i < V; ++i) logits[4 * Vp + i] *= 40.0f;  // exp underflows for most of the row
+  auto targets = RandInt(rng_, N, V);
+  DevInt dt(be(), targets);
+  Dev dl(be(), logits), losses(be(), N), probs(be(), static_cast<size_t>(N) * Vp);
+  be()->SoftmaxCrossEntropyForward(losses, probs, dl, dt, N, V, Vp);
+  Vec want_loss(N), want_probs(static_cast<size_t>(N) * Vp);
+  ref::SoftmaxXent(want_loss.data(), want_probs.data(), ToDouble(logits).data(), targets.data(), N, V, Vp);
+  CheckClose("softmax-xent losses (wide)", losses.Host(), want_loss, kFwdTol, 1.0);
+  CheckClose("softmax-xent probs (wide)", probs.Host(), want_probs, kFwdTol, 1.0);
 }
 
 // ---------------------------------------------------------------------------------------------------------

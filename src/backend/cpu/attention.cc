@@ -10,6 +10,57 @@
 
 namespace keel::cpu {
 
+namespace {
+
+// row[0..len) = softmax(row[0..len)), row[len..T) = 0. kLanes (8 or 16) at a time (vec_math.h); the max is exact
+// in any order and the sum's order depends on len only.
+void SoftmaxCausalRow(float* row, int len, int T) {
+  int j = 0;
+  float mx = row[0];
+  if (len >= kLanes) {
+    VecF m = LoadV(row);
+    for (j = kLanes; j + kLanes <= len; j += kLanes) {
+      const VecF x = LoadV(row + j);
+      m = Select(x > m, x, m);
+    }
+    mx = HMax(m);
+  } else {
+    j = 1;
+  }
+  for (; j < len; ++j) mx = row[j] > mx ? row[j] : mx;
+  const VecF vmx = Splat(mx);
+  VecF acc = {};
+  for (j = 0; j + kLanes <= len; j += kLanes) {
+    const VecF e = VecExp(LoadV(row + j) - vmx);
+    StoreV(row + j, e);
+    acc += e;
+  }
+  float sum = HSum(acc);
+  for (; j < len; ++j) {
+    row[j] = VecExp(row[j] - mx);
+    sum += row[j];
+  }
+  const float inv = 1.0f / sum;
+  for (j = 0; j + kLanes <= len; j += kLanes) StoreV(row + j, LoadV(row + j) * inv);
+  for (; j < len; ++j) row[j] *= inv;
+  for (j = len; j < T; ++j) row[j] = 0.0f;
+}
+
+// Softmax backward on one causal row: drow = prow * (drow - sum_j prow drow) over [0, len), 0 beyond.
+void SoftmaxBackwardRow(const float* prow, float* drow, int len, int T) {
+  VecF acc = {};
+  int j = 0;
+  for (; j + kLanes <= len; j += kLanes) acc += LoadV(prow + j) * LoadV(drow + j);
+  float dot = HSum(acc);
+  for (; j < len; ++j) dot += prow[j] * drow[j];
+  const VecF vdot = Splat(dot);
+  for (j = 0; j + kLanes <= len; j += kLanes) StoreV(drow + j, LoadV(prow + j) * (LoadV(drow + j) - vdot));
+  for (; j < len; ++j) drow[j] = prow[j] * (drow[j] - dot);
+  for (j = len; j < T; ++j) drow[j] = 0.0f;
+}
+
+}  // namespace
+
 void AttentionForward(float* out, float* att, const float* qkv, int B, int T, int C, int NH) {
   const int hs = C / NH;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
@@ -22,19 +73,7 @@ void AttentionForward(float* out, float* att, const float* qkv, int B, int T, in
     const float* v = q + 2 * C;
     float* p = att + static_cast<size_t>(bh) * T * T;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, scale, q, C3, k, C3, 0.0f, p, T);
-    for (int t = 0; t < T; ++t) {
-      float* row = p + static_cast<size_t>(t) * T;
-      float mx = row[0];
-      for (int j = 1; j <= t; ++j) mx = row[j] > mx ? row[j] : mx;
-      float sum = 0.0f;
-      for (int j = 0; j <= t; ++j) {
-        row[j] = VecExp(row[j] - mx);
-        sum += row[j];
-      }
-      float inv = 1.0f / sum;
-      for (int j = 0; j <= t; ++j) row[j] *= inv;
-      for (int j = t + 1; j < T; ++j) row[j] = 0.0f;
-    }
+    for (int t = 0; t < T; ++t) SoftmaxCausalRow(p + static_cast<size_t>(t) * T, t + 1, T);
     float* o = out + static_cast<size_t>(b) * T * C + h * hs;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, p, T, v, C3, 0.0f, o, C);
   }
@@ -61,14 +100,8 @@ void AttentionBackward(float* dqkv, float* datt, const float* dout, const float*
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, 1.0f, dO, C, v, C3, 0.0f, dp, T);
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, p, T, dO, C, 1.0f, dv, C3);
     // Softmax backward: dS = P * (dP - sum_j P dP), causal entries only.
-    for (int t = 0; t < T; ++t) {
-      const float* prow = p + static_cast<size_t>(t) * T;
-      float* drow = dp + static_cast<size_t>(t) * T;
-      float dot = 0.0f;
-      for (int j = 0; j <= t; ++j) dot += prow[j] * drow[j];
-      for (int j = 0; j <= t; ++j) drow[j] = prow[j] * (drow[j] - dot);
-      for (int j = t + 1; j < T; ++j) drow[j] = 0.0f;
-    }
+    for (int t = 0; t < T; ++t)
+      SoftmaxBackwardRow(p + static_cast<size_t>(t) * T, dp + static_cast<size_t>(t) * T, t + 1, T);
     // dQ += scale dS K ; dK += scale dS^T Q
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, scale, dp, T, k, C3, 1.0f, dq, C3);
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, scale, dp, T, q, C3, 1.0f, dk, C3);

@@ -15,18 +15,37 @@ void SoftmaxCrossEntropyForward(float* losses, float* probs, const float* logits
     const float* l = logits + static_cast<size_t>(n) * Vp;
     float* p = probs + static_cast<size_t>(n) * Vp;
     const float target_logit = (targets && losses) ? l[targets[n]] : 0.0f;  // read before any in-place write
+    // kLanes (8 or 16) at a time (max is exact in any order; the sum's order is fixed by V); the scalar tail
+    // adds last.
+    int i = 0;
     float mx = l[0];
-    for (int i = 1; i < V; ++i) mx = l[i] > mx ? l[i] : mx;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int i = 0; i < V; ++i) {
+    if (V >= kLanes) {
+      VecF m = LoadV(l);
+      for (i = kLanes; i + kLanes <= V; i += kLanes) {
+        const VecF x = LoadV(l + i);
+        m = Select(x > m, x, m);
+      }
+      mx = HMax(m);
+    } else {
+      i = 1;
+    }
+    for (; i < V; ++i) mx = l[i] > mx ? l[i] : mx;
+    VecF acc = {};
+    const VecF vmx = Splat(mx);
+    for (i = 0; i + kLanes <= V; i += kLanes) {
+      const VecF e = VecExp(LoadV(l + i) - vmx);
+      StoreV(p + i, e);
+      acc += e;
+    }
+    float sum = HSum(acc);
+    for (; i < V; ++i) {
       p[i] = VecExp(l[i] - mx);
       sum += p[i];
     }
-    float inv = 1.0f / sum;
-#pragma omp simd
-    for (int i = 0; i < V; ++i) p[i] *= inv;
-    for (int i = V; i < Vp; ++i) p[i] = 0.0f;
+    const float inv = 1.0f / sum;
+    for (i = 0; i + kLanes <= V; i += kLanes) StoreV(p + i, LoadV(p + i) * inv);
+    for (; i < V; ++i) p[i] *= inv;
+    for (i = V; i < Vp; ++i) p[i] = 0.0f;
     if (targets && losses) {
       // log-softmax directly from the logits: finite even where the probability underflows.
       losses[n] = -(target_logit - mx - std::log(sum));

@@ -45,3 +45,80 @@ inline float VecTanh(float x) {
 }
 
 }  // namespace keel::cpu
+
+namespace keel::cpu {
+
+// Vector versions of VecExp/VecTanh (GCC vector extensions: 16 lanes with AVX-512, else 8, one AVX2 register).
+// They perform exactly the scalar functions' operations lane by lane (keel builds with -ffp-contract=off, so no
+// FMA contraction on either side), hence return bit-identical results: the scalar functions above stay the readable reference and serve
+// the loop tails. GCC does not vectorise the scalar loops itself (the selects stay branches under trapping math).
+#ifdef __AVX512F__
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float VecF __attribute__((vector_size(4 * kLanes)));
+typedef int32_t VecI __attribute__((vector_size(4 * kLanes)));
+#define KEEL_VINLINE inline __attribute__((always_inline))
+
+KEEL_VINLINE VecF Splat(float x) { return VecF{} + x; }
+KEEL_VINLINE VecF LoadV(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+KEEL_VINLINE void StoreV(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
+KEEL_VINLINE VecF Select(VecI mask, VecF a, VecF b) { return mask ? a : b; }
+
+KEEL_VINLINE VecF VecExp(VecF x) {
+  const float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  const VecF hi = Splat(88.3762626647949f), lo = Splat(-87.3365447504f);
+  VecF xc = Select(x > hi, hi, x);
+  xc = Select(xc < lo, lo, xc);
+  VecF fx = xc * kLog2e + 0.5f;
+  VecI fi = __builtin_convertvector(fx, VecI);  // truncation, as static_cast<int32_t>
+  VecF fl = __builtin_convertvector(fi, VecF);
+  fl = Select(fl > fx, fl - 1.0f, fl);
+  VecF r = xc - fl * kLn2Hi - fl * kLn2Lo;
+  VecF r2 = r * r;
+  VecF y = Splat(1.9875691500E-4f);
+  y = y * r + 1.3981999507E-3f;
+  y = y * r + 8.3334519073E-3f;
+  y = y * r + 4.1665795894E-2f;
+  y = y * r + 1.6666665459E-1f;
+  y = y * r + 5.0000001201E-1f;
+  y = y * r2 + r + 1.0f;
+  VecI e = (__builtin_convertvector(fl, VecI) + 127) << 23;
+  VecF scale;
+  std::memcpy(&scale, &e, sizeof scale);
+  VecF out = y * scale;
+  out = Select(x < lo, Splat(0.0f), out);
+  return Select(x != x, x, out);
+}
+
+KEEL_VINLINE VecF VecTanh(VecF x) {
+  const VecF zero = Splat(0.0f), nine = Splat(9.0f);
+  VecF ax = Select(x < zero, -x, x);
+  VecF e = VecExp(2.0f * Select(ax > nine, nine, ax));
+  VecF t = 1.0f - 2.0f / (e + 1.0f);
+  VecF x2 = x * x;
+  VecF small = ax * (1.0f + x2 * (-0.333333333f + x2 * (0.133333333f + x2 * -0.0539682540f)));
+  t = Select(ax < Splat(0.0625f), small, t);
+  t = Select(ax > nine, Splat(1.0f), t);
+  VecF r = Select(x < zero, -t, t);
+  return Select(x != x, x, r);
+}
+
+// Lane-wise max and sum over the lanes, folded in a fixed order (the result depends on the data only).
+KEEL_VINLINE float HMax(VecF v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+KEEL_VINLINE float HSum(VecF v) {
+  float s = 0.0f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+}  // namespace keel::cpu
