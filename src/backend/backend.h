@@ -17,6 +17,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cassert>
 #include <memory>
 #include <string>
 
@@ -33,6 +34,7 @@ enum class Op {
   kResidualForward,
   kSoftmaxCrossEntropyForward, kSoftmaxCrossEntropyBackward, kSoftmaxForward,
   kAdamW,
+  kMatmulForwardHalf,
   kCount
 };
 const char* OpName(Op op);
@@ -80,6 +82,13 @@ class Backend {
   // out[N,OC] = inp[N,IC] @ w[OC,IC]^T + bias[OC] (bias may be null).
   virtual void MatmulForward(float* out, const float* inp, const float* w, const float* bias, int N, int IC,
                              int OC) = 0;
+  // MatmulForward with the weights stored as IEEE f16 (w16 [OC,IC], packed two per float in a buffer from Alloc
+  // and uploaded as floats): decoding reads half the weight bytes. Called only where
+  // SupportsOp(kMatmulForwardHalf).
+  virtual void MatmulForwardHalf(float* /*out*/, const float* /*inp*/, const uint16_t* /*w16*/, const float* /*bias*/,
+                                 int /*N*/, int /*IC*/, int /*OC*/) {
+    assert(false && "MatmulForwardHalf on a backend that does not support it");
+  }
   // dinp += dout @ w; dw += dout^T @ inp; dbias += sum_rows(dout). dbias may be null; dinp may be null.
   virtual void MatmulBackward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp,
                               const float* w, int N, int IC, int OC) = 0;

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "core/hash.h"
+#include "formats/half.h"
 
 namespace keel {
 
@@ -196,7 +197,8 @@ void GptModel::Backward(const std::function<void(int group)>& on_group_ready) {
 // ---------------------------------------------------------------------------------------------------------
 // DecodeState
 
-Result<std::unique_ptr<DecodeState>> DecodeState::Create(GptModel* model, int B, int maxT, int max_rows) {
+Result<std::unique_ptr<DecodeState>> DecodeState::Create(GptModel* model, int B, int maxT, int max_rows,
+                                                         bool half_weights) {
   const GptConfig& c = model->config();
   if (B <= 0) return InvalidArgument("decode batch must be positive");
   if (maxT <= 0 || maxT > c.ctx)
@@ -235,6 +237,27 @@ Result<std::unique_ptr<DecodeState>> DecodeState::Create(GptModel* model, int B,
   s->identity_.resize(Rs);
   for (int i = 0; i < R; ++i) s->identity_[static_cast<size_t>(i)] = i;
   s->host_logits_.reserve(size_t(B) * c.vocab);
+  if (half_weights) {
+    if (!be->SupportsOp(Op::kMatmulForwardHalf))
+      return InvalidArgument("f16 weights are not supported by the " + be->Name() + " backend");
+    s->half_.assign(model->tensors().size(), nullptr);
+    std::vector<size_t> mats = {0};  // wte: the tied LM head
+    for (int l = 0; l < c.layers; ++l)
+      for (int k : {kQkvW, kProjW, kFcW, kFcProjW}) mats.push_back(model->LayerTensor(l, k));
+    std::vector<float> host;
+    std::vector<uint16_t> h16;
+    for (size_t t : mats) {
+      const size_t n = model->tensors()[t].size, floats = (n + 1) / 2;
+      host.resize(n);
+      be->Download(host.data(), model->P(t), n);
+      h16.assign(floats * 2, 0);
+      FloatToF16N(host.data(), h16.data(), n);
+      float* dev = nullptr;
+      KEEL_RETURN_IF_ERROR(alloc(floats, &dev));
+      be->Upload(dev, reinterpret_cast<const float*>(h16.data()), floats);
+      s->half_[t] = reinterpret_cast<const uint16_t*>(dev);
+    }
+  }
   return s;
 }
 
@@ -265,10 +288,16 @@ const std::vector<float>& DecodeState::StepRows(const int32_t* tokens, const int
   be->UploadInt(tok_, tokens, n);
   be->UploadInt(pos_, positions, n);
   be->EncoderForward(x_, tok_, pos_, m.P(0), m.P(1), n, 1, C);
+  // out = inp @ W^T + bias with tensor t's f16 copy when there is one.
+  auto linear = [&](float* out, const float* inp, size_t t, const float* bias, int rows, int IC, int OC) {
+    if (!half_.empty() && half_[t]) be->MatmulForwardHalf(out, inp, half_[t], bias, rows, IC, OC);
+    else be->MatmulForward(out, inp, m.P(t), bias, rows, IC, OC);
+  };
   for (int l = 0; l < c.layers; ++l) {
     auto W = [&](int k) { return m.P(m.LayerTensor(l, k)); };
+    auto T = [&](int k) { return m.LayerTensor(l, k); };
     be->LayerNormForward(ln_, mean_, rstd_, x_, W(kLn1W), W(kLn1B), n, C);
-    be->MatmulForward(qkv_, ln_, W(kQkvW), W(kQkvB), n, C, 3 * C);
+    linear(qkv_, ln_, T(kQkvW), W(kQkvB), n, C, 3 * C);
     // Every row's K and V go into the cache before any row attends, so rows of one slot see each other.
     for (int b = 0; b < n; ++b) {
       size_t slot = (static_cast<size_t>(slots[b]) * maxT_ + positions[b]) * Cs;
@@ -281,12 +310,12 @@ const std::vector<float>& DecodeState::StepRows(const int32_t* tokens, const int
       be->AttentionDecode(atty_, tmp_, k_cache_[l], v_cache_[l], pos_, scratch_, n, maxT_, C, NH);
     else
       be->AttentionDecodeSlots(atty_, tmp_, k_cache_[l], v_cache_[l], pos_, slots, scratch_, n, maxT_, C, NH);
-    be->MatmulForward(tmp_, atty_, W(kProjW), W(kProjB), n, C, C);
+    linear(tmp_, atty_, T(kProjW), W(kProjB), n, C, C);
     be->ResidualForward(x_, x_, tmp_, static_cast<size_t>(n) * C);
     be->LayerNormForward(ln_, mean_, rstd_, x_, W(kLn2W), W(kLn2B), n, C);
-    be->MatmulForward(fch_, ln_, W(kFcW), W(kFcB), n, C, 4 * C);
+    linear(fch_, ln_, T(kFcW), W(kFcB), n, C, 4 * C);
     be->GeluForward(fch_gelu_, fch_, static_cast<size_t>(n) * 4 * C);
-    be->MatmulForward(tmp_, fch_gelu_, W(kFcProjW), W(kFcProjB), n, 4 * C, C);
+    linear(tmp_, fch_gelu_, T(kFcProjW), W(kFcProjB), n, 4 * C, C);
     be->ResidualForward(x_, x_, tmp_, static_cast<size_t>(n) * C);
   }
   host_logits_.resize(static_cast<size_t>(n_logits) * V);
@@ -305,7 +334,7 @@ const std::vector<float>& DecodeState::StepRows(const int32_t* tokens, const int
     be->LayerNormForward(lnsel_, mean_, rstd_, tmp_, m.P(lnf), m.P(lnf + 1), n_logits, C);
     head_in = lnsel_;
   }
-  be->MatmulForward(logits_, head_in, m.P(0), nullptr, n_logits, C, V);
+  linear(logits_, head_in, 0, nullptr, n_logits, C, V);
   be->Download(host_logits_.data(), logits_, host_logits_.size());
   return host_logits_;
 }

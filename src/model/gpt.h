@@ -76,6 +76,7 @@ class GptModel {
         *dfch_ = nullptr, *dfch_gelu_ = nullptr;
   int32_t *tokens_ = nullptr, *targets_ = nullptr;
   std::vector<float*> owned_;
+  std::vector<const uint16_t*> half_;  // per model tensor: its f16 copy (null: use the fp32 parameters)
   int last_B_ = 0, last_T_ = 0;
   bool last_has_targets_ = false;
 
@@ -91,8 +92,11 @@ class GptModel {
 // Thread safety: one thread at a time (and not concurrently with other users of the same GptModel).
 class DecodeState {
  public:
-  // max_rows: the most rows one StepRows() may feed (0: B).
-  static Result<std::unique_ptr<DecodeState>> Create(GptModel* model, int B, int maxT, int max_rows = 0);
+  // max_rows: the most rows one StepRows() may feed (0: B). half_weights: the matrices (and the tied LM head) are
+  // kept as IEEE f16 copies and multiplied from those (half the bytes per decoded token; logits then differ from
+  // the fp32 model's by the f16 rounding of the weights). Fails where the backend lacks kMatmulForwardHalf.
+  static Result<std::unique_ptr<DecodeState>> Create(GptModel* model, int B, int maxT, int max_rows = 0,
+                                                     bool half_weights = false);
   ~DecodeState();
   // Feeds tokens[b] at position positions[b] for b < n (positions < maxT, and each sequence's positions
   // fed in order); returns logits [n, V] on the host.
@@ -117,6 +121,7 @@ class DecodeState {
         *lnsel_ = nullptr;
   int32_t *tok_ = nullptr, *pos_ = nullptr;
   std::vector<float*> owned_;
+  std::vector<const uint16_t*> half_;  // per model tensor: its f16 copy (null: use the fp32 parameters)
   std::vector<float> host_logits_;
   std::vector<int32_t> identity_;  // 0..max(B, R)-1, for Step()
 };

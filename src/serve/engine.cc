@@ -102,7 +102,8 @@ Result<std::unique_ptr<Engine>> Engine::Create(GptModel* model, const Tokenizer*
   std::unique_ptr<Engine> e(new Engine(model, tokenizer, o, metrics));
   e->ctx_ = ctx;
   e->vocab_ = std::min(c.vocab, tokenizer->vocab_size());
-  KEEL_ASSIGN_OR_RETURN(e->state_, DecodeState::Create(model, o.parallel, ctx, o.parallel + o.prefill_chunk));
+  KEEL_ASSIGN_OR_RETURN(e->state_, DecodeState::Create(model, o.parallel, ctx, o.parallel + o.prefill_chunk,
+                                                          o.half_weights));
   e->slots_.resize(static_cast<size_t>(o.parallel));
   if (metrics) metrics->SetSlots(o.parallel);
   e->thread_ = std::thread([p = e.get()] { p->Loop(); });

@@ -49,6 +49,7 @@ struct EngineOptions {
   int prefill_chunk = 64;  // prompt tokens fed per step across all sequences (>= 1)
   int threads = 0;         // backend threads, set on the scheduler thread (0: leave the backend's setting)
   int step_delay_ms = 0;   // testing aid: sleep this long after every step
+  bool half_weights = false;  // decode from f16 copies of the weight matrices (--dtype f16; see DecodeState)
 };
 
 struct GenerationRequest {

@@ -32,10 +32,14 @@ int RunSample(int argc, char** argv) {
   app.add_option("--samples", num_samples, "independent samples (seeds seed, seed+1, ...)")->capture_default_str();
   app.add_option("--threads,-t", threads, "CPU threads (0: all cores)");
   app.add_option("--device", device)->capture_default_str();
+  std::string dtype = "f32";
+  app.add_option("--dtype", dtype, "weights used for decoding: f32 or f16")->capture_default_str();
   app.add_flag("--print-token-ids", print_ids, "also print the prompt and generated token ids to stderr");
   if (int rc = Parse(app, argc, argv); rc >= 0) return rc;
   if (auto s = ValidateSampling(g.sampling); !s.ok()) return Fail("sample", s);
   if (g.max_new_tokens < 0) return Fail("sample", InvalidArgument("-n must be >= 0"));
+  if (dtype != "f32" && dtype != "f16")
+    return Fail("sample", InvalidArgument("--dtype must be f32 or f16, got '" + dtype + "'"));
 
   std::vector<std::string> warnings;
   auto snap = LoadModelForInference(ckpt, &warnings);
@@ -55,7 +59,7 @@ int RunSample(int argc, char** argv) {
   auto ids = (*tok)->Encode(prompt);
   if (ids.empty()) return Fail("sample", InvalidArgument("--prompt encodes to no tokens"));
   for (int s = 0; s < num_samples; ++s) {
-    auto state = DecodeState::Create(model->get(), 1, snap->config.ctx);
+    auto state = DecodeState::Create(model->get(), 1, snap->config.ctx, 0, dtype == "f16");
     if (!state.ok()) return Fail("sample", state.status());
     GenerateOptions gs = g;
     gs.sampling.seed = g.sampling.seed + static_cast<uint64_t>(s);

@@ -54,6 +54,10 @@ int RunServe(int argc, char** argv) {
   app.add_option("--drain-timeout", drain_timeout, "seconds in-flight requests get to finish on SIGTERM/SIGINT")
       ->capture_default_str();
   app.add_option("--device", device)->capture_default_str();
+  std::string dtype = "f32";
+  app.add_option("--dtype", dtype,
+                 "weights used for decoding: f32, or f16 (half the bytes per token: faster, memory-bound decode)")
+      ->capture_default_str();
   // Testing aid (hidden): slows every engine step so tests can observe queueing, cancellation and draining.
   app.add_option("--debug-step-delay-ms", eo.step_delay_ms)->group("");
   if (int rc = Parse(app, argc, argv); rc >= 0) return rc;
@@ -63,6 +67,9 @@ int RunServe(int argc, char** argv) {
   if (eo.prefill_chunk < 1) return Fail("serve", InvalidArgument("--prefill-chunk must be >= 1"));
   if (so.max_body_bytes < 1024) return Fail("serve", InvalidArgument("--max-body must be >= 1024"));
   if (!(drain_timeout >= 0)) return Fail("serve", InvalidArgument("--drain-timeout must be >= 0"));
+  if (dtype != "f32" && dtype != "f16")
+    return Fail("serve", InvalidArgument("--dtype must be f32 or f16, got '" + dtype + "'"));
+  eo.half_weights = dtype == "f16";
 
   std::vector<std::string> warnings;
   auto snap = LoadModelForInference(ckpt, &warnings);

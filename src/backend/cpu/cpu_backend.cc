@@ -15,7 +15,8 @@ const char* OpName(Op op) {
   static const char* kNames[] = {"encoder_forward", "encoder_backward", "layernorm_forward", "layernorm_backward",
                                  "matmul_forward", "matmul_backward", "attention_forward", "attention_backward",
                                  "attention_decode", "gelu_forward", "gelu_backward", "residual_forward",
-                                 "softmax_xent_forward", "softmax_xent_backward", "softmax_forward", "adamw"};
+                                 "softmax_xent_forward", "softmax_xent_backward", "softmax_forward", "adamw",
+                                 "matmul_forward_half"};
   static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<size_t>(Op::kCount));
   return kNames[static_cast<int>(op)];
 }
@@ -91,6 +92,10 @@ class CpuBackend final : public Backend {
   void MatmulForward(float* out, const float* inp, const float* w, const float* bias, int N, int IC,
                      int OC) override {
     cpu::MatmulForward(out, inp, w, bias, N, IC, OC);
+  }
+  void MatmulForwardHalf(float* out, const float* inp, const uint16_t* w16, const float* bias, int N, int IC,
+                         int OC) override {
+    cpu::MatmulForwardHalf(out, inp, w16, bias, N, IC, OC);
   }
   void MatmulBackward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
                       int N, int IC, int OC) override {

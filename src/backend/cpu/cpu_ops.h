@@ -19,6 +19,8 @@ void LayerNormBackward(float* dinp, float* dw, float* db, const float* dout, con
 void MatmulForward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC);
 void MatmulBackward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w, int N,
                     int IC, int OC);
+// MatmulForward with IEEE f16 weights (matmul_half.cc).
+void MatmulForwardHalf(float* out, const float* inp, const uint16_t* w, const float* bias, int N, int IC, int OC);
 void AttentionForward(float* out, float* att, const float* qkv, int B, int T, int C, int NH);
 void AttentionBackward(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att, int B, int T,
                        int C, int NH);

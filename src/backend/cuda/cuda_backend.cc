@@ -109,7 +109,7 @@ class CudaBackend final : public Backend {
   }
 
   std::string Name() const override { return "cuda"; }
-  bool SupportsOp(Op op) const override { return op != Op::kCount; }
+  bool SupportsOp(Op op) const override { return op != Op::kCount && op != Op::kMatmulForwardHalf; }
   void SetThreads(int) override {}
   bool host_memory() const override { return false; }
 

@@ -1,0 +1,55 @@
+// decode_bench.cc: time per batched decode step of keel's DecodeState (no HTTP, no sampling), fp32 vs f16 weights,
+// for 1..16 rows, next to the step's weight bytes and the memory bandwidth that implies. The profile behind
+// serve_bench.sh's figures. Usage: decode_bench [LAYERS HEADS DIM VOCAB] (default GPT-2 small: 12 12 768 50257).
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "backend/backend.h"
+#include "model/gpt.h"
+
+int main(int argc, char** argv) {
+  using namespace keel;
+  GptConfig c{.layers = 12, .heads = 12, .dim = 768, .ctx = 256, .vocab = 50257};
+  if (argc >= 5) {
+    c.layers = std::atoi(argv[1]);
+    c.heads = std::atoi(argv[2]);
+    c.dim = std::atoi(argv[3]);
+    c.vocab = std::atoi(argv[4]);
+  }
+  auto be = MakeCpuBackend(0);
+  auto model = GptModel::Create(c, be.get(), 1, 1);
+  if (!model.ok()) {
+    std::fprintf(stderr, "%s\n", model.status().ToString().c_str());
+    return 1;
+  }
+  (*model)->InitWeights(1);
+  const double C = c.dim;
+  const double matrix_params = c.layers * 12.0 * C * C + double(c.vocab) * C;  // streamed once per step
+  std::printf("model %dL/%dH/%dC vocab %d: %.1fM matrix weights; 64 positions of context per row\n", c.layers, c.heads,
+              c.dim, c.vocab, matrix_params / 1e6);
+  std::printf("| weights | rows | ms/step | tok/s | weight GB/s |\n|---|---|---|---|---|\n");
+  for (bool half : {false, true}) {
+    for (int rows : {1, 2, 4, 8, 16}) {
+      auto st = DecodeState::Create(model->get(), rows, c.ctx, rows, half);
+      if (!st.ok()) {
+        std::fprintf(stderr, "%s\n", st.status().ToString().c_str());
+        return 1;
+      }
+      std::vector<int32_t> tok(rows, 7), pos(rows);
+      // Fill 64 positions, then time 32 more steps.
+      double t = 0;
+      for (int p = 0; p < 96; ++p) {
+        for (auto& x : pos) x = p;
+        const auto t0 = std::chrono::steady_clock::now();
+        (*st)->Step(tok.data(), pos.data(), rows);
+        if (p >= 64) t += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      }
+      const double ms = t / 32 * 1e3;
+      std::printf("| %s | %d | %.1f | %.1f | %.1f |\n", half ? "f16" : "f32", rows, ms, rows / (ms / 1e3),
+                  matrix_params * (half ? 2 : 4) / (ms / 1e3) / 1e9);
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,125 @@
+// decode_half_test.cc: decoding from f16 weight copies (`--dtype f16`). The f16 matmul must equal the fp32 matmul
+// on the f16-rounded weights (up to summation order) for every row-count path, and a DecodeState with f16 weights
+// must give the logits of the fp32 model whose matrices were rounded to f16.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/hash.h"
+#include "formats/half.h"
+#include "model/gpt.h"
+
+namespace keel {
+namespace {
+
+double RelErr(const std::vector<float>& a, const std::vector<float>& b) {
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i)
+    worst = std::max(worst, std::fabs(double(a[i]) - b[i]) / (1.0 + std::fabs(double(b[i]))));
+  return worst;
+}
+
+TEST(DecodeHalf, MatmulMatchesFp32OnRoundedWeights) {
+  auto be = MakeCpuBackend(2);
+  ASSERT_TRUE(be->SupportsOp(Op::kMatmulForwardHalf));
+  Rng rng(5);
+  // IC not a multiple of 8 or 32 and OC not a multiple of the 64-row output chunk exercise the tails.
+  for (int IC : {37, 64, 200}) {
+    const int OC = 131;
+    std::vector<float> w(static_cast<size_t>(OC) * IC), bias(OC);
+    for (auto& x : w) x = rng.Normal();
+    for (auto& x : bias) x = rng.Normal();
+    std::vector<uint16_t> w16(w.size());
+    FloatToF16N(w.data(), w16.data(), w.size());
+    std::vector<float> wr(w.size());
+    F16ToFloatN(w16.data(), wr.data(), w.size());
+    for (int N : {1, 2, 3, 4, 5, 16, 17, 40}) {
+      std::vector<float> inp(static_cast<size_t>(N) * IC);
+      for (auto& x : inp) x = rng.Normal();
+      std::vector<float> out(static_cast<size_t>(N) * OC), ref(out.size());
+      be->MatmulForwardHalf(out.data(), inp.data(), w16.data(), bias.data(), N, IC, OC);
+      be->MatmulForward(ref.data(), inp.data(), wr.data(), bias.data(), N, IC, OC);
+      EXPECT_LT(RelErr(out, ref), 1e-5) << "N=" << N << " IC=" << IC;
+      // Without bias too.
+      be->MatmulForwardHalf(out.data(), inp.data(), w16.data(), nullptr, N, IC, OC);
+      be->MatmulForward(ref.data(), inp.data(), wr.data(), nullptr, N, IC, OC);
+      EXPECT_LT(RelErr(out, ref), 1e-5) << "N=" << N << " IC=" << IC << " (no bias)";
+    }
+  }
+}
+
+TEST(DecodeHalf, ThreadCountDoesNotChangeResults) {
+  Rng rng(9);
+  const int IC = 96, OC = 300;
+  std::vector<float> w(static_cast<size_t>(OC) * IC);
+  for (auto& x : w) x = rng.Normal();
+  std::vector<uint16_t> w16(w.size());
+  FloatToF16N(w.data(), w16.data(), w.size());
+  for (int N : {1, 3, 8, 33}) {
+    std::vector<float> inp(static_cast<size_t>(N) * IC);
+    for (auto& x : inp) x = rng.Normal();
+    std::vector<float> a(static_cast<size_t>(N) * OC), b(a.size());
+    MakeCpuBackend(1)->MatmulForwardHalf(a.data(), inp.data(), w16.data(), nullptr, N, IC, OC);
+    MakeCpuBackend(2)->MatmulForwardHalf(b.data(), inp.data(), w16.data(), nullptr, N, IC, OC);
+    EXPECT_EQ(a, b) << "N=" << N;
+  }
+}
+
+TEST(DecodeHalf, DecodeStateMatchesModelWithRoundedMatrices) {
+  GptConfig c{.layers = 2, .heads = 2, .dim = 32, .ctx = 12, .vocab = 41};
+  auto be = MakeCpuBackend(2);
+  auto model = GptModel::Create(c, be.get(), 1, c.ctx);
+  ASSERT_TRUE(model.ok()) << model.status().ToString();
+  (*model)->InitWeights(3);
+  auto p = (*model)->ParamsToHost();
+  Rng rng(4);
+  for (auto& x : p) x += 0.1f * rng.Normal();
+  // The token embedding is both the input embedding (read in fp32) and the tied LM head (read in f16): make it
+  // f16-representable so the rounded reference below differs from this model only where the f16 path rounds.
+  for (size_t i = 0; i < (*model)->tensors()[0].size; ++i) p[i] = F16ToFloat(FloatToF16(p[i]));
+  (*model)->SetParamsFromHost(p);
+  auto half_state = DecodeState::Create(model->get(), 2, c.ctx, 8, /*half_weights=*/true);
+  ASSERT_TRUE(half_state.ok()) << half_state.status().ToString();
+
+  // The reference: the same model with its matrices (and the tied embedding) rounded to f16, decoded in fp32.
+  std::vector<float> rounded = p;
+  const auto& tensors = (*model)->tensors();
+  // Every 2-D tensor but the position embedding (tensor 1): the token embedding and the four matrices per layer.
+  std::vector<size_t> mats;
+  for (size_t t = 0; t < tensors.size(); ++t)
+    if (tensors[t].shape.size() == 2 && t != 1) mats.push_back(t);
+  ASSERT_EQ(mats.size(), static_cast<size_t>(1 + 4 * c.layers));
+  for (size_t t : mats) {
+    float* x = rounded.data() + tensors[t].offset;
+    for (size_t i = 0; i < tensors[t].size; ++i) x[i] = F16ToFloat(FloatToF16(x[i]));
+  }
+  auto ref_model = GptModel::Create(c, be.get(), 1, c.ctx);
+  ASSERT_TRUE(ref_model.ok());
+  (*ref_model)->SetParamsFromHost(rounded);
+  auto ref_state = DecodeState::Create(ref_model->get(), 2, c.ctx, 8);
+  ASSERT_TRUE(ref_state.ok());
+
+  // Two sequences, one row each per step, then a 5-row prompt chunk into slot 1.
+  double worst = 0, moved = 0;
+  for (int t = 0; t < 6; ++t) {
+    int32_t tok[2] = {static_cast<int32_t>(rng.Below(c.vocab)), static_cast<int32_t>(rng.Below(c.vocab))};
+    int32_t pos[2] = {t, t};
+    std::vector<float> a = (*half_state)->Step(tok, pos, 2);
+    std::vector<float> r = (*ref_state)->Step(tok, pos, 2);
+    worst = std::max(worst, RelErr(a, r));
+  }
+  // The f16 path is not the fp32 path: the unrounded model's logits differ (so the test could fail).
+  auto fp32_state = DecodeState::Create(model->get(), 2, c.ctx, 8);
+  ASSERT_TRUE(fp32_state.ok());
+  int32_t tok[2] = {1, 2}, pos[2] = {0, 0};
+  std::vector<float> a = (*half_state)->Step(tok, pos, 2);  // overwrites position 0 of both slots
+  std::vector<float> f = (*fp32_state)->Step(tok, pos, 2);
+  moved = RelErr(a, f);
+  EXPECT_LT(worst, 1e-4);
+  EXPECT_GT(moved, 1e-6);
+}
+
+}  // namespace
+}  // namespace keel
