@@ -98,6 +98,17 @@ TEST_F(CliErrors, ZeroAndNegativeSizes) {
   EXPECT_FALSE(fs::exists(t / "r"));
 }
 
+TEST_F(CliErrors, BadSyncAndCompressionFlags) {
+  TempDir t;
+  ExpectError(RunKeel("train " + Small(t / "r") + " --sync allreduce"), "--sync");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --sync diloco --inner-steps 0"), "--inner-steps");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --sync diloco --outer-momentum 1"), "--outer-momentum");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --sync diloco --outer-lr -1"), "--outer-lr");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --compress fp4"), "--compress");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --optimizer lion"), "--optimizer");
+  EXPECT_FALSE(fs::exists(t / "r"));
+}
+
 TEST_F(CliErrors, ContextLongerThanPositionTableOnResume) {
   auto r = RunKeel("train " + Small(Run()) + " --ctx 32 --steps 8 --resume");
   ExpectError(r, "position table");

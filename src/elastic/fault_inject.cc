@@ -29,6 +29,7 @@ const char* FaultKindName(FaultSpec::Kind k) {
     case FaultSpec::kCorrupt: return "corrupt";
     case FaultSpec::kSpike: return "spike";
     case FaultSpec::kDeaf: return "deaf";
+    case FaultSpec::kLink: return "link";
   }
   return "?";
 }
@@ -60,7 +61,7 @@ std::string Trim(std::string s) {
 bool KindFromName(const std::string& n, FaultSpec::Kind* k) {
   const FaultSpec::Kind all[] = {FaultSpec::kCrash, FaultSpec::kHang,         FaultSpec::kSlow,   FaultSpec::kNan,
                                  FaultSpec::kBitflip, FaultSpec::kTruncateCkpt, FaultSpec::kRandom, FaultSpec::kStall,
-                                 FaultSpec::kCorrupt, FaultSpec::kSpike, FaultSpec::kDeaf};
+                                 FaultSpec::kCorrupt, FaultSpec::kSpike, FaultSpec::kDeaf, FaultSpec::kLink};
   for (auto x : all)
     if (n == FaultKindName(x)) {
       *k = x;
@@ -89,7 +90,7 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
     FaultSpec f;
     if (!KindFromName(Trim(item.substr(0, colon)), &f.kind))
       return InvalidArgument(bad + "unknown fault kind (crash, hang, slow, stall, deaf, nan, corrupt, spike, "
-                                   "bitflip, truncate-ckpt, random)");
+                                   "bitflip, truncate-ckpt, link, random)");
     if (colon != std::string::npos) {
       for (std::string kv : SplitOn(item.substr(colon + 1), ',')) {
         kv = Trim(kv);
@@ -103,7 +104,7 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
             FaultSpec::Kind kk;
             if (!KindFromName(Trim(name), &kk) || kk == FaultSpec::kRandom || kk == FaultSpec::kTruncateCkpt ||
                 kk == FaultSpec::kSlow || kk == FaultSpec::kStall || kk == FaultSpec::kCorrupt ||
-                kk == FaultSpec::kSpike || kk == FaultSpec::kDeaf)
+                kk == FaultSpec::kSpike || kk == FaultSpec::kDeaf || kk == FaultSpec::kLink)
               return InvalidArgument(bad + "kinds: '" + name + "' is not one of crash, hang, nan, bitflip");
             f.kinds.push_back(kk);
           }
@@ -124,12 +125,18 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
         else if (k == "start" && x >= 0) f.start = x;
         else if (k == "seed" && x >= 0) f.seed = static_cast<uint64_t>(x);
         else if (k == "ranks" && x >= 1) f.ranks = static_cast<int>(x);
+        else if (k == "mbit" && x > 0 && f.kind == FaultSpec::kLink) f.mbit = x;
+        else if (k == "latency_ms" && x >= 0 && f.kind == FaultSpec::kLink) f.latency_ms = x;
         else return InvalidArgument(bad + "unknown or out-of-range key '" + k + "'");
       }
     }
     if (f.kind == FaultSpec::kRandom) {
       if (f.kinds.empty()) f.kinds = {FaultSpec::kCrash, FaultSpec::kHang, FaultSpec::kNan, FaultSpec::kBitflip};
     } else {
+      if (f.kind == FaultSpec::kLink) {
+        if (f.step < 0) f.step = 0;  // a link is slow for the whole run
+        if (f.mbit <= 0 && f.latency_ms <= 0) return InvalidArgument(bad + "needs mbit=B and/or latency_ms=L");
+      }
       if (f.step < 0) return InvalidArgument(bad + "needs step=S");
       if (f.rank < 0 && f.kind != FaultSpec::kTruncateCkpt) return InvalidArgument(bad + "needs rank=R");
     }
@@ -290,6 +297,21 @@ double FaultInjector::SlowFactor(int64_t step) {
     f = std::max(f, x.factor);
   }
   return f;
+}
+
+bool FaultInjector::LinkLimit(double* mbit, double* latency_ms) {
+  std::lock_guard<std::mutex> l(mu_);
+  for (size_t s = 0; s < specs_.size(); ++s) {
+    const FaultSpec& x = specs_[s];
+    if (x.kind != FaultSpec::kLink || x.rank != rank_) continue;
+    *mbit = x.mbit;
+    *latency_ms = x.latency_ms;
+    // Recorded once per process (a restarted worker's link is still slow): not claimed through the store.
+    Record(x.kind, 0, "link/" + std::to_string(s),
+           std::to_string(x.mbit) + " Mbit/s, " + std::to_string(x.latency_ms) + " ms latency");
+    return true;
+  }
+  return false;
 }
 
 double FaultInjector::LossFactor(int64_t step) {

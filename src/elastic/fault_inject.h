@@ -19,6 +19,8 @@
 //   truncate-ckpt:step=S,then=kill|hang   the checkpoint of step S is left half-written (a .tmp directory with a
 //                                     truncated weights file); then the writer SIGKILLs itself (default) or
 //                                     stalls (so a test can kill every worker while the write "is in flight")
+//   link:rank=R,mbit=B,latency_ms=L  this worker's link is limited to B Mbit/s with L ms latency per
+//                                     communication round, for the whole run (dist/link_emulation.h)
 //   random:every=T,seed=N,kinds=crash+hang+nan+bitflip,secs=X,start=T0,ranks=W
 //                                     a fault every T seconds on average (uniform in [T/2, 3T/2]) from T0 seconds
 //                                     (default T) after the job's start (KEEL_INJECT_T0, set by the launcher),
@@ -43,7 +45,7 @@ class EventLog;
 
 struct FaultSpec {
   enum Kind {
-    kCrash, kHang, kSlow, kNan, kBitflip, kTruncateCkpt, kRandom, kStall, kCorrupt, kSpike, kDeaf
+    kCrash, kHang, kSlow, kNan, kBitflip, kTruncateCkpt, kRandom, kStall, kCorrupt, kSpike, kDeaf, kLink
   } kind = kCrash;
   int rank = -1;          // -1: any (truncate-ckpt: whoever writes the checkpoint)
   int64_t step = -1;
@@ -51,6 +53,7 @@ struct FaultSpec {
   double factor = 3;      // slow
   int64_t steps = 1000000;
   bool then_kill = true;  // truncate-ckpt
+  double mbit = 0, latency_ms = 0;  // link
   // random
   double every = 15, start = -1;
   uint64_t seed = 1;
@@ -82,6 +85,7 @@ class FaultInjector {
   bool StallCollective(int64_t step, double* secs);            // stall: for how long
   bool DeafCollective(int64_t step, double* secs);             // deaf: for how long
   double LossFactor(int64_t step);                             // spike (1 = normal)
+  bool LinkLimit(double* mbit, double* latency_ms);            // link: this worker's emulated link
   // truncate-ckpt: true if the checkpoint of `step` must be left half-written; *then_kill says what follows.
   bool TruncateCheckpoint(int64_t step, bool* then_kill);
 

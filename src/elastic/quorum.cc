@@ -398,7 +398,7 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
     overlap |= all.Intersects(r.held);
     all |= r.held;
   }
-  const bool covered = all == MicroSet::All(c.M);
+  const bool covered = c.partial ? !all.Empty() : all == MicroSet::All(c.M);
   for (int k = 0; k < n; ++k) {
     if (quarantine[static_cast<size_t>(k)]) o.quarantine.push_back(k);
     if (clear[static_cast<size_t>(k)]) o.clear_holdings.push_back(k);
@@ -417,7 +417,7 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
   double sum = 0;
   for (int i = 0; i < c.M; ++i)
     for (const auto& r : votes) sum += r.loss[i];
-  o.loss = sum / c.M;
+  o.loss = sum / (c.partial ? all.Count() : c.M);
   o.commit = true;
   return o;
 }

@@ -157,6 +157,8 @@ struct VoteConfig {
   int quarantine_after = 2;   // faults of one kind (non-finite results; corrupted state or gradients) on one
                               // member before it is quarantined
   int64_t strike_window = 100;  // ... counted over this many steps (older strikes expire)
+  bool partial = false;         // diloco: the step commits with the micro-batches held (at least one), not
+                                //   necessarily all of them (a lost member's inner work is not redone)
 };
 
 // Per-member fault history the vote outcome depends on (agreed: it travels with the training state).

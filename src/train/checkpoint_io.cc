@@ -21,6 +21,8 @@ Result<std::vector<CheckpointFile>> EncodeSnapshot(const SnapshotView& s) {
   if (s.adam_m) {
     std::vector<TensorView> ov = {{"adam.m", "F32", {static_cast<int64_t>(n)}, s.adam_m, n * sizeof(float)},
                                   {"adam.v", "F32", {static_cast<int64_t>(n)}, s.adam_v, n * sizeof(float)}};
+    if (s.outer_momentum)
+      ov.push_back({"outer.momentum", "F32", {static_cast<int64_t>(n)}, s.outer_momentum, n * sizeof(float)});
     auto optim = EncodeSafetensors(ov, {});
     if (!optim.ok()) return optim.status();
     files.push_back({"optim.safetensors", std::move(optim).value()});
@@ -83,6 +85,12 @@ Result<TrainingSnapshot> LoadSnapshot(const std::string& path, bool with_optimiz
       return Corrupt(dir + "/optim.safetensors: optimizer moments missing or of the wrong size");
     s.adam_m = std::move(m).value();
     s.adam_v = std::move(v).value();
+    if (o->Find("outer.momentum")) {
+      auto mo = o->ReadF32("outer.momentum");
+      if (!mo.ok() || mo->size() != s.params.size())
+        return Corrupt(dir + "/optim.safetensors: outer momentum of the wrong size");
+      s.outer_momentum = std::move(mo).value();
+    }
   }
   if (loaded_dir) *loaded_dir = dir;
   return s;

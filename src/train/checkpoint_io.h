@@ -2,7 +2,8 @@
 //
 // A checkpoint directory (written by formats/checkpoint.h: atomic, checksummed, COMMITTED marker last) holds
 //   model.safetensors  parameters under keel's names (ParamLayout), metadata "config" = model config JSON
-//   optim.safetensors  AdamW moments "adam.m" and "adam.v" (flat, in parameter-buffer order)
+//   optim.safetensors  AdamW moments "adam.m" and "adam.v" (flat, in parameter-buffer order); diloco runs also
+//                      "outer.momentum" (the outer optimizer's Nesterov momentum)
 //   state.json         next step, seed, data fingerprint, training options, keel version, extra trainer state
 //   tokenizer.model    the tokenizer the model was trained with
 // Thread safety: pure functions of their inputs.
@@ -21,6 +22,7 @@ struct TrainingSnapshot {
   GptConfig config;
   std::vector<float> params;
   std::vector<float> adam_m, adam_v;  // empty when not loaded/saved
+  std::vector<float> outer_momentum;  // diloco; empty when the checkpoint has none
   nlohmann::json state;               // at least {"step": next step to run}
   std::string tokenizer;              // tokenizer file bytes
 };
@@ -31,6 +33,7 @@ struct SnapshotView {
   const float* params = nullptr;
   const float* adam_m = nullptr;  // null: no optimizer file
   const float* adam_v = nullptr;
+  const float* outer_momentum = nullptr;  // diloco (with adam_m): saved in optim.safetensors
   nlohmann::json state;
   std::string tokenizer;
 };

@@ -26,6 +26,8 @@
 #include "core/env.h"
 #include "core/hash.h"
 #include "data/dataset.h"
+#include "dist/compress.h"
+#include "dist/link_emulation.h"
 #include "elastic/events.h"
 #include "elastic/fault_inject.h"
 #include "elastic/membership.h"
@@ -33,6 +35,7 @@
 #include "model/gpt.h"
 #include "train/bucket_reducer.h"
 #include "train/checkpoint_io.h"
+#include "train/diloco.h"
 #include "train/exact_sum.h"
 
 namespace keel {
@@ -61,6 +64,7 @@ Status ValidateTrainOptions(const TrainOptions& o) {
   if (!(o.spike_factor >= 0)) return InvalidArgument("--spike-factor must be >= 0");
   if (o.quarantine_after < 1) return InvalidArgument("--quarantine-after must be >= 1");
   if (!(o.straggler_evict == 0 || o.straggler_evict > 1)) return InvalidArgument("--straggler-evict must be 0 or > 1");
+  KEEL_RETURN_IF_ERROR(ValidateSyncOptions(o));
   return Status::Ok();
 }
 
@@ -238,6 +242,11 @@ class Trainer {
   };
   Plan MakePlan(int attempt);
   void Compute(const Plan& plan);
+  void ComputeRound(const Plan& plan);  // diloco: the inner phase (train/diloco.h)
+  void SubmitCompressed(size_t off, size_t count, const float* g);
+  std::shared_ptr<Communicator> Meter(std::shared_ptr<Communicator> c);
+  // The step counter passed a multiple of `every` with the last commit (a diloco round advances it by H).
+  bool Crossed(int64_t every) const { return every > 0 && step_ / every != (step_ - last_advance_) / every; }
   Status FinishReduce();
   Result<VoteOutcome> VoteOnStep(std::vector<VoteRecord>* records);
   Status Abort(const VoteOutcome& v, const std::vector<VoteRecord>& records, int attempt);
@@ -299,6 +308,17 @@ class Trainer {
   std::shared_ptr<std::vector<int64_t>> red_ = std::make_shared<std::vector<int64_t>>();
   std::shared_ptr<std::vector<float>> redf_ = std::make_shared<std::vector<float>>();
   bool in_place_ = false;        // one static member, one micro-batch: round the gradient in place (no buffers)
+  // Slow links (docs/diloco.md): compression of the exchange (error feedback local to this member; the
+  // decoded sum comes back in cred_), the diloco outer loop, and the byte meter every collective goes through.
+  Codec codec_ = Codec::kNone;
+  OptimizerKind optim_kind_ = OptimizerKind::kAdamW;
+  std::shared_ptr<ErrorFeedback> ef_ = std::make_shared<ErrorFeedback>();
+  std::shared_ptr<std::vector<float>> cred_ = std::make_shared<std::vector<float>>();
+  std::unique_ptr<Diloco> diloco_;
+  std::shared_ptr<WireStats> wire_ = std::make_shared<WireStats>();
+  LinkLimit link_;
+  uint64_t wire_mark_ = 0;       // wire_->bytes_sent at the last commit
+  int64_t last_advance_ = 1;     // steps the last commit advanced (diloco: the round's inner steps)
 
   // The training state every member agrees on (it travels with state transfers; hashed into StateHash).
   bool has_state_ = false;
@@ -430,12 +450,17 @@ Status Trainer::Open() {
   KEEL_ASSIGN_OR_RETURN(model_, GptModel::Create(o_.model, backend_.get(), B_, T_));
   KEEL_ASSIGN_OR_RETURN(adam_, AdamW::Create(backend_.get(), model_->tensors()));
   P_ = model_->num_params();
+  KEEL_ASSIGN_OR_RETURN(codec_, ParseCodec(o_.compress));
+  KEEL_ASSIGN_OR_RETURN(optim_kind_, ParseOptimizer(o_.optimizer));
+  if (o_.sync == "diloco")
+    diloco_ = std::make_unique<Diloco>(DilocoConfig{o_.inner_steps, o_.outer_lr, o_.outer_momentum, codec_}, P_);
   host_ = backend_->host_memory();
   staging_.resize(host_ ? 0 : P_);
   grads_host_ = host_ ? model_->grads() : staging_.data();
   inputs_.resize(static_cast<size_t>(B_) * T_);
   targets_.resize(inputs_.size());
-  in_place_ = !elastic_ && static_comm_->size() == 1 && M_ == 1 && o_.deterministic;
+  in_place_ = !elastic_ && static_comm_->size() == 1 && M_ == 1 && o_.deterministic && !diloco_ &&
+              codec_ == Codec::kNone;
   if (o_.deterministic && !in_place_) acc_.assign(P_, 0);
   ckpt_ = std::make_unique<AsyncCheckpointer>(o_.out_dir, o_.keep);
   flops_per_token_ = TrainFlopsPerToken(o_.model, T_);
@@ -451,6 +476,12 @@ Status Trainer::LoadInitialState() {
     model_->SetParamsFromHost(resume_snap_.params);
     backend_->Upload(adam_->m(), resume_snap_.adam_m.data(), P_);
     backend_->Upload(adam_->v(), resume_snap_.adam_v.data(), P_);
+    if (diloco_) {
+      if (resume_snap_.outer_momentum.size() == P_)
+        std::memcpy(diloco_->momentum(), resume_snap_.outer_momentum.data(), P_ * sizeof(float));
+      else
+        std::fill(diloco_->momentum(), diloco_->momentum() + P_, 0.0f);  // from a ddp checkpoint
+    }
     step_ = start_step_;
     data_offset_ = resume_data_offset_;
     resume_snap_ = TrainingSnapshot();  // free the copies
@@ -459,6 +490,7 @@ Status Trainer::LoadInitialState() {
     std::vector<float> zero(P_, 0.0f);
     backend_->Upload(adam_->m(), zero.data(), P_);
     backend_->Upload(adam_->v(), zero.data(), P_);
+    if (diloco_) std::fill(diloco_->momentum(), diloco_->momentum() + P_, 0.0f);
     step_ = 0;
     data_offset_ = 0;
   }
@@ -532,6 +564,8 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
   if (inject_) {
     inject_->SetEvents(events_);
     if (elastic_) inject_->SetClaim([this](const std::string& id) { return elastic_->Claim("inject/" + id); });
+    double mbit = 0, latency_ms = 0;
+    if (inject_->LinkLimit(&mbit, &latency_ms)) link_ = LinkLimit{mbit, latency_ms};
   }
   events_->SetIdentity(elastic_ ? uid_ : -1, o_.launch_rank);
   if (elastic_ && !events_->is_open()) events_->Open(JoinPath(o_.out_dir, "events.jsonl"));
@@ -545,7 +579,11 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
          ", " + Fmt("%.2fM", P_ / 1e6) + " params; " +
          std::to_string(elastic_ ? o_.launch_world : static_comm_->size()) + " worker(s)" +
          (elastic_ ? " (elastic: " + elastic_->options().t.Describe() + ")" : std::string()) + "; " +
-         (o_.deterministic ? "deterministic" : "fast") + " mode; gemm peak " + Fmt("%.0f GFLOP/s", peak_));
+         (o_.deterministic ? "deterministic" : "fast") + " mode; gemm peak " + Fmt("%.0f GFLOP/s", peak_) +
+         (diloco_ ? "; diloco: " + std::to_string(o_.inner_steps) + " inner steps per round, outer lr " +
+                        Fmt("%g", o_.outer_lr) + Fmt(", momentum %g", o_.outer_momentum)
+                  : std::string()) +
+         (codec_ != Codec::kNone ? "; --compress " + o_.compress : std::string()));
   result_.final_step = step_;
   t_start_ = Clock::now();
   while (!finished_) {
@@ -554,6 +592,14 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
   }
   if (leader() && o_.progress && tty_) std::fprintf(stderr, "\n");
   KEEL_RETURN_IF_ERROR(ckpt_->Wait());
+  result_.wire_bytes = wire_->bytes_sent.load();
+  if (leader() || link_.active())
+    log_("wire: " + Fmt("%.3f MB", result_.wire_bytes / 1e6) + " sent by this worker in " +
+         std::to_string(wire_->collectives.load()) + " collectives over " + std::to_string(steps_this_run_) +
+         (diloco_ ? " outer rounds" : " steps") + " (" + o_.sync + ", --compress " + o_.compress + ")" +
+         (link_.active() ? "; link emulation " + Fmt("%.0f Mbit/s", link_.mbit) + Fmt(", %.0f ms", link_.latency_ms) +
+                               Fmt(": %.1f s of delays", wire_->emulated_us.load() / 1e6)
+                         : std::string()));
   if (elastic_ && leader() && step_ >= o_.steps) (void)elastic_->MarkDone(step_);
   if (elastic_ && has_state_ && step_ >= o_.steps)
     log_("final state: step " + std::to_string(step_) + ", hash " + HashHex(StateHash()));
@@ -627,7 +673,8 @@ Result<bool> Trainer::Quorum() {
       if (!elastic_) {
         if (comm_) return Internal("a static group cannot re-form");
         comm_ = static_comm_;
-        comm_sp_ = std::shared_ptr<Communicator>(static_comm_, [](Communicator*) {});  // not ours
+        comm_sp_ = Meter(std::shared_ptr<Communicator>(static_comm_, [](Communicator*) {}));  // not ours
+        comm_ = comm_sp_.get();
         index_ = comm_->rank();
         size_ = comm_->size();
         members_.clear();
@@ -640,6 +687,9 @@ Result<bool> Trainer::Quorum() {
           // the old buffers; this member continues with new ones.
           red_ = std::make_shared<std::vector<int64_t>>();
           redf_ = std::make_shared<std::vector<float>>();
+          cred_ = std::make_shared<std::vector<float>>();
+          ef_ = std::make_shared<ErrorFeedback>();  // it may still be encoding into the old one
+          if (diloco_) diloco_->ResetFeedback();
         }
         reducer_.reset();
         elastic_->Unwatch();
@@ -666,7 +716,7 @@ Result<bool> Trainer::Quorum() {
         }
         gen_ = std::move(*g);
         uid_ = elastic_->uid();
-        comm_sp_ = std::shared_ptr<Communicator>(std::move(gen_.comm));
+        comm_sp_ = Meter(std::shared_ptr<Communicator>(std::move(gen_.comm)));
         comm_ = comm_sp_.get();
         index_ = gen_.index;
         size_ = static_cast<int>(gen_.members.size());
@@ -676,12 +726,15 @@ Result<bool> Trainer::Quorum() {
              std::to_string(uid_) + ", formed in " + Fmt("%.0f ms", gen_.formed_s * 1e3));
       }
       reducer_ = std::make_unique<BucketReducer>(comm_sp_);
-      if (size_ > 1) {
-        if (o_.deterministic) red_->resize(P_);
+      if (size_ > 1 && !diloco_) {
+        if (codec_ != Codec::kNone) redf_->resize(P_), cred_->resize(P_);
+        else if (o_.deterministic) red_->resize(P_);
         else redf_->resize(P_);
       }
       reducer_->KeepAlive(red_);
       reducer_->KeepAlive(redf_);
+      reducer_->KeepAlive(cred_);
+      reducer_->KeepAlive(ef_);
       need_group_ = false;
       voluntary_ = false;
       need_sync_ = true;
@@ -750,6 +803,10 @@ Trainer::Plan Trainer::MakePlan(int attempt) {
         shares[static_cast<size_t>(k)] = std::max(0.05, fastest / it->second);
     }
   p.assigned = AssignMicroBatches(M_, group_held_, shares, avoid_);
+  // diloco: a redone round goes ahead with the pseudo-gradients already held; inner work a lost member did is
+  // not redone (docs/diloco.md).
+  if (diloco_ && std::any_of(group_held_.begin(), group_held_.end(), [](const MicroSet& h) { return !h.Empty(); }))
+    for (auto& a : p.assigned) a = MicroSet{};
   p.mine = p.assigned[static_cast<size_t>(index_)];
   // Record when straggler shares change how a full step is split (the leader, on fresh attempts).
   if (leader() && attempt == 0 && elastic_) {
@@ -770,6 +827,7 @@ Trainer::Plan Trainer::MakePlan(int attempt) {
 }
 
 void Trainer::Compute(const Plan& plan) {
+  if (diloco_) return ComputeRound(plan);
   const auto t0 = Clock::now();
   const int64_t step = step_;
   const int64_t data_step = step_ + data_offset_;
@@ -812,6 +870,10 @@ void Trainer::Compute(const Plan& plan) {
   };
   // Deterministic mode: the bucket of the holdings' sum goes out as a copy (a failed reduce keeps acc_).
   auto submit = [&](size_t off, size_t count) {
+    if (codec_ != Codec::kNone) {
+      FixedPointToFloat(redf_->data() + off, acc_.data() + off, count, 1.0);
+      return SubmitCompressed(off, count, redf_->data() + off);
+    }
     std::memcpy(red_->data() + off, acc_.data() + off, count * sizeof(int64_t));
     reducer_->SubmitInt64(red_->data() + off, count);
   };
@@ -857,7 +919,8 @@ void Trainer::Compute(const Plan& plan) {
         } else {
           nonfinite += CountNonFinite(g, count);
           std::memcpy(redf_->data() + off, g, count * sizeof(float));
-          reducer_->SubmitFloat(redf_->data() + off, count);
+          if (codec_ != Codec::kNone) SubmitCompressed(off, count, redf_->data() + off);
+          else reducer_->SubmitFloat(redf_->data() + off, count);
         }
       });
     } else {
@@ -900,15 +963,88 @@ void Trainer::Compute(const Plan& plan) {
       else {
         float* g = host_grads(off, count);
         std::memcpy(redf_->data() + off, g, count * sizeof(float));
-        reducer_->SubmitFloat(redf_->data() + off, count);
+        if (codec_ != Codec::kNone) SubmitCompressed(off, count, redf_->data() + off);
+        else reducer_->SubmitFloat(redf_->data() + off, count);
       }
     }
   }
   compute_s_ = Since(t0);
 }
 
+// diloco's compute phase: the inner steps of the round on this member's share of each step's micro-batches
+// (nothing when it already holds a pseudo-gradient for this round), then the pseudo-gradient exchange is
+// queued on the communication thread.
+void Trainer::ComputeRound(const Plan& plan) {
+  const auto t0 = Clock::now();
+  bad_ = MicroSet{};
+  computed_ = 0;
+  verify_hashes_.clear();
+  if (held_step_ != step_ || held_epoch_ != epoch_) {
+    ClearHoldings();
+    held_step_ = step_;
+    held_epoch_ = epoch_;
+  }
+  ckpt_->WaitEncoded();  // the inner steps modify parameters and moments a checkpoint may be encoding
+  if (inject_) inject_->FlipParamBit(step_, Params(), P_);
+  std::vector<int> micros;
+  for (int i = 0; i < M_; ++i)
+    if (plan.mine.Has(i)) micros.push_back(i);
+  if (!micros.empty()) {
+    Diloco::InnerFns f;
+    f.micro_batch = [&](int64_t s, int micro) {
+      const auto tm = Clock::now();
+      data_->TrainMicroBatch(o_.seed, s + data_offset_, micro, B_, T_, inputs_.data(), targets_.data());
+      model_->ZeroGrads();
+      const float loss = model_->Forward(inputs_.data(), targets_.data(), B_, T_);
+      model_->Backward();
+      if (inject_) {  // faults are scheduled by global (inner) step
+        inject_->CorruptGradient(s, grads_host_, P_);
+        inject_->AfterMicroBatch(s);
+        const double factor = inject_->SlowFactor(s);
+        if (factor > 1) std::this_thread::sleep_for(std::chrono::duration<double>((factor - 1) * Since(tm)));
+      }
+      return loss;
+    };
+    f.update = [&](int64_t s) {
+      (void)OptimizerStep(optim_kind_, adam_.get(), Params(), grads_host_, model_->tensors(), s, o_.optim);
+    };
+    const auto r = diloco_->RunInner(Params(), grads_host_, o_.deterministic, step_,
+                                     diloco_->RoundSteps(step_, o_.steps), micros, f);
+    computed_ = r.micro_batches;
+    for (int i : micros) {
+      if (r.nonfinite) {
+        bad_.Set(i);
+      } else {
+        held_.Set(i);
+        held_loss_[i] = r.loss[i];
+      }
+    }
+  }
+  if (micros.empty() && !held_.Empty() && plan.attempt > 0)
+    log_("round at step " + std::to_string(step_ + 1) + ": attempt " + std::to_string(plan.attempt + 1) +
+         " reuses this member's pseudo-gradient (inner steps not redone)");
+  if (size_ > 1) reducer_->Submit(diloco_->MakeExchange(!held_.Empty()));
+  compute_s_ = Since(t0);
+}
+
+// A compressed bucket (ddp --compress): g (a buffer the reducer keeps alive) is encoded with this member's
+// error feedback, allgathered and decoded into cred_ on the communication thread.
+void Trainer::SubmitCompressed(size_t off, size_t count, const float* g) {
+  auto ef = ef_;
+  auto out = cred_;
+  const Codec codec = codec_;
+  reducer_->Submit([ef, out, codec, g, off, count](Communicator* c) {
+    return CompressedSum(c, codec, g, off, count, ef.get(), out->data() + off);
+  });
+}
+
+std::shared_ptr<Communicator> Trainer::Meter(std::shared_ptr<Communicator> c) {
+  return MakeMeteredCommunicator(std::move(c), wire_, link_);
+}
+
 void Trainer::ClearHoldings() {
   held_ = MicroSet{};
+  if (diloco_) diloco_->DropHolding();
   if (!acc_.empty()) std::fill(acc_.begin(), acc_.end(), 0);
   if (!o_.deterministic && model_) model_->ZeroGrads();
 }
@@ -959,6 +1095,7 @@ Result<VoteOutcome> Trainer::VoteOnStep(std::vector<VoteRecord>* records) {
   VoteConfig c;
   c.M = M_;
   c.quarantine_after = o_.quarantine_after;
+  c.partial = diloco_ != nullptr;
   return DecideCommit(*records, c, &strikes_, &data_bad_);
 }
 
@@ -1061,7 +1198,13 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
     if (CheckStep()) TakeSnapshot();  // the state the vote just verified (before this update)
     ckpt_->WaitEncoded();             // a checkpoint being encoded from these buffers
     const int64_t* sum = size_ > 1 ? red_->data() : acc_.data();
-    if (o_.deterministic && !in_place_) {
+    if (diloco_) {
+      gnorm = diloco_->ApplyOuter(Params(), size_ > 1);
+    } else if (codec_ != Codec::kNone && size_ > 1) {
+      const float inv = 1.0f / static_cast<float>(M_);
+      for (size_t j = 0; j < P_; ++j) grads_host_[j] = (*cred_)[j] * inv;
+      ef_->Commit();
+    } else if (o_.deterministic && !in_place_) {
       FixedPointToFloat(grads_host_, sum, P_, 1.0 / M_);
     } else if (!o_.deterministic) {
       const float inv = 1.0f / static_cast<float>(M_);
@@ -1069,8 +1212,11 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
       if (!host_ && size_ <= 1) backend_->Download(staging_.data(), model_->grads(), P_);
       for (size_t j = 0; j < P_; ++j) grads_host_[j] = src[j] * inv;
     }
-    if (!host_) backend_->Upload(model_->grads(), grads_host_, P_);
-    gnorm = adam_->Step(model_->params(), model_->grads(), step_, o_.optim);
+    if (!diloco_) {
+      if (!host_) backend_->Upload(model_->grads(), grads_host_, P_);
+      gnorm = OptimizerStep(optim_kind_, adam_.get(), model_->params(), model_->grads(), model_->tensors(), step_,
+                            o_.optim);
+    }
     // Running loss statistics (spike detection).
     const double a = loss_n_ < 20 ? 1.0 / static_cast<double>(loss_n_ + 1) : 0.05;
     const double d = v.loss - loss_mean_;
@@ -1088,7 +1234,8 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
   }
   for (auto it = speed_.begin(); it != speed_.end();)
     it = std::find(members_.begin(), members_.end(), it->first) == members_.end() ? speed_.erase(it) : std::next(it);
-  ++step_;
+  last_advance_ = diloco_ ? diloco_->RoundSteps(step_, o_.steps) : 1;
+  step_ += last_advance_;
   ClearHoldings();
   held_step_ = step_;
   group_held_.assign(static_cast<size_t>(size_), MicroSet{});
@@ -1101,7 +1248,11 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
   if (gnorm < 0) return true;  // rolled back (loss spike): nothing was committed
   const int64_t step = step_ - 1;  // the step just committed
   if (elastic_) elastic_->SetProgress(step_, epoch_, has_state_);
-  tokens_done_ += static_cast<double>(tokens_per_step_);
+  tokens_done_ += static_cast<double>(tokens_per_step_ * last_advance_);
+  const uint64_t wire_now = wire_->bytes_sent.load();
+  const uint64_t wire_step = wire_now - wire_mark_;
+  wire_mark_ = wire_now;
+  result_.wire_bytes = wire_now;
   loop_seconds_ += dt;
   ++steps_this_run_;
   result_.final_step = step_;
@@ -1109,7 +1260,7 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
   const bool last = step_ >= o_.steps;
   // Validation.
   float val_loss = -1;
-  if (o_.eval_every > 0 && (step_ % o_.eval_every == 0 || last)) {
+  if (o_.eval_every > 0 && (Crossed(o_.eval_every) || last)) {
     int nb = std::min(o_.eval_batches, data_->NumValBatches(B_, T_));
     double vs[2] = {0, 0};
     for (int j = index_; j < nb; j += size_) {
@@ -1131,7 +1282,7 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
   // Checkpoint at the boundary (the leader writes; the state is identical on every member).
   const bool stop_now = v.stop;
   double ckpt_stall_ms = -1;
-  const bool want_ckpt = stop_now || (o_.checkpoint_every > 0 && (last || step_ % o_.checkpoint_every == 0));
+  const bool want_ckpt = stop_now || (o_.checkpoint_every > 0 && (last || Crossed(o_.checkpoint_every)));
   if (want_ckpt && leader()) {
     EnsureRunDir();
     const auto t_ckpt = Clock::now();
@@ -1159,7 +1310,7 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
       metrics_ = std::make_unique<std::ofstream>(path, std::ios::app);
       if (!*metrics_) return IoError(path + ": cannot open for appending");
     }
-    const double tok_s = tokens_per_step_ / dt;
+    const double tok_s = static_cast<double>(tokens_per_step_ * last_advance_) / dt;
     const double mfu = peak_ > 0 ? flops_per_token_ * tok_s / (peak_ * 1e9) : 0.0;
     const double avg_tok_s = tokens_done_ / loop_seconds_;
     const double eta = (o_.steps - step_) * tokens_per_step_ / avg_tok_s;
@@ -1167,6 +1318,9 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
                         {"tokens_per_s", tok_s}, {"mfu", mfu}, {"step_ms", dt * 1e3}, {"workers", size_},
                         {"elapsed_s", Since(t_start_)}};
     if (elastic_) m["gen"] = gen_no_, m["attempts"] = attempts;
+    m["wire_bytes"] = wire_step;         // sent by this member (the leader) since the last commit
+    m["wire_bytes_total"] = wire_now;
+    if (diloco_) m["inner_steps"] = last_advance_;
     if (phase_ms_.size() == 4)
       m["phase_ms"] = {{"compute", phase_ms_[0]}, {"reduce_wait", phase_ms_[1]}, {"vote", phase_ms_[2]},
                        {"apply", phase_ms_[3]}};
@@ -1191,7 +1345,7 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
     } else if (o_.progress && tty_) {
       std::fprintf(stderr, "\r\033[K%s", line.c_str());
       std::fflush(stderr);
-    } else if (o_.progress && (step_ % 10 == 0 || attempts > 1)) {
+    } else if (o_.progress && (Crossed(10) || attempts > 1)) {
       log_(line);
     }
   } else {
@@ -1302,6 +1456,7 @@ uint64_t Trainer::ParamsHash() {
 
 uint64_t Trainer::StateHash() {
   const std::string aux = AuxJson().dump();
+  if (diloco_) return diloco_->StateHash(Params(), aux);  // inner moments are per member (docs/diloco.md)
   if (host_ && backend_->host_memory()) {
     uint64_t h = Hash64(model_->params(), P_ * sizeof(float), 1);
     h = Hash64(adam_->m(), P_ * sizeof(float), h);
@@ -1318,6 +1473,7 @@ uint64_t Trainer::StateHash() {
 
 void Trainer::TakeSnapshot() {
   StateToHost(&snap_.p, &snap_.m, &snap_.v);
+  if (diloco_) diloco_->Snapshot();
   snap_.aux = AuxJson();
   snap_.step = step_;
   snap_.epoch = epoch_;
@@ -1336,6 +1492,10 @@ bool Trainer::RestoreSnapshot() {
     return false;
   }
   StateFromHost(snap_.p.data(), snap_.m.data(), snap_.v.data());
+  if (diloco_) {
+    diloco_->Restore();
+    diloco_->ResetFeedback();
+  }
   InstallAux(snap_.aux);
   epoch_ = new_epoch;
   snap_.epoch = new_epoch;
@@ -1446,6 +1606,11 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
   // group every peer has aborted, and a receiver holds no state until it verifies a later transfer.)
   for (float* b : bufs)
     KEEL_RETURN_IF_ERROR(Collective([b, this, source](Communicator* c) { return c->Broadcast(b, P_ * sizeof(float), source); }));
+  if (diloco_) {  // the outer momentum (host memory: diloco runs on the CPU backend)
+    float* b = (me_src || me_recv) ? diloco_->momentum() : bufs[0];
+    KEEL_RETURN_IF_ERROR(Collective([b, this, source](Communicator* c) { return c->Broadcast(b, P_ * sizeof(float), source); }));
+    if (me_recv) diloco_->ResetFeedback();
+  }
   if (me_recv) {
     if (!host_) StateFromHost(p.data(), m.data(), v.data());
     auto a = nlohmann::json::parse(aux, nullptr, false);
@@ -1487,9 +1652,13 @@ SnapshotView Trainer::CheckpointView(int64_t next_step) {
   s.params = host_ ? model_->params() : ckpt_p_.data();
   s.adam_m = host_ ? adam_->m() : ckpt_m_.data();
   s.adam_v = host_ ? adam_->v() : ckpt_v_.data();
+  if (diloco_) s.outer_momentum = diloco_->momentum();
   s.state = {{"step", next_step}, {"seed", o_.seed}, {"data_fingerprint", data_->fingerprint()},
              {"keel_version", KEEL_VERSION}, {"deterministic", o_.deterministic}, {"batch", B_},
-             {"grad_accum", M_}, {"steps", o_.steps}, {"lr", o_.optim.lr}, {"warmup", o_.optim.warmup}};
+             {"grad_accum", M_}, {"steps", o_.steps}, {"lr", o_.optim.lr}, {"warmup", o_.optim.warmup},
+             {"sync", o_.sync}, {"compress", o_.compress}, {"optimizer", o_.optimizer}};
+  if (diloco_)
+    s.state["diloco"] = {{"inner_steps", o_.inner_steps}, {"outer_lr", o_.outer_lr}, {"outer_momentum", o_.outer_momentum}};
   if (data_offset_ != 0) s.state["data_offset"] = data_offset_;
   s.tokenizer = tokenizer_bytes_;
   return s;

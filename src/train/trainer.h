@@ -56,6 +56,13 @@ struct TrainOptions {
   int quarantine_after = 2;   // faults of one kind on one member (within 100 steps) before it is quarantined
   double straggler_evict = 0; // evict a member persistently slower than this multiple of the median (0: never)
   std::string inject;         // fault-injection spec (elastic/fault_inject.h; needs KEEL_ALLOW_FAULT_INJECTION=1)
+  // Slow links and unequal workers (docs/diloco.md).
+  std::string sync = "ddp";   // ddp: every step reduces gradients; diloco: every inner_steps steps, pseudo-gradients
+  int inner_steps = 50;       // diloco: inner optimizer steps per outer round (H)
+  double outer_lr = 0.7;      // diloco: outer SGD learning rate
+  double outer_momentum = 0.9;// diloco: outer Nesterov momentum
+  std::string optimizer = "adamw";  // adamw | sgd (ddp's optimizer; diloco's inner optimizer)
+  std::string compress = "none";    // none | bf16 | int8: gradient (ddp) / pseudo-gradient (diloco) exchange
   int launch_rank = 0;        // this worker's launch rank / world (fault-injection targets, labels)
   int launch_world = 1;
 };
@@ -69,6 +76,7 @@ struct TrainResult {
   float last_val_loss = -1;
   bool stopped_early = false;
   int64_t attempts_failed = 0; // step attempts aborted and redone by this member
+  uint64_t wire_bytes = 0;     // bytes this member sent in collectives (dist/link_emulation.h)
 };
 
 // Runs training. stop (may be null) is polled at step boundaries: when set, the worker writes a checkpoint and

@@ -113,6 +113,18 @@ int RunTrain(int argc, char** argv) {
   app.add_option("--inject", o.inject,
                  "fault injection for testing, e.g. 'crash:rank=1,step=5;nan:rank=2,step=8' (needs "
                  "KEEL_ALLOW_FAULT_INJECTION=1; see docs/step-protocol.md)");
+  app.add_option("--sync", o.sync,
+                 "ddp: gradients reduced every step; diloco: each worker takes --inner-steps local steps, then the "
+                 "pseudo-gradients are averaged and an outer Nesterov SGD step applied (docs/diloco.md)")
+      ->capture_default_str();
+  app.add_option("--inner-steps", o.inner_steps, "diloco: inner steps per outer round (H)")->capture_default_str();
+  app.add_option("--outer-lr", o.outer_lr, "diloco: outer learning rate")->capture_default_str();
+  app.add_option("--outer-momentum", o.outer_momentum, "diloco: outer Nesterov momentum")->capture_default_str();
+  app.add_option("--optimizer", o.optimizer, "adamw or sgd (ddp's optimizer, diloco's inner one)")->capture_default_str();
+  app.add_option("--compress", o.compress,
+                 "none, bf16 or int8 (per-256-value scales, error feedback): gradients (ddp) / pseudo-gradients "
+                 "(diloco) on the wire")
+      ->capture_default_str();
   DistFlags dist;
   dist.AddTo(app);
   if (int rc = Parse(app, static_cast<int>(av.size()), av.data()); rc >= 0) return rc;

@@ -1,0 +1,246 @@
+// diloco_train_test.cc: slow-link training through the keel binary (docs/diloco.md) — the H = 1 equivalence
+// of diloco and data-parallel training (bit-exact with one worker; within float rounding with two workers and
+// the linear SGD inner optimizer, against a clearly larger difference for H = 2), resume of a diloco run,
+// --compress int8 training with two processes (loss decreases, bytes on the wire), a worker SIGKILLed in the
+// middle of an inner phase (the survivors keep their pseudo-gradients and finish; the restarted worker gets
+// the outer state from a peer), and a worker slowed 3x getting a proportional share (ddp and diloco).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <regex>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "dist_test_util.h"
+#include "train/checkpoint_io.h"
+
+namespace keel::testing {
+namespace {
+
+std::vector<std::string> Split(const std::string& s) {
+  std::vector<std::string> out;
+  std::string cur;
+  for (char c : s) {
+    if (c == ' ') {
+      if (!cur.empty()) out.push_back(cur);
+      cur.clear();
+    } else {
+      cur += c;
+    }
+  }
+  if (!cur.empty()) out.push_back(cur);
+  return out;
+}
+
+std::vector<nlohmann::json> JsonLines(const std::string& path) {
+  std::vector<nlohmann::json> out;
+  std::string text = ReadFileText(path);
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t nl = text.find('\n', pos);
+    if (nl == std::string::npos) nl = text.size();
+    auto j = nlohmann::json::parse(text.substr(pos, nl - pos), nullptr, false);
+    if (j.is_object()) out.push_back(j);
+    pos = nl + 1;
+  }
+  return out;
+}
+
+std::vector<float> Params(const std::string& run) {
+  std::vector<std::string> warnings;
+  auto s = LoadSnapshot(run, false, &warnings);
+  if (!s.ok()) {
+    ADD_FAILURE() << run << ": " << s.status().message();
+    return {};
+  }
+  return s->params;
+}
+
+double MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size() || a.empty()) return INFINITY;
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::fabs(static_cast<double>(a[i]) - b[i]));
+  return m;
+}
+
+std::set<std::string> FinalHashes(const std::string& log) {
+  std::set<std::string> out;
+  std::regex re(R"(final state: step \d+, hash ([0-9a-f]+))");
+  for (auto it = std::sregex_iterator(log.begin(), log.end(), re); it != std::sregex_iterator(); ++it)
+    out.insert((*it)[1]);
+  return out;
+}
+
+std::vector<std::string> InjectEnv() { return {"KEEL_ALLOW_FAULT_INJECTION=1"}; }
+
+class DilocoTrain : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new TempDir();
+    std::string text;
+    const char* words[] = {"alpha", "beta", "gamma", "delta", "keel", "ship", "sea", "wind", "sail", "north"};
+    uint64_t x = 99;
+    for (int line = 0; line < 600; ++line)
+      for (int w = 0; w < 10; ++w) {
+        x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+        text += words[(x >> 33) % 10];
+        text += w == 9 ? "\n" : " ";
+      }
+    WriteText(*dir_ / "corpus.txt", text);
+    auto r = RunKeel("prepare --input " + (*dir_ / "corpus.txt") + " --out " + Data() + " --tokenizer byte");
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+  }
+  static void TearDownTestSuite() { delete dir_; }
+  static std::string Data() { return *dir_ / "data"; }
+  static std::string Args(const std::string& out, int steps, int accum = 6) {
+    return "train --data " + Data() + " --out " + out + " --layers 2 --heads 2 --dim 32 --ctx 32 --batch 2 " +
+           "--grad-accum " + std::to_string(accum) + " --steps " + std::to_string(steps) +
+           " --threads 1 --no-progress --checkpoint-every 1000 --eval-every 1000";
+  }
+  static TempDir* dir_;
+};
+TempDir* DilocoTrain::dir_ = nullptr;
+
+// H = 1, outer lr 1, no momentum: one outer round is one optimizer step. With one worker the outer step lands
+// exactly on the inner step's parameters, so the weights equal data-parallel training's bit for bit.
+TEST_F(DilocoTrain, H1WithOneWorkerIsBitIdenticalToDdp) {
+  TempDir t;
+  const int steps = 12;
+  ASSERT_EQ(RunKeel(Args(t / "ddp", steps)).exit_code, 0);
+  auto r = RunKeel(Args(t / "diloco", steps) + " --sync diloco --inner-steps 1 --outer-lr 1 --outer-momentum 0");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string f = "/ckpt-00000012/model.safetensors";
+  ASSERT_FALSE(ReadFileText(t / "ddp" + f).empty());
+  EXPECT_TRUE(ReadFileText(t / "ddp" + f) == ReadFileText(t / "diloco" + f)) << r.output;
+  // The comparison can fail: a different outer step does not give the same weights.
+  ASSERT_EQ(RunKeel(Args(t / "other", steps) + " --sync diloco --inner-steps 1 --outer-lr 0.9 --outer-momentum 0")
+                .exit_code, 0);
+  EXPECT_FALSE(ReadFileText(t / "ddp" + f) == ReadFileText(t / "other" + f));
+}
+
+// Two workers: the average of two SGD updates is the SGD update of the averaged gradient, so diloco with H = 1
+// equals ddp up to float rounding (the pseudo-gradients travel as floats; ddp sums in fixed point). H = 2
+// is a different algorithm: its difference must be far larger.
+TEST_F(DilocoTrain, H1WithTwoWorkersAndSgdMatchesDdp) {
+  TempDir t;
+  const int steps = 10;
+  const std::string sgd = " --nproc 2 --optimizer sgd --lr 0.5 --warmup 0 --grad-clip 0 --weight-decay 0";
+  auto a = RunKeel(Args(t / "ddp", steps) + sgd);
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+  auto b = RunKeel(Args(t / "h1", steps) + sgd + " --sync diloco --inner-steps 1 --outer-lr 1 --outer-momentum 0");
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  auto c = RunKeel(Args(t / "h2", steps) + sgd + " --sync diloco --inner-steps 2 --outer-lr 1 --outer-momentum 0");
+  ASSERT_EQ(c.exit_code, 0) << c.output;
+  const auto p_ddp = Params(t / "ddp"), p_h1 = Params(t / "h1"), p_h2 = Params(t / "h2");
+  const auto p0 = [&] {  // how far training moved the weights
+    TempDir u;
+    (void)RunKeel(Args(u / "r", 1) + " --optimizer sgd --lr 1e-30 --warmup 0");
+    return Params(u / "r");
+  }();
+  const double moved = MaxAbsDiff(p_ddp, p0), d1 = MaxAbsDiff(p_ddp, p_h1), d2 = MaxAbsDiff(p_ddp, p_h2);
+  std::printf("max |ddp - initial| %.3g, |ddp - diloco H=1| %.3g, |ddp - diloco H=2| %.3g\n", moved, d1, d2);
+  EXPECT_GT(moved, 1e-2);
+  EXPECT_LT(d1, 1e-5 * std::max(1.0, moved));
+  EXPECT_GT(d2, 100 * d1);
+}
+
+// A diloco run stopped after two rounds and resumed ends where the uninterrupted run ends, bit for bit (outer
+// momentum and the inner moments come back from the checkpoint).
+TEST_F(DilocoTrain, ResumeIsBitExact) {
+  TempDir t;
+  const std::string d = " --sync diloco --inner-steps 4";
+  ASSERT_EQ(RunKeel(Args(t / "straight", 16) + d).exit_code, 0);
+  auto first = RunKeel(Args(t / "run", 16) + d + " --stop-after 2");
+  ASSERT_EQ(first.exit_code, 0) << first.output;
+  EXPECT_TRUE(std::filesystem::exists(t / "run/ckpt-00000008")) << first.output;
+  auto second = RunKeel(Args(t / "run", 16) + d + " --resume");
+  ASSERT_EQ(second.exit_code, 0) << second.output;
+  for (const char* f : {"/ckpt-00000016/model.safetensors", "/ckpt-00000016/optim.safetensors"})
+    EXPECT_TRUE(ReadFileText(t / "straight" + f) == ReadFileText(t / "run" + f)) << f << "\n" << second.output;
+  EXPECT_NE(ReadFileText(t / "run/ckpt-00000016/optim.safetensors").find("outer.momentum"), std::string::npos);
+}
+
+// --compress int8 with two processes trains (the loss falls), and the metered bytes are a fraction of the
+// uncompressed exchange's; one worker behind an emulated link reports its delays.
+TEST_F(DilocoTrain, Int8CompressionTrainsWithTwoProcesses) {
+  TempDir t;
+  const int steps = 40;
+  auto a = RunKeel(Args(t / "none", steps) + " --nproc 2 --lr 3e-3");
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+  Background job(Split(Args(t / "int8", steps) + " --nproc 2 --lr 3e-3 --compress int8 --inject "
+                       "link:rank=1,mbit=1000,latency_ms=1"),
+                 t / "log", InjectEnv());
+  ASSERT_EQ(job.Wait(120), 0) << job.Output();
+  const auto m = JsonLines(t / "int8/metrics.jsonl"), n = JsonLines(t / "none/metrics.jsonl");
+  ASSERT_EQ(m.size(), static_cast<size_t>(steps));
+  double first = 0, last = 0;
+  for (int i = 0; i < 5; ++i) first += m[static_cast<size_t>(i)]["loss"].get<double>() / 5;
+  for (int i = steps - 5; i < steps; ++i) last += m[static_cast<size_t>(i)]["loss"].get<double>() / 5;
+  EXPECT_LT(last, first - 0.3) << "int8 training should learn";
+  // Against the uncompressed run: close losses, far fewer bytes (int64 fixed point: 8 bytes per value vs ~1).
+  const double none_bytes = n.back()["wire_bytes_total"].get<double>(), int8_bytes = m.back()["wire_bytes_total"].get<double>();
+  std::printf("bytes sent by the leader in %d steps: %.0f uncompressed, %.0f int8 (%.1fx fewer)\n", steps, none_bytes,
+              int8_bytes, none_bytes / int8_bytes);
+  EXPECT_GT(int8_bytes, 0);
+  EXPECT_LT(int8_bytes, none_bytes / 4);
+  EXPECT_NEAR(m.back()["loss"].get<double>(), n.back()["loss"].get<double>(), 0.25);
+  EXPECT_NE(job.Output().find("link emulation 1000 Mbit/s"), std::string::npos) << job.Output();
+}
+
+// A worker SIGKILLed in the middle of an inner phase: the survivors' exchange fails, they re-form and commit
+// the round with their own pseudo-gradients (not redoing their inner steps); the launcher restarts the worker
+// and it receives the outer state from a peer; everyone ends with the same state.
+TEST_F(DilocoTrain, AWorkerKilledDuringTheInnerPhaseLosesOnlyItsOwnWork) {
+  TempDir t;
+  // 120 steps (24 rounds): long enough for the restarted worker to start and join.
+  Background job(Split(Args(t / "run", 120) + " --nproc 3 --elastic --max-restarts 1 --sync diloco --inner-steps 5 "
+                       "--compress int8 --inject crash:rank=1,step=7"),
+                 t / "log", InjectEnv());
+  ASSERT_EQ(job.Wait(120), 0) << job.Output();
+  const std::string log = job.Output();
+  EXPECT_NE(log.find("attempt failed"), std::string::npos) << log;
+  EXPECT_NE(log.find("reuses this member's pseudo-gradient (inner steps not redone)"), std::string::npos) << log;
+  EXPECT_NE(log.find("received the training state"), std::string::npos) << "the restarted worker rejoined: " << log;
+  EXPECT_EQ(FinalHashes(log).size(), 1u) << log;
+  EXPECT_TRUE(std::filesystem::exists(t / "run/ckpt-00000120/model.safetensors")) << log;
+  // The round that lost the worker committed once, as the 10th step, after a redone attempt.
+  bool redone = false;
+  for (const auto& e : JsonLines(t / "run/metrics.jsonl"))
+    if (e["step"].get<int>() == 9) redone = e.value("attempts", 1) > 1;
+  EXPECT_TRUE(redone) << ReadFileText(t / "run/metrics.jsonl");
+}
+
+// A worker slowed 3x gets about a quarter of each step's micro-batches (shares in proportion to measured speed),
+// in ddp (of the global batch) and in diloco (of each inner step's micro-batches, so both finish a round
+// together).
+TEST_F(DilocoTrain, AWorkerSlowed3xConvergesToAProportionalShare) {
+  for (const std::string mode : {"ddp", "diloco"}) {
+    TempDir t;
+    const std::string extra = mode == "ddp" ? " --sync ddp" : " --sync diloco --inner-steps 3";
+    Background job(Split(Args(t / "run", 24, 8) + " --nproc 2 --elastic" + extra +
+                         " --inject slow:rank=1,step=0,factor=3"),
+                   t / "log", InjectEnv());
+    ASSERT_EQ(job.Wait(120), 0) << job.Output();
+    const std::string log = job.Output();
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(log, m, std::regex(R"(\[rank 1\] generation 0: members \S+, this is member (\d+))")))
+        << log;
+    const int64_t slow_uid = std::stoll(m[1]);
+    nlohmann::json last;
+    for (const auto& e : JsonLines(t / "run/events.jsonl"))
+      if (e.value("event", "") == "shares") last = e;
+    ASSERT_TRUE(last.is_object()) << mode << ": no shares event\n" << log;
+    const auto members = last["members"].get<std::vector<int64_t>>();
+    const auto counts = last["micro_batches"].get<std::vector<int>>();
+    ASSERT_EQ(counts.size(), 2u);
+    const int slow = members[0] == slow_uid ? counts[0] : counts[1], fast = members[0] == slow_uid ? counts[1] : counts[0];
+    std::printf("%s: micro-batches per step fast:slow = %d:%d\n", mode.c_str(), fast, slow);
+    EXPECT_EQ(fast + slow, 8);
+    EXPECT_GE(fast, 2 * slow) << mode << ": " << last.dump();
+    EXPECT_LE(fast, 4 * slow) << mode << ": " << last.dump();
+  }
+}
+
+}  // namespace
+}  // namespace keel::testing
