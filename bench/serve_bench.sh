@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # bench/serve_bench.sh: keel serve's decode speed and behaviour under load, on one model and prompt, in one run.
-#   1. single-stream decode tokens/s: keel serve vs a KV-cached PyTorch implementation of the same model
-#      (bench/serve_bench_torch.py, same thread count) and, when LLAMA_CPP_BIN points at llama.cpp's llama-bench
-#      or llama-cli, vs llama.cpp running keel's own GGUF export (f32) of the model. Never downloads or builds
-#      llama.cpp.
+#   1. single-stream decode tokens/s: keel serve (f32 weights, and --dtype f16) vs a KV-cached PyTorch
+#      implementation of the same model (bench/serve_bench_torch.py, same thread count) and, when LLAMA_CPP_BIN
+#      points at llama.cpp's llama-bench or llama-cli, vs llama.cpp running keel's own GGUF exports (f32 and f16)
+#      of the model. Never downloads or builds llama.cpp.
 #   2. aggregate generated tokens/s and p50/p99 time-to-first-token with 1, 4 and 16 concurrent streaming clients
 #      (keel serve --parallel 16; each client sends REQS requests back to back, temperature 0.8).
 # Prints Markdown tables.
@@ -59,30 +59,41 @@ stop_server() {
   SERVER_PID=""
 }
 
-echo "single-stream decode..." >&2
+echo "single-stream decode (f16 weights)..." >&2
+start_server --parallel 16 --dtype f16
+KEEL_SINGLE16=$($PY bench/serve_bench_client.py single --port "$PORT" --prompt-ids "$IDS" --tokens "$TOKENS")
+stop_server
+echo "single-stream decode (f32)..." >&2
 start_server --parallel 16
 KEEL_SINGLE=$($PY bench/serve_bench_client.py single --port "$PORT" --prompt-ids "$IDS" --tokens "$TOKENS")
 TORCH_SINGLE=$($PY bench/serve_bench_torch.py "$CKPT" --prompt-ids "$IDS" --tokens "$TOKENS" --threads "$THREADS" \
   --vocab-limit 256 2>/dev/null | tail -n 1)
 
-LLAMA=""
-if [ -n "${LLAMA_CPP_BIN:-}" ]; then
-  echo "llama.cpp ($LLAMA_CPP_BIN)..." >&2
-  $KEEL export "$CKPT" --format gguf --dtype f32 --out "$WORK/model.gguf" >"$WORK/export.log" 2>&1 ||
-    { cat "$WORK/export.log"; exit 1; }
+# llama.cpp decode rate on keel's GGUF export of the same checkpoint at weight dtype $1 (f32 or f16).
+llama_rate() {
+  $KEEL export "$CKPT" --format gguf --dtype "$1" --out "$WORK/model-$1.gguf" >"$WORK/export.log" 2>&1 ||
+    { cat "$WORK/export.log" >&2; return 1; }
   case "$(basename "$LLAMA_CPP_BIN")" in
     *bench*)
-      LLAMA=$("$LLAMA_CPP_BIN" -m "$WORK/model.gguf" -p 0 -n "$TOKENS" -t "$THREADS" -r 3 -o json 2>/dev/null |
-        $PY -c "import json,sys; r=[x for x in json.load(sys.stdin) if x.get('n_gen',0)>0]; print(r[0]['avg_ts'])")
+      "$LLAMA_CPP_BIN" -m "$WORK/model-$1.gguf" -p 0 -n "$TOKENS" -t "$THREADS" -r 3 -o json 2>/dev/null |
+        $PY -c "import json,sys; r=[x for x in json.load(sys.stdin) if x.get('n_gen',0)>0]; print(r[0]['avg_ts'])"
       ;;
     *)
-      "$LLAMA_CPP_BIN" -m "$WORK/model.gguf" -p "$PROMPT" -n "$TOKENS" -t "$THREADS" --temp 0 --ignore-eos \
+      "$LLAMA_CPP_BIN" -m "$WORK/model-$1.gguf" -p "$PROMPT" -n "$TOKENS" -t "$THREADS" --temp 0 --ignore-eos \
         -no-cnv >"$WORK/llama.out" 2>"$WORK/llama.err" </dev/null || true
-      LLAMA=$(sed -n 's/.*eval time.*runs *(.*, *\([0-9.]*\) tokens per second).*/\1/p' "$WORK/llama.err" |
+      local r
+      r=$(sed -n 's/.*eval time.*runs *(.*, *\([0-9.]*\) tokens per second).*/\1/p' "$WORK/llama.err" |
         grep -v prompt | tail -n 1)
-      [ -n "$LLAMA" ] || LLAMA=$(grep -E "^.*[^t] eval time" "$WORK/llama.err" | sed -n 's/.*, *\([0-9.]*\) tokens per second.*/\1/p' | tail -n 1)
+      [ -n "$r" ] || r=$(grep -E "^.*[^t] eval time" "$WORK/llama.err" | sed -n 's/.*, *\([0-9.]*\) tokens per second.*/\1/p' | tail -n 1)
+      echo "$r"
       ;;
   esac
+}
+LLAMA="" LLAMA16=""
+if [ -n "${LLAMA_CPP_BIN:-}" ]; then
+  echo "llama.cpp ($LLAMA_CPP_BIN)..." >&2
+  LLAMA=$(llama_rate f32)
+  LLAMA16=$(llama_rate f16)
 fi
 
 echo "load: 1, 4, 16 clients..." >&2
@@ -94,33 +105,37 @@ done
 stop_server
 
 $PY - "$THREADS" "$TOKENS" "$LAYERS/$HEADS/$DIM ctx $CTX vocab $VOCAB" "$KEEL_SINGLE" "$TORCH_SINGLE" \
-  "${LLAMA:-}" "$LOAD_TOKENS" "$REQS" "${LOADS[@]}" <<'PY'
+  "${LLAMA:-}" "$LOAD_TOKENS" "$REQS" "$KEEL_SINGLE16" "${LLAMA16:-}" "${LOADS[@]}" <<'PY'
 import json, platform, subprocess, sys
-threads, tokens, shape, keel, torch_r, llama, load_tokens, reqs = sys.argv[1:9]
-loads = [json.loads(x) for x in sys.argv[9:]]
-k, t = json.loads(keel), json.loads(torch_r)
+threads, tokens, shape, keel, torch_r, llama, load_tokens, reqs, keel16, llama16 = sys.argv[1:11]
+loads = [json.loads(x) for x in sys.argv[11:]]
+k, t, k16 = json.loads(keel), json.loads(torch_r), json.loads(keel16)
 cpu = subprocess.run(["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True, text=True).stdout.strip()
 print(f"keel serve benchmark: {shape} (byte tokenizer), {threads} threads, {cpu}, PyTorch {t['torch']}")
 print()
 print(f"Single-stream greedy decode, 32-token prompt, {tokens} new tokens (decode steps only):")
 print()
-print("| implementation | decode tok/s | vs keel |")
-print("|---|---|---|")
-kd = k["decode_tok_s"]
-print(f"| keel serve (over HTTP) | {kd:.1f} | 1.00x |")
-print(f"| PyTorch, KV cache (in process) | {t['decode_tok_s']:.1f} | {t['decode_tok_s']/kd:.2f}x |")
+print("| implementation | weights | decode tok/s | keel / it |")
+print("|---|---|---|---|")
+kd, kd16 = k["decode_tok_s"], k16["decode_tok_s"]
+print(f"| keel serve (over HTTP) | f32 | {kd:.1f} | |")
+print(f"| keel serve --dtype f16 (over HTTP) | f16 | {kd16:.1f} | |")
+print(f"| PyTorch, KV cache (in process) | f32 | {t['decode_tok_s']:.1f} | {kd/t['decode_tok_s']:.2f}x (keel f32) |")
 if llama:
-    print(f"| llama.cpp, keel's GGUF export (f32) | {float(llama):.1f} | {float(llama)/kd:.2f}x |")
-else:
-    print("| llama.cpp | not run (set LLAMA_CPP_BIN) | |")
+    print(f"| llama.cpp, keel's GGUF export | f32 | {float(llama):.1f} | {kd/float(llama):.2f}x (keel f32) |")
+if llama16:
+    print(f"| llama.cpp, keel's GGUF export | f16 | {float(llama16):.1f} | {kd16/float(llama16):.2f}x (keel f16) |")
+if not llama:
+    print("| llama.cpp | | not run (set LLAMA_CPP_BIN) | |")
 print()
 print(f"keel serve --parallel 16 under load: each client sends {reqs} streaming requests back to back "
       f"(32-token prompt, {load_tokens} new tokens, temperature 0.8):")
 print()
-print("| concurrent clients | aggregate tok/s | TTFT p50 | TTFT p99 | requests |")
-print("|---|---|---|---|---|")
+print("| concurrent clients | aggregate tok/s | vs single-stream | TTFT p50 | TTFT p99 | requests |")
+print("|---|---|---|---|---|---|")
 for l in loads:
+    l["x_single"] = l["agg_tok_s"] / kd
     err = f" ({len(l['errors'])} errors: {l['errors'][0]})" if l["errors"] else ""
-    print(f"| {l['clients']} | {l['agg_tok_s']:.1f} | {l['ttft_p50_ms']:.0f} ms | {l['ttft_p99_ms']:.0f} ms "
+    print(f"| {l['clients']} | {l['agg_tok_s']:.1f} | {l['x_single']:.1f}x | {l['ttft_p50_ms']:.0f} ms | {l['ttft_p99_ms']:.0f} ms "
           f"| {l['requests']}{err} |")
 PY
