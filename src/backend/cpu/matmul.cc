@@ -17,15 +17,26 @@ namespace keel::cpu {
 
 namespace {
 
-// Row-major C[M,N] = alpha * op(A)[M,K] @ op(B)[K,N] + beta * C, tiled along the larger output dimension into
-// at most kMaxTiles tiles of at least kMinTile rows/columns.
+// Row-major C[M,N] = alpha * op(A)[M,K] @ op(B)[K,N] + beta * C, tiled along the larger output dimension. The
+// tiling depends on the shape only (see the top of the file): about kTile rows/columns per tile (an A block that
+// stays in L2 inside OpenBLAS; each tile re-packs the other operand, so much smaller tiles cost packing time), at
+// most kMaxTiles, an even count (so two threads, the common case, get equal shares: 3 tiles on 2 threads left one
+// idle a third of the time), and tile edges on multiples of 16 (the sgemm micro-kernel's row unroll).
+int TileStep(int dim) {
+  constexpr int kTile = 256, kMaxTiles = 16, kAlign = 16, kMinSplit = 128;
+  if (dim < kMinSplit) return dim;  // one tile
+  int tiles = std::clamp((dim + kTile - 1) / kTile, 2, kMaxTiles);
+  tiles += tiles % 2;
+  const int step = (dim + tiles - 1) / tiles;
+  return (step + kAlign - 1) / kAlign * kAlign;
+}
+
 void TiledSgemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
                 const float* B, int ldb, float beta, float* C, int ldc) {
-  constexpr int kMaxTiles = 16, kMinTile = 256;
   const bool split_m = M >= N;
   const int dim = split_m ? M : N;
-  const int tiles = std::clamp((dim + kMinTile - 1) / kMinTile, 1, kMaxTiles);
-  const int step = (dim + tiles - 1) / tiles;
+  const int step = TileStep(dim);
+  const int tiles = (dim + step - 1) / step;
   const CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans, tb = trans_b ? CblasTrans : CblasNoTrans;
 #pragma omp parallel for schedule(static)
   for (int t = 0; t < tiles; ++t) {
