@@ -530,7 +530,7 @@ TEST_F(OpsTest, SoftmaxCrossEntropy) {
 
 // The CPU kernels' vector exp/tanh must equal the scalar reference functions bit for bit (so an element's
 // result does not depend on whether it falls in a vector block or a loop tail).
-TEST(VecMath, SixteenLanesMatchScalarBitForBit) {
+TEST(VecMath, VectorLanesMatchScalarBitForBit) {
   std::vector<float> x;
   for (int i = -4000; i <= 4000; ++i) x.push_back(0.025f * static_cast<float>(i));  // [-100, 100]
   for (float v : {0.0f, -0.0f, 1e-30f, -1e-30f, 0.0624f, 0.0626f, -0.0625f, 4.5f, 9.0f, 9.5f, -88.0f, 88.5f, 89.0f,
@@ -612,6 +612,35 @@ TEST_F(OpsTest, AdamWMatchesDoubleReference) {
 
 // With zero gradients and moments the update is pure decay: masked-out entries stay bit-identical, the others
 // shrink by (1 - lr * wd); a null mask decays everything.
+// The vectorised CPU loops against their scalar tails: an op over n elements must equal n one-element calls
+// (each of which runs the scalar reference code) bit for bit.
+TEST(CpuVectorPaths, MatchOneElementCalls) {
+  auto be = MakeCpuBackend(1);
+  Rng rng(7);
+  const size_t n = 203;
+  auto x = RandN(rng, n, 3.0f), d = RandN(rng, n), m = RandN(rng, n, 0.1f), v = RandN(rng, n, 0.1f);
+  for (auto& e : v) e = e * e;
+  std::vector<uint8_t> mask(n);
+  for (size_t i = 0; i < n; ++i) mask[i] = static_cast<uint8_t>(i % 3 != 0);
+  AdamWParams p = TestAdamW();
+  p.t = 3;
+  std::vector<float> out(n), out1(n), din(d), din1(d);
+  be->GeluForward(out.data(), x.data(), n);
+  be->GeluBackward(din.data(), x.data(), d.data(), n);
+  std::vector<float> pa(x), ma(m), va(v), pb(x), mb(m), vb(v);
+  be->AdamW(pa.data(), d.data(), ma.data(), va.data(), mask.data(), n, p);
+  for (size_t i = 0; i < n; ++i) {
+    be->GeluForward(&out1[i], &x[i], 1);
+    be->GeluBackward(&din1[i], &x[i], &d[i], 1);
+    be->AdamW(&pb[i], &d[i], &mb[i], &vb[i], &mask[i], 1, p);
+  }
+  EXPECT_TRUE(BitEqual(out, out1)) << FirstDiff(out, out1);
+  EXPECT_TRUE(BitEqual(din, din1)) << FirstDiff(din, din1);
+  EXPECT_TRUE(BitEqual(pa, pb)) << FirstDiff(pa, pb);
+  EXPECT_TRUE(BitEqual(ma, mb)) << FirstDiff(ma, mb);
+  EXPECT_TRUE(BitEqual(va, vb)) << FirstDiff(va, vb);
+}
+
 TEST_F(OpsTest, AdamWDecayMask) {
   const size_t n = 10;
   auto params = RandN(rng_, n, 1.0f, 0.5f);

@@ -2,6 +2,8 @@
 // expf/tanhf are scalar calls unless the whole program is built with -ffast-math). Max relative error about
 // 2e-7 (a couple of ulp); NaN in gives NaN out, large inputs saturate like libm.
 #pragma once
+#include <immintrin.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -107,6 +109,18 @@ KEEL_VINLINE VecF VecTanh(VecF x) {
   t = Select(ax > nine, Splat(1.0f), t);
   VecF r = Select(x < zero, -t, t);
   return Select(x != x, x, r);
+}
+
+// Lane-wise IEEE square root (correctly rounded, as std::sqrt).
+KEEL_VINLINE VecF VecSqrt(VecF x) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<VecF>(_mm512_sqrt_ps(reinterpret_cast<__m512>(x)));
+#elif defined(__AVX__)
+  return reinterpret_cast<VecF>(_mm256_sqrt_ps(reinterpret_cast<__m256>(x)));
+#else
+  for (int i = 0; i < kLanes; ++i) x[i] = __builtin_sqrtf(x[i]);
+  return x;
+#endif
 }
 
 // Lane-wise max and sum over the lanes, folded in a fixed order (the result depends on the data only).
