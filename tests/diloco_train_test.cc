@@ -211,6 +211,33 @@ TEST_F(DilocoTrain, AWorkerKilledDuringTheInnerPhaseLosesOnlyItsOwnWork) {
   EXPECT_TRUE(redone) << ReadFileText(t / "run/metrics.jsonl");
 }
 
+// A NaN in one worker's inner phase fails the vote (non-finite pseudo-gradient); the round is redone with the
+// other worker's pseudo-gradient only (no inner steps redone), and the run ends finite on both, in step.
+TEST_F(DilocoTrain, ANonFinitePseudoGradientIsNotApplied) {
+  TempDir t;
+  Background job(Split(Args(t / "run", 20) + " --nproc 2 --elastic --sync diloco --inner-steps 4 "
+                       "--inject nan:rank=1,step=6"),
+                 t / "log", InjectEnv());
+  ASSERT_EQ(job.Wait(120), 0) << job.Output();
+  const std::string log = job.Output();
+  EXPECT_NE(log.find("non-finite loss or gradient"), std::string::npos) << log;
+  EXPECT_NE(log.find("reuses this member's pseudo-gradient"), std::string::npos) << log;
+  EXPECT_EQ(FinalHashes(log).size(), 1u) << log;
+  for (float x : Params(t / "run")) ASSERT_TRUE(std::isfinite(x));
+}
+
+// bf16 compression in both modes trains.
+TEST_F(DilocoTrain, Bf16CompressionTrainsInBothModes) {
+  for (const std::string sync : {"ddp", "diloco --inner-steps 5"}) {
+    TempDir t;
+    auto r = RunKeel(Args(t / "run", 30) + " --nproc 2 --lr 3e-3 --compress bf16 --sync " + sync);
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    const auto m = JsonLines(t / "run/metrics.jsonl");
+    ASSERT_FALSE(m.empty());
+    EXPECT_LT(m.back()["loss"].get<double>(), m.front()["loss"].get<double>() - 0.3) << sync << "\n" << r.output;
+  }
+}
+
 // A worker slowed 3x gets about a quarter of each step's micro-batches (shares in proportion to measured speed),
 // in ddp (of the global batch) and in diloco (of each inner step's micro-batches, so both finish a round
 // together).
