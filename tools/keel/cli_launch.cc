@@ -62,8 +62,10 @@ Result<StoreUrl> RdzvUrl(const std::string& text) {
 }
 
 void PrintDone(const TrainResult& r) {
-  std::fprintf(stderr, "done: %lld steps, loss %.4f%s\n", static_cast<long long>(r.final_step), r.last_loss,
-               r.last_val_loss >= 0 ? (", val loss " + std::to_string(r.last_val_loss)).c_str() : "");
+  // wire: bytes this worker sent in collectives during this invocation (dist/link_emulation.h).
+  std::fprintf(stderr, "done: %lld steps, loss %.4f%s, wire %.3f MB sent\n", static_cast<long long>(r.final_step),
+               r.last_loss, r.last_val_loss >= 0 ? (", val loss " + std::to_string(r.last_val_loss)).c_str() : "",
+               static_cast<double>(r.wire_bytes) / 1e6);
 }
 
 int RunSingle(const TrainOptions& o) {
