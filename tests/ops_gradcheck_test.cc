@@ -12,6 +12,7 @@
 // the tensor's largest reference magnitude (robust to entries near zero). Every check prints its rel so the
 // margins are visible in the test log.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -839,6 +840,9 @@ std::vector<std::string> CompareThreads(Backend* be, const std::function<Outputs
   be->SetThreads(1);
   const Outputs one = f();
   be->SetThreads(2);
+  // The OpenMP build of OpenBLAS resets OpenMP's thread count in openblas_set_num_threads: make sure the second
+  // run really has two threads (it once silently had one, and this comparison compared nothing).
+  EXPECT_EQ(omp_get_max_threads(), 2) << "SetThreads(2) left OpenMP with another thread count";
   const Outputs two = f();
   be->SetThreads(1);
   std::vector<std::string> tolerated_diffs;

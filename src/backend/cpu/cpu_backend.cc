@@ -38,11 +38,14 @@ class CpuBackend final : public Backend {
   bool host_memory() const override { return true; }
   void SetThreads(int n) override {
     if (n < 1) n = 1;
-    omp_set_num_threads(n);
-    // OpenBLAS itself stays single-threaded: its threading changes sgemm's rounding with the thread count (even
-    // when called inside an OpenMP region). keel parallelises GEMMs itself over shape-determined tiles
-    // (matmul.cc), which keeps every result independent of --threads.
+    // OpenBLAS itself stays single-threaded: its threading changes sgemm's rounding with the thread count. keel
+    // parallelises GEMMs itself over shape-determined tiles (matmul.cc), which keeps every result independent of
+    // --threads; every BLAS call is made inside an OpenMP parallel region, where the OpenMP build of OpenBLAS
+    // (the one keel links) runs single-threaded. Order matters: in that build openblas_set_num_threads(k) also
+    // calls omp_set_num_threads(k), so calling it after omp_set_num_threads(n) left keel on one thread whatever
+    // --threads said.
     openblas_set_num_threads(1);
+    omp_set_num_threads(n);
   }
 
   Result<float*> Alloc(size_t count) override {
