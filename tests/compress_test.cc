@@ -15,6 +15,7 @@
 #include "dist/gloo_communicator.h"
 #include "dist/link_emulation.h"
 #include "dist/store.h"
+#include "elastic/fault_inject.h"
 #include "dist_test_util.h"
 #include "train/diloco.h"
 
@@ -137,6 +138,19 @@ TEST(LinkEmulation, ByteModels) {
   EXPECT_EQ(BroadcastSentBytes(4, 2, 2, 10), 20u);  // the root, relative ranks
   LinkLimit l{100, 20};
   EXPECT_NEAR(LinkDelaySeconds(l, 12'500'000, 3), 1.0 + 0.06, 1e-9);  // 100 Mbit = 12.5 MB/s
+}
+
+TEST(LinkEmulation, InjectionSpec) {
+  auto f = ParseFaultSpec("link:rank=3,mbit=100,latency_ms=20");
+  ASSERT_TRUE(f.ok()) << f.status().message();
+  ASSERT_EQ(f->size(), 1u);
+  EXPECT_EQ((*f)[0].kind, FaultSpec::kLink);
+  EXPECT_EQ((*f)[0].rank, 3);
+  EXPECT_EQ((*f)[0].mbit, 100);
+  EXPECT_EQ((*f)[0].latency_ms, 20);
+  EXPECT_FALSE(ParseFaultSpec("link:rank=3").ok());          // neither a bandwidth nor a latency
+  EXPECT_FALSE(ParseFaultSpec("link:mbit=10").ok());         // no rank
+  EXPECT_FALSE(ParseFaultSpec("crash:rank=1,step=2,mbit=5").ok());  // link keys only for link
 }
 
 GlooOptions Loopback() {

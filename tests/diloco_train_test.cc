@@ -262,10 +262,17 @@ TEST_F(DilocoTrain, AWorkerSlowed3xConvergesToAProportionalShare) {
     const auto counts = last["micro_batches"].get<std::vector<int>>();
     ASSERT_EQ(counts.size(), 2u);
     const int slow = members[0] == slow_uid ? counts[0] : counts[1], fast = members[0] == slow_uid ? counts[1] : counts[0];
-    std::printf("%s: micro-batches per step fast:slow = %d:%d\n", mode.c_str(), fast, slow);
+    const auto shares = last["shares"].get<std::vector<double>>();
+    const double slow_share = members[0] == slow_uid ? shares[0] : shares[1];
+    std::printf("%s: micro-batches per step fast:slow = %d:%d, measured relative speed of the slow one %.2f\n",
+                mode.c_str(), fast, slow, slow_share);
+    // 3x slower: relative speed 1/3 and a 6:2 split. Tolerances for timing noise on a shared machine (the
+    // slow worker's sleep is proportional to its own, contended, compute time).
     EXPECT_EQ(fast + slow, 8);
+    EXPECT_GT(slow_share, 0.2) << mode << ": " << last.dump();
+    EXPECT_LT(slow_share, 0.5) << mode << ": " << last.dump();
     EXPECT_GE(fast, 2 * slow) << mode << ": " << last.dump();
-    EXPECT_LE(fast, 4 * slow) << mode << ": " << last.dump();
+    EXPECT_GE(slow, 1) << mode << ": " << last.dump();
   }
 }
 

@@ -257,6 +257,24 @@ TEST(Vote, CommitsWhenEverythingAgreesAndTheLossIsExact) {
   EXPECT_DOUBLE_EQ(o.loss, (1 + 2 + 3 + 4) / 4.0);
 }
 
+// diloco (partial): a round commits with the pseudo-gradients that are held, without the lost member's
+// micro-batches; the loss is the mean over the held ones. Data-parallel steps still need every micro-batch.
+TEST(Vote, PartialCommitsWithTheHoldingsThatExist) {
+  VoteConfig c;
+  c.M = 6;
+  StrikeBook strikes;
+  std::vector<std::pair<int, int64_t>> bad;
+  auto v = Votes(3, 6);
+  v.pop_back();  // member 2 (micro-batches 2 and 5) is gone
+  EXPECT_FALSE(DecideCommit(v, c, &strikes, &bad).commit);
+  c.partial = true;
+  auto o = DecideCommit(v, c, &strikes, &bad);
+  EXPECT_TRUE(o.commit) << o.reason;
+  EXPECT_DOUBLE_EQ(o.loss, (1 + 2 + 4 + 5) / 4.0);
+  for (auto& r : v) r.held = MicroSet{};  // nobody holds anything: nothing to apply
+  EXPECT_FALSE(DecideCommit(v, c, &strikes, &bad).commit);
+}
+
 TEST(Vote, NonFiniteAbortsBlamesTheMemberThenQuarantinesOnRepeat) {
   VoteConfig c;
   c.M = 4;

@@ -172,7 +172,10 @@ std::string FormatDuration(double s) {
 
 std::string UidList(const std::vector<int64_t>& v) {
   std::string s;
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ',';  // (not `"," + to_string`: GCC 12 reports a false -Wrestrict for it)
+    s += std::to_string(v[i]);
+  }
   return "[" + s + "]";
 }
 
@@ -461,7 +464,7 @@ Status Trainer::Open() {
   targets_.resize(inputs_.size());
   in_place_ = !elastic_ && static_comm_->size() == 1 && M_ == 1 && o_.deterministic && !diloco_ &&
               codec_ == Codec::kNone;
-  if (o_.deterministic && !in_place_) acc_.assign(P_, 0);
+  if (o_.deterministic && !in_place_ && !diloco_) acc_.assign(P_, 0);  // (diloco sums in its own buffer)
   ckpt_ = std::make_unique<AsyncCheckpointer>(o_.out_dir, o_.keep);
   flops_per_token_ = TrainFlopsPerToken(o_.model, T_);
   tokens_per_step_ = static_cast<int64_t>(B_) * T_ * M_;
@@ -487,9 +490,14 @@ Status Trainer::LoadInitialState() {
     resume_snap_ = TrainingSnapshot();  // free the copies
   } else {
     model_->InitWeights(o_.seed);
-    std::vector<float> zero(P_, 0.0f);
-    backend_->Upload(adam_->m(), zero.data(), P_);
-    backend_->Upload(adam_->v(), zero.data(), P_);
+    if (backend_->host_memory()) {  // no P-sized temporary (0.5 GB at GPT-2 small)
+      std::fill(adam_->m(), adam_->m() + P_, 0.0f);
+      std::fill(adam_->v(), adam_->v() + P_, 0.0f);
+    } else {
+      std::vector<float> zero(P_, 0.0f);
+      backend_->Upload(adam_->m(), zero.data(), P_);
+      backend_->Upload(adam_->v(), zero.data(), P_);
+    }
     if (diloco_) std::fill(diloco_->momentum(), diloco_->momentum() + P_, 0.0f);
     step_ = 0;
     data_offset_ = 0;
@@ -989,6 +997,7 @@ void Trainer::ComputeRound(const Plan& plan) {
   std::vector<int> micros;
   for (int i = 0; i < M_; ++i)
     if (plan.mine.Has(i)) micros.push_back(i);
+  double micro_s = 0;  // forward/backward time only: the per-step optimizer cost is the same for every share
   if (!micros.empty()) {
     Diloco::InnerFns f;
     f.micro_batch = [&](int64_t s, int micro) {
@@ -1003,6 +1012,7 @@ void Trainer::ComputeRound(const Plan& plan) {
         const double factor = inject_->SlowFactor(s);
         if (factor > 1) std::this_thread::sleep_for(std::chrono::duration<double>((factor - 1) * Since(tm)));
       }
+      micro_s += Since(tm);
       return loss;
     };
     f.update = [&](int64_t s) {
@@ -1024,7 +1034,7 @@ void Trainer::ComputeRound(const Plan& plan) {
     log_("round at step " + std::to_string(step_ + 1) + ": attempt " + std::to_string(plan.attempt + 1) +
          " reuses this member's pseudo-gradient (inner steps not redone)");
   if (size_ > 1) reducer_->Submit(diloco_->MakeExchange(!held_.Empty()));
-  compute_s_ = Since(t0);
+  compute_s_ = computed_ > 0 ? micro_s : Since(t0);  // the straggler statistic: seconds per micro-batch
 }
 
 // A compressed bucket (ddp --compress): g (a buffer the reducer keeps alive) is encoded with this member's
@@ -1472,6 +1482,9 @@ uint64_t Trainer::StateHash() {
 }
 
 void Trainer::TakeSnapshot() {
+  // Nothing restores it for one static worker without spike detection (a rollback needs members that disagree):
+  // skip the host copy of parameters and Adam moments (1.5 GB at GPT-2 small, more than the rest of the run).
+  if (!elastic_ && size_ <= 1 && o_.spike_factor <= 0) return;
   StateToHost(&snap_.p, &snap_.m, &snap_.v);
   if (diloco_) diloco_->Snapshot();
   snap_.aux = AuxJson();
