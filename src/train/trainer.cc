@@ -1505,6 +1505,7 @@ bool Trainer::RestoreSnapshot() {
     return false;
   }
   StateFromHost(snap_.p.data(), snap_.m.data(), snap_.v.data());
+  ef_->Reset();  // the residual belongs to the abandoned lineage
   if (diloco_) {
     diloco_->Restore();
     diloco_->ResetFeedback();
@@ -1642,6 +1643,7 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
     ClearHoldings();
     held_step_ = step_;
     held_epoch_ = epoch_;
+    ef_->Reset();         // error feedback starts over with the received state
     snap_.valid = false;  // this member's snapshot (if any) is of an older lineage
     log_("received the training state (step " + std::to_string(step_) + ") from member " +
          std::to_string(members_[static_cast<size_t>(source)]) + " (" + why + ", " +
