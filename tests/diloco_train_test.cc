@@ -211,6 +211,26 @@ TEST_F(DilocoTrain, AWorkerKilledDuringTheInnerPhaseLosesOnlyItsOwnWork) {
   EXPECT_TRUE(redone) << ReadFileText(t / "run/metrics.jsonl");
 }
 
+// The same, with the survivors' inner phase slowed so that the restarted worker is back before they notice the
+// loss: it joins the generation that redoes the round, receives the outer state from a peer, contributes nothing
+// to that round (weight 0) and takes its share from the next one.
+TEST_F(DilocoTrain, AWorkerRestartedDuringTheRoundJoinsTheRedoneRound) {
+  TempDir t;
+  Background job(Split(Args(t / "run", 40) + " --nproc 3 --elastic --max-restarts 1 --sync diloco --inner-steps 10 "
+                       "--inject crash:rank=1,step=3;slow:rank=0,step=0,factor=40,steps=10;"
+                       "slow:rank=2,step=0,factor=40,steps=10"),
+                 t / "log", InjectEnv());
+  ASSERT_EQ(job.Wait(120), 0) << job.Output();
+  const std::string log = job.Output();
+  EXPECT_NE(log.find("reuses this member's pseudo-gradient (inner steps not redone)"), std::string::npos) << log;
+  EXPECT_NE(log.find("[rank 1] received the training state (step 0)"), std::string::npos) << log;
+  EXPECT_EQ(FinalHashes(log).size(), 1u) << log;
+  int finished = 0;
+  for (size_t p = log.find("final state: step 40"); p != std::string::npos; p = log.find("final state: step 40", p + 1))
+    ++finished;
+  EXPECT_EQ(finished, 3) << log;
+}
+
 // A NaN in one worker's inner phase fails the vote (non-finite pseudo-gradient); the round is redone with the
 // other worker's pseudo-gradient only (no inner steps redone), and the run ends finite on both, in step.
 TEST_F(DilocoTrain, ANonFinitePseudoGradientIsNotApplied) {
