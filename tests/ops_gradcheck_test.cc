@@ -333,7 +333,8 @@ TEST_F(OpsTest, Attention) {
     int B, T, C, NH;
   };
   for (const Case& k : {Case{2, 5, 8, 2}, Case{1, 7, 12, 3}, Case{3, 4, 4, 1}, Case{2, 1, 6, 2},
-                        Case{1, 37, 8, 2}}) {  // T=37: rows longer than the vector blocks
+                        Case{1, 37, 8, 2},
+                        Case{1, 150, 4, 2}}) {  // T=37: rows longer than the vector blocks; T=150: causal blocks
     const int B = k.B, T = k.T, C = k.C, NH = k.NH;
     const std::string tag = "B=" + std::to_string(B) + " T=" + std::to_string(T) + " C=" + std::to_string(C) +
                             " NH=" + std::to_string(NH);

@@ -1,8 +1,10 @@
 // attention.cc: causal multi-head self-attention. Training forward/backward run per (batch, head) pair as
-// sgemm calls on strided views of the qkv buffer (each pair single-threaded, pairs spread over threads);
+// sgemm calls on strided views of the qkv buffer, block by block below the diagonal (each pair single-threaded,
+// pairs spread over threads);
 // decode attends one new position per sequence against a KV cache.
 #include <cblas.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "backend/cpu/cpu_ops.h"
@@ -61,6 +63,11 @@ void SoftmaxBackwardRow(const float* prow, float* drow, int len, int T) {
 
 }  // namespace
 
+// Causal blocking: rows are processed in blocks of kAttBlock positions, and each product skips the blocks above
+// the diagonal (whose probabilities are zero): about 5/8 of the full T x T work at T = 256. The blocks depend on
+// T only, and every output element is still produced by one single-threaded sgemm call.
+constexpr int kAttBlock = 64;
+
 void AttentionForward(float* out, float* att, const float* qkv, int B, int T, int C, int NH) {
   const int hs = C / NH;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
@@ -72,10 +79,18 @@ void AttentionForward(float* out, float* att, const float* qkv, int B, int T, in
     const float* k = q + C;
     const float* v = q + 2 * C;
     float* p = att + static_cast<size_t>(bh) * T * T;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, scale, q, C3, k, C3, 0.0f, p, T);
-    for (int t = 0; t < T; ++t) SoftmaxCausalRow(p + static_cast<size_t>(t) * T, t + 1, T);
     float* o = out + static_cast<size_t>(b) * T * C + h * hs;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, p, T, v, C3, 0.0f, o, C);
+    for (int r0 = 0; r0 < T; r0 += kAttBlock) {
+      const int r1 = std::min(T, r0 + kAttBlock), rb = r1 - r0;
+      float* pr = p + static_cast<size_t>(r0) * T;
+      // S[r0:r1, 0:r1] = scale Q[r0:r1] K[0:r1]^T, then the causal softmax of each row (zeros beyond t).
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rb, r1, hs, scale, q + static_cast<size_t>(r0) * C3,
+                  C3, k, C3, 0.0f, pr, T);
+      for (int t = r0; t < r1; ++t) SoftmaxCausalRow(p + static_cast<size_t>(t) * T, t + 1, T);
+      // O[r0:r1] = P[r0:r1, 0:r1] V[0:r1]
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rb, hs, r1, 1.0f, pr, T, v, C3, 0.0f,
+                  o + static_cast<size_t>(r0) * C, C);
+    }
   }
 }
 
@@ -96,15 +111,27 @@ void AttentionBackward(float* dqkv, float* datt, const float* dout, const float*
     const float* p = att + static_cast<size_t>(bh) * T * T;
     float* dp = datt + static_cast<size_t>(bh) * T * T;
     const float* dO = dout + static_cast<size_t>(b) * T * C + h * hs;
-    // dP = dO V^T ; dV += P^T dO
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, 1.0f, dO, C, v, C3, 0.0f, dp, T);
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, p, T, dO, C, 1.0f, dv, C3);
-    // Softmax backward: dS = P * (dP - sum_j P dP), causal entries only.
-    for (int t = 0; t < T; ++t)
-      SoftmaxBackwardRow(p + static_cast<size_t>(t) * T, dp + static_cast<size_t>(t) * T, t + 1, T);
-    // dQ += scale dS K ; dK += scale dS^T Q
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, scale, dp, T, k, C3, 1.0f, dq, C3);
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, scale, dp, T, q, C3, 1.0f, dk, C3);
+    for (int r0 = 0; r0 < T; r0 += kAttBlock) {
+      const int r1 = std::min(T, r0 + kAttBlock), rb = r1 - r0;
+      // dP[r0:r1, 0:r1] = dO[r0:r1] V[0:r1]^T, then the softmax backward: dS = P * (dP - sum_j P dP) on the causal
+      // entries of each row, zeros beyond.
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rb, r1, hs, 1.0f, dO + static_cast<size_t>(r0) * C, C,
+                  v, C3, 0.0f, dp + static_cast<size_t>(r0) * T, T);
+      for (int t = r0; t < r1; ++t)
+        SoftmaxBackwardRow(p + static_cast<size_t>(t) * T, dp + static_cast<size_t>(t) * T, t + 1, T);
+      // dQ[r0:r1] += scale dS[r0:r1, 0:r1] K[0:r1]
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rb, hs, r1, scale, dp + static_cast<size_t>(r0) * T, T,
+                  k, C3, 1.0f, dq + static_cast<size_t>(r0) * C3, C3);
+    }
+    // Column blocks (key positions c0:c1 receive from query rows c0:T): dV += P^T dO, dK += scale dS^T Q.
+    for (int c0 = 0; c0 < T; c0 += kAttBlock) {
+      const int c1 = std::min(T, c0 + kAttBlock), cb = c1 - c0, rows = T - c0;
+      const size_t pc = static_cast<size_t>(c0) * T + c0;
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, cb, hs, rows, 1.0f, p + pc, T,
+                  dO + static_cast<size_t>(c0) * C, C, 1.0f, dv + static_cast<size_t>(c0) * C3, C3);
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, cb, hs, rows, scale, dp + pc, T,
+                  q + static_cast<size_t>(c0) * C3, C3, 1.0f, dk + static_cast<size_t>(c0) * C3, C3);
+    }
   }
 }
 
