@@ -36,6 +36,7 @@
 #include "train/bucket_reducer.h"
 #include "train/checkpoint_io.h"
 #include "train/diloco.h"
+#include "train/trainer_support.h"
 #include "train/exact_sum.h"
 
 namespace keel {
@@ -83,138 +84,7 @@ double MeasureGemmPeakGflops() {
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-// Encodes and writes checkpoints on a background thread, so training continues while they are encoded and
-// written. The view may borrow the live training buffers: the training thread calls WaitEncoded() before it
-// next modifies them (the optimizer step, a state transfer), which normally finds the encoding long finished
-// (it overlaps the next step's forward/backward, which only read the parameters). At most one write is in
-// flight; Wait() joins it.
-class AsyncCheckpointer {
- public:
-  AsyncCheckpointer(std::string run_dir, int keep) : run_dir_(std::move(run_dir)), keep_(keep) {}
-  ~AsyncCheckpointer() { (void)Wait(); }
-  // before_write (may be empty) runs on the writer thread with the encoded files first (fault injection).
-  Status Start(SnapshotView view, int64_t step,
-               std::function<void(const std::vector<CheckpointFile>&)> before_write = nullptr) {
-    KEEL_RETURN_IF_ERROR(Wait());
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      encoded_ = false;
-    }
-    thread_ = std::thread([this, view = std::move(view), step, before_write = std::move(before_write)]() {
-      auto files = EncodeSnapshot(view);
-      {
-        std::lock_guard<std::mutex> l(mu_);
-        encoded_ = true;
-      }
-      cv_.notify_all();
-      if (!files.ok()) {
-        result_ = files.status();
-        return;
-      }
-      if (before_write) before_write(*files);
-      result_ = WriteCheckpoint(run_dir_, step, *files, keep_);
-    });
-    return Status::Ok();
-  }
-  // The borrowed buffers are free again (returns at once when no encoding is in progress).
-  void WaitEncoded() {
-    std::unique_lock<std::mutex> l(mu_);
-    cv_.wait(l, [this] { return encoded_; });
-  }
-  Status Wait() {
-    if (thread_.joinable()) thread_.join();
-    Status s = result_;
-    result_ = Status::Ok();
-    return s;
-  }
-
- private:
-  std::string run_dir_;
-  int keep_;
-  std::thread thread_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool encoded_ = true;
-  Status result_;
-};
-
-// The [offset, count) range of the flat parameter buffer that gradient-readiness group g covers.
-std::pair<size_t, size_t> GroupRange(const std::vector<ParamTensor>& tensors, int group) {
-  size_t lo = SIZE_MAX, hi = 0;
-  for (const auto& t : tensors)
-    if (t.group == group) {
-      lo = std::min(lo, t.offset);
-      hi = std::max(hi, t.offset + t.size);
-    }
-  return {lo, hi - lo};
-}
-
-void DefaultLog(const std::string& line) { std::fprintf(stderr, "%s\n", line.c_str()); }
-
-std::string Fmt(const char* fmt, double a) {
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), fmt, a);
-  return buf;
-}
-
-std::string FormatDuration(double s) {
-  if (!std::isfinite(s) || s < 0) return "?";
-  int t = static_cast<int>(s + 0.5);
-  char buf[32];
-  if (t >= 3600) std::snprintf(buf, sizeof(buf), "%dh%02dm", t / 3600, (t / 60) % 60);
-  else std::snprintf(buf, sizeof(buf), "%dm%02ds", t / 60, t % 60);
-  return buf;
-}
-
-std::string UidList(const std::vector<int64_t>& v) {
-  std::string s;
-  for (size_t i = 0; i < v.size(); ++i) {
-    if (i) s += ',';  // (not `"," + to_string`: GCC 12 reports a false -Wrestrict for it)
-    s += std::to_string(v[i]);
-  }
-  return "[" + s + "]";
-}
-
-// Keeps only the metrics lines of steps before `step` (a resumed run rewrites what came after its checkpoint).
-void TruncateMetrics(const std::string& path, int64_t step) {
-  auto text = DefaultEnv()->ReadFile(path);
-  if (!text.ok()) return;
-  std::string kept;
-  size_t pos = 0;
-  bool dropped = false;
-  while (pos < text->size()) {
-    size_t nl = text->find('\n', pos);
-    if (nl == std::string::npos) nl = text->size();
-    std::string line = text->substr(pos, nl - pos);
-    pos = nl + 1;
-    auto j = nlohmann::json::parse(line, nullptr, false);
-    if (!j.is_discarded() && j.contains("step") && j["step"].is_number() && j["step"].get<int64_t>() < step)
-      kept += line + "\n";
-    else
-      dropped = true;
-  }
-  if (dropped) (void)WriteFileAtomic(path, kept);
-}
-
-size_t CountNonFinite(const float* g, size_t n) {
-  size_t bad = 0;
-#pragma omp parallel for schedule(static) reduction(+ : bad)
-  for (size_t i = 0; i < n; ++i) bad += !std::isfinite(g[i]);
-  return bad;
-}
-
-// A checkpoint directory left half-written, as a crash during WriteCheckpoint leaves it (fault injection).
-void WriteTruncatedCheckpoint(const std::string& run_dir, int64_t step, const std::vector<CheckpointFile>& files) {
-  const std::string tmp = JoinPath(run_dir, CheckpointDirName(step) + ".tmp");
-  (void)DefaultEnv()->CreateDirs(tmp);
-  if (!files.empty())
-    (void)DefaultEnv()->WriteFile(JoinPath(tmp, files[0].name),
-                                  std::string_view(files[0].data.data(), files[0].data.size() / 2));
-}
+using namespace trainer_support;  // NOLINT: the loop's own helpers (train/trainer_support.h)
 
 // ---------------------------------------------------------------------------------------------------------
 // Trainer: one worker's training, step by step.

@@ -1,0 +1,89 @@
+// trainer_support.cc: the training loop's stateless helpers (see trainer_support.h).
+#include "train/trainer_support.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+
+#include <nlohmann/json.hpp>
+
+#include "core/env.h"
+
+namespace keel::trainer_support {
+
+// The [offset, count) range of the flat parameter buffer that gradient-readiness group g covers.
+std::pair<size_t, size_t> GroupRange(const std::vector<ParamTensor>& tensors, int group) {
+  size_t lo = SIZE_MAX, hi = 0;
+  for (const auto& t : tensors)
+    if (t.group == group) {
+      lo = std::min(lo, t.offset);
+      hi = std::max(hi, t.offset + t.size);
+    }
+  return {lo, hi - lo};
+}
+
+void DefaultLog(const std::string& line) { std::fprintf(stderr, "%s\n", line.c_str()); }
+
+std::string Fmt(const char* fmt, double a) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), fmt, a);
+  return buf;
+}
+
+std::string FormatDuration(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  int t = static_cast<int>(s + 0.5);
+  char buf[32];
+  if (t >= 3600) std::snprintf(buf, sizeof(buf), "%dh%02dm", t / 3600, (t / 60) % 60);
+  else std::snprintf(buf, sizeof(buf), "%dm%02ds", t / 60, t % 60);
+  return buf;
+}
+
+std::string UidList(const std::vector<int64_t>& v) {
+  std::string s;
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ',';  // (not `"," + to_string`: GCC 12 reports a false -Wrestrict for it)
+    s += std::to_string(v[i]);
+  }
+  return "[" + s + "]";
+}
+
+// Keeps only the metrics lines of steps before `step` (a resumed run rewrites what came after its checkpoint).
+void TruncateMetrics(const std::string& path, int64_t step) {
+  auto text = DefaultEnv()->ReadFile(path);
+  if (!text.ok()) return;
+  std::string kept;
+  size_t pos = 0;
+  bool dropped = false;
+  while (pos < text->size()) {
+    size_t nl = text->find('\n', pos);
+    if (nl == std::string::npos) nl = text->size();
+    std::string line = text->substr(pos, nl - pos);
+    pos = nl + 1;
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (!j.is_discarded() && j.contains("step") && j["step"].is_number() && j["step"].get<int64_t>() < step)
+      kept += line + "\n";
+    else
+      dropped = true;
+  }
+  if (dropped) (void)WriteFileAtomic(path, kept);
+}
+
+size_t CountNonFinite(const float* g, size_t n) {
+  size_t bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad)
+  for (size_t i = 0; i < n; ++i) bad += !std::isfinite(g[i]);
+  return bad;
+}
+
+// A checkpoint directory left half-written, as a crash during WriteCheckpoint leaves it (fault injection).
+void WriteTruncatedCheckpoint(const std::string& run_dir, int64_t step, const std::vector<CheckpointFile>& files) {
+  const std::string tmp = JoinPath(run_dir, CheckpointDirName(step) + ".tmp");
+  (void)DefaultEnv()->CreateDirs(tmp);
+  if (!files.empty())
+    (void)DefaultEnv()->WriteFile(JoinPath(tmp, files[0].name),
+                                  std::string_view(files[0].data.data(), files[0].data.size() / 2));
+}
+
+}  // namespace keel::trainer_support

@@ -1,0 +1,91 @@
+// trainer_support.h: helpers of the training loop (train/trainer.cc) that need none of its state — the
+// asynchronous checkpoint writer, log formatting, metrics-file trimming, the gradient-readiness group ranges —
+// kept apart so that trainer.cc holds the step protocol itself. Internal to the trainer.
+#pragma once
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "model/gpt_config.h"
+#include "train/checkpoint_io.h"
+
+namespace keel::trainer_support {
+
+using Clock = std::chrono::steady_clock;
+
+inline double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// Encodes and writes checkpoints on a background thread, so training continues while they are encoded and
+// written. The view may borrow the live training buffers: the training thread calls WaitEncoded() before it
+// next modifies them (the optimizer step, a state transfer), which normally finds the encoding long finished
+// (it overlaps the next step's forward/backward, which only read the parameters). At most one write is in
+// flight; Wait() joins it.
+class AsyncCheckpointer {
+ public:
+  AsyncCheckpointer(std::string run_dir, int keep) : run_dir_(std::move(run_dir)), keep_(keep) {}
+  ~AsyncCheckpointer() { (void)Wait(); }
+  // before_write (may be empty) runs on the writer thread with the encoded files first (fault injection).
+  Status Start(SnapshotView view, int64_t step,
+               std::function<void(const std::vector<CheckpointFile>&)> before_write = nullptr) {
+    KEEL_RETURN_IF_ERROR(Wait());
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      encoded_ = false;
+    }
+    thread_ = std::thread([this, view = std::move(view), step, before_write = std::move(before_write)]() {
+      auto files = EncodeSnapshot(view);
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        encoded_ = true;
+      }
+      cv_.notify_all();
+      if (!files.ok()) {
+        result_ = files.status();
+        return;
+      }
+      if (before_write) before_write(*files);
+      result_ = WriteCheckpoint(run_dir_, step, *files, keep_);
+    });
+    return Status::Ok();
+  }
+  // The borrowed buffers are free again (returns at once when no encoding is in progress).
+  void WaitEncoded() {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [this] { return encoded_; });
+  }
+  Status Wait() {
+    if (thread_.joinable()) thread_.join();
+    Status s = result_;
+    result_ = Status::Ok();
+    return s;
+  }
+
+ private:
+  std::string run_dir_;
+  int keep_;
+  std::thread thread_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool encoded_ = true;
+  Status result_;
+};
+
+// The [offset, count) range of the flat parameter buffer that gradient-readiness group g covers.
+std::pair<size_t, size_t> GroupRange(const std::vector<ParamTensor>& tensors, int group);
+void DefaultLog(const std::string& line);
+std::string Fmt(const char* fmt, double a);  // snprintf of one number
+std::string FormatDuration(double s);       // "1h02m", "3m05s"
+std::string UidList(const std::vector<int64_t>& v);  // "[1,2,3]"
+// Keeps only the metrics lines of steps before `step` (a resumed run rewrites what came after its checkpoint).
+void TruncateMetrics(const std::string& path, int64_t step);
+size_t CountNonFinite(const float* g, size_t n);
+// A checkpoint directory left half-written, as a crash during WriteCheckpoint leaves it (fault injection).
+void WriteTruncatedCheckpoint(const std::string& run_dir, int64_t step, const std::vector<CheckpointFile>& files);
+
+}  // namespace keel::trainer_support
