@@ -111,8 +111,8 @@ int RunTrain(int argc, char** argv) {
                  "workers always get fewer micro-batches)")
       ->capture_default_str();
   app.add_option("--inject", o.inject,
-                 "fault injection for testing, e.g. 'crash:rank=1,step=5;nan:rank=2,step=8' (needs "
-                 "KEEL_ALLOW_FAULT_INJECTION=1; see docs/step-protocol.md)");
+                 "fault injection for testing, e.g. 'crash:rank=1,step=5;nan:rank=2,step=8', or a slow link "
+                 "'link:rank=3,mbit=100,latency_ms=20' (needs KEEL_ALLOW_FAULT_INJECTION=1; see docs/step-protocol.md)");
   app.add_option("--sync", o.sync,
                  "ddp: gradients reduced every step; diloco: each worker takes --inner-steps local steps, then the "
                  "pseudo-gradients are averaged and an outer Nesterov SGD step applied (docs/diloco.md)")
