@@ -41,7 +41,7 @@ run_torch() {
     --batch "$6" --steps "$STEPS" --threads "$THREADS" 2>/dev/null | tail -n 1
 }
 
-echo "keel vs PyTorch $( /usr/bin/python3 -c 'import torch; print(torch.__version__)'), $THREADS threads, $STEPS timed steps, $(date -u +%F), $(lscpu | sed -n 's/^Model name: *//p')"
+echo "keel vs PyTorch $( /usr/bin/python3 -c 'import torch; print(torch.__version__)'), $THREADS threads, $STEPS timed steps, $(date -u +%F), $(lscpu | sed -n 's/^Model name: *//p') ($(nproc) cores), load average at start $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "| config | keel tok/s | PyTorch tok/s | ratio | keel peak RSS | PyTorch peak RSS | keel MFU (vs measured sgemm peak) |"
 echo "|---|---|---|---|---|---|---|"
@@ -57,3 +57,5 @@ print(f"| {sys.argv[1]} | {k['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | {k
       f"| {k['peak_rss_mb']:.0f} MB | {t['peak_rss_mb']:.0f} MB | {100*k['mfu']:.0f}% of {k['gemm_peak_gflops']:.0f} GFLOP/s |")
 PY
 done
+echo
+echo "load average at end $(cut -d' ' -f1-3 /proc/loadavg) (timings are only comparable on an idle machine; keel and PyTorch alternate per config)"
