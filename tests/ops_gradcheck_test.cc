@@ -32,6 +32,7 @@
 #include "backend/cpu/vec_math.h"
 #include "model/gpt_config.h"
 #include "ops_reference.h"
+#include "train/exact_sum.h"
 
 namespace keel {
 namespace {
@@ -553,6 +554,26 @@ TEST(VecMath, VectorLanesMatchScalarBitForBit) {
       ASSERT_EQ(bits(t[l]), bits(cpu::VecTanh(x[i + l]))) << "tanh(" << x[i + l] << ")";
     }
   }
+}
+
+// The deterministic mode's in-place fixed-point rounding: its vector loop must equal the scalar reference (the
+// one-element calls) bit for bit, including -0, ties, tiny and saturated values and non-finite inputs.
+TEST(ExactSum, RoundThroughFixedPointVectorMatchesScalar) {
+  std::vector<float> x;
+  Rng rng(11);
+  for (int e = -150; e <= 30; ++e)
+    for (int k = 0; k < 20; ++k) x.push_back(std::ldexp(1.0f + 0.5f * rng.Normal(), e) * (k % 2 ? -1.0f : 1.0f));
+  for (int k = -300; k < 300; ++k) x.push_back(std::ldexp(static_cast<float>(k) + 0.5f, -40));  // exact ties
+  for (float v : {0.0f, -0.0f, 65536.0f, -65536.0f, 70000.0f, -1e30f, 1e-45f, -1e-45f, 0.3e-12f, -0.3e-12f,
+                  std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(), kNaN})
+    x.push_back(v);
+  std::vector<float> all(x), one(x);
+  const size_t bad_all = RoundThroughFixedPoint(all.data(), all.size());
+  size_t bad_one = 0;
+  for (float& v : one) bad_one += RoundThroughFixedPoint(&v, 1);
+  EXPECT_EQ(bad_all, 3u);
+  EXPECT_EQ(bad_one, 3u);
+  EXPECT_TRUE(BitEqual(all, one)) << FirstDiff(all, one);
 }
 
 // Rows wider than the kernels' vector blocks (the vectorised max/exp/sum paths and their scalar tails).
