@@ -359,6 +359,51 @@ TEST(Vote, TwoReplicasThatDisagreeRollBack) {
   EXPECT_TRUE(o.repair.empty());
 }
 
+// A group of two whose parameters differ: the member whose parameters no longer hash to what it recorded at its
+// last commit is the corrupted one (a bit flipped in its memory) and is repaired from the other — no rollback.
+TEST(Vote, TwoReplicasThatDisagreeAreRepairedWhenOneFailsItsOwnCheck) {
+  VoteConfig c;
+  c.M = 2;
+  StrikeBook strikes;
+  std::vector<std::pair<int, int64_t>> bad;
+  auto v = Votes(2, 2);
+  for (auto& r : v) r.committed_hash = 0xABC;
+  v[0].params_hash = 0xBAD;  // member 0 changed since its commit
+  auto o = DecideCommit(v, c, &strikes, &bad);
+  EXPECT_FALSE(o.commit);
+  EXPECT_FALSE(o.rollback);
+  EXPECT_EQ(o.repair, std::vector<int>{0});
+  EXPECT_EQ(o.source, 1);
+  // On a whole-state check step the corrupted member's state hash differs too; it is being repaired anyway.
+  auto w = v;
+  w[0].state_hash = 8;
+  w[1].state_hash = 7;
+  o = DecideCommit(w, c, &strikes, &bad);
+  EXPECT_FALSE(o.rollback);
+  EXPECT_EQ(o.repair, std::vector<int>{0});
+  EXPECT_EQ(o.source, 1);
+  // Both intact but different (an update computed wrongly on one of them): nobody can tell, roll back.
+  auto x = Votes(2, 2);
+  x[0].committed_hash = x[0].params_hash = 0xABC;
+  x[1].committed_hash = x[1].params_hash = 0xBAD;
+  o = DecideCommit(x, c, &strikes, &bad);
+  EXPECT_TRUE(o.rollback);
+  // A member that cannot vouch for itself (no record: it just received state): roll back.
+  auto y = v;
+  y[1].committed_hash = 0;
+  o = DecideCommit(y, c, &strikes, &bad);
+  EXPECT_TRUE(o.rollback);
+  // A three-way split where two members changed: the one intact member is the reference.
+  auto z = Votes(3, 3);
+  for (auto& r : z) r.committed_hash = 0xABC;
+  z[1].params_hash = 0xBAD1;
+  z[2].params_hash = 0xBAD2;
+  o = DecideCommit(z, c, &strikes, &bad);
+  EXPECT_FALSE(o.rollback);
+  EXPECT_EQ(o.repair, (std::vector<int>{1, 2}));
+  EXPECT_EQ(o.source, 0);
+}
+
 TEST(Vote, DisagreementOnTheStepResyncsAndGapsAreRecomputed) {
   VoteConfig c;
   c.M = 4;

@@ -272,6 +272,25 @@ TEST_F(ElasticTrain, NanAndBitflipAreCaughtRepairedAndLeaveNoTrace) {
   EXPECT_EQ(FinalHashes(log).size(), 1u) << log;
 }
 
+// A flipped parameter bit in a group of two: no majority, but the corrupted member's parameters no longer match
+// the hash it recorded at its last commit, so it is repaired from the other member — no rollback, no step redone
+// beyond the one in flight.
+TEST_F(ElasticTrain, BitflipInAGroupOfTwoIsRepairedWithoutARollback) {
+  TempDir t;
+  const std::string out = t / "run";
+  Background job(Split(Args(out) + " --nproc 2 --elastic --inject bitflip:rank=1,step=33"), t / "log", InjectEnv());
+  const int code = job.Wait(180);
+  ASSERT_EQ(code, 0) << job.Output();
+  const std::string log = job.Output();
+  ExpectSameAsStraight(out);
+  EXPECT_NE(log.find("changed since this member's last commit"), std::string::npos) << log;
+  EXPECT_EQ(log.find("rolling back"), std::string::npos) << log;
+  EXPECT_EQ(log.find("rolled back"), std::string::npos) << log;
+  auto ev = Events(out);
+  EXPECT_GE(CountEvents(ev, "sdc"), 1) << log;
+  EXPECT_EQ(FinalHashes(log).size(), 1u) << log;
+}
+
 // The same worker producing non-finite values twice is quarantined (exit status 3, never restarted); the others
 // finish without it.
 TEST_F(ElasticTrain, RepeatedNanQuarantinesTheWorker) {

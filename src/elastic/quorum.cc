@@ -246,6 +246,27 @@ int MajorityIndex(const std::vector<uint64_t>& vals) {
 
 std::string Uid(const VoteRecord& r) { return "member " + std::to_string(r.uid); }
 
+// Parameters differ and no majority agrees (a group of two, or a three-way split). Each member also reports the
+// hash it recorded right after its last committed update: a member whose parameters no longer match that record
+// was corrupted since (a flipped bit in memory), so the members whose parameters are intact are the reference —
+// if they all agree. Returns one of them, or -1 (then only a rollback is safe). An update computed wrongly (the
+// corruption happened inside the optimizer step) passes its own check; then the intact members disagree and
+// this returns -1.
+int SelfCheckedSource(const std::vector<VoteRecord>& votes) {
+  int source = -1, changed = 0;
+  for (size_t k = 0; k < votes.size(); ++k) {
+    const VoteRecord& r = votes[k];
+    if (r.committed_hash == 0) return -1;  // someone cannot vouch for itself
+    if (r.params_hash != r.committed_hash) {
+      ++changed;
+      continue;
+    }
+    if (source >= 0 && votes[static_cast<size_t>(source)].params_hash != r.params_hash) return -1;
+    if (source < 0) source = static_cast<int>(k);
+  }
+  return changed > 0 ? source : -1;
+}
+
 }  // namespace
 
 VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig& c, StrikeBook* strikes,
@@ -325,9 +346,21 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
     if (!params)
       for (uint64_t x : h)
         if (x == 0) return;  // not a full-check step
-    bool all_same = std::all_of(h.begin(), h.end(), [&](uint64_t x) { return x == h[0]; });
+    // Members already being repaired (their parameters were wrong) receive the whole state anyway: the state
+    // check looks at the others only.
+    std::vector<int> judged;
+    for (int k = 0; k < n; ++k)
+      if (std::find(o.repair.begin(), o.repair.end(), k) == o.repair.end()) judged.push_back(k);
+    if (judged.empty()) return;
+    bool all_same = std::all_of(judged.begin(), judged.end(),
+                                [&](int k) { return h[static_cast<size_t>(k)] == h[static_cast<size_t>(judged[0])]; });
     if (all_same) return;
-    const int maj = MajorityIndex(h);
+    std::vector<uint64_t> hj;
+    for (int k : judged) hj.push_back(h[static_cast<size_t>(k)]);
+    int maj = MajorityIndex(hj);
+    if (maj >= 0) maj = judged[static_cast<size_t>(maj)];
+    const bool self_checked = maj < 0 && params;
+    if (self_checked) maj = SelfCheckedSource(votes);
     if (maj < 0) {
       o.rollback = true;
       o.notes.push_back(std::string(params ? "parameters" : "training state") +
@@ -335,15 +368,17 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
       return;
     }
     o.source = maj;
-    for (int k = 0; k < n; ++k) {
+    for (int k : judged) {
       if (h[static_cast<size_t>(k)] == h[static_cast<size_t>(maj)]) continue;
-      if (std::find(o.repair.begin(), o.repair.end(), k) != o.repair.end()) continue;
       o.repair.push_back(k);
       clear[static_cast<size_t>(k)] = true;
       const VoteRecord& r = votes[static_cast<size_t>(k)];
-      o.notes.push_back(Uid(r) + ": " + (params ? "parameters" : "training state") + " hash " + HashHex(h[static_cast<size_t>(k)]) +
-                        " differs from the majority's " + HashHex(h[static_cast<size_t>(maj)]) +
-                        " (silent data corruption): repairing it from " + Uid(votes[static_cast<size_t>(maj)]));
+      const std::string why =
+          self_checked ? " changed since this member's last commit (" + HashHex(r.committed_hash) + ")"
+                       : " differs from the majority's " + HashHex(h[static_cast<size_t>(maj)]);
+      o.notes.push_back(Uid(r) + ": " + (params ? "parameters" : "training state") + " hash " +
+                        HashHex(h[static_cast<size_t>(k)]) + why + " (silent data corruption): repairing it from " +
+                        Uid(votes[static_cast<size_t>(maj)]));
       if (strikes->Add(r.uid, kStrikeCorrupt, step, c.strike_window) >= c.quarantine_after) {
         quarantine[static_cast<size_t>(k)] = true;
         o.notes.push_back(Uid(r) + ": repeated faults; quarantined");

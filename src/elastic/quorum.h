@@ -137,6 +137,9 @@ struct VoteRecord {
   int64_t epoch = 0;          // state lineage (bumped by a rollback)
   int64_t step = -1;
   uint64_t params_hash = 0;   // the parameters this attempt's gradients were computed from
+  uint64_t committed_hash = 0;  // the hash of this member's parameters right after its last committed update
+                                // (0: unknown, e.g. just received state). params_hash != committed_hash means
+                                // its memory changed them since: it is the corrupted one, whatever the votes
   uint64_t state_hash = 0;    // parameters + moments + trainer state; 0 when not checked this step
   MicroSet held;              // micro-batches in this member's contribution to the sum
   MicroSet bad;               // micro-batches this member computed with a non-finite loss or gradient
@@ -183,7 +186,8 @@ struct VoteOutcome {
   std::vector<int> clear_holdings;    // members whose contribution must be recomputed
   std::vector<int> repair;            // members whose state differs from the majority: repaired from `source`
   int source = -1;                    // a member with the majority state
-  bool rollback = false;              // state mismatch without a majority: return to the last verified snapshot
+  bool rollback = false;              // state mismatch without a majority (and no member's own check names the
+                                      //   corrupted one): return to the last verified snapshot
   bool data_fault = false;            // a micro-batch was non-finite twice (on different members when there
                                       //   are several): the data, not a worker -> commit without an update
   bool skip_update = false;           // committed, but the parameters are not updated (data fault)

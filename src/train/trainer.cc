@@ -195,6 +195,7 @@ class Trainer {
 
   // The training state every member agrees on (it travels with state transfers; hashed into StateHash).
   bool has_state_ = false;
+  uint64_t committed_hash_ = 0;  // ParamsHash() when this member last committed or installed state (elastic; 0: unknown)
   int64_t step_ = 0, epoch_ = 0, data_offset_ = 0;
   double loss_mean_ = 0, loss_var_ = 0;
   int64_t loss_n_ = 0;
@@ -945,6 +946,7 @@ Result<VoteOutcome> Trainer::VoteOnStep(std::vector<VoteRecord>* records) {
   r.epoch = epoch_;
   r.step = step_;
   r.params_hash = ParamsHash();
+  r.committed_hash = committed_hash_;
   r.state_hash = CheckStep() ? StateHash() : 0;
   r.held = held_;
   r.bad = bad_;
@@ -1097,6 +1099,9 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
       gnorm = OptimizerStep(optim_kind_, adam_.get(), model_->params(), model_->grads(), model_->tensors(), step_,
                             o_.optim);
     }
+    // What this member's parameters must still hash to at the next vote: a member whose memory changes them
+    // in between names itself as the corrupted one (the vote can then repair a group of two without a rollback).
+    if (elastic_) committed_hash_ = ParamsHash();
     // Running loss statistics (spike detection).
     const double a = loss_n_ < 20 ? 1.0 / static_cast<double>(loss_n_ + 1) : 0.05;
     const double d = v.loss - loss_mean_;
@@ -1434,6 +1439,7 @@ Status Trainer::SyncState(int depth) {
   need_sync_ = false;
   EnsureRunDir();
   if (!snap_.valid) TakeSnapshot();  // a verified state (every member's hash agrees with the source's)
+  if (elastic_ && has_state_) committed_hash_ = ParamsHash();  // agreed state: what the next vote must find
   return Status::Ok();
 }
 
@@ -1510,6 +1516,7 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
       return Corrupt("state transfer from member " + std::to_string(members_[static_cast<size_t>(source)]) +
                      ": checksum mismatch (received " + HashHex(got) + ", sent " + HashHex(h.hash) + ")");
     }
+    committed_hash_ = ParamsHash();
     ClearHoldings();
     held_step_ = step_;
     held_epoch_ = epoch_;
