@@ -1,9 +1,12 @@
 // decode_bench.cc: time per batched decode step of keel's DecodeState (no HTTP, no sampling), fp32 vs f16 weights,
 // for 1..16 rows, next to the step's weight bytes and the memory bandwidth that implies. The profile behind
-// serve_bench.sh's figures. Usage: decode_bench [LAYERS HEADS DIM VOCAB] (default GPT-2 small: 12 12 768 50257).
+// serve_bench.sh's figures. Usage: decode_bench [LAYERS HEADS DIM VOCAB] (default GPT-2 small: 12 12 768 50257);
+// env DECODE_ROWS=n and DECODE_DTYPE=f32|f16 restrict the table to one row count / weight type (for profiling).
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "backend/backend.h"
@@ -18,7 +21,7 @@ int main(int argc, char** argv) {
     c.dim = std::atoi(argv[3]);
     c.vocab = std::atoi(argv[4]);
   }
-  auto be = MakeCpuBackend(0);
+  auto be = MakeCpuBackend(static_cast<int>(std::thread::hardware_concurrency()));  // all cores
   auto model = GptModel::Create(c, be.get(), 1, 1);
   if (!model.ok()) {
     std::fprintf(stderr, "%s\n", model.status().ToString().c_str());
@@ -30,8 +33,12 @@ int main(int argc, char** argv) {
   std::printf("model %dL/%dH/%dC vocab %d: %.1fM matrix weights; 64 positions of context per row\n", c.layers, c.heads,
               c.dim, c.vocab, matrix_params / 1e6);
   std::printf("| weights | rows | ms/step | tok/s | weight GB/s |\n|---|---|---|---|---|\n");
+  const char* only_rows = std::getenv("DECODE_ROWS");
+  const char* only_dtype = std::getenv("DECODE_DTYPE");
   for (bool half : {false, true}) {
+    if (only_dtype && std::string(only_dtype) != (half ? "f16" : "f32")) continue;
     for (int rows : {1, 2, 4, 8, 16}) {
+      if (only_rows && std::atoi(only_rows) != rows) continue;
       auto st = DecodeState::Create(model->get(), rows, c.ctx, rows, half);
       if (!st.ok()) {
         std::fprintf(stderr, "%s\n", st.status().ToString().c_str());

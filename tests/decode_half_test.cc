@@ -1,4 +1,5 @@
-// decode_half_test.cc: decoding from f16 weight copies (`--dtype f16`). The f16 matmul must equal the fp32 matmul
+// decode_half_test.cc: the decode-path products (few rows; fp32 and f16 weights) and decoding from f16 weight
+// copies (`--dtype f16`). The f16 matmul must equal the fp32 matmul
 // on the f16-rounded weights (up to summation order) for every row-count path, and a DecodeState with f16 weights
 // must give the logits of the fp32 model whose matrices were rounded to f16.
 #include <gtest/gtest.h>
@@ -50,6 +51,36 @@ TEST(DecodeHalf, MatmulMatchesFp32OnRoundedWeights) {
   }
 }
 
+// The few-row fp32 and f16 paths (batched decode steps) against a plain double-precision product, so the two
+// are not only checked against each other.
+TEST(DecodeHalf, FewRowProductsMatchADoubleReference) {
+  auto be = MakeCpuBackend(2);
+  Rng rng(11);
+  for (int IC : {29, 96, 200}) {
+    const int OC = 133;
+    std::vector<float> w(static_cast<size_t>(OC) * IC), bias(OC);
+    for (auto& x : w) x = F16ToFloat(FloatToF16(rng.Normal()));  // f16-exact, so both paths share the reference
+    for (auto& x : bias) x = rng.Normal();
+    std::vector<uint16_t> w16(w.size());
+    FloatToF16N(w.data(), w16.data(), w.size());
+    for (int N : {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17}) {
+      std::vector<float> inp(static_cast<size_t>(N) * IC);
+      for (auto& x : inp) x = rng.Normal();
+      std::vector<float> ref(static_cast<size_t>(N) * OC), out(ref.size()), out16(ref.size());
+      for (int n = 0; n < N; ++n)
+        for (int o = 0; o < OC; ++o) {
+          double s = bias[o];
+          for (int i = 0; i < IC; ++i) s += double(inp[size_t(n) * IC + i]) * w[size_t(o) * IC + i];
+          ref[size_t(n) * OC + o] = static_cast<float>(s);
+        }
+      be->MatmulForward(out.data(), inp.data(), w.data(), bias.data(), N, IC, OC);
+      be->MatmulForwardHalf(out16.data(), inp.data(), w16.data(), bias.data(), N, IC, OC);
+      EXPECT_LT(RelErr(out, ref), 1e-5) << "fp32 N=" << N << " IC=" << IC;
+      EXPECT_LT(RelErr(out16, ref), 1e-5) << "f16 N=" << N << " IC=" << IC;
+    }
+  }
+}
+
 TEST(DecodeHalf, ThreadCountDoesNotChangeResults) {
   Rng rng(9);
   const int IC = 96, OC = 300;
@@ -57,13 +88,18 @@ TEST(DecodeHalf, ThreadCountDoesNotChangeResults) {
   for (auto& x : w) x = rng.Normal();
   std::vector<uint16_t> w16(w.size());
   FloatToF16N(w.data(), w16.data(), w.size());
-  for (int N : {1, 3, 8, 33}) {
+  for (int N : {1, 3, 8, 13, 16, 33}) {
     std::vector<float> inp(static_cast<size_t>(N) * IC);
     for (auto& x : inp) x = rng.Normal();
     std::vector<float> a(static_cast<size_t>(N) * OC), b(a.size());
     MakeCpuBackend(1)->MatmulForwardHalf(a.data(), inp.data(), w16.data(), nullptr, N, IC, OC);
     MakeCpuBackend(2)->MatmulForwardHalf(b.data(), inp.data(), w16.data(), nullptr, N, IC, OC);
-    EXPECT_EQ(a, b) << "N=" << N;
+    EXPECT_EQ(a, b) << "f16 N=" << N;
+    std::vector<float> wf(w.size());
+    F16ToFloatN(w16.data(), wf.data(), w.size());
+    MakeCpuBackend(1)->MatmulForward(a.data(), inp.data(), wf.data(), nullptr, N, IC, OC);
+    MakeCpuBackend(2)->MatmulForward(b.data(), inp.data(), wf.data(), nullptr, N, IC, OC);
+    EXPECT_EQ(a, b) << "fp32 N=" << N;
   }
 }
 

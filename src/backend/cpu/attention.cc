@@ -151,8 +151,15 @@ void AttentionDecode(float* out, const float* q, const float* k_cache, const flo
     float mx = -INFINITY;
     for (int j = 0; j < len; ++j) {
       const float* kr = kc + static_cast<size_t>(j) * C;
+      // kLanes partial sums (vec_math.h), then the tail: a fixed order for a given head size.
       float d = 0.0f;
-      for (int i = 0; i < hs; ++i) d += qv[i] * kr[i];
+      int i = 0;
+      if (hs >= kLanes) {
+        VecF acc = LoadV(qv) * LoadV(kr);
+        for (i = kLanes; i + kLanes <= hs; i += kLanes) acc += LoadV(qv + i) * LoadV(kr + i);
+        for (int l = 0; l < kLanes; ++l) d += acc[l];
+      }
+      for (; i < hs; ++i) d += qv[i] * kr[i];
       s[j] = d * scale;
       mx = s[j] > mx ? s[j] : mx;
     }

@@ -6,9 +6,9 @@
 // do. Each weight is converted to fp32 in registers (F16C) and multiplied in fp32, so the result equals the fp32
 // matmul on the f16-rounded weights up to the order of summation.
 //
-// Shapes: up to kHalfMaxRows rows stream each weight row once from memory and dot it with every input row while it
-// sits in L1; more rows (prompt chunks) convert blocks of weight rows to fp32 and run a single-threaded sgemm per
-// block. Output blocks are fixed by the shape, so results do not depend on the thread count.
+// Shapes: one row streams each weight row with four accumulators; 2..kHalfMaxRows rows use the register-blocked
+// kernel of skinny_matmul.h (each weight block read once from memory, used for every row); more rows (prompt
+// chunks) convert blocks of weight rows to fp32 and run a single-threaded sgemm per block. Output blocks are fixed by the shape, so results do not depend on the thread count.
 #include <cblas.h>
 #include <immintrin.h>
 
@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "backend/cpu/cpu_ops.h"
+#include "backend/cpu/skinny_matmul.h"
 #include "formats/half.h"
 
 namespace keel::cpu {
@@ -69,47 +70,19 @@ __attribute__((target("avx2,fma,f16c"))) void HalfRow1(float* out, const float* 
   out[o] = bias + s;
 }
 
-// R rows (R <= 4): each converted weight vector is used R times from registers.
-template <int R>
-__attribute__((target("avx2,fma,f16c"))) void HalfRows(float* out, const float* inp, const uint16_t* wr, float bias,
-                                                         int IC, int OC, int o) {
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  int i = 0;
-  for (; i + 8 <= IC; i += 8) {
-    const __m256 w = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + i)));
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(inp + static_cast<size_t>(r) * IC + i), acc[r]);
-  }
-  for (int r = 0; r < R; ++r) {
-    float s = HorizontalSum(acc[r]);
-    for (int j = i; j < IC; ++j) s += F16ToFloat(wr[j]) * inp[static_cast<size_t>(r) * IC + j];
-    out[static_cast<size_t>(r) * OC + o] = bias + s;
-  }
-}
-
 void HalfRowsAny(float* out, const float* inp, const uint16_t* wr, float bias, int N, int IC, int OC, int o) {
-  if (!HaveF16c()) return HalfRowsScalar(out, inp, wr, bias, N, IC, OC, o);
-  if (N == 1) return HalfRow1(out, inp, wr, bias, IC, o);
-  // Groups of 4 rows; the weight row stays in L1 between groups.
-  while (N > 0) {
-    const int r = std::min(N, 4);
-    switch (r) {
-      case 4: HalfRows<4>(out, inp, wr, bias, IC, OC, o); break;
-      case 3: HalfRows<3>(out, inp, wr, bias, IC, OC, o); break;
-      case 2: HalfRows<2>(out, inp, wr, bias, IC, OC, o); break;
-      default: HalfRows<1>(out, inp, wr, bias, IC, OC, o); break;
-    }
-    out += static_cast<size_t>(r) * OC;
-    inp += static_cast<size_t>(r) * IC;
-    N -= r;
-  }
+  // One row streams with four accumulators; several rows go through SkinnyMatmulT (skinny_matmul.h), so the
+  // scalar loop only serves CPUs without AVX2/FMA/F16C.
+  if (N == 1 && HaveF16c()) return HalfRow1(out, inp, wr, bias, IC, o);
+  HalfRowsScalar(out, inp, wr, bias, N, IC, OC, o);
 }
 
 }  // namespace
 
 void MatmulForwardHalf(float* out, const float* inp, const uint16_t* w, const float* bias, int N, int IC, int OC) {
   const int chunks = (OC + kOutChunk - 1) / kOutChunk;
+  if (N >= 2 && N <= kHalfMaxRows && skinny::Supported())
+    return SkinnyMatmulT(out, inp, w, bias, N, IC, OC);
   if (N <= kHalfMaxRows) {
 #pragma omp parallel for schedule(static)
     for (int c = 0; c < chunks; ++c) {
