@@ -86,8 +86,8 @@ d, b = r["ddp_none"], r["diloco_int8"]
 ok = lambda c: "met" if c else "NOT met"
 print()
 print(f"- diloco + int8 sends {d['bytes']/max(b['bytes'],1):.0f}x fewer bytes than ddp (target >= 100x: {ok(d['bytes'] >= 100*b['bytes'])})")
-print(f"- its validation loss is {100*(b['val']/d['val']-1):+.1f}% vs ddp's (target within 3%: {ok(abs(b['val']/d['val']-1) <= 0.03)})")
+print(f"- its validation loss is {100*(b['val']/d['val']-1):+.1f}% vs ddp's (target: at most 3% worse: {ok(b['val'] <= 1.03*d['val'])})")
 print(f"- it trains at {b['tok_s']/d['tok_s']:.1f}x ddp's tokens/s under the slow link (target >= 3x: {ok(b['tok_s'] >= 3*d['tok_s'])})")
 e, s = r["equal"], r["slow"]
-print(f"- one worker slowed 3x, speed-aware shares: {e['tok_s']:.0f} -> {s['tok_s']:.0f} tokens/s = {100*s['tok_s']/e['tok_s']:.0f}% of all-equal (target >= 80%: {ok(s['tok_s'] >= 0.8*e['tok_s'])}; the ideal is 3.33/4 = 83%)")
+print(f"- one worker slowed 3x, speed-aware shares: {e['tok_s']:.0f} -> {s['tok_s']:.0f} tokens/s = {100*s['tok_s']/e['tok_s']:.0f}% of all-equal (target >= 80%: {ok(s['tok_s'] >= 0.8*e['tok_s'])}; the ideal is 3.33/4 = 83%; with more workers than cores the slowed worker's sleep frees a core for the others, which can push this above 100%)")
 PY
