@@ -167,7 +167,12 @@ TEST(HfExport, PyTorchReadsTheExportAndMatchesKeelLogits) {
 TEST(ExportCli, ExportThenSampleFromGgufAndHf) {
   TempDir tmp;
   auto s = MakeSnapshot("bpe", Tiny(), 2, 14);
-  auto files = EncodeSnapshot({s.config, s.params.data(), nullptr, nullptr, s.state, s.tokenizer});
+  SnapshotView view;
+  view.config = s.config;
+  view.params = s.params.data();
+  view.state = s.state;
+  view.tokenizer = s.tokenizer;
+  auto files = EncodeSnapshot(view);
   ASSERT_TRUE(files.ok());
   ASSERT_TRUE(WriteCheckpoint(tmp / "run", 7, *files, 0).ok());
   const std::string run = tmp / "run";
