@@ -1,6 +1,7 @@
 // test_util.h: helpers shared by keel's tests (temporary directories, running the keel binary).
 #pragma once
 #include <string>
+#include <vector>
 
 namespace keel::testing {
 
@@ -25,5 +26,7 @@ CommandResult RunCommand(const std::string& cmdline);
 // Runs the keel binary built alongside the tests with the given arguments (shell-quoted by the caller).
 CommandResult RunKeel(const std::string& args);
 void WriteText(const std::string& path, const std::string& text);
+// Splits a command line at spaces (no quoting): the argv for a Background job.
+std::vector<std::string> Split(const std::string& s);
 
 }  // namespace keel::testing

@@ -42,13 +42,6 @@ void HalfRowsScalar(float* out, const float* inp, const uint16_t* wr, float bias
   }
 }
 
-__attribute__((target("avx2,fma,f16c"))) inline float HorizontalSum(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
 
 // One row: four independent accumulators keep the FMA pipeline full (a single chain would be latency bound).
 __attribute__((target("avx2,fma,f16c"))) void HalfRow1(float* out, const float* inp, const uint16_t* wr, float bias,
@@ -65,7 +58,7 @@ __attribute__((target("avx2,fma,f16c"))) void HalfRow1(float* out, const float* 
   for (; i + 8 <= IC; i += 8)
     a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + i))),
                          _mm256_loadu_ps(inp + i), a0);
-  float s = HorizontalSum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  float s = skinny::HorizontalSum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
   for (; i < IC; ++i) s += F16ToFloat(wr[i]) * inp[i];
   out[o] = bias + s;
 }
