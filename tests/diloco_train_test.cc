@@ -18,20 +18,6 @@
 namespace keel::testing {
 namespace {
 
-std::vector<nlohmann::json> JsonLines(const std::string& path) {
-  std::vector<nlohmann::json> out;
-  std::string text = ReadFileText(path);
-  size_t pos = 0;
-  while (pos < text.size()) {
-    size_t nl = text.find('\n', pos);
-    if (nl == std::string::npos) nl = text.size();
-    auto j = nlohmann::json::parse(text.substr(pos, nl - pos), nullptr, false);
-    if (j.is_object()) out.push_back(j);
-    pos = nl + 1;
-  }
-  return out;
-}
-
 std::vector<float> Params(const std::string& run) {
   std::vector<std::string> warnings;
   auto s = LoadSnapshot(run, false, &warnings);

@@ -17,6 +17,8 @@
 
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
+
 #include "core/status.h"
 #include "test_util.h"
 
@@ -52,6 +54,21 @@ inline std::string ReadFileText(const std::string& path) {
   std::stringstream ss;
   ss << f.rdbuf();
   return ss.str();
+}
+
+// The JSON objects of a JSONL file (events.jsonl, metrics.jsonl); lines that do not parse are skipped.
+inline std::vector<nlohmann::json> JsonLines(const std::string& path) {
+  std::vector<nlohmann::json> out;
+  std::string text = ReadFileText(path);
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t nl = text.find('\n', pos);
+    if (nl == std::string::npos) nl = text.size();
+    auto j = nlohmann::json::parse(text.substr(pos, nl - pos), nullptr, false);
+    if (j.is_object()) out.push_back(j);
+    pos = nl + 1;
+  }
+  return out;
 }
 
 inline bool HaveRedis() { return RunCommand("command -v redis-server && command -v redis-cli").exit_code == 0; }

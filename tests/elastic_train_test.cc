@@ -27,19 +27,7 @@ int MetricsLines(const std::string& run) {
   return static_cast<int>(std::count(m.begin(), m.end(), '\n'));
 }
 
-std::vector<nlohmann::json> Events(const std::string& run) {
-  std::vector<nlohmann::json> out;
-  std::string text = ReadFileText(run + "/events.jsonl");
-  size_t pos = 0;
-  while (pos < text.size()) {
-    size_t nl = text.find('\n', pos);
-    if (nl == std::string::npos) nl = text.size();
-    auto j = nlohmann::json::parse(text.substr(pos, nl - pos), nullptr, false);
-    if (j.is_object()) out.push_back(j);
-    pos = nl + 1;
-  }
-  return out;
-}
+std::vector<nlohmann::json> Events(const std::string& run) { return JsonLines(run + "/events.jsonl"); }
 
 int CountEvents(const std::vector<nlohmann::json>& ev, const std::string& name) {
   int n = 0;
