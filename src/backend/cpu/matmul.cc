@@ -59,7 +59,6 @@ void TiledSgemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, co
 // (2-3x slower at GPT-2 small's shapes on 2 threads). Fixed 8-lane accumulators and fixed output chunks: the
 // result does not depend on the thread count.
 constexpr int kSkinnyMaxRows = 8;
-constexpr int kSkinnyAvx2MaxRows = 16;
 typedef float V8 __attribute__((vector_size(32)));
 
 inline V8 Load8(const float* p) {
@@ -118,7 +117,7 @@ void SkinnyMatmul(float* out, const float* inp, const float* w, const float* bia
 void MatmulForward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC) {
   // 2..16 rows (batched decode steps): register-blocked weight streaming (skinny_matmul.h); the portable
   // 8-row kernel below where the CPU lacks AVX2/FMA.
-  if (N >= 2 && N <= kSkinnyAvx2MaxRows && skinny::Supported()) return SkinnyMatmulT(out, inp, w, bias, N, IC, OC);
+  if (N >= 1 && N <= skinny::kMaxRows && skinny::Supported()) return SkinnyMatmulT(out, inp, w, bias, N, IC, OC);
   if (N >= 2 && N <= kSkinnyMaxRows) return SkinnyMatmul(out, inp, w, bias, N, IC, OC);
   float beta = 0.0f;
   if (bias) {

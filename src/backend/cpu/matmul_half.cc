@@ -6,9 +6,9 @@
 // do. Each weight is converted to fp32 in registers (F16C) and multiplied in fp32, so the result equals the fp32
 // matmul on the f16-rounded weights up to the order of summation.
 //
-// Shapes: one row streams each weight row with four accumulators; 2..kHalfMaxRows rows use the register-blocked
-// kernel of skinny_matmul.h (each weight block read once from memory, used for every row); more rows (prompt
-// chunks) convert blocks of weight rows to fp32 and run a single-threaded sgemm per block. Output blocks are fixed by the shape, so results do not depend on the thread count.
+// Shapes: 1..kHalfMaxRows rows use the kernels of skinny_matmul.h (one row streams each weight row with four
+// accumulators; several rows are register-blocked, each weight block read once from memory and used for every
+// row); more rows (prompt chunks) convert blocks of weight rows to fp32 and run a single-threaded sgemm per block. Output blocks are fixed by the shape, so results do not depend on the thread count.
 #include <cblas.h>
 #include <immintrin.h>
 
@@ -27,12 +27,6 @@ namespace {
 constexpr int kHalfMaxRows = 16;
 constexpr int kOutChunk = 64;  // output channels per parallel work item
 
-bool HaveF16c() {
-  static const bool have = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma") &&
-                           __builtin_cpu_supports("avx2");
-  return have;
-}
-
 // Portable fallback (no F16C): one output at a time, fp32 arithmetic on converted weights.
 void HalfRowsScalar(float* out, const float* inp, const uint16_t* wr, float bias, int R, int IC, int OC, int o) {
   for (int r = 0; r < R; ++r) {
@@ -42,46 +36,18 @@ void HalfRowsScalar(float* out, const float* inp, const uint16_t* wr, float bias
   }
 }
 
-
-// One row: four independent accumulators keep the FMA pipeline full (a single chain would be latency bound).
-__attribute__((target("avx2,fma,f16c"))) void HalfRow1(float* out, const float* inp, const uint16_t* wr, float bias,
-                                                         int IC, int o) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int i = 0;
-  for (; i + 32 <= IC; i += 32) {
-    const __m128i* p = reinterpret_cast<const __m128i*>(wr + i);
-    a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(p)), _mm256_loadu_ps(inp + i), a0);
-    a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(p + 1)), _mm256_loadu_ps(inp + i + 8), a1);
-    a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(p + 2)), _mm256_loadu_ps(inp + i + 16), a2);
-    a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(p + 3)), _mm256_loadu_ps(inp + i + 24), a3);
-  }
-  for (; i + 8 <= IC; i += 8)
-    a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + i))),
-                         _mm256_loadu_ps(inp + i), a0);
-  float s = skinny::HorizontalSum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  for (; i < IC; ++i) s += F16ToFloat(wr[i]) * inp[i];
-  out[o] = bias + s;
-}
-
-void HalfRowsAny(float* out, const float* inp, const uint16_t* wr, float bias, int N, int IC, int OC, int o) {
-  // One row streams with four accumulators; several rows go through SkinnyMatmulT (skinny_matmul.h), so the
-  // scalar loop only serves CPUs without AVX2/FMA/F16C.
-  if (N == 1 && HaveF16c()) return HalfRow1(out, inp, wr, bias, IC, o);
-  HalfRowsScalar(out, inp, wr, bias, N, IC, OC, o);
-}
-
 }  // namespace
 
 void MatmulForwardHalf(float* out, const float* inp, const uint16_t* w, const float* bias, int N, int IC, int OC) {
   const int chunks = (OC + kOutChunk - 1) / kOutChunk;
-  if (N >= 2 && N <= kHalfMaxRows && skinny::Supported())
+  if (N >= 1 && N <= kHalfMaxRows && skinny::Supported())
     return SkinnyMatmulT(out, inp, w, bias, N, IC, OC);
   if (N <= kHalfMaxRows) {
 #pragma omp parallel for schedule(static)
     for (int c = 0; c < chunks; ++c) {
       const int hi = std::min(OC, (c + 1) * kOutChunk);
       for (int o = c * kOutChunk; o < hi; ++o)
-        HalfRowsAny(out, inp, w + static_cast<size_t>(o) * IC, bias ? bias[o] : 0.0f, N, IC, OC, o);
+        HalfRowsScalar(out, inp, w + static_cast<size_t>(o) * IC, bias ? bias[o] : 0.0f, N, IC, OC, o);
     }
     return;
   }
