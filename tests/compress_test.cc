@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <ctime>
 #include <cmath>
 #include <functional>
 #include <random>
@@ -151,6 +152,34 @@ TEST(LinkEmulation, InjectionSpec) {
   EXPECT_FALSE(ParseFaultSpec("link:rank=3").ok());          // neither a bandwidth nor a latency
   EXPECT_FALSE(ParseFaultSpec("link:mbit=10").ok());         // no rank
   EXPECT_FALSE(ParseFaultSpec("crash:rank=1,step=2,mbit=5").ok());  // link keys only for link
+}
+
+// slow:...,busy=1 spins for the extra time (a busy host), plain slow sleeps: the CPU time spent tells them apart.
+TEST(SlowFault, BusySpinsAndPlainSleeps) {
+  auto f = ParseFaultSpec("slow:rank=0,step=0,factor=3,busy=1");
+  ASSERT_TRUE(f.ok()) << f.status().message();
+  EXPECT_TRUE((*f)[0].busy);
+  EXPECT_FALSE(ParseFaultSpec("slow:rank=0,step=0,busy=2").ok());
+  EXPECT_FALSE(ParseFaultSpec("crash:rank=0,step=0,busy=1").ok());  // busy only for slow
+  setenv("KEEL_ALLOW_FAULT_INJECTION", "1", 1);
+  auto cpu_and_wall = [](const std::string& spec) {
+    auto inj = FaultInjector::Create(spec, 0, 1);
+    EXPECT_TRUE(inj.ok());
+    const std::clock_t c0 = std::clock();
+    const auto t0 = std::chrono::steady_clock::now();
+    (*inj)->SlowDown(0, 0.1);  // factor 3: 0.2 s more
+    return std::make_pair(double(std::clock() - c0) / CLOCKS_PER_SEC,
+                          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  };
+  const auto [busy_cpu, busy_wall] = cpu_and_wall("slow:rank=0,step=0,factor=3,busy=1");
+  const auto [sleep_cpu, sleep_wall] = cpu_and_wall("slow:rank=0,step=0,factor=3");
+  EXPECT_GE(busy_wall, 0.2);
+  EXPECT_GE(sleep_wall, 0.2);
+  EXPECT_GT(busy_cpu, 0.1);   // spun most of the 0.2 s (a loaded machine may take some of it away)
+  EXPECT_LT(sleep_cpu, 0.05);
+  const auto [other_cpu, other_wall] = cpu_and_wall("slow:rank=1,step=0,factor=3,busy=1");  // another rank's
+  EXPECT_LT(other_wall, 0.05);
+  (void)other_cpu;
 }
 
 GlooOptions Loopback() {

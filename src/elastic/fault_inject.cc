@@ -7,9 +7,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 
 #include "core/hash.h"
 #include "elastic/events.h"
@@ -120,6 +122,7 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
         else if (k == "step" && x >= 0) f.step = static_cast<int64_t>(x);
         else if (k == "secs" && x > 0) f.secs = x;
         else if (k == "factor" && x >= 1) f.factor = x;
+        else if (k == "busy" && (x == 0 || x == 1) && f.kind == FaultSpec::kSlow) f.busy = x == 1;
         else if (k == "steps" && x >= 1) f.steps = static_cast<int64_t>(x);
         else if (k == "every" && x > 0) f.every = x;
         else if (k == "start" && x >= 0) f.start = x;
@@ -297,6 +300,23 @@ double FaultInjector::SlowFactor(int64_t step) {
     f = std::max(f, x.factor);
   }
   return f;
+}
+
+void FaultInjector::SlowDown(int64_t step, double compute_s) {
+  const double f = SlowFactor(step);
+  if (f <= 1 || !(compute_s > 0)) return;
+  bool busy = false;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (const FaultSpec& x : specs_)
+      if (x.kind == FaultSpec::kSlow && x.rank == rank_ && step >= x.step && step < x.step + x.steps) busy |= x.busy;
+  }
+  const auto wait = std::chrono::duration<double>((f - 1) * compute_s);
+  if (!busy) return std::this_thread::sleep_for(wait);
+  const auto until = std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::nanoseconds>(wait);
+  volatile uint64_t spin = 0;
+  while (std::chrono::steady_clock::now() < until)
+    for (int i = 0; i < 1000; ++i) spin = spin + 1;
 }
 
 bool FaultInjector::LinkLimit(double* mbit, double* latency_ms) {

@@ -5,7 +5,10 @@
 // SPEC: items separated by ';', each KIND:key=value,key=value
 //   crash:rank=R,step=S               SIGKILL itself after its first micro-batch of step S
 //   hang:rank=R,step=S,secs=X         SIGSTOP itself there for X seconds (default 5; a helper SIGCONTs it)
-//   slow:rank=R,step=S,factor=F,steps=N   compute F times slower (default 3) for N steps (default 1000000)
+//   slow:rank=R,step=S,factor=F,steps=N,busy=B   compute F times slower (default 3) for N steps (default
+//                                     1000000): it waits (F-1) x its compute time after each micro-batch;
+//                                     busy=1 spins on the CPU instead of sleeping (a busy host: with more
+//                                     workers than cores, a sleep would hand its core to the others)
 //   stall:rank=R,step=S,secs=X        at step S, enter the gradient reduce but send nothing for X seconds
 //                                     (default 30): a collective that does not return while every process
 //                                     keeps heartbeating
@@ -51,6 +54,7 @@ struct FaultSpec {
   int64_t step = -1;
   double secs = 5;        // hang
   double factor = 3;      // slow
+  bool busy = false;      // slow: spin instead of sleeping
   int64_t steps = 1000000;
   bool then_kill = true;  // truncate-ckpt
   double mbit = 0, latency_ms = 0;  // link
@@ -82,6 +86,8 @@ class FaultInjector {
   bool CorruptGradient(int64_t step, float* grads, size_t n);  // nan
   bool FlipParamBit(int64_t step, float* params, size_t n);    // bitflip
   double SlowFactor(int64_t step);                             // slow (1 = normal)
+  // slow: waits (SlowFactor - 1) x compute_s, sleeping or (busy=1) spinning.
+  void SlowDown(int64_t step, double compute_s);
   bool StallCollective(int64_t step, double* secs);            // stall: for how long
   bool DeafCollective(int64_t step, double* secs);             // deaf: for how long
   double LossFactor(int64_t step);                             // spike (1 = normal)

@@ -833,8 +833,7 @@ void Trainer::Compute(const Plan& plan) {
       if (inject_) inject_->AfterMicroBatch(step);
     }
     if (inject_) {
-      const double f = inject_->SlowFactor(step);
-      if (f > 1) std::this_thread::sleep_for(std::chrono::duration<double>((f - 1) * Since(tm)));
+      inject_->SlowDown(step, Since(tm));
     }
   }
   // A member with nothing to compute still contributes its holdings (or zeros), bucket by bucket in the same
@@ -885,8 +884,7 @@ void Trainer::ComputeRound(const Plan& plan) {
       if (inject_) {  // faults are scheduled by global (inner) step
         inject_->CorruptGradient(s, grads_host_, P_);
         inject_->AfterMicroBatch(s);
-        const double factor = inject_->SlowFactor(s);
-        if (factor > 1) std::this_thread::sleep_for(std::chrono::duration<double>((factor - 1) * Since(tm)));
+        inject_->SlowDown(s, Since(tm));
       }
       micro_s += Since(tm);
       return loss;
