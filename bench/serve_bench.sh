@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # bench/serve_bench.sh: keel serve's decode speed and behaviour under load, on one model and prompt, in one run.
-#   1. single-stream decode tokens/s: keel serve (f32 weights, and --dtype f16) vs a KV-cached PyTorch
-#      implementation of the same model (bench/serve_bench_torch.py, same thread count) and, when LLAMA_CPP_BIN
-#      points at llama.cpp's llama-bench or llama-cli, vs llama.cpp running keel's own GGUF exports (f32 and f16)
-#      of the model. Never downloads or builds llama.cpp.
+#   1. single-stream decode tokens/s, in process (keel sample --timings: keel serve's engine and kernels without
+#      HTTP) against a KV-cached PyTorch implementation of the same model (bench/serve_bench_torch.py, same
+#      thread count) and, when LLAMA_CPP_BIN points at llama.cpp's llama-bench or llama-cli, llama.cpp running
+#      keel's own GGUF exports (f32 and f16) of the model — ROUNDS (default 3) rounds taken in turn, medians —
+#      then keel serve over HTTP (f32 and --dtype f16). Never downloads or builds llama.cpp.
 #   2. aggregate generated tokens/s and p50/p99 time-to-first-token with 1, 4 and 16 concurrent streaming clients
 #      (keel serve --parallel 16; each client sends REQS requests back to back, temperature 0.8).
 # Prints Markdown tables.
@@ -59,23 +60,18 @@ stop_server() {
   SERVER_PID=""
 }
 
-echo "single-stream decode (f16 weights)..." >&2
+echo "single-stream decode over HTTP (f16 weights)..." >&2
 start_server --parallel 16 --dtype f16
 KEEL_SINGLE16=$($PY bench/serve_bench_client.py single --port "$PORT" --prompt-ids "$IDS" --tokens "$TOKENS")
 stop_server
-echo "single-stream decode (f32)..." >&2
-start_server --parallel 16
-KEEL_SINGLE=$($PY bench/serve_bench_client.py single --port "$PORT" --prompt-ids "$IDS" --tokens "$TOKENS")
-TORCH_SINGLE=$($PY bench/serve_bench_torch.py "$CKPT" --prompt-ids "$IDS" --tokens "$TOKENS" --threads "$THREADS" \
-  --vocab-limit 256 2>/dev/null | tail -n 1)
 
 # llama.cpp decode rate on keel's GGUF export of the same checkpoint at weight dtype $1 (f32 or f16).
 llama_rate() {
-  $KEEL export "$CKPT" --format gguf --dtype "$1" --out "$WORK/model-$1.gguf" >"$WORK/export.log" 2>&1 ||
-    { cat "$WORK/export.log" >&2; return 1; }
+  [ -f "$WORK/model-$1.gguf" ] || $KEEL export "$CKPT" --format gguf --dtype "$1" --out "$WORK/model-$1.gguf" \
+    >"$WORK/export.log" 2>&1 || { cat "$WORK/export.log" >&2; return 1; }
   case "$(basename "$LLAMA_CPP_BIN")" in
     *bench*)
-      "$LLAMA_CPP_BIN" -m "$WORK/model-$1.gguf" -p 0 -n "$TOKENS" -t "$THREADS" -r 3 -o json 2>/dev/null |
+      "$LLAMA_CPP_BIN" -m "$WORK/model-$1.gguf" -p 0 -n "$TOKENS" -t "$THREADS" -r 1 -o json 2>/dev/null |
         $PY -c "import json,sys; r=[x for x in json.load(sys.stdin) if x.get('n_gen',0)>0]; print(r[0]['avg_ts'])"
       ;;
     *)
@@ -89,12 +85,32 @@ llama_rate() {
       ;;
   esac
 }
-LLAMA="" LLAMA16=""
-if [ -n "${LLAMA_CPP_BIN:-}" ]; then
-  echo "llama.cpp ($LLAMA_CPP_BIN)..." >&2
-  LLAMA=$(llama_rate f32)
-  LLAMA16=$(llama_rate f16)
-fi
+# keel's decode rate in process (keel sample --timings: the same engine and kernels as keel serve, no HTTP), as
+# llama-bench and the PyTorch script measure theirs.
+keel_rate() {
+  $KEEL sample --ckpt "$CKPT" --prompt "$PROMPT" -n "$TOKENS" --temperature 0 --ignore-eos --threads "$THREADS" \
+    --dtype "$1" --timings 2>&1 >/dev/null | sed -n 's/.*= \([0-9.]*\) tokens\/s$/\1/p'
+}
+# In-process rates, ROUNDS rounds in turn (keel, llama.cpp, PyTorch), so that drift in the machine's memory
+# bandwidth (it moves by 10-20 % over minutes on a shared host) hits every implementation alike; medians reported.
+ROUNDS=${ROUNDS:-3}
+KEEL_IN=() KEEL_IN16=() LLAMA=() LLAMA16=() TORCH=()
+for round in $(seq 1 "$ROUNDS"); do
+  echo "in-process single-stream decode, round $round of $ROUNDS..." >&2
+  KEEL_IN+=("$(keel_rate f32)")
+  KEEL_IN16+=("$(keel_rate f16)")
+  if [ -n "${LLAMA_CPP_BIN:-}" ]; then
+    LLAMA+=("$(llama_rate f32)")
+    LLAMA16+=("$(llama_rate f16)")
+  fi
+  TORCH+=("$($PY bench/serve_bench_torch.py "$CKPT" --prompt-ids "$IDS" --tokens "$TOKENS" --threads "$THREADS" \
+    --vocab-limit 256 2>/dev/null | tail -n 1)")
+done
+join() { local IFS=,; echo "$*"; }
+
+echo "single-stream decode over HTTP (f32)..." >&2
+start_server --parallel 16
+KEEL_SINGLE=$($PY bench/serve_bench_client.py single --port "$PORT" --prompt-ids "$IDS" --tokens "$TOKENS")
 
 echo "load: 1, 4, 16 clients..." >&2
 LOADS=()
@@ -104,29 +120,41 @@ for c in 1 4 16; do
 done
 stop_server
 
-$PY - "$THREADS" "$TOKENS" "$LAYERS/$HEADS/$DIM ctx $CTX vocab $VOCAB" "$KEEL_SINGLE" "$TORCH_SINGLE" \
-  "${LLAMA:-}" "$LOAD_TOKENS" "$REQS" "$KEEL_SINGLE16" "${LLAMA16:-}" "${LOADS[@]}" <<'PY'
-import json, platform, subprocess, sys
-threads, tokens, shape, keel, torch_r, llama, load_tokens, reqs, keel16, llama16 = sys.argv[1:11]
-loads = [json.loads(x) for x in sys.argv[11:]]
-k, t, k16 = json.loads(keel), json.loads(torch_r), json.loads(keel16)
+$PY - "$THREADS" "$TOKENS" "$LAYERS/$HEADS/$DIM ctx $CTX vocab $VOCAB" "$KEEL_SINGLE" "$(join "${TORCH[@]}")" \
+  "$(join "${LLAMA[@]}")" "$LOAD_TOKENS" "$REQS" "$KEEL_SINGLE16" "$(join "${LLAMA16[@]}")" "$(join "${KEEL_IN[@]}")" \
+  "$(join "${KEEL_IN16[@]}")" "${LOADS[@]}" <<'PY'
+import json, platform, statistics, subprocess, sys
+threads, tokens, shape, keel, torch_r, llama, load_tokens, reqs, keel16, llama16, kin, kin16 = sys.argv[1:13]
+loads = [json.loads(x) for x in sys.argv[13:]]
+k, k16 = json.loads(keel), json.loads(keel16)
+torch_runs = [json.loads(x) for x in torch_r.replace("},{", "}\n{").splitlines() if x.strip()]
+rates = lambda s: [float(x) for x in s.split(",") if x.strip()]
+med = lambda xs: statistics.median(xs) if xs else None
+show = lambda xs: " / ".join(f"{x:.1f}" for x in xs)
+t = {"decode_tok_s": med([r["decode_tok_s"] for r in torch_runs]), "torch": torch_runs[0]["torch"]}
+ki, ki16, ll, ll16 = med(rates(kin)), med(rates(kin16)), med(rates(llama)), med(rates(llama16))
 cpu = subprocess.run(["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True, text=True).stdout.strip()
 print(f"keel serve benchmark: {shape} (byte tokenizer), {threads} threads, {cpu}, PyTorch {t['torch']}")
 print()
-print(f"Single-stream greedy decode, 32-token prompt, {tokens} new tokens (decode steps only):")
+print(f"Single-stream greedy decode, 32-token prompt, {tokens} new tokens (decode steps only). In process: median of"
+      f" {len(rates(kin))} rounds taken in turn (each round's figures after the median):")
 print()
-print("| implementation | weights | decode tok/s | keel / it |")
-print("|---|---|---|---|")
+print("| implementation | weights | decode tok/s | rounds | keel / it |")
+print("|---|---|---|---|---|")
 kd, kd16 = k["decode_tok_s"], k16["decode_tok_s"]
-print(f"| keel serve (over HTTP) | f32 | {kd:.1f} | |")
-print(f"| keel serve --dtype f16 (over HTTP) | f16 | {kd16:.1f} | |")
-print(f"| PyTorch, KV cache (in process) | f32 | {t['decode_tok_s']:.1f} | {kd/t['decode_tok_s']:.2f}x (keel f32) |")
-if llama:
-    print(f"| llama.cpp, keel's GGUF export | f32 | {float(llama):.1f} | {kd/float(llama):.2f}x (keel f32) |")
-if llama16:
-    print(f"| llama.cpp, keel's GGUF export | f16 | {float(llama16):.1f} | {kd16/float(llama16):.2f}x (keel f16) |")
-if not llama:
-    print("| llama.cpp | | not run (set LLAMA_CPP_BIN) | |")
+tt = t["decode_tok_s"]
+print(f"| keel (in process: keel sample --timings) | f32 | {ki:.1f} | {show(rates(kin))} | |")
+print(f"| keel --dtype f16 (in process) | f16 | {ki16:.1f} | {show(rates(kin16))} | |")
+print(f"| PyTorch, KV cache (in process) | f32 | {tt:.1f} | {show([r['decode_tok_s'] for r in torch_runs])} |"
+      f" {ki/tt:.2f}x (keel f32), {ki16/tt:.2f}x (keel f16) |")
+if ll:
+    print(f"| llama.cpp (llama-bench), keel's GGUF export | f32 | {ll:.1f} | {show(rates(llama))} | {ki/ll:.2f}x (keel f32) |")
+if ll16:
+    print(f"| llama.cpp (llama-bench), keel's GGUF export | f16 | {ll16:.1f} | {show(rates(llama16))} | {ki16/ll16:.2f}x (keel f16) |")
+if not ll:
+    print("| llama.cpp | | not run (set LLAMA_CPP_BIN) | | |")
+print(f"| keel serve (over HTTP, streaming) | f32 | {kd:.1f} | 1 | {kd/tt:.2f}x PyTorch" + (f", {kd/ll:.2f}x llama.cpp |" if ll else " |"))
+print(f"| keel serve --dtype f16 (over HTTP) | f16 | {kd16:.1f} | 1 | {kd16/tt:.2f}x PyTorch" + (f", {kd16/ll16:.2f}x llama.cpp |" if ll16 else " |"))
 print()
 print(f"keel serve --parallel 16 under load: each client sends {reqs} streaming requests back to back "
       f"(32-token prompt, {load_tokens} new tokens, temperature 0.8):")

@@ -80,7 +80,7 @@ Result<std::vector<int32_t>> Generate(DecodeState& state, const Tokenizer& tok, 
   std::string text;
   while (static_cast<int>(out.size()) < o.max_new_tokens && pos < maxT) {
     int32_t next = SampleToken(logits->data(), V, o.sampling, rng);
-    if (next == tok.eos_id()) break;
+    if (next == tok.eos_id() && !o.ignore_eos) break;
     out.push_back(next);
     std::string piece = tok.DecodePiece(next);
     text += piece;

@@ -30,6 +30,7 @@ struct GenerateOptions {
   SamplingParams sampling;
   int max_new_tokens = 200;
   std::vector<std::string> stop;  // stop strings (generation ends before them)
+  bool ignore_eos = false;        // go on past the end-of-text token (benchmarks)
 };
 
 // Feeds `prompt` (at least one token) through the state's sequence slot 0, then generates. on_piece receives

@@ -1,4 +1,5 @@
 // cmd_sample.cc: `keel sample` — generate text from a checkpoint (or run directory) with a KV cache.
+#include <chrono>
 #include <cstdio>
 #include <thread>
 
@@ -17,7 +18,7 @@ int RunSample(int argc, char** argv) {
   std::string ckpt, prompt = "\n", device = "cpu";
   GenerateOptions g;
   int threads = 0, num_samples = 1;
-  bool print_ids = false;
+  bool print_ids = false, timings = false;
   CLI::App app("Generate text from a trained model.", "sample");
   app.add_option("--ckpt", ckpt,
                  "run directory (newest valid checkpoint), checkpoint directory, .gguf file or Hugging Face export "
@@ -35,6 +36,8 @@ int RunSample(int argc, char** argv) {
   std::string dtype = "f32";
   app.add_option("--dtype", dtype, "weights used for decoding: f32 or f16")->capture_default_str();
   app.add_flag("--print-token-ids", print_ids, "also print the prompt and generated token ids to stderr");
+  app.add_flag("--ignore-eos", g.ignore_eos, "do not stop at the end-of-text token");
+  app.add_flag("--timings", timings, "print prompt and decode speed (tokens/s) to stderr, as llama.cpp does");
   if (int rc = Parse(app, argc, argv); rc >= 0) return rc;
   if (auto s = ValidateSampling(g.sampling); !s.ok()) return Fail("sample", s);
   if (g.max_new_tokens < 0) return Fail("sample", InvalidArgument("-n must be >= 0"));
@@ -65,13 +68,26 @@ int RunSample(int argc, char** argv) {
     gs.sampling.seed = g.sampling.seed + static_cast<uint64_t>(s);
     if (num_samples > 1) std::printf("--- sample %d ---\n", s + 1);
     std::fwrite(prompt.data(), 1, prompt.size(), stdout);
-    auto out = Generate(**state, **tok, ids, gs, [](const std::string& piece) {
+    // Timings: the prompt phase ends when the first new token is out; each later token is one decode step.
+    using Clock = std::chrono::steady_clock;
+    const auto t0 = Clock::now();
+    Clock::time_point t_first, t_last;
+    int pieces = 0;
+    auto out = Generate(**state, **tok, ids, gs, [&](const std::string& piece) {
       std::fwrite(piece.data(), 1, piece.size(), stdout);
       std::fflush(stdout);
+      t_last = Clock::now();
+      if (pieces++ == 0) t_first = t_last;
       return true;
     });
     std::printf("\n");
     if (!out.ok()) return Fail("sample", out.status());
+    if (timings && pieces > 0) {
+      const double prompt_s = std::chrono::duration<double>(t_first - t0).count();
+      const double decode_s = std::chrono::duration<double>(t_last - t_first).count();
+      std::fprintf(stderr, "timings: prompt %zu tokens + first token in %.1f ms; decode %d tokens in %.3f s = %.2f tokens/s\n",
+                   ids.size(), prompt_s * 1e3, pieces - 1, decode_s, decode_s > 0 ? (pieces - 1) / decode_s : 0.0);
+    }
     if (print_ids) {
       std::string line = "prompt ids:";
       for (int32_t id : ids) line += " " + std::to_string(id);

@@ -6,7 +6,7 @@
 namespace keel::cpu {
 
 void EncoderForward(float* out, const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe, int B, int T, int C) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (static_cast<size_t>(B) * T * C >= 32768)
   for (int n = 0; n < B * T; ++n) {
     const float* te = wte + static_cast<size_t>(tokens[n]) * C;
     const float* pe = wpe + static_cast<size_t>(positions ? positions[n] : n % T) * C;

@@ -23,7 +23,8 @@ void AccumulateColumnSums(float* acc, const float* x, int N, int C) {
 void LayerNormForward(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b, int N,
                       int C) {
   const float eps = 1e-5f;
-#pragma omp parallel for schedule(static)
+  // A decode step's few rows: one thread (a fork/join costs more than normalising them).
+#pragma omp parallel for schedule(static) if (static_cast<size_t>(N) * C >= 32768)
   for (int n = 0; n < N; ++n) {
     const float* x = inp + static_cast<size_t>(n) * C;
     float m = 0.0f;

@@ -13,6 +13,7 @@ namespace keel::cpu {
 
 namespace {
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
+constexpr size_t kSerialBelow = 32768;             // fewer elements: one thread (decode steps)
 constexpr size_t kBlock = 4096;                    // elements per OpenMP work item (a multiple of kLanes)
 
 inline float GeluElem(float x) {
@@ -43,7 +44,8 @@ KEEL_VINLINE VecF GeluGradElem(VecF x) {
 
 void GeluForward(float* out, const float* inp, size_t n) {
   const size_t blocks = (n + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static)
+  // One block (a decode step's few rows): no fork/join, which costs more than the work.
+#pragma omp parallel for schedule(static) if (blocks > 1)
   for (size_t b = 0; b < blocks; ++b) {
     const size_t hi = std::min(n, (b + 1) * kBlock);
     size_t i = b * kBlock;
@@ -65,7 +67,7 @@ void GeluBackward(float* dinp, const float* inp, const float* dout, size_t n) {
 }
 
 void ResidualForward(float* out, const float* a, const float* b, size_t n) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if (n >= kSerialBelow)
   for (size_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
 }
 
