@@ -3,6 +3,8 @@
 // stop strings and UTF-8 hold-back, cancellation, the queue bound, and ParseCompletionRequest / the chat template.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <numeric>
 #include <cmath>
 
 #include "backend/backend.h"
@@ -294,6 +296,93 @@ TEST(ParseRequest, ChatTemplate) {
   EXPECT_EQ(stops, (std::vector<std::string>{"x", "\nUser:", "\nSystem:"}));
   // Responses serialise invalid UTF-8 as U+FFFD instead of throwing.
   EXPECT_EQ(DumpJson(nlohmann::json(std::string("a\xff"))), "\"a\xef\xbf\xbd\"");
+}
+
+// SampleToken against a plain reference (sort every token, keep the top k, then the top-p nucleus, draw along the
+// sorted order) for the same random draw: greedy, top-k only, top-p only (the widening sorted prefix, at GPT-2's
+// vocabulary with flat logits so the nucleus holds most tokens), both, and neither (id order, same distribution).
+int32_t ReferenceSample(const std::vector<float>& logits, const SamplingParams& p, uint64_t draw) {
+  const int V = static_cast<int>(logits.size());
+  const double u = static_cast<double>(draw >> 11) * (1.0 / 9007199254740992.0);
+  float mx = *std::max_element(logits.begin(), logits.end());
+  std::vector<int32_t> idx(static_cast<size_t>(V));
+  std::iota(idx.begin(), idx.end(), 0);
+  std::sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
+  const size_t k = p.top_k > 0 && p.top_k < V ? static_cast<size_t>(p.top_k) : static_cast<size_t>(V);
+  idx.resize(k);
+  auto weight = [&](int32_t i) { return std::exp(static_cast<double>(logits[i] - mx) / p.temperature); };
+  double total = 0;
+  if (k == static_cast<size_t>(V)) {
+    for (int i = 0; i < V; ++i) total += weight(i);
+  } else {
+    for (int32_t i : idx) total += weight(i);
+  }
+  size_t keep = k;
+  if (p.top_p < 1.0f) {
+    double cum = 0;
+    for (size_t i = 0; i < k; ++i) {
+      cum += weight(idx[i]);
+      if (cum / total >= p.top_p) {
+        keep = i + 1;
+        break;
+      }
+    }
+  } else if (k == static_cast<size_t>(V)) {
+    std::iota(idx.begin(), idx.end(), 0);  // no order needed without truncation: id order
+  }
+  idx.resize(keep);
+  double sum = 0;
+  for (int32_t i : idx) sum += weight(i);
+  double r = u * sum;
+  for (int32_t i : idx) {
+    r -= weight(i);
+    if (r < 0) return i;
+  }
+  return idx.back();
+}
+
+TEST(Sampling, MatchesAFullSortReference) {
+  Rng gen(3);
+  for (int V : {5, 300, 50257}) {
+    for (float spread : {0.05f, 3.0f}) {  // nearly flat (a huge nucleus) and peaked
+      std::vector<float> logits(static_cast<size_t>(V));
+      for (auto& x : logits) x = spread * gen.Normal();
+      for (SamplingParams p : {SamplingParams{0.0f, 0, 1.0f, 0}, SamplingParams{0.9f, 40, 1.0f, 0},
+                               SamplingParams{0.9f, 0, 0.95f, 0}, SamplingParams{1.3f, 200, 0.5f, 0},
+                               SamplingParams{1.0f, 0, 1.0f, 0}}) {
+        for (uint64_t seed = 1; seed <= 20; ++seed) {
+          Rng a(seed), b(seed);
+          const int32_t got = SampleToken(logits.data(), V, p, a);
+          if (p.temperature <= 0.0f) {
+            EXPECT_EQ(got, std::max_element(logits.begin(), logits.end()) - logits.begin());
+            continue;
+          }
+          EXPECT_EQ(got, ReferenceSample(logits, p, b.Next()))
+              << "V=" << V << " spread=" << spread << " top_k=" << p.top_k << " top_p=" << p.top_p << " seed=" << seed;
+        }
+      }
+    }
+  }
+}
+
+TEST(Sampling, FrequenciesFollowTheTruncatedSoftmax) {
+  // probabilities 0.5, 0.3, 0.15, 0.05 at temperature 1
+  const std::vector<float> logits = {std::log(0.5f), std::log(0.3f), std::log(0.15f), std::log(0.05f)};
+  auto freq = [&](SamplingParams p) {
+    std::vector<double> f(4, 0.0);
+    Rng rng(17);
+    const int n = 40000;
+    for (int i = 0; i < n; ++i) f[static_cast<size_t>(SampleToken(logits.data(), 4, p, rng))] += 1.0 / n;
+    return f;
+  };
+  auto all = freq(SamplingParams{1.0f, 0, 1.0f, 0});
+  EXPECT_NEAR(all[0], 0.5, 0.01);
+  EXPECT_NEAR(all[3], 0.05, 0.01);
+  auto nucleus = freq(SamplingParams{1.0f, 0, 0.7f, 0});  // 0.5 < 0.7 <= 0.8: tokens 0 and 1 only, 5:3
+  EXPECT_NEAR(nucleus[0], 0.625, 0.01);
+  EXPECT_EQ(nucleus[2] + nucleus[3], 0.0);
+  auto top1 = freq(SamplingParams{1.0f, 1, 1.0f, 0});
+  EXPECT_NEAR(top1[0], 1.0, 1e-9);  // a sum of 40000 x 1/40000
 }
 
 }  // namespace
