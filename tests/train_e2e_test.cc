@@ -146,5 +146,16 @@ TEST_F(TrainE2E, SampleFromRunWithKvCacheIsDeterministic) {
   EXPECT_GT(a.output.size(), 8u);
 }
 
+// --ignore-eos generates exactly -n tokens (context permitting: ctx 32 here) and --timings reports the decode rate.
+TEST_F(TrainE2E, SampleTimingsAndIgnoreEos) {
+  TempDir t;
+  ASSERT_EQ(RunKeel(Args(t / "run", 10)).exit_code, 0);
+  auto r = RunKeel("sample --ckpt " + t / "run" + " --prompt 'The ' -n 20 --temperature 0 --ignore-eos --timings --threads 1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("timings: prompt "), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("decode 19 tokens in "), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(" tokens/s"), std::string::npos) << r.output;
+}
+
 }  // namespace
 }  // namespace keel::testing
