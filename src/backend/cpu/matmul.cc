@@ -1,5 +1,6 @@
-// matmul.cc: the linear layer (out = inp @ W^T + b) and its backward, through OpenBLAS sgemm (sgemv for one row, a
-// weight-streaming kernel for 2-8 rows).
+// matmul.cc: the linear layer (out = inp @ W^T + b) and its backward, through OpenBLAS sgemm (1-16 rows, decode
+// steps: the weight-streaming kernels of skinny_matmul.h; without AVX2, sgemv for one row and a portable kernel
+// for 2-8 rows).
 //
 // Thread-count invariance: OpenBLAS's own threading changes the rounding of sgemm with the thread count (last-bit
 // differences once M*N*K > 2^18, measured in tests/ops_gradcheck_test.cc). keel therefore splits every product
@@ -115,8 +116,8 @@ void SkinnyMatmul(float* out, const float* inp, const float* w, const float* bia
 }  // namespace
 
 void MatmulForward(float* out, const float* inp, const float* w, const float* bias, int N, int IC, int OC) {
-  // 2..16 rows (batched decode steps): register-blocked weight streaming (skinny_matmul.h); the portable
-  // 8-row kernel below where the CPU lacks AVX2/FMA.
+  // 1..16 rows (decode steps): weight streaming (skinny_matmul.h); where the CPU lacks AVX2/FMA, sgemv for one
+  // row and the portable 8-row kernel above.
   if (N >= 1 && N <= skinny::kMaxRows && skinny::Supported()) return SkinnyMatmulT(out, inp, w, bias, N, IC, OC);
   if (N >= 2 && N <= kSkinnyMaxRows) return SkinnyMatmul(out, inp, w, bias, N, IC, OC);
   float beta = 0.0f;

@@ -2,11 +2,13 @@
 // W in fp32 or IEEE f16. Shared by matmul.cc (fp32) and matmul_half.cc (f16).
 //
 // Why not sgemm: at a handful of rows sgemm spends as long packing W as multiplying it, and W is read from
-// memory once per step anyway. Here each block of 4 weight rows is read once from memory and multiplied with
-// every input row while it sits in L1/L2; the micro-kernel keeps 4 weight rows x up to 3 input rows = 12
-// accumulators in registers, so each loaded (and, for f16, converted) weight vector feeds 3 FMAs and each input
-// vector 4. Output blocks are fixed by the shape (64 output channels per work item), and every output's sum runs
-// in a fixed order, so results do not depend on the thread count.
+// memory once per step anyway. One row is pure streaming (fp32: 8 weight rows at a time; f16: one at a time
+// with four accumulators, whichever measured faster). For several rows each block of 4 weight rows is read once
+// from memory and multiplied with every input row while it sits in L1/L2 (the next block is prefetched
+// meanwhile); the micro-kernel keeps 4 weight rows x up to 3 input rows = 12 accumulators in registers, so each
+// loaded (and, for f16, converted) weight vector feeds 3 FMAs and each input vector 4. Output blocks are fixed
+// by the shape (64 output channels per work item), and every output's sum runs in a fixed order, so results do
+// not depend on the thread count.
 #pragma once
 #include <immintrin.h>
 
