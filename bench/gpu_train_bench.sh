@@ -20,7 +20,8 @@ STEPS=${STEPS:-10}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}
 L=12 H=12 C=768 T=1024 V=50304
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+# BENCH_LOGS=DIR keeps the runs' logs (keel-*.log, torch.err) there.
+trap 'if [ -n "${BENCH_LOGS:-}" ]; then cp "$WORK"/*.log "$WORK"/torch.err "$BENCH_LOGS"/ 2>/dev/null || true; fi; rm -rf "$WORK"' EXIT
 
 printf 'the quick brown fox jumps over the lazy dog %s\n' $(seq 1 60000) > "$WORK/corpus.txt"
 $KEEL prepare --input "$WORK/corpus.txt" --out "$WORK/data" --tokenizer byte >/dev/null 2>&1
@@ -44,8 +45,10 @@ n, L, C, T, peak = (float(x) for x in sys.argv[2:])
 tps = statistics.median(r["tokens_per_s"] for r in rows)
 ms = statistics.median(r["step_ms"] for r in rows)
 mfu = (6 * n + 6 * L * C * T) * tps / (peak * 1e12)
+# Where a step's time goes (the trainer's phases: forward + backward + gradient rounding, vote, optimizer).
+phases = {k: statistics.median(r["phase_ms"][k] for r in rows) for k in rows[0].get("phase_ms", {})}
 print(json.dumps({"tokens_per_s": tps, "step_ms": ms, "mfu": mfu, "last_loss": rows[-1].get("loss"),
-                  "loss_finite": all(math.isfinite(r.get("loss", 0.0)) for r in rows)}))
+                  "loss_finite": all(math.isfinite(r.get("loss", 0.0)) for r in rows), "phase_ms": phases}))
 PY
 }
 
@@ -66,7 +69,9 @@ if "error" in r:
     print(f"| {label} | - | - | - | {r['error']} |")
 else:
     print(f"| {label} | {r['tokens_per_s']:.0f} | {r['step_ms']:.1f} | {100 * r['mfu']:.1f}% | "
-          f"last loss {r.get('last_loss')}, finite {r.get('loss_finite')} |")
+          f"last loss {r.get('last_loss'):.4f}, finite {r.get('loss_finite')}"
+          + ("; phases ms " + ", ".join(f"{k} {v:.1f}" for k, v in r["phase_ms"].items()) if r.get("phase_ms") else "")
+          + " |")
 PY
 }
 

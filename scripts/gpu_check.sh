@@ -16,7 +16,8 @@
 #                                              .git/info/exclude) — for GPU machines without keel's build
 #                                              dependencies (Gloo, sentencepiece, hiredis, httplib, OpenBLAS, GTest).
 # Device tool: run(command="bash scripts/gpu_check.sh", carry=["gpu_bundle"], timeout_s=570).
-# Env: SKIP_BENCH=1 skips stage 4; TRAIN_STEPS (300), SAMPLE_TOKENS (200).
+# Env: SKIP_BENCH=1 skips stage 4; TRAIN_STEPS (300), SAMPLE_TOKENS (200), BENCH_TIMEOUT (420 s); the bench's own
+# variables (B, STEPS, TORCH_SDPA, ...) pass through.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -187,7 +188,7 @@ stage "3 greedy sampling GPU vs CPU" "${res%% *}" "${res#* }"
 
 # ---- 4. benchmark -------------------------------------------------------------------------------------------------
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  if KEEL=$KEEL timeout 420 bash bench/gpu_train_bench.sh >"$OUTDIR/bench.md" 2>&1; then
+  if KEEL=$KEEL BENCH_LOGS=$OUTDIR timeout "${BENCH_TIMEOUT:-420}" bash bench/gpu_train_bench.sh >"$OUTDIR/bench.md" 2>&1; then
     stage "4 bench (GPT-2 124M)" INFO "see bench.md"
   else
     stage "4 bench (GPT-2 124M)" INFO "did not finish; see bench.md"

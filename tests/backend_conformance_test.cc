@@ -37,6 +37,7 @@
 #include "core/hash.h"
 #include "model/gpt.h"
 #include "model/gpt_config.h"
+#include "train/exact_sum.h"
 #ifdef KEEL_HAVE_CUDA
 #include "backend/cuda/cuda_backend.h"
 #endif
@@ -512,6 +513,30 @@ void Conformance::RunOps() {
     if (!ok) ++stats_.failed;
     if (cand_.cpu) EXPECT_EQ(got, want) << "sum_squares n=" << n;
     else EXPECT_LT(rel, 1e-10) << "sum_squares n=" << n;
+  }
+  // ---- round_through_fixed_point (device backends; the reference is train/exact_sum.h on the host) ----------
+  for (size_t n : {size_t{1}, size_t{1000}, (size_t{1} << 20) + 3}) {
+    // Magnitudes from 1e-15 (below the 2^-40 resolution) to 1e6 (past the 2^16 clamp), both signs, ties
+    // (odd multiples of 2^-41), -0.0, and non-finite values that must be counted and left alone.
+    std::vector<float> x = g.N(n);
+    for (size_t i = 0; i < n; ++i) x[i] *= std::pow(10.0f, static_cast<float>(static_cast<int>(g.rng.Below(22)) - 15));
+    const float special[] = {std::ldexp(3.0f, -41), -std::ldexp(5.0f, -41), -0.0f, -3e-13f, 7e4f, -1e9f,
+                             std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                             -std::numeric_limits<float>::infinity()};
+    for (size_t k = 0; k < std::size(special) && k < n; ++k) x[(k * 7919) % n] = special[k];
+    Check("round_through_fixed_point" + Shape({{"n", static_cast<long long>(n)}}), [&](Backend* be) {
+      Dev d(be, x);
+      size_t bad = 0;
+      if (be->SupportsOp(Op::kRoundThroughFixedPoint)) {
+        auto r = be->RoundThroughFixedPoint(d, n);
+        if (!r.ok()) throw std::runtime_error(r.status().ToString());
+        bad = r.value();
+      } else {
+        if (!be->host_memory()) throw std::runtime_error(be->Name() + ": no round_through_fixed_point");
+        bad = RoundThroughFixedPoint(d, n);  // host memory: the host function is the op
+      }
+      return Outs{{"rounded", d.Host(), Cls::kExact}, {"non-finite count", {static_cast<float>(bad)}, Cls::kExact}};
+    });
   }
 }
 

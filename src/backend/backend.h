@@ -35,6 +35,7 @@ enum class Op {
   kSoftmaxCrossEntropyForward, kSoftmaxCrossEntropyBackward, kSoftmaxForward,
   kAdamW,
   kMatmulForwardHalf,
+  kRoundThroughFixedPoint,  // device-memory backends only (host memory: train/exact_sum.h directly)
   kCount
 };
 const char* OpName(Op op);
@@ -129,6 +130,15 @@ class Backend {
                      const AdamWParams& p) = 0;
   // Sum of squares of x in double (for gradient-norm clipping); deterministic for a given n.
   virtual double SumSquares(const float* x, size_t n) = 0;
+  // Rounds every finite x[i] in place through keel's fixed-point gradient format, bit for bit as
+  // RoundThroughFixedPoint (train/exact_sum.h) does on the host, and returns how many elements are not finite
+  // (left unchanged). Lets a one-worker deterministic step keep its gradient on the device instead of copying
+  // it to the host and back. Only where SupportsOp(Op::kRoundThroughFixedPoint); errors as Sync().
+  virtual Result<size_t> RoundThroughFixedPoint(float* x, size_t n) {
+    (void)x;
+    (void)n;
+    return Unavailable(Name() + " backend: round_through_fixed_point is not supported");
+  }
 };
 
 // The CPU reference backend (OpenBLAS GEMM + OpenMP elementwise ops).

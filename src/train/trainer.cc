@@ -69,21 +69,40 @@ Status ValidateTrainOptions(const TrainOptions& o) {
   return Status::Ok();
 }
 
-double MeasureGemmPeakGflops() {
-  // Through the CPU backend's own (tiled, multi-threaded) GEMM: the peak keel's kernels can reach here.
-  const int n = 1024;
-  auto be = MakeCpuBackend(omp_get_max_threads());
-  std::vector<float> a(static_cast<size_t>(n) * n, 0.5f), b(a), c(a.size());
-  be->MatmulForward(c.data(), a.data(), b.data(), nullptr, n, n, n);
-  // The best of several short trials: on a shared machine one slow trial would make every MFU look too high.
-  double best = 0;
-  for (int trial = 0; trial < 5; ++trial) {
-    auto t0 = std::chrono::steady_clock::now();
-    const int reps = 2;
-    for (int i = 0; i < reps; ++i) be->MatmulForward(c.data(), a.data(), b.data(), nullptr, n, n, n);
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, 2.0 * n * n * n * reps / s / 1e9);
+double MeasureGemmPeakGflops(Backend* device) {
+  // Through the backend's own GEMM (the CPU's tiled, multi-threaded one by default): the peak keel's kernels
+  // can reach here. A device backend gets a larger product (1024^3 is a few microseconds on a GPU) and is
+  // synchronised before the clock is read.
+  std::unique_ptr<Backend> cpu;
+  Backend* be = device;
+  if (!be) {
+    cpu = MakeCpuBackend(omp_get_max_threads());
+    be = cpu.get();
   }
+  const bool host = be->host_memory();
+  const int n = host ? 1024 : 4096, reps = host ? 2 : 10;
+  const size_t nn = static_cast<size_t>(n) * n;
+  std::vector<float> init(nn);
+  for (size_t i = 0; i < nn; ++i) init[i] = 0.25f + static_cast<float>((i * 2654435761u) % 1000) * 1e-3f;  // not zeros
+  float *a = nullptr, *b = nullptr, *c = nullptr;
+  auto ra = be->Alloc(nn), rb = be->Alloc(nn), rc = be->Alloc(nn);
+  double best = 0;
+  if (ra.ok() && rb.ok() && rc.ok()) {
+    a = *ra, b = *rb, c = *rc;
+    be->Upload(a, init.data(), nn);
+    be->Upload(b, init.data(), nn);
+    be->MatmulForward(c, a, b, nullptr, n, n, n);
+    // The best of several short trials: on a shared machine one slow trial would make every MFU look too high.
+    for (int trial = 0; trial < 5 && be->Sync().ok(); ++trial) {
+      auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < reps; ++i) be->MatmulForward(c, a, b, nullptr, n, n, n);
+      if (!be->Sync().ok()) break;
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      best = std::max(best, 2.0 * n * n * static_cast<double>(n) * reps / s / 1e9);
+    }
+  }
+  for (auto* r : {&ra, &rb, &rc})
+    if (r->ok()) be->Free(r->value());
   return best;
 }
 
@@ -186,6 +205,7 @@ class Trainer {
   std::shared_ptr<std::vector<int64_t>> red_ = std::make_shared<std::vector<int64_t>>();
   std::shared_ptr<std::vector<float>> redf_ = std::make_shared<std::vector<float>>();
   bool in_place_ = false;        // one static member, one micro-batch: round the gradient in place (no buffers)
+  bool device_round_ = false;    // in_place_ on a device backend: round it on the device (no host round trip)
   // Slow links (docs/diloco.md): compression of the exchange (error feedback local to this member; the
   // decoded sum comes back in cred_), the diloco outer loop, and the byte meter every collective goes through.
   Codec codec_ = Codec::kNone;
@@ -456,7 +476,14 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
   // Launch rank 0 measures the GEMM peak (for MFU; alone, so the measurement is not shared with the others);
   // elastic members adopt the largest measurement in the group's state sync, whoever leads.
   const bool joiner = elastic_ && elastic_->joined_running_job();
-  peak_ = o_.peak_gflops > 0 ? o_.peak_gflops : (o_.launch_rank == 0 && !joiner ? MeasureGemmPeakGflops() : 0.0);
+  // A device backend (the GPU): its own GEMM's peak at the precision it runs.
+  peak_ = o_.peak_gflops > 0 ? o_.peak_gflops
+                             : (o_.launch_rank == 0 && !joiner ? MeasureGemmPeakGflops(host_ ? nullptr : backend_.get())
+                                                              : 0.0);
+  // One worker, one micro-batch, deterministic, on a device: the gradient is rounded where it lies (no 2 x P
+  // floats through the host per step). Fault injection and cross-checks read the gradient on the host.
+  device_round_ = in_place_ && !host_ && !inject_ && o_.verify_fraction <= 0 &&
+                  backend_->SupportsOp(Op::kRoundThroughFixedPoint);
   if (o_.launch_rank == 0 && !(elastic_ && elastic_->joined_running_job()))
     log_("model: " + std::to_string(o_.model.layers) + " layers, " + std::to_string(o_.model.heads) + " heads, dim " +
          std::to_string(o_.model.dim) + ", ctx " + std::to_string(T_) + ", vocab " + std::to_string(o_.model.vocab) +
@@ -809,13 +836,19 @@ void Trainer::Compute(const Plan& plan) {
       });
     } else {
       model_->Backward();
-      float* g = host_grads(0, P_);
-      if (t.sum && inject_ && first_sum) inject_->CorruptGradient(step, g, P_);
-      if (t.hash) verify_hashes_.push_back({t.micro, Hash64(g, P_ * sizeof(float))});
-      if (t.sum) {
-        if (in_place_) nonfinite += RoundThroughFixedPoint(g, P_);
-        else if (o_.deterministic) nonfinite += AddFixedPoint(acc_.data(), g, P_);
-        else nonfinite += CountNonFinite(g, P_);
+      if (device_round_ && t.sum && !t.hash) {
+        // A device error counts as a bad micro-batch here (the update is skipped); it surfaces at the next Sync.
+        auto r = backend_->RoundThroughFixedPoint(model_->grads(), P_);
+        nonfinite += r.ok() ? r.value() : 1;
+      } else {
+        float* g = host_grads(0, P_);
+        if (t.sum && inject_ && first_sum) inject_->CorruptGradient(step, g, P_);
+        if (t.hash) verify_hashes_.push_back({t.micro, Hash64(g, P_ * sizeof(float))});
+        if (t.sum) {
+          if (in_place_) nonfinite += RoundThroughFixedPoint(g, P_);
+          else if (o_.deterministic) nonfinite += AddFixedPoint(acc_.data(), g, P_);
+          else nonfinite += CountNonFinite(g, P_);
+        }
       }
     }
     if (t.hash && overlap && t.sum && static_cast<int>(k) == last_sum)
@@ -948,7 +981,9 @@ Result<VoteOutcome> Trainer::VoteOnStep(std::vector<VoteRecord>* records) {
   r.gen = gen_no_;
   r.epoch = epoch_;
   r.step = step_;
-  r.params_hash = ParamsHash();
+  // Compared between members only (elastic/quorum.cc): one member alone skips hashing P floats (and, on a
+  // device, copying them to the host) every step.
+  r.params_hash = size_ > 1 ? ParamsHash() : 0;
   r.committed_hash = committed_hash_;
   r.state_hash = CheckStep() ? StateHash() : 0;
   r.held = held_;
@@ -1098,7 +1133,7 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
       for (size_t j = 0; j < P_; ++j) grads_host_[j] = src[j] * inv;
     }
     if (!diloco_) {
-      if (!host_) backend_->Upload(model_->grads(), grads_host_, P_);
+      if (!host_ && !device_round_) backend_->Upload(model_->grads(), grads_host_, P_);
       gnorm = OptimizerStep(optim_kind_, adam_.get(), model_->params(), model_->grads(), model_->tensors(), step_,
                             o_.optim);
     }

@@ -90,7 +90,8 @@ class ElasticGroup;
 Result<TrainResult> TrainElastic(const TrainOptions& o, ElasticGroup* group, const std::atomic<bool>* stop = nullptr,
                                  const std::function<void(const std::string&)>& log = nullptr);
 
-// sgemm GFLOP/s on this machine with the current thread count (a short measurement, ~0.1 s).
-double MeasureGemmPeakGflops();
+// GEMM GFLOP/s through `device` (a backend whose memory may be a GPU's), or when null through the CPU backend
+// with the current thread count; 0 if the measurement failed. A short measurement (~0.1 s).
+double MeasureGemmPeakGflops(Backend* device = nullptr);
 
 }  // namespace keel

@@ -18,7 +18,7 @@ const char* OpName(Op op) {
                                  "matmul_forward", "matmul_backward", "attention_forward", "attention_backward",
                                  "attention_decode", "gelu_forward", "gelu_backward", "residual_forward",
                                  "softmax_xent_forward", "softmax_xent_backward", "softmax_forward", "adamw",
-                                 "matmul_forward_half"};
+                                 "matmul_forward_half", "round_through_fixed_point"};
   static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<size_t>(Op::kCount));
   return kNames[static_cast<int>(op)];
 }
@@ -42,7 +42,8 @@ class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(int threads) { SetThreads(threads); }
   std::string Name() const override { return "cpu"; }
-  bool SupportsOp(Op op) const override { return op != Op::kCount; }
+  // Host memory: callers round gradients with train/exact_sum.h in place (no RoundThroughFixedPoint here).
+  bool SupportsOp(Op op) const override { return op != Op::kCount && op != Op::kRoundThroughFixedPoint; }
   bool host_memory() const override { return true; }
   void SetThreads(int n) override {
     if (n < 1) n = 1;

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "backend/cuda/cuda_ops.h"
+#include "train/exact_sum.h"  // kFixedFractionBits (RoundThroughFixedPoint matches the host rounding)
 
 namespace keel {
 
@@ -362,6 +363,19 @@ class CudaBackend final : public Backend {
     double total = 0.0;
     for (double v : host_partials_) total += v;
     return total;
+  }
+
+  Result<size_t> RoundThroughFixedPoint(float* x, size_t n) override {
+    if (!Enter()) return error_;
+    auto* d = static_cast<unsigned long long*>(ScratchAux(sizeof(unsigned long long)));
+    if (!d) return error_;
+    unsigned long long bad = 0;
+    if (!Check(cuda::RoundThroughFixedPoint(x, n, kFixedFractionBits, d, stream_), "round_through_fixed_point") ||
+        !Check(cudaMemcpyAsync(&bad, d, sizeof(bad), cudaMemcpyDeviceToHost, stream_),
+               "round_through_fixed_point (download)") ||
+        !Check(cudaStreamSynchronize(stream_), "round_through_fixed_point (synchronize)"))
+      return error_;
+    return static_cast<size_t>(bad);
   }
 
  private:

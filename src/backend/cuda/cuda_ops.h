@@ -65,4 +65,9 @@ constexpr size_t kSumSquaresChunk = size_t{1} << 16;
 inline size_t SumSquaresChunks(size_t n) { return (n + kSumSquaresChunk - 1) / kSumSquaresChunk; }
 cudaError_t SumSquaresPartials(double* partial, const float* x, size_t n, cudaStream_t stream);
 
+// fixed_point.cu: Backend::RoundThroughFixedPoint with 2^-fraction_bits resolution; *nonfinite (device) receives
+// the number of non-finite elements (zeroed first, on `stream`).
+cudaError_t RoundThroughFixedPoint(float* g, size_t n, int fraction_bits, unsigned long long* nonfinite,
+                                   cudaStream_t stream);
+
 }  // namespace keel::cuda
