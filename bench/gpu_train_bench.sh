@@ -8,8 +8,8 @@
 #                                                         TORCH_SDPA=1 adds a PyTorch row with flash attention)
 # Rows: keel fp32 (plain fp32 GEMMs), keel with KEEL_CUDA_MATMUL=bf16 (fp32 buffers, bf16 tensor-core GEMMs),
 # PyTorch torch.compile + bf16 autocast of bench/torch_gpt.py (bench/gpu_train_bench.py), same B and T.
-# keel's step includes the trainer's host work (gradients are downloaded, reduced in fixed point on the host and
-# uploaded each step: src/train/trainer.cc); the table shows the whole step as a user sees it.
+# keel's step is the whole trainer step as a user sees it (one worker, one micro-batch: the gradient is rounded on
+# the device; the notes column shows the trainer's phases, median ms).
 # Not a test: figures vary with the machine. Needs a GPU, keel built with KEEL_CUDA=ON, and PyTorch with CUDA.
 set -euo pipefail
 cd "$(dirname "$0")/.."

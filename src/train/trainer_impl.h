@@ -1,0 +1,221 @@
+// trainer_impl.h: the Trainer class — one worker's training loop, organised around the step protocol of
+// docs/step-protocol.md — shared by the files that implement it: trainer.cc (set-up, the loop, the quorum),
+// trainer_step.cc (compute, reduce, vote, apply, metrics and checkpoints after a commit) and trainer_state.cc
+// (hashes, snapshots, state transfer between members). Internal to the trainer: the public entry points are
+// Train / TrainElastic in train/trainer.h. Not thread-safe: one Trainer per worker, driven by one thread
+// (its collectives run on the BucketReducer's communication thread).
+#pragma once
+#include "train/trainer.h"
+
+#include <omp.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/env.h"
+#include "core/hash.h"
+#include "data/dataset.h"
+#include "dist/compress.h"
+#include "dist/link_emulation.h"
+#include "elastic/events.h"
+#include "elastic/fault_inject.h"
+#include "elastic/membership.h"
+#include "elastic/quorum.h"
+#include "model/gpt.h"
+#include "train/bucket_reducer.h"
+#include "train/checkpoint_io.h"
+#include "train/diloco.h"
+#include "train/trainer_support.h"
+#include "train/exact_sum.h"
+
+namespace keel::trainer_support {
+
+// ---------------------------------------------------------------------------------------------------------
+// Trainer: one worker's training, step by step.
+
+class Trainer {
+ public:
+  Trainer(const TrainOptions& o, const std::atomic<bool>* stop, std::function<void(const std::string&)> log)
+      : o_(o), stop_(stop), log_(log ? std::move(log) : DefaultLog) {}
+
+  Result<TrainResult> Run(Communicator* static_comm, ElasticGroup* elastic);
+
+ private:
+  // Set-up.
+  Status Open();
+  Status InspectRunDir();
+  Status LoadInitialState();
+  Status LoadStateFromDisk();
+  void EnsureRunDir();
+
+  // The step protocol.
+  Result<bool> RunStep();
+  Result<bool> Quorum();
+  struct Plan {
+    int attempt = 0;
+    MicroSet mine;
+    std::vector<VerifyTask> verify;
+    std::vector<MicroSet> assigned;
+  };
+  Plan MakePlan(int attempt);
+  void Compute(const Plan& plan);
+  void ComputeRound(const Plan& plan);  // diloco: the inner phase (train/diloco.h)
+  void SubmitCompressed(size_t off, size_t count, const float* g);
+  std::shared_ptr<Communicator> Meter(std::shared_ptr<Communicator> c);
+  // The step counter passed a multiple of `every` with the last commit (a diloco round advances it by H).
+  bool Crossed(int64_t every) const { return every > 0 && step_ / every != (step_ - last_advance_) / every; }
+  Status FinishReduce();
+  Result<VoteOutcome> VoteOnStep(std::vector<VoteRecord>* records);
+  Status Abort(const VoteOutcome& v, const std::vector<VoteRecord>& records, int attempt);
+  double Apply(const VoteOutcome& v, const std::vector<VoteRecord>& records);
+  Result<bool> AfterCommit(const VoteOutcome& v, double gnorm, double dt, int attempts);
+  Status GroupFailed(const Status& why);
+  // Runs a collective on the communication thread; elastic members give up on it (kAborted) when the watchdog
+  // aborted the group and it still has not returned shortly after.
+  Status Collective(std::function<Status(Communicator*)> op);
+  std::function<bool()> GiveUp();
+
+  // State.
+  Status SyncState(int depth = 0);
+  Status TransferState(int source, const std::vector<int>& receivers, uint64_t expect_hash, const std::string& why);
+  nlohmann::json AuxJson() const;
+  void InstallAux(const nlohmann::json& a);
+  uint64_t ParamsHash();
+  uint64_t StateHash();
+  void TakeSnapshot();
+  bool RestoreSnapshot();
+  void ClearHoldings();
+  bool CheckStep() const { return o_.check_every > 0 && step_ % o_.check_every == 0; }
+  float* Params() { return model_->params(); }
+  // Host copies of the three state buffers (the backend's own when host memory).
+  void StateToHost(std::vector<float>* p, std::vector<float>* m, std::vector<float>* v);
+  void StateFromHost(const float* p, const float* m, const float* v);
+  bool leader() const { return index_ == 0; }
+  void Emit(const std::string& event, nlohmann::json fields = nlohmann::json::object());
+  SnapshotView CheckpointView(int64_t next_step);
+
+  TrainOptions o_;
+  const std::atomic<bool>* stop_;
+  std::function<void(const std::string&)> log_;
+  Env* env_ = DefaultEnv();
+
+  std::optional<Dataset> data_;
+  std::string tokenizer_bytes_;
+  std::string run_json_path_;
+  bool resuming_ = false;
+  TrainingSnapshot resume_snap_;
+  int64_t start_step_ = 0;
+  int64_t resume_data_offset_ = 0;
+
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<GptModel> model_;
+  std::unique_ptr<AdamW> adam_;
+  size_t P_ = 0;
+  int B_ = 0, T_ = 0, M_ = 1;
+  bool host_ = true;
+  std::vector<float> staging_;   // host gradients when the backend's memory is not host memory
+  float* grads_host_ = nullptr;
+  std::vector<int32_t> inputs_, targets_;
+  // Deterministic mode: acc_ = this member's sum of its held micro-batches (fixed point); red_ = the copy that
+  // is allreduced in place (so a failed reduce leaves the holdings intact). Fast mode: the model's gradient
+  // buffer accumulates the holdings; redf_ is the copy allreduced.
+  // The reduce copies are shared with the communication thread: one a given-up collective may still write
+  // into stays with it, and the next group gets fresh ones.
+  std::vector<int64_t> acc_;
+  std::shared_ptr<std::vector<int64_t>> red_ = std::make_shared<std::vector<int64_t>>();
+  std::shared_ptr<std::vector<float>> redf_ = std::make_shared<std::vector<float>>();
+  bool in_place_ = false;        // one static member, one micro-batch: round the gradient in place (no buffers)
+  bool device_round_ = false;    // in_place_ on a device backend: round it on the device (no host round trip)
+  // Slow links (docs/diloco.md): compression of the exchange (error feedback local to this member; the
+  // decoded sum comes back in cred_), the diloco outer loop, and the byte meter every collective goes through.
+  Codec codec_ = Codec::kNone;
+  OptimizerKind optim_kind_ = OptimizerKind::kAdamW;
+  std::shared_ptr<ErrorFeedback> ef_ = std::make_shared<ErrorFeedback>();
+  std::shared_ptr<std::vector<float>> cred_ = std::make_shared<std::vector<float>>();
+  std::unique_ptr<Diloco> diloco_;
+  std::shared_ptr<WireStats> wire_ = std::make_shared<WireStats>();
+  LinkLimit link_;
+  uint64_t wire_mark_ = 0;       // wire_->bytes_sent at the last commit
+  int64_t last_advance_ = 1;     // steps the last commit advanced (diloco: the round's inner steps)
+
+  // The training state every member agrees on (it travels with state transfers; hashed into StateHash).
+  bool has_state_ = false;
+  uint64_t committed_hash_ = 0;  // ParamsHash() when this member last committed or installed state (elastic; 0: unknown)
+  int64_t step_ = 0, epoch_ = 0, data_offset_ = 0;
+  double loss_mean_ = 0, loss_var_ = 0;
+  int64_t loss_n_ = 0;
+  StrikeBook strikes_;
+  std::map<int64_t, double> speed_;     // uid -> running seconds per micro-batch (straggler shares)
+  std::map<int64_t, int> slow_streak_;  // uid -> consecutive steps beyond --straggler-evict
+  std::vector<std::pair<int, int64_t>> data_bad_;  // this step's non-finite (micro-batch, uid) results
+
+  // Holdings: micro-batches of step held_step_ whose gradients are in acc_ (valid while params are unchanged).
+  MicroSet held_;
+  int64_t held_step_ = -1, held_epoch_ = -1;
+  double held_loss_[128] = {};
+  std::vector<MicroSet> group_held_;   // every member's holdings (agreed)
+  std::vector<MicroSet> avoid_;        // per member: micro-batches not to give it again this step
+  std::vector<int> last_counts_;       // the last full-step split (for the "shares" event)
+  // This attempt.
+  MicroSet bad_;
+  int computed_ = 0;
+  double compute_s_ = 0;
+  std::vector<std::pair<int, uint64_t>> verify_hashes_;
+
+  struct Snapshot {
+    bool valid = false;
+    int64_t step = 0, epoch = 0;
+    std::vector<float> p, m, v;
+    nlohmann::json aux;
+  } snap_;
+
+  // The group.
+  Communicator* static_comm_ = nullptr;
+  ElasticGroup* elastic_ = nullptr;
+  Generation gen_;
+  std::shared_ptr<Communicator> comm_sp_;  // shared with the communication thread (see BucketReducer)
+  Communicator* comm_ = nullptr;
+  int index_ = 0, size_ = 1;
+  int64_t gen_no_ = 0;
+  int64_t uid_ = 0;
+  std::vector<int64_t> members_;
+  bool need_group_ = true, voluntary_ = false, need_sync_ = true, finished_ = false;
+  std::unique_ptr<BucketReducer> reducer_;
+  std::unique_ptr<FaultInjector> inject_;
+  EventLog own_events_;
+  EventLog* events_ = &own_events_;  // the membership's when elastic (one identity, one file)
+  int64_t faults_pending_since_step_ = -1;  // a fault is being recovered from (for the "recovered" event)
+  double fault_t_ = 0;
+
+  // Output. The checkpoint copies outlive the writer (declared first, destroyed last).
+  std::vector<float> ckpt_p_, ckpt_m_, ckpt_v_;
+  std::unique_ptr<AsyncCheckpointer> ckpt_;
+  std::unique_ptr<std::ofstream> metrics_;
+  bool run_dir_ready_ = false;
+  double peak_ = 1;
+  double flops_per_token_ = 0;
+  int64_t tokens_per_step_ = 0;
+  TrainResult result_;
+  std::vector<double> phase_ms_;  // the committed attempt: compute, reduce wait, vote, apply
+  int64_t steps_this_run_ = 0;
+  double tokens_done_ = 0, loop_seconds_ = 0;
+  bool tty_ = false;
+  Clock::time_point t_start_ = Clock::now();
+};
+
+}  // namespace keel::trainer_support
