@@ -100,8 +100,8 @@ TEST(Gloo, TimeoutIsBoundedAndSticky) {
   TempDir t;
   auto store = Must(OpenFileStore(t / "job"));
   RunGroup(store, 2, 1.0, [&](int r, Communicator* c) {
-    if (r == 1) {  // never joins the allreduce; waits until rank 0 gave up
-      std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+    if (r == 1) {  // never joins the allreduce; waits until rank 0 gave up (with room for a loaded machine)
+      std::this_thread::sleep_for(std::chrono::milliseconds(4000));
       return;
     }
     int64_t x = 1;
@@ -109,11 +109,13 @@ TEST(Gloo, TimeoutIsBoundedAndSticky) {
     Status s = c->AllreduceSum(&x, 1);
     EXPECT_EQ(s.code(), Code::kTimeout) << s.message();
     EXPECT_NE(s.message().find("--comm-timeout"), std::string::npos) << s.message();
-    EXPECT_LT(Since(t0), 2.5);
+    EXPECT_LT(Since(t0), 3.5);
     EXPECT_GT(Since(t0), 0.5);
     t0 = std::chrono::steady_clock::now();
-    EXPECT_FALSE(c->Barrier().ok());  // sticky: fails at once
-    EXPECT_LT(Since(t0), 0.1);
+    EXPECT_FALSE(c->Barrier().ok());  // sticky: fails at once, not after another 1 s timeout
+    // Bounds with room for a loaded 2-core machine (this binary failed once under ctest -j2, not reproduced in 20
+    // runs; 0.1 s here and 2.5 s above were the tightest bounds in it): still far from a second timeout.
+    EXPECT_LT(Since(t0), 0.5);
   });
 }
 

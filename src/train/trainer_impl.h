@@ -100,6 +100,7 @@ class Trainer {
   void TakeSnapshot();
   bool RestoreSnapshot();
   void ClearHoldings();
+  void BeginCompute();
   bool CheckStep() const { return o_.check_every > 0 && step_ % o_.check_every == 0; }
   float* Params() { return model_->params(); }
   // Host copies of the three state buffers (the backend's own when host memory).

@@ -57,14 +57,7 @@ void Trainer::Compute(const Plan& plan) {
   const auto t0 = Clock::now();
   const int64_t step = step_;
   const int64_t data_step = step_ + data_offset_;
-  bad_ = MicroSet{};
-  computed_ = 0;
-  verify_hashes_.clear();
-  if (held_step_ != step_ || held_epoch_ != epoch_) {
-    ClearHoldings();
-    held_step_ = step_;
-    held_epoch_ = epoch_;
-  }
+  BeginCompute();
   if (inject_) {
     ckpt_->WaitEncoded();
     inject_->FlipParamBit(step, Params(), host_ ? P_ : 0);
@@ -207,14 +200,7 @@ void Trainer::Compute(const Plan& plan) {
 // queued on the communication thread.
 void Trainer::ComputeRound(const Plan& plan) {
   const auto t0 = Clock::now();
-  bad_ = MicroSet{};
-  computed_ = 0;
-  verify_hashes_.clear();
-  if (held_step_ != step_ || held_epoch_ != epoch_) {
-    ClearHoldings();
-    held_step_ = step_;
-    held_epoch_ = epoch_;
-  }
+  BeginCompute();
   ckpt_->WaitEncoded();  // the inner steps modify parameters and moments a checkpoint may be encoding
   if (inject_) inject_->FlipParamBit(step_, Params(), P_);
   std::vector<int> micros;
@@ -272,6 +258,18 @@ void Trainer::SubmitCompressed(size_t off, size_t count, const float* g) {
 
 std::shared_ptr<Communicator> Trainer::Meter(std::shared_ptr<Communicator> c) {
   return MakeMeteredCommunicator(std::move(c), wire_, link_);
+}
+
+// The per-attempt compute records start empty; holdings from another step or epoch are dropped.
+void Trainer::BeginCompute() {
+  bad_ = MicroSet{};
+  computed_ = 0;
+  verify_hashes_.clear();
+  if (held_step_ != step_ || held_epoch_ != epoch_) {
+    ClearHoldings();
+    held_step_ = step_;
+    held_epoch_ = epoch_;
+  }
 }
 
 void Trainer::ClearHoldings() {
