@@ -125,6 +125,48 @@ TEST(CudaHost, OptionsFromEnvironment) {
     auto r = MakeBackend("cuda", 1);
     ASSERT_FALSE(r.ok());
   }
+  for (auto [value, want] : {std::pair{"0", false}, {"1", true}}) {
+    ScopedEnv p("KEEL_CUDA_PROFILE", value);
+    auto o = CudaBackendOptionsFromEnv();
+    ASSERT_TRUE(o.ok()) << o.status().ToString();
+    EXPECT_EQ(o->profile, want) << value;
+  }
+  {
+    ScopedEnv p("KEEL_CUDA_PROFILE", "yes");
+    auto o = CudaBackendOptionsFromEnv();
+    ASSERT_FALSE(o.ok());
+    EXPECT_NE(o.status().message().find("KEEL_CUDA_PROFILE='yes'"), std::string::npos) << o.status().ToString();
+  }
+}
+
+// KEEL_CUDA_PROFILE: every op and GEMM that ran shows up with its call count (needs a GPU).
+TEST(CudaGpu, OpProfileCountsOpsAndGemms) {
+  std::string why;
+  if (!HaveCudaDevice(&why)) GTEST_SKIP() << "no CUDA device: " << why;
+  CudaBackendOptions o;
+  o.profile = true;
+  auto r = MakeCudaBackend(o);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  Backend* be = r->get();
+  const int N = 64, IC = 96, OC = 128;
+  auto in = be->Alloc(static_cast<size_t>(N) * IC), w = be->Alloc(static_cast<size_t>(OC) * IC),
+       out = be->Alloc(static_cast<size_t>(N) * OC);
+  ASSERT_TRUE(in.ok() && w.ok() && out.ok());
+  for (int i = 0; i < 3; ++i) be->MatmulForward(*out, *in, *w, nullptr, N, IC, OC);
+  be->GeluForward(*out, *out, static_cast<size_t>(N) * OC);
+  ASSERT_TRUE(be->Sync().ok());
+  const std::string report = CudaOpProfileReport(be);
+  EXPECT_NE(report.find("CUDA ops"), std::string::npos) << report;
+  EXPECT_NE(report.find("matmul_forward"), std::string::npos) << report;
+  EXPECT_NE(report.find("gelu_forward"), std::string::npos) << report;
+  EXPECT_NE(report.find("of which cuBLAS GEMMs"), std::string::npos) << report;
+  // "matmul_forward" appears in both tables, each with 3 calls.
+  size_t first = report.find("matmul_forward"), second = report.find("matmul_forward", first + 1);
+  ASSERT_NE(second, std::string::npos) << report;
+  EXPECT_EQ(std::stoll(report.substr(first + 34, 10)), 3) << report;
+  EXPECT_EQ(std::stoll(report.substr(second + 34, 10)), 3) << report;
+  for (auto* p : {&in, &w, &out}) be->Free(p->value());
+  EXPECT_EQ(CudaOpProfileReport(MakeCpuBackend(1).get()), "");
 }
 
 TEST(CudaHost, BucketTokensGroupsRowsByTokenInRowOrder) {

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "backend/cuda/cuda_ops.h"
+#include "backend/cuda/op_profile.h"
 #include "train/exact_sum.h"  // kFixedFractionBits (RoundThroughFixedPoint matches the host rounding)
 
 namespace keel {
@@ -91,9 +92,10 @@ class Scratch {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, const std::string& device_name, CudaMatmulPrecision precision, cudaStream_t stream,
-              cublasHandle_t cublas)
+  CudaBackend(int device, const std::string& device_name, CudaMatmulPrecision precision, bool profile,
+              cudaStream_t stream, cublasHandle_t cublas)
       : device_(device), device_name_(device_name), precision_(precision), stream_(stream), cublas_(cublas) {
+    if (profile) prof_ = std::make_unique<cuda::OpProfiler>(stream_);
     switch (precision) {
       case CudaMatmulPrecision::kFp32: compute_ = CUBLAS_COMPUTE_32F; break;
       case CudaMatmulPrecision::kTf32: compute_ = CUBLAS_COMPUTE_32F_FAST_TF32; break;
@@ -103,6 +105,11 @@ class CudaBackend final : public Backend {
   ~CudaBackend() override {
     Enter();
     cudaStreamSynchronize(stream_);
+    if (prof_) {
+      std::fprintf(stderr, "keel: KEEL_CUDA_PROFILE (%s, %s GEMMs):\n%s", device_name_.c_str(),
+                   CudaMatmulPrecisionName(precision_), prof_->Report().c_str());
+      prof_.reset();
+    }
     scratch_f_.Release();
     scratch_aux_.Release();
     cublasDestroy(cublas_);
@@ -137,6 +144,7 @@ class CudaBackend final : public Backend {
   void Download(float* host, const float* src, size_t count) override {
     if (count == 0) return;
     Enter();
+    auto prof = Prof("download");
     if (!failed()) {
       Check(cudaMemcpyAsync(host, src, count * sizeof(float), cudaMemcpyDeviceToHost, stream_), "download");
       Check(cudaStreamSynchronize(stream_), "download (synchronize)");
@@ -145,14 +153,17 @@ class CudaBackend final : public Backend {
   }
   void Zero(float* p, size_t count) override {
     if (count == 0 || !Enter()) return;
+    auto prof = Prof("zero");
     Check(cudaMemsetAsync(p, 0, count * sizeof(float), stream_), "zero");
   }
   void Copy(float* dst, const float* src, size_t count) override {
     if (count == 0 || dst == src || !Enter()) return;
+    auto prof = Prof("copy");
     Check(cudaMemcpyAsync(dst, src, count * sizeof(float), cudaMemcpyDeviceToDevice, stream_), "copy");
   }
   Status Sync() override {
     if (Enter()) Check(cudaStreamSynchronize(stream_), "synchronize");
+    if (prof_) prof_->Flush();  // synchronised already: reading the events back costs nothing more
     return error_;
   }
 
@@ -161,12 +172,14 @@ class CudaBackend final : public Backend {
   void EncoderForward(float* out, const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe,
                       int B, int T, int C) override {
     if (!Enter()) return;
+    auto prof = Prof("encoder_forward");
     Check(cuda::EncoderForward(out, tokens, positions, wte, wpe, B, T, C, stream_), "encoder_forward");
   }
 
   void EncoderBackward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int B, int T,
                        int C) override {
     if (!Enter()) return;
+    auto prof = Prof("encoder_backward");
     const int N = B * T;
     if (N <= 0) return;
     // Group rows by token on the host (N ints each way): the kernel then adds each token's rows in row order.
@@ -196,12 +209,14 @@ class CudaBackend final : public Backend {
   void LayerNormForward(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b, int N,
                         int C) override {
     if (!Enter()) return;
+    auto prof = Prof("layernorm_forward");
     Check(cuda::LayerNormForward(out, mean, rstd, inp, w, b, N, C, stream_), "layernorm_forward");
   }
 
   void LayerNormBackward(float* dinp, float* dw, float* db, const float* dout, const float* inp, const float* w,
                          const float* mean, const float* rstd, int N, int C) override {
     if (!Enter()) return;
+    auto prof = Prof("layernorm_backward");
     float* s = ScratchFloat(cuda::LayerNormBackwardScratchFloats(N, C));
     if (!s) return;
     Check(cuda::LayerNormBackward(dinp, dw, db, dout, inp, w, mean, rstd, N, C, s, stream_), "layernorm_backward");
@@ -210,6 +225,7 @@ class CudaBackend final : public Backend {
   void MatmulForward(float* out, const float* inp, const float* w, const float* bias, int N, int IC,
                      int OC) override {
     if (!Enter() || N <= 0 || OC <= 0) return;
+    auto prof = Prof("matmul_forward");
     float beta = 0.0f;
     if (bias) {
       if (!Check(cuda::BroadcastRows(out, bias, N, OC, stream_), "matmul_forward (bias)")) return;
@@ -223,6 +239,7 @@ class CudaBackend final : public Backend {
   void MatmulBackward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w, int N,
                       int IC, int OC) override {
     if (!Enter() || N <= 0) return;
+    auto prof = Prof("matmul_backward");
     // dinp [N, IC] += dout [N, OC] @ w [OC, IC]  <=>  dinp^T (IC x N) += w-view (IC x OC) @ dout-view (OC x N).
     if (dinp) Gemm(CUBLAS_OP_N, CUBLAS_OP_N, IC, N, OC, 1.0f, w, IC, dout, OC, 1.0f, dinp, IC, "matmul_backward dinp");
     // dw [OC, IC] += dout^T [OC, N] @ inp [N, IC]  <=>  dw^T (IC x OC) += inp-view (IC x N) @ (dout-view)^T (N x OC).
@@ -238,6 +255,7 @@ class CudaBackend final : public Backend {
   // qkv, rows 3C apart; its T x T block of att starts (b*NH + h)*T*T).
   void AttentionForward(float* out, float* att, const float* qkv, int B, int T, int C, int NH) override {
     if (!Enter() || B <= 0 || T <= 0) return;
+    auto prof = Prof("attention_forward");
     const int hs = C / NH, C3 = 3 * C;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
     const long long TT = static_cast<long long>(T) * T;
@@ -263,6 +281,7 @@ class CudaBackend final : public Backend {
   void AttentionBackward(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att, int B, int T,
                          int C, int NH) override {
     if (!Enter() || B <= 0 || T <= 0) return;
+    auto prof = Prof("attention_backward");
     const int hs = C / NH, C3 = 3 * C;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
     const long long TT = static_cast<long long>(T) * T;
@@ -298,6 +317,7 @@ class CudaBackend final : public Backend {
   void AttentionDecode(float* out, const float* q, const float* k_cache, const float* v_cache, const int32_t* pos,
                        float* scratch, int B, int maxT, int C, int NH) override {
     if (!Enter()) return;
+    auto prof = Prof("attention_decode");
     Check(cuda::AttentionDecode(out, q, k_cache, v_cache, pos, nullptr, scratch, B, maxT, C, NH, stream_),
           "attention_decode");
   }
@@ -305,6 +325,7 @@ class CudaBackend final : public Backend {
   void AttentionDecodeSlots(float* out, const float* q, const float* k_cache, const float* v_cache, const int32_t* pos,
                             const int32_t* host_slots, float* scratch, int N, int maxT, int C, int NH) override {
     if (!Enter() || N <= 0) return;
+    auto prof = Prof("attention_decode_slots");
     slots_.assign(host_slots, host_slots + N);
     int32_t* d = static_cast<int32_t*>(ScratchAux(slots_.size() * sizeof(int32_t)));
     if (!d) return;
@@ -317,30 +338,36 @@ class CudaBackend final : public Backend {
 
   void GeluForward(float* out, const float* inp, size_t n) override {
     if (!Enter()) return;
+    auto prof = Prof("gelu_forward");
     Check(cuda::GeluForward(out, inp, n, stream_), "gelu_forward");
   }
   void GeluBackward(float* dinp, const float* inp, const float* dout, size_t n) override {
     if (!Enter()) return;
+    auto prof = Prof("gelu_backward");
     Check(cuda::GeluBackward(dinp, inp, dout, n, stream_), "gelu_backward");
   }
   void ResidualForward(float* out, const float* a, const float* b, size_t n) override {
     if (!Enter()) return;
+    auto prof = Prof("residual_forward");
     Check(cuda::ResidualForward(out, a, b, n, stream_), "residual_forward");
   }
   void SoftmaxCrossEntropyForward(float* losses, float* probs, const float* logits, const int32_t* targets, int N,
                                   int V, int Vp) override {
     if (!Enter()) return;
+    auto prof = Prof("softmax_xent_forward");
     Check(cuda::SoftmaxCrossEntropyForward(losses, probs, logits, targets, N, V, Vp, stream_), "softmax_xent_forward");
   }
   void SoftmaxCrossEntropyBackward(float* dlogits, const float* probs, const int32_t* targets, float dloss, int N,
                                    int V, int Vp) override {
     if (!Enter()) return;
+    auto prof = Prof("softmax_xent_backward");
     Check(cuda::SoftmaxCrossEntropyBackward(dlogits, probs, targets, dloss, N, V, Vp, stream_),
           "softmax_xent_backward");
   }
   void AdamW(float* params, const float* grads, float* m, float* v, const uint8_t* decay_mask, size_t n,
              const AdamWParams& p) override {
     if (!Enter()) return;
+    auto prof = Prof("adamw");
     // Bias corrections exactly as the CPU reference computes them.
     const float bc1 = 1.0f - static_cast<float>(std::pow(static_cast<double>(p.beta1), static_cast<double>(p.t)));
     const float bc2 = 1.0f - static_cast<float>(std::pow(static_cast<double>(p.beta2), static_cast<double>(p.t)));
@@ -350,6 +377,7 @@ class CudaBackend final : public Backend {
   }
   double SumSquares(const float* x, size_t n) override {
     if (!Enter()) return std::numeric_limits<double>::quiet_NaN();
+    auto prof = Prof("sum_squares");
     const size_t chunks = cuda::SumSquaresChunks(n);
     if (chunks == 0) return 0.0;
     double* d = static_cast<double*>(ScratchAux(chunks * sizeof(double)));
@@ -367,6 +395,7 @@ class CudaBackend final : public Backend {
 
   Result<size_t> RoundThroughFixedPoint(float* x, size_t n) override {
     if (!Enter()) return error_;
+    auto prof = Prof("round_through_fixed_point");
     auto* d = static_cast<unsigned long long*>(ScratchAux(sizeof(unsigned long long)));
     if (!d) return error_;
     unsigned long long bad = 0;
@@ -378,8 +407,14 @@ class CudaBackend final : public Backend {
     return static_cast<size_t>(bad);
   }
 
+ public:
+  std::string ProfileReport() { return prof_ ? prof_->Report() : std::string(); }
+
  private:
   bool failed() const { return !error_.ok(); }
+
+  // KEEL_CUDA_PROFILE: the op's device time (a no-op scope when profiling is off).
+  cuda::OpProfiler::Scope Prof(const char* name) { return cuda::OpProfiler::Scope(prof_.get(), name, 0); }
 
   // Makes this backend's device current on the calling thread; false once an error has been recorded (later ops
   // are skipped: the first error is the one worth reporting, and device state after it is undefined).
@@ -440,6 +475,7 @@ class CudaBackend final : public Backend {
   }
   void CopyIn(void* dst, const void* host, size_t bytes, const char* what) {
     if (bytes == 0 || !Enter()) return;
+    auto prof = Prof(what);
     // From pageable memory the copy is staged before cudaMemcpyAsync returns, so the caller may reuse `host`.
     Check(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, stream_), what);
   }
@@ -459,6 +495,7 @@ class CudaBackend final : public Backend {
   void Gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float* A, int lda,
             const float* B, int ldb, float beta, float* C, int ldc, const char* what) {
     if (failed() || m <= 0 || n <= 0) return;
+    cuda::OpProfiler::Scope prof(prof_.get(), what, 1);
     if (k <= 0) {  // an empty sum: C = beta * C (only beta 0 or 1 occur)
       if (beta == 0.0f) Check(cudaMemset2DAsync(C, sizeof(float) * ldc, 0, sizeof(float) * m, n, stream_), what);
       return;
@@ -471,6 +508,7 @@ class CudaBackend final : public Backend {
                    int lda, long long sa, const float* B, int ldb, long long sb, float beta, float* C, int ldc,
                    long long sc, int batch, const char* what) {
     if (failed() || m <= 0 || n <= 0 || batch <= 0) return;
+    cuda::OpProfiler::Scope prof(prof_.get(), what, 1);
     Check(cublasGemmStridedBatchedEx(cublas_, ta, tb, m, n, k, &alpha, A, CUDA_R_32F, lda, sa, B, CUDA_R_32F, ldb, sb,
                                      &beta, C, CUDA_R_32F, ldc, sc, batch, compute_, CUBLAS_GEMM_DEFAULT),
           what);
@@ -486,6 +524,7 @@ class CudaBackend final : public Backend {
   Scratch scratch_f_, scratch_aux_;
   std::vector<int32_t> host_tokens_, packed_, slots_;
   std::vector<double> host_partials_;
+  std::unique_ptr<cuda::OpProfiler> prof_;  // KEEL_CUDA_PROFILE=1 only
 };
 
 bool ParseInt(const char* s, int* out) {
@@ -511,6 +550,11 @@ Result<CudaBackendOptions> CudaBackendOptionsFromEnv() {
     else if (s == "tf32") o.matmul = CudaMatmulPrecision::kTf32;
     else if (s == "bf16") o.matmul = CudaMatmulPrecision::kBf16;
     else return InvalidArgument("KEEL_CUDA_MATMUL='" + s + "': expected fp32, tf32 or bf16");
+  }
+  if (const char* p = std::getenv("KEEL_CUDA_PROFILE"); p && *p) {
+    const std::string s = p;
+    if (s == "1") o.profile = true;
+    else if (s != "0") return InvalidArgument("KEEL_CUDA_PROFILE='" + s + "': expected 0 or 1");
   }
   return o;
 }
@@ -560,7 +604,12 @@ Result<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOptions& optio
     return Unavailable("cuda: cuBLAS initialisation on device " + std::to_string(device) + ": " + CublasErr(s));
   }
   return std::unique_ptr<Backend>(
-      std::make_unique<CudaBackend>(device, std::string(prop.name), options.matmul, stream, handle));
+      std::make_unique<CudaBackend>(device, std::string(prop.name), options.matmul, options.profile, stream, handle));
+}
+
+std::string CudaOpProfileReport(Backend* backend) {
+  auto* be = dynamic_cast<CudaBackend*>(backend);
+  return be ? be->ProfileReport() : std::string();
 }
 
 Result<std::unique_ptr<Backend>> MakeCudaBackend() {

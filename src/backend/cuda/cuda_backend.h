@@ -38,9 +38,11 @@ const char* CudaMatmulPrecisionName(CudaMatmulPrecision p);
 struct CudaBackendOptions {
   int device = -1;  // CUDA device ordinal; -1: KEEL_LOCAL_RANK (or LOCAL_RANK) modulo the device count, else 0
   CudaMatmulPrecision matmul = CudaMatmulPrecision::kFp32;
+  bool profile = false;  // per-op device time, printed to stderr when the backend is destroyed (op_profile.h)
 };
 
-// Options from the environment: KEEL_CUDA_DEVICE (an ordinal) and KEEL_CUDA_MATMUL (fp32 | tf32 | bf16).
+// Options from the environment: KEEL_CUDA_DEVICE (an ordinal), KEEL_CUDA_MATMUL (fp32 | tf32 | bf16) and
+// KEEL_CUDA_PROFILE (0 | 1).
 // An unparsable value is an InvalidArgument naming the variable.
 Result<CudaBackendOptions> CudaBackendOptionsFromEnv();
 
@@ -48,6 +50,10 @@ Result<CudaBackendOptions> CudaBackendOptionsFromEnv();
 Result<std::unique_ptr<Backend>> MakeCudaBackend(const CudaBackendOptions& options);
 // MakeCudaBackend(CudaBackendOptionsFromEnv()): what MakeBackend("cuda", ...) calls.
 Result<std::unique_ptr<Backend>> MakeCudaBackend();
+
+// The per-op device-time tables so far (KEEL_CUDA_PROFILE=1; see backend/cuda/op_profile.h); "" for a backend
+// that is not a profiling CUDA backend.
+std::string CudaOpProfileReport(Backend* backend);
 
 // Host-side helper of EncoderBackward, exposed for tests: the rows of `tokens` grouped by token id, each
 // group in increasing row order (a stable counting sort). uniq[u] is the u-th distinct token (ascending),
