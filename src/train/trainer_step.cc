@@ -294,11 +294,12 @@ Result<VoteOutcome> Trainer::VoteOnStep(std::vector<VoteRecord>* records) {
   r.gen = gen_no_;
   r.epoch = epoch_;
   r.step = step_;
-  // Compared between members only (elastic/quorum.cc): one member alone skips hashing P floats (and, on a
-  // device, copying them to the host) every step.
+  // Both hashes are compared between members only (elastic/quorum.cc): one member alone skips hashing P floats
+  // every step and 3 P every --check-every steps (on a device: copying them to the host first, 1.7 s every 10
+  // steps at GPT-2 small on an H100).
   r.params_hash = size_ > 1 ? ParamsHash() : 0;
   r.committed_hash = committed_hash_;
-  r.state_hash = CheckStep() ? StateHash() : 0;
+  r.state_hash = size_ > 1 && CheckStep() ? StateHash() : 0;
   r.held = held_;
   r.bad = bad_;
   const bool want_stop = (stop_ && stop_->load()) || (o_.stop_after > 0 && steps_this_run_ + 1 >= o_.stop_after);
