@@ -397,9 +397,11 @@ TEST_F(ElasticTrain, ASlowWorkerGetsFewerMicroBatches) {
   ASSERT_TRUE(last.is_object()) << log;
   const auto members = last["members"].get<std::vector<int64_t>>();
   const auto counts = last["micro_batches"].get<std::vector<int>>();
-  for (size_t k = 0; k < members.size(); ++k)
-    if (members[k] == slow_uid)
+  for (size_t k = 0; k < members.size(); ++k) {
+    if (members[k] == slow_uid) {
       for (size_t j = 0; j < members.size(); ++j) EXPECT_LE(counts[k], counts[j]) << last.dump();
+    }
+  }
   EXPECT_LT(*std::min_element(counts.begin(), counts.end()), 2) << last.dump();  // fair split is 2 each
 }
 

@@ -24,7 +24,9 @@ std::vector<int> GreedyTokens(const ServerProcess& s, const std::string& prompt,
     SseResult r = PostSse(s, "/v1/completions", req.dump());
     EXPECT_EQ(r.status, 200);
     EXPECT_FALSE(r.events.empty());
-    if (!r.events.empty()) EXPECT_EQ(r.events.back(), "[DONE]");
+    if (!r.events.empty()) {
+      EXPECT_EQ(r.events.back(), "[DONE]");
+    }
     for (const auto& e : r.events) {
       if (e == "[DONE]") continue;
       json j = json::parse(e);

@@ -39,7 +39,10 @@ std::string Secs(double s) {
 
 std::string UidList(const std::vector<int64_t>& v) {
   std::string s;
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ',';  // (not (i ? "," : "") + ...: GCC 12 warns falsely (-Wrestrict) on that form)
+    s += std::to_string(v[i]);
+  }
   return "[" + s + "]";
 }
 

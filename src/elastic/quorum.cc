@@ -41,7 +41,10 @@ bool Contains(const std::vector<int64_t>& v, int64_t x) { return std::find(v.beg
 
 std::string UidList(const std::vector<int64_t>& v) {
   std::string s;
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ',';  // (not (i ? "," : "") + ...: GCC 12 warns falsely (-Wrestrict) on that form)
+    s += std::to_string(v[i]);
+  }
   return "[" + s + "]";
 }
 
@@ -138,7 +141,10 @@ QuorumDecision Decide(double now, const QuorumView& v, const QuorumConfig& c) {
 std::string MicroSet::ToString() const {
   std::string s;
   for (int i = 0; i < 128; ++i)
-    if (Has(i)) s += (s.empty() ? "" : ",") + std::to_string(i);
+    if (Has(i)) {
+      if (!s.empty()) s += ',';
+      s += std::to_string(i);
+    }
   return "{" + s + "}";
 }
 

@@ -168,7 +168,7 @@ Status ParseValue(Cursor& c, GgufType type, GgufValue* v, const std::string& key
     const size_t es = ScalarSize(elem);
     if (count > c.left() / es)
       return Corrupt("key " + Quote(key) + ": array of " + std::to_string(count) + " elements does not fit in the file");
-    const uint8_t* q;
+    const uint8_t* q = nullptr;
     c.Take(static_cast<size_t>(count) * es, &q);
     v->raw.assign(reinterpret_cast<const char*>(q), static_cast<size_t>(count) * es);
     return Status::Ok();
