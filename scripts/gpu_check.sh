@@ -124,13 +124,13 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 cat README.md docs/*.md 2>/dev/null > "$WORK/corpus.txt"
 for i in 1 2 3; do cat "$WORK/corpus.txt"; done > "$WORK/corpus3.txt"
-STEPS=${TRAIN_STEPS:-300}
-SMALL="--layers 4 --heads 4 --dim 128 --ctx 128 --batch 16 --steps $STEPS --lr 1e-3 --warmup 20 --seed 7 \
-  --no-progress --eval-every 100 --eval-batches 4 --checkpoint-every $STEPS --keep 1"
+PORT_STEPS=${TRAIN_STEPS:-300}
+SMALL="--layers 4 --heads 4 --dim 128 --ctx 128 --batch 16 --steps $PORT_STEPS --lr 1e-3 --warmup 20 --seed 7 \
+  --no-progress --eval-every 100 --eval-batches 4 --checkpoint-every $PORT_STEPS --keep 1"
 if "$KEEL" prepare --input "$WORK/corpus3.txt" --out "$WORK/data" --tokenizer byte >"$OUTDIR/prepare.log" 2>&1 &&
    timeout 240 "$KEEL" train --device cuda --data "$WORK/data" --out "$WORK/gpu-run" $SMALL >"$OUTDIR/train_gpu.log" 2>&1; then
   cp "$WORK/gpu-run/metrics.jsonl" "$OUTDIR/train_gpu_metrics.jsonl" 2>/dev/null
-  stage "3 train --device cuda (fp32, $STEPS steps)" PASS "$(python3 - "$WORK/gpu-run/metrics.jsonl" <<'PY'
+  stage "3 train --device cuda (fp32, $PORT_STEPS steps)" PASS "$(python3 - "$WORK/gpu-run/metrics.jsonl" <<'PY'
 import json, math, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 first, last = rows[0]["loss"], rows[-1]["loss"]
