@@ -95,6 +95,7 @@ TEST_F(CliErrors, ZeroAndNegativeSizes) {
   ExpectError(RunKeel("train " + Small(t / "r") + " --layers 0"), "--layers");
   ExpectError(RunKeel("train " + Small(t / "r") + " --batch -2"), "--batch");
   ExpectError(RunKeel("train " + Small(t / "r") + " --steps 0"), "--steps");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --peak-gflops -5"), "--peak-gflops");
   EXPECT_FALSE(fs::exists(t / "r"));
 }
 

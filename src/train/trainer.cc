@@ -23,6 +23,7 @@ Status ValidateTrainOptions(const TrainOptions& o) {
   if (!(o.optim.lr > 0.0f) || !std::isfinite(o.optim.lr)) return InvalidArgument("--lr must be a positive number");
   if (o.optim.warmup < 0) return InvalidArgument("--warmup must be >= 0");
   if (o.threads < 0) return InvalidArgument("--threads must be >= 0");
+  if (!(o.peak_gflops >= 0) || !std::isfinite(o.peak_gflops)) return InvalidArgument("--peak-gflops must be >= 0");
   if (o.eval_every < 0 || o.checkpoint_every < 0) return InvalidArgument("--eval-every/--checkpoint-every must be >= 0");
   if (o.keep < 0) return InvalidArgument("--keep must be >= 0");
   if (o.check_every < 0) return InvalidArgument("--check-every must be >= 0");

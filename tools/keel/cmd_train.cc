@@ -79,6 +79,10 @@ int RunTrain(int argc, char** argv) {
   app.add_option("--grad-clip", o.optim.grad_clip, "global gradient-norm clip (0: off)")->capture_default_str();
   app.add_option("--seed", o.seed)->capture_default_str();
   app.add_option("--threads", o.threads, "CPU threads per worker (0: all cores)")->capture_default_str();
+  app.add_option("--peak-gflops", o.peak_gflops,
+                 "GEMM peak per worker for the MFU shown (0: measure the backend's own GEMM at start; e.g. 989000 "
+                 "for an H100's bf16 datasheet peak)")
+      ->capture_default_str();
   app.add_option("--eval-every", o.eval_every, "validation every N steps (0: only at the end)")->capture_default_str();
   app.add_option("--eval-batches", o.eval_batches)->capture_default_str();
   app.add_option("--checkpoint-every", o.checkpoint_every)->capture_default_str();
