@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cerrno>
 #include <cstring>
 #include <functional>
 #include <thread>
@@ -207,6 +208,46 @@ TEST(Gloo, InterfaceAddress) {
       EXPECT_EQ(x, 3);
     });
   for (auto& x : th) x.join();
+}
+
+// A member that writes to a peer that just died must get an error, not SIGPIPE: Gloo sends with writev(), so
+// with SIGPIPE at its default the write itself would kill the survivor (seen in CI: a survivor of the test below
+// died of signal 13). Checked directly in a child whose SIGPIPE is at SIG_DFL: after forming a group, a write to
+// a pipe with no reader returns EPIPE. A handler the program installed itself is left alone.
+TEST(Gloo, WritingToADeadPeerIsAnErrorNotSigpipe) {
+  TempDir t;
+  pid_t pid = fork();
+  if (pid == 0) {
+    signal(SIGPIPE, SIG_DFL);
+    auto store = OpenFileStore(t / "job");
+    if (!store.ok()) _exit(2);
+    auto c = ConnectGlooCommunicator(MakePrefixStore(*store, "gen/0"), 0, 1, Loopback(5));
+    if (!c.ok()) _exit(3);
+    int fds[2];
+    if (pipe(fds) != 0) _exit(4);
+    close(fds[0]);
+    char byte = 1;
+    ssize_t n = write(fds[1], &byte, 1);
+    _exit(n == -1 && errno == EPIPE ? 0 : 5);
+  }
+  int st = 0;
+  ASSERT_EQ(waitpid(pid, &st, 0), pid);
+  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0)
+      << (WIFSIGNALED(st) ? "killed by signal " + std::to_string(WTERMSIG(st)) : "exit " + std::to_string(st));
+
+  pid = fork();
+  if (pid == 0) {
+    signal(SIGPIPE, [](int) {});
+    auto store = OpenFileStore(t / "job2");
+    if (!store.ok()) _exit(2);
+    auto c = ConnectGlooCommunicator(MakePrefixStore(*store, "gen/0"), 0, 1, Loopback(5));
+    if (!c.ok()) _exit(3);
+    struct sigaction now {};
+    sigaction(SIGPIPE, nullptr, &now);
+    _exit(now.sa_handler != SIG_IGN && now.sa_handler != SIG_DFL ? 0 : 6);
+  }
+  ASSERT_EQ(waitpid(pid, &st, 0), pid);
+  EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << "status " << st;
 }
 
 // Three processes; one SIGKILLs itself mid-training. The survivors' next collective fails with a clear

@@ -14,6 +14,7 @@
 // sockets could not be found (e.g. /proc is not mounted), Abort() still marks the communicator dead, so the
 // next call fails at once and an in-flight one fails at its timeout.
 #include "dist/gloo_communicator.h"
+#include "dist/sigpipe.h"
 
 #include <dirent.h>
 #include <netinet/in.h>
@@ -292,6 +293,7 @@ Result<std::unique_ptr<Communicator>> ConnectGlooCommunicator(std::shared_ptr<St
   if (size < 1 || rank < 0 || rank >= size)
     return InvalidArgument("rank " + std::to_string(rank) + " of " + std::to_string(size) + " is out of range");
   if (!(options.timeout_s > 0)) return InvalidArgument("--comm-timeout must be positive");
+  IgnoreSigpipe();  // a write to a dead peer must fail the collective, not kill this member (sigpipe.h)
   KEEL_ASSIGN_OR_RETURN(auto dev, MakeDevice(options));
   const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(options.timeout_s * 1000));
   std::shared_ptr<gloo::rendezvous::Context> ctx;

@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "core/env.h"
+#include "dist/sigpipe.h"
 
 namespace keel {
 namespace {
@@ -419,6 +420,7 @@ Result<std::shared_ptr<Store>> OpenFileStore(const std::string& dir) {
 
 Result<std::shared_ptr<Store>> OpenStore(const StoreUrl& url, double connect_timeout_s) {
   if (url.kind == StoreUrl::kFile) return OpenFileStore(url.path);
+  IgnoreSigpipe();  // a Redis server that went away must be an error, not a SIGPIPE (sigpipe.h)
   auto s = std::make_shared<RedisStore>(url, connect_timeout_s > 0 ? connect_timeout_s : 5);
   KEEL_RETURN_IF_ERROR(s->Connect());
   return std::shared_ptr<Store>(std::move(s));
