@@ -6,7 +6,8 @@
 // opens such sockets (ConnectGlooCommunicator, OpenStore for redis://) calls IgnoreSigpipe() first.
 //
 // Contract: process-wide and idempotent; it changes SIGPIPE only when it is at SIG_DFL, so a program that
-// installed its own handler keeps it. Thread-safe (the first call does the work, under std::call_once).
+// installed its own handler keeps it. Every call checks again (one sigaction), so a child that reset SIGPIPE
+// after fork() is covered when it connects. Thread-safe (a mutex orders concurrent calls).
 #pragma once
 
 namespace keel {
