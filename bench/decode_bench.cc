@@ -1,7 +1,9 @@
 // decode_bench.cc: time per batched decode step of keel's DecodeState (no HTTP, no sampling), fp32 vs f16 weights,
-// for 1..16 rows, next to the step's weight bytes and the memory bandwidth that implies. The profile behind
+// the model's own [OC, IC] matrices (rows) vs the backend's repacked layout (packed), for 1..16 rows, next to the
+// step's weight bytes and the memory bandwidth that implies. The profile behind
 // serve_bench.sh's figures. Usage: decode_bench [LAYERS HEADS DIM VOCAB] (default GPT-2 small: 12 12 768 50257);
-// env DECODE_ROWS=n and DECODE_DTYPE=f32|f16 restrict the table to one row count / weight type (for profiling).
+// env DECODE_ROWS=n, DECODE_DTYPE=f32|f16 and DECODE_LAYOUT=rows|packed restrict the table to one row count /
+// weight type / layout (for profiling).
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -32,14 +34,17 @@ int main(int argc, char** argv) {
   const double matrix_params = c.layers * 12.0 * C * C + double(c.vocab) * C;  // streamed once per step
   std::printf("model %dL/%dH/%dC vocab %d: %.1fM matrix weights; 64 positions of context per row\n", c.layers, c.heads,
               c.dim, c.vocab, matrix_params / 1e6);
-  std::printf("| weights | rows | ms/step | tok/s | weight GB/s |\n|---|---|---|---|---|\n");
+  std::printf("| weights | layout | rows | ms/step | tok/s | weight GB/s |\n|---|---|---|---|---|---|\n");
   const char* only_rows = std::getenv("DECODE_ROWS");
   const char* only_dtype = std::getenv("DECODE_DTYPE");
+  const char* only_layout = std::getenv("DECODE_LAYOUT");
   for (bool half : {false, true}) {
     if (only_dtype && std::string(only_dtype) != (half ? "f16" : "f32")) continue;
-    for (int rows : {1, 2, 4, 8, 16}) {
+    for (int rows : {1, 2, 4, 8, 16})
+    for (bool repack : {false, true}) {  // the model's [OC, IC] matrices vs the backend's repacked panels
       if (only_rows && std::atoi(only_rows) != rows) continue;
-      auto st = DecodeState::Create(model->get(), rows, c.ctx, rows, half);
+      if (only_layout && std::string(only_layout) != (repack ? "packed" : "rows")) continue;
+      auto st = DecodeState::Create(model->get(), rows, c.ctx, rows, half, repack);
       if (!st.ok()) {
         std::fprintf(stderr, "%s\n", st.status().ToString().c_str());
         return 1;
@@ -54,7 +59,8 @@ int main(int argc, char** argv) {
         if (p >= 64) t += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       }
       const double ms = t / 32 * 1e3;
-      std::printf("| %s | %d | %.1f | %.1f | %.1f |\n", half ? "f16" : "f32", rows, ms, rows / (ms / 1e3),
+      std::printf("| %s | %s | %d | %.1f | %.1f | %.1f |\n", half ? "f16" : "f32", repack ? "packed" : "rows", rows,
+                  ms, rows / (ms / 1e3),
                   matrix_params * (half ? 2 : 4) / (ms / 1e3) / 1e9);
     }
   }

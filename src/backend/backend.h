@@ -36,6 +36,7 @@ enum class Op {
   kAdamW,
   kMatmulForwardHalf,
   kRoundThroughFixedPoint,  // device-memory backends only (host memory: train/exact_sum.h directly)
+  kMatmulForwardPacked,     // PackedMatmulFloats / PackMatmulWeight / MatmulForwardPacked
   kCount
 };
 const char* OpName(Op op);
@@ -89,6 +90,21 @@ class Backend {
   virtual void MatmulForwardHalf(float* /*out*/, const float* /*inp*/, const uint16_t* /*w16*/, const float* /*bias*/,
                                  int /*N*/, int /*IC*/, int /*OC*/) {
     assert(false && "MatmulForwardHalf on a backend that does not support it");
+  }
+  // Weights repacked once for many forward products (decoding), in a layout of the backend's choosing.
+  // PackedMatmulFloats: the size, in floats, of the packed form of an [OC, IC] weight (half: stored as IEEE f16,
+  // rounded to nearest even). PackMatmulWeight writes it into `packed` (a buffer from Alloc of that size) from w.
+  // MatmulForwardPacked then equals MatmulForward(out, inp, w, bias, N, IC, OC) on w (or on its f16 rounding) up
+  // to the order of summation; each output's sum must not depend on N, on the other rows or on the thread count,
+  // so that a batched decode step gives every row what a step of that row alone gives. Called only where
+  // SupportsOp(kMatmulForwardPacked).
+  virtual size_t PackedMatmulFloats(int /*IC*/, int /*OC*/, bool /*half*/) const { return 0; }
+  virtual void PackMatmulWeight(float* /*packed*/, const float* /*w*/, int /*IC*/, int /*OC*/, bool /*half*/) {
+    assert(false && "PackMatmulWeight on a backend that does not support it");
+  }
+  virtual void MatmulForwardPacked(float* /*out*/, const float* /*inp*/, const float* /*packed*/,
+                                   const float* /*bias*/, int /*N*/, int /*IC*/, int /*OC*/, bool /*half*/) {
+    assert(false && "MatmulForwardPacked on a backend that does not support it");
   }
   // dinp += dout @ w; dw += dout^T @ inp; dbias += sum_rows(dout). dbias may be null; dinp may be null.
   virtual void MatmulBackward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp,

@@ -18,7 +18,7 @@ const char* OpName(Op op) {
                                  "matmul_forward", "matmul_backward", "attention_forward", "attention_backward",
                                  "attention_decode", "gelu_forward", "gelu_backward", "residual_forward",
                                  "softmax_xent_forward", "softmax_xent_backward", "softmax_forward", "adamw",
-                                 "matmul_forward_half", "round_through_fixed_point"};
+                                 "matmul_forward_half", "round_through_fixed_point", "matmul_forward_packed"};
   static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<size_t>(Op::kCount));
   return kNames[static_cast<int>(op)];
 }
@@ -43,7 +43,10 @@ class CpuBackend final : public Backend {
   explicit CpuBackend(int threads) { SetThreads(threads); }
   std::string Name() const override { return "cpu"; }
   // Host memory: callers round gradients with train/exact_sum.h in place (no RoundThroughFixedPoint here).
-  bool SupportsOp(Op op) const override { return op != Op::kCount && op != Op::kRoundThroughFixedPoint; }
+  bool SupportsOp(Op op) const override {
+    if (op == Op::kMatmulForwardPacked) return cpu::PackedMatmulSupported();  // AVX2 + FMA + F16C
+    return op != Op::kCount && op != Op::kRoundThroughFixedPoint;
+  }
   bool host_memory() const override { return true; }
   void SetThreads(int n) override {
     if (n < 1) n = 1;
@@ -108,6 +111,16 @@ class CpuBackend final : public Backend {
   void MatmulForwardHalf(float* out, const float* inp, const uint16_t* w16, const float* bias, int N, int IC,
                          int OC) override {
     cpu::MatmulForwardHalf(out, inp, w16, bias, N, IC, OC);
+  }
+  size_t PackedMatmulFloats(int IC, int OC, bool half) const override {
+    return cpu::PackedMatmulFloats(IC, OC, half);
+  }
+  void PackMatmulWeight(float* packed, const float* w, int IC, int OC, bool half) override {
+    cpu::PackMatmulWeight(packed, w, IC, OC, half);
+  }
+  void MatmulForwardPacked(float* out, const float* inp, const float* packed, const float* bias, int N, int IC,
+                           int OC, bool half) override {
+    cpu::MatmulForwardPacked(out, inp, packed, bias, N, IC, OC, half);
   }
   void MatmulBackward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
                       int N, int IC, int OC) override {

@@ -21,6 +21,12 @@ void MatmulBackward(float* dinp, float* dw, float* dbias, const float* dout, con
                     int IC, int OC);
 // MatmulForward with IEEE f16 weights (matmul_half.cc).
 void MatmulForwardHalf(float* out, const float* inp, const uint16_t* w, const float* bias, int N, int IC, int OC);
+// MatmulForward from weights repacked into column panels, fp32 or f16 (packed_matmul.cc). Needs AVX2/FMA/F16C.
+bool PackedMatmulSupported();
+size_t PackedMatmulFloats(int IC, int OC, bool half);
+void PackMatmulWeight(float* packed, const float* w, int IC, int OC, bool half);
+void MatmulForwardPacked(float* out, const float* inp, const float* packed, const float* bias, int N, int IC, int OC,
+                         bool half);
 void AttentionForward(float* out, float* att, const float* qkv, int B, int T, int C, int NH);
 void AttentionBackward(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att, int B, int T,
                        int C, int NH);

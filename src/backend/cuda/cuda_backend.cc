@@ -117,7 +117,9 @@ class CudaBackend final : public Backend {
   }
 
   std::string Name() const override { return "cuda"; }
-  bool SupportsOp(Op op) const override { return op != Op::kCount && op != Op::kMatmulForwardHalf; }
+  bool SupportsOp(Op op) const override {
+    return op != Op::kCount && op != Op::kMatmulForwardHalf && op != Op::kMatmulForwardPacked;
+  }
   void SetThreads(int) override {}
   bool host_memory() const override { return false; }
 

@@ -1,0 +1,142 @@
+// packed_matmul_test.cc: the decode layer's product from repacked weights (Backend::MatmulForwardPacked, CPU
+// packed_matmul.cc), fp32 and f16, against a double-precision product; its promise that a row's result does not
+// depend on the other rows of the step or on the thread count; and a DecodeState built on it, whose batched step
+// must give each sequence exactly the logits it gets decoded alone.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/hash.h"
+#include "formats/half.h"
+#include "model/gpt.h"
+
+namespace keel {
+namespace {
+
+double RelErr(const std::vector<float>& a, const std::vector<double>& b) {
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs(a[i] - b[i]) / (1.0 + std::fabs(b[i])));
+  return worst;
+}
+
+std::vector<float> Pack(Backend* be, const std::vector<float>& w, int IC, int OC, bool half) {
+  std::vector<float> packed(be->PackedMatmulFloats(IC, OC, half));
+  be->PackMatmulWeight(packed.data(), w.data(), IC, OC, half);
+  return packed;
+}
+
+TEST(PackedMatmul, MatchesADoubleReference) {
+  auto be = MakeCpuBackend(2);
+  if (!be->SupportsOp(Op::kMatmulForwardPacked)) GTEST_SKIP() << "this CPU lacks AVX2/FMA/F16C";
+  Rng rng(21);
+  // OC around the 16-column panel (a padded last panel), N around the 6-row micro-kernel, IC odd and tiny.
+  for (int IC : {1, 29, 200}) {
+    for (int OC : {1, 15, 16, 17, 133}) {
+      std::vector<float> w(static_cast<size_t>(OC) * IC), bias(OC);
+      for (auto& x : w) x = rng.Normal();
+      for (auto& x : bias) x = rng.Normal();
+      std::vector<float> w_half(w.size());  // what the f16 form holds
+      for (size_t i = 0; i < w.size(); ++i) w_half[i] = F16ToFloat(FloatToF16(w[i]));
+      for (bool half : {false, true}) {
+        std::vector<float> packed = Pack(be.get(), w, IC, OC, half);
+        const std::vector<float>& wr = half ? w_half : w;
+        for (int N : {1, 2, 5, 6, 7, 12, 13, 16, 64}) {
+          std::vector<float> inp(static_cast<size_t>(N) * IC);
+          for (auto& x : inp) x = rng.Normal();
+          for (bool with_bias : {true, false}) {
+            std::vector<double> ref(static_cast<size_t>(N) * OC);
+            for (int n = 0; n < N; ++n)
+              for (int o = 0; o < OC; ++o) {
+                double s = with_bias ? bias[o] : 0.0;
+                for (int i = 0; i < IC; ++i) s += double(inp[size_t(n) * IC + i]) * wr[size_t(o) * IC + i];
+                ref[size_t(n) * OC + o] = s;
+              }
+            // A sentinel after the output: padded panel columns must never be stored.
+            std::vector<float> out(ref.size() + 1, 0.0f);
+            out.back() = 12345.0f;
+            be->MatmulForwardPacked(out.data(), inp.data(), packed.data(), with_bias ? bias.data() : nullptr, N, IC,
+                                    OC, half);
+            EXPECT_EQ(out.back(), 12345.0f) << "wrote past the output, OC=" << OC << " N=" << N;
+            out.pop_back();
+            EXPECT_LT(RelErr(out, ref), 1e-5 * std::sqrt(double(IC)))
+                << (half ? "f16" : "fp32") << " IC=" << IC << " OC=" << OC << " N=" << N << " bias=" << with_bias;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(PackedMatmul, ARowsResultDoesNotDependOnTheOtherRowsOrThreads) {
+  auto be1 = MakeCpuBackend(1), be2 = MakeCpuBackend(2);
+  if (!be2->SupportsOp(Op::kMatmulForwardPacked)) GTEST_SKIP() << "this CPU lacks AVX2/FMA/F16C";
+  Rng rng(8);
+  const int IC = 96, OC = 300, N = 17;
+  std::vector<float> w(static_cast<size_t>(OC) * IC), bias(OC), inp(static_cast<size_t>(N) * IC);
+  for (auto& x : w) x = rng.Normal();
+  for (auto& x : bias) x = rng.Normal();
+  for (auto& x : inp) x = rng.Normal();
+  for (bool half : {false, true}) {
+    std::vector<float> packed = Pack(be2.get(), w, IC, OC, half);
+    std::vector<float> all(static_cast<size_t>(N) * OC), all1(all.size());
+    be2->MatmulForwardPacked(all.data(), inp.data(), packed.data(), bias.data(), N, IC, OC, half);
+    be1->MatmulForwardPacked(all1.data(), inp.data(), packed.data(), bias.data(), N, IC, OC, half);
+    EXPECT_EQ(all, all1) << "1 vs 2 threads, half=" << half;
+    for (int n = 0; n < N; ++n) {  // row n alone, and as the last of a group of n+1 rows
+      std::vector<float> alone(OC), group(static_cast<size_t>(n + 1) * OC);
+      be2->MatmulForwardPacked(alone.data(), inp.data() + size_t(n) * IC, packed.data(), bias.data(), 1, IC, OC, half);
+      be2->MatmulForwardPacked(group.data(), inp.data(), packed.data(), bias.data(), n + 1, IC, OC, half);
+      for (int o = 0; o < OC; ++o) {
+        ASSERT_EQ(alone[o], all[size_t(n) * OC + o]) << "row " << n << " col " << o << " half=" << half;
+        ASSERT_EQ(group[size_t(n) * OC + o], all[size_t(n) * OC + o]) << "row " << n << " col " << o;
+      }
+    }
+  }
+}
+
+// Three sequences advanced together (one step of 3 rows, then a step mixing a 4-row prompt chunk and two decode
+// rows) against each sequence decoded alone in its own state: the logits must be equal bit for bit, so a
+// server's answer to one client does not depend on who else is being served.
+TEST(PackedMatmul, BatchedDecodeEqualsEachSequenceAlone) {
+  GptConfig c{.layers = 2, .heads = 2, .dim = 48, .ctx = 16, .vocab = 53};
+  auto be = MakeCpuBackend(2);
+  if (!be->SupportsOp(Op::kMatmulForwardPacked)) GTEST_SKIP() << "this CPU lacks AVX2/FMA/F16C";
+  auto model = GptModel::Create(c, be.get(), 1, c.ctx);
+  ASSERT_TRUE(model.ok()) << model.status().ToString();
+  (*model)->InitWeights(6);
+  for (bool half : {false, true}) {
+    auto batched = DecodeState::Create(model->get(), 3, c.ctx, 8, half);
+    ASSERT_TRUE(batched.ok()) << batched.status().ToString();
+    std::vector<std::unique_ptr<DecodeState>> alone;
+    for (int s = 0; s < 3; ++s) {
+      auto a = DecodeState::Create(model->get(), 1, c.ctx, 8, half);
+      ASSERT_TRUE(a.ok());
+      alone.push_back(std::move(*a));
+    }
+    const int V = c.vocab;
+    // Step 1: one row per sequence at position 0.
+    int32_t tok[3] = {5, 17, 40}, pos[3] = {0, 0, 0}, slots[3] = {0, 1, 2}, rows[3] = {0, 1, 2};
+    std::vector<float> b = (*batched)->StepRows(tok, pos, slots, 3, rows, 3);
+    for (int s = 0; s < 3; ++s) {
+      int32_t zero = 0;
+      std::vector<float> a = alone[s]->StepRows(&tok[s], &pos[s], &zero, 1, &zero, 1);
+      for (int v = 0; v < V; ++v) ASSERT_EQ(a[v], b[size_t(s) * V + v]) << "step 1 seq " << s << " half=" << half;
+    }
+    // Step 2: sequence 0 feeds a 4-token chunk (positions 1-4), sequences 1 and 2 one token each.
+    int32_t tok2[6] = {1, 2, 3, 4, 9, 33}, pos2[6] = {1, 2, 3, 4, 1, 1}, slots2[6] = {0, 0, 0, 0, 1, 2};
+    int32_t lrows[3] = {3, 4, 5};
+    b = (*batched)->StepRows(tok2, pos2, slots2, 6, lrows, 3);
+    int32_t zeros[4] = {0, 0, 0, 0}, last = 3, first = 0;
+    std::vector<float> a0 = alone[0]->StepRows(tok2, pos2, zeros, 4, &last, 1);
+    for (int v = 0; v < V; ++v) ASSERT_EQ(a0[v], b[v]) << "step 2 seq 0 half=" << half;
+    for (int s = 1; s < 3; ++s) {
+      std::vector<float> a = alone[s]->StepRows(&tok2[3 + s], &pos2[3 + s], zeros, 1, &first, 1);
+      for (int v = 0; v < V; ++v) ASSERT_EQ(a[v], b[size_t(s) * V + v]) << "step 2 seq " << s << " half=" << half;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace keel
