@@ -97,8 +97,9 @@ class DecodeState {
   // the fp32 model's by the f16 rounding of the weights). Fails where the backend lacks kMatmulForwardHalf.
   // Where the backend has kMatmulForwardPacked (the CPU with AVX2/FMA/F16C) every matrix is repacked once into
   // its decode layout, f16 or fp32: with fp32 weights that copy costs as much memory again as the matrices
-  // (a second 500 MB for GPT-2 small), bought for a 1.5-2x faster batched step. A row's logits then do not
-  // depend on which other rows share its step.
+  // (a second 500 MB for GPT-2 small), bought for a 1.2-1.6x faster 16-row step. A row's logits then do not
+  // depend on which other rows share its step. Either copy is taken here: parameters changed after Create() are
+  // not seen by the matrices (create a new DecodeState after loading new weights).
   // repack = false keeps the model's own matrices (no copy; the slower few-row kernels).
   static Result<std::unique_ptr<DecodeState>> Create(GptModel* model, int B, int maxT, int max_rows = 0,
                                                      bool half_weights = false, bool repack = true);
