@@ -9,7 +9,7 @@
 #
 # 4 workers x 1 thread, the foundation's config (a) (4 layers, 4 heads, dim 256, ctx 256, vocab 8192, batch 8:
 # a global batch of 8 sequences per step, as 4 micro-batches of 2, one per worker), byte-tokenised synthetic
-# text. Worker 3's link is limited to
+# text (CORPUS=fortunes: the default corpus, BPE). Worker 3's link is limited to
 # 100 Mbit/s with 20 ms latency per communication round (fault injection `link:`, dist/link_emulation.h — an
 # emulation in keel's communicator layer, see docs/diloco.md). Every run trains STEPS steps (the same token
 # budget): ddp vs diloco (--inner-steps H), each with --compress none and int8. Prints a Markdown table of
@@ -29,7 +29,12 @@ KEEL=./build/keel
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 export KEEL_ALLOW_FAULT_INJECTION=1
-# Varied text (numbers spelled by seq, shuffled words) so the validation loss is not trivially zero.
+# CORPUS=fortunes: the default corpus (Debian's fortunes, BPE tokenizer with config (a)'s vocabulary of 8192).
+# Otherwise varied synthetic text (numbers spelled by seq, shuffled words), byte-tokenised, so the validation loss
+# is not trivially zero.
+if [ "${CORPUS:-synthetic}" = fortunes ]; then
+  $KEEL prepare --input /usr/share/games/fortunes --out "$WORK/data" --tokenizer bpe --vocab-size 8192 >/dev/null 2>&1
+else
 /usr/bin/python3 - "$WORK/corpus.txt" <<'PY'
 import random, sys
 random.seed(7)
@@ -39,6 +44,7 @@ with open(sys.argv[1], "w") as f:
         f.write(" ".join(random.choice(words) for _ in range(random.randint(4, 12))) + f" {i}.\n")
 PY
 $KEEL prepare --input "$WORK/corpus.txt" --out "$WORK/data" --tokenizer byte >/dev/null 2>&1
+fi
 MODEL="--layers 4 --heads 4 --dim 256 --ctx 256 --vocab 8192"
 LINK="link:rank=3,mbit=100,latency_ms=20"
 
