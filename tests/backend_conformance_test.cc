@@ -38,6 +38,7 @@
 #include "model/gpt.h"
 #include "model/gpt_config.h"
 #include "train/exact_sum.h"
+#include "ops_test_util.h"
 #ifdef KEEL_HAVE_CUDA
 #include "backend/cuda/cuda_backend.h"
 #endif
@@ -92,51 +93,8 @@ Result<std::unique_ptr<Backend>> MakeCandidate(const Candidate& c) {
 // ---------------------------------------------------------------------------------------------------------
 // Device buffers moved through Upload/Download only (host memory on CPU).
 
-class Dev {
- public:
-  Dev(Backend* be, size_t n) : be_(be), n_(n) {
-    auto r = be->Alloc(n);
-    if (!r.ok()) throw std::runtime_error(r.status().ToString());
-    p_ = r.value();
-  }
-  Dev(Backend* be, const std::vector<float>& host) : Dev(be, host.size()) { Set(host); }
-  Dev(const Dev&) = delete;
-  Dev& operator=(const Dev&) = delete;
-  ~Dev() { be_->Free(p_); }
-  operator float*() const { return p_; }  // NOLINT: implicit, for readable op calls
-  void Set(const std::vector<float>& host) { be_->Upload(p_, host.data(), n_); }
-  void Poison() { Set(std::vector<float>(n_, kNaN)); }
-  std::vector<float> Host() const {
-    std::vector<float> h(n_);
-    const Status s = be_->Sync();
-    EXPECT_TRUE(s.ok()) << s.ToString();
-    be_->Download(h.data(), p_, n_);
-    return h;
-  }
-
- private:
-  Backend* be_;
-  size_t n_;
-  float* p_ = nullptr;
-};
-
-class DevInt {
- public:
-  DevInt(Backend* be, const std::vector<int32_t>& host) : be_(be) {
-    auto r = be->AllocInt(std::max<size_t>(host.size(), 1));
-    if (!r.ok()) throw std::runtime_error(r.status().ToString());
-    p_ = r.value();
-    if (!host.empty()) be->UploadInt(p_, host.data(), host.size());
-  }
-  DevInt(const DevInt&) = delete;
-  DevInt& operator=(const DevInt&) = delete;
-  ~DevInt() { be_->FreeInt(p_); }
-  operator int32_t*() const { return p_; }  // NOLINT
-
- private:
-  Backend* be_;
-  int32_t* p_ = nullptr;
-};
+using optest::Dev;
+using optest::DevInt;
 
 // A device byte buffer (AdamW's decay mask), carried in an int32 allocation.
 class DevBytes {

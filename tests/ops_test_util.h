@@ -73,9 +73,11 @@ class Dev {
   size_t size() const { return n_; }
   void Set(const std::vector<float>& host) { be_->Upload(p_, host.data(), n_); }
   void Fill(float v) { Set(std::vector<float>(n_, v)); }
+  void Poison() { Fill(std::numeric_limits<float>::quiet_NaN()); }  // outputs must be written, never read
   std::vector<float> Host() const {
     std::vector<float> h(n_);
-    EXPECT_TRUE(be_->Sync().ok());
+    const Status s = be_->Sync();
+    EXPECT_TRUE(s.ok()) << s.ToString();
     be_->Download(h.data(), p_, n_);
     return h;
   }
@@ -89,10 +91,10 @@ class Dev {
 class DevInt {
  public:
   DevInt(Backend* be, const std::vector<int32_t>& host) : be_(be) {
-    auto r = be->AllocInt(host.size());
+    auto r = be->AllocInt(std::max<size_t>(host.size(), 1));
     if (!r.ok()) throw std::runtime_error(r.status().ToString());
     p_ = r.value();
-    be->UploadInt(p_, host.data(), host.size());
+    if (!host.empty()) be->UploadInt(p_, host.data(), host.size());
   }
   DevInt(const DevInt&) = delete;
   DevInt& operator=(const DevInt&) = delete;
