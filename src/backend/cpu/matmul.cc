@@ -3,10 +3,11 @@
 // for 2-8 rows).
 //
 // Thread-count invariance: OpenBLAS's own threading changes the rounding of sgemm with the thread count (last-bit
-// differences once M*N*K > 2^18, measured in tests/ops_gradcheck_test.cc). keel therefore splits every product
-// into output tiles by a rule that depends on the shape only, and runs each tile as a single-threaded sgemm on
-// an OpenMP thread. Each output element's K-reduction then happens inside one single-threaded call whose
-// arguments do not depend on the thread count, so results are bit-identical for any --threads.
+// differences once M*N*K > 2^18, measured when tests/thread_invariance_test.cc still called it threaded). keel
+// therefore splits every product into output tiles by a rule that depends on the shape only, and runs each tile
+// as a single-threaded sgemm on an OpenMP thread. Each output element's K-reduction then happens inside one
+// single-threaded call whose arguments do not depend on the thread count, so results are bit-identical for any
+// --threads.
 #include <cblas.h>
 
 #include <algorithm>
