@@ -1,12 +1,10 @@
-// ops_test_util.h: helpers shared by the op and model tests (ops_gradcheck_test.cc, thread_invariance_test.cc):
-// random inputs, device buffers, double finite differences, the error measure, bit comparison, and the OpsTest and
-// ModelTest fixtures. Error measure: rel = max_i |got_i - want_i| / max(max_i |want_i|, floor), the worst absolute
-// error scaled by the tensor's largest reference magnitude (robust to entries near zero).
+// ops_test_util.h: helpers shared by the op and model tests (ops_gradcheck_test.cc, thread_invariance_test.cc; the
+// device buffers also backend_conformance_test.cc): random inputs, device buffers, double finite differences, the
+// error measure, bit comparison, and the OpsTest and ModelTest fixtures. Error measure: rel = max_i |got_i - want_i| /
+// max(max_i |want_i|, floor), the worst absolute error scaled by the largest reference magnitude.
 #pragma once
 
-// margins are visible in the test log.
 #include <gtest/gtest.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
