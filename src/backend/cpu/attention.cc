@@ -135,47 +135,99 @@ void AttentionBackward(float* dqkv, float* datt, const float* dout, const float*
   }
 }
 
+namespace {
+
+// One (sequence, head) of decode attention: o[0..hs) = softmax(scale q K^T) V over the first len cache rows (row
+// stride C). s: len floats of scratch. Every value is computed with the same operations in the same order as the
+// scalar reference loop this replaced (each score: kLanes partial sums folded lane 0 first, times scale; exps
+// lane by lane, bit-identical to the scalar VecExp; the normaliser summed key by key; each output lane
+// accumulated key by key), so results do not depend on which path ran. NV = hs / kLanes when that is 2, 4 or 8:
+// the output is then held in NV registers across the keys (the generic path reloads and stores o per key), and
+// scores are taken four keys at a time so each query load serves four keys.
+template <int NV>
+void AttendHead(float* o, const float* qv, const float* kc, const float* vc, float* s, int len, int C, int hs,
+                float scale) {
+  float mx = -INFINITY;
+  int j = 0;
+  if constexpr (NV > 0) {
+    for (; j + 4 <= len; j += 4) {
+      const float* k0 = kc + static_cast<size_t>(j) * C;
+      const float* k1 = k0 + C;
+      const float* k2 = k1 + C;
+      const float* k3 = k2 + C;
+      VecF q = LoadV(qv);
+      VecF a0 = q * LoadV(k0), a1 = q * LoadV(k1), a2 = q * LoadV(k2), a3 = q * LoadV(k3);
+#pragma GCC unroll 8
+      for (int v = 1; v < NV; ++v) {
+        q = LoadV(qv + v * kLanes);
+        a0 += q * LoadV(k0 + v * kLanes);
+        a1 += q * LoadV(k1 + v * kLanes);
+        a2 += q * LoadV(k2 + v * kLanes);
+        a3 += q * LoadV(k3 + v * kLanes);
+      }
+      s[j] = HSum(a0) * scale;
+      s[j + 1] = HSum(a1) * scale;
+      s[j + 2] = HSum(a2) * scale;
+      s[j + 3] = HSum(a3) * scale;
+      for (int t = j; t < j + 4; ++t) mx = s[t] > mx ? s[t] : mx;
+    }
+  }
+  for (; j < len; ++j) {
+    const float* kr = kc + static_cast<size_t>(j) * C;
+    float d = 0.0f;
+    int i = 0;
+    if (hs >= kLanes) {
+      VecF acc = LoadV(qv) * LoadV(kr);
+      for (i = kLanes; i + kLanes <= hs; i += kLanes) acc += LoadV(qv + i) * LoadV(kr + i);
+      d = HSum(acc);
+    }
+    for (; i < hs; ++i) d += qv[i] * kr[i];
+    s[j] = d * scale;
+    mx = s[j] > mx ? s[j] : mx;
+  }
+  const VecF vmx = Splat(mx);
+  for (j = 0; j + kLanes <= len; j += kLanes) StoreV(s + j, VecExp(LoadV(s + j) - vmx));
+  for (; j < len; ++j) s[j] = VecExp(s[j] - mx);
+  float sum = 0.0f;
+  for (j = 0; j < len; ++j) sum += s[j];
+  const float inv = 1.0f / sum;
+  if constexpr (NV > 0) {
+    VecF acc[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] = Splat(0.0f);
+    for (j = 0; j < len; ++j) {
+      const float* vr = vc + static_cast<size_t>(j) * C;
+      const VecF w = Splat(s[j] * inv);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[v] += w * LoadV(vr + v * kLanes);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) StoreV(o + v * kLanes, acc[v]);
+  } else {
+    for (int i = 0; i < hs; ++i) o[i] = 0.0f;
+    for (j = 0; j < len; ++j) {
+      const float* vr = vc + static_cast<size_t>(j) * C;
+      const float w = s[j] * inv;
+      for (int i = 0; i < hs; ++i) o[i] += w * vr[i];
+    }
+  }
+}
+
+}  // namespace
+
 void AttentionDecode(float* out, const float* q, const float* k_cache, const float* v_cache, const int32_t* pos,
                      float* scratch, int B, int maxT, int C, int NH, const int32_t* slots) {
   const int hs = C / NH;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
+  const int nv = hs % kLanes == 0 ? hs / kLanes : 0;
+  auto* attend = nv == 2 ? &AttendHead<2> : nv == 4 ? &AttendHead<4> : nv == 8 ? &AttendHead<8> : &AttendHead<0>;
 #pragma omp parallel for schedule(static)
   for (int bh = 0; bh < B * NH; ++bh) {
-    int b = bh / NH, h = bh % NH;
-    int len = pos[b] + 1;
-    const float* qv = q + static_cast<size_t>(b) * C + h * hs;
+    const int b = bh / NH, h = bh % NH;
     const size_t slot = static_cast<size_t>(slots ? slots[b] : b);
-    const float* kc = k_cache + slot * maxT * C + h * hs;
-    const float* vc = v_cache + slot * maxT * C + h * hs;
-    float* s = scratch + static_cast<size_t>(bh) * maxT;
-    float mx = -INFINITY;
-    for (int j = 0; j < len; ++j) {
-      const float* kr = kc + static_cast<size_t>(j) * C;
-      // kLanes partial sums (vec_math.h), then the tail: a fixed order for a given head size.
-      float d = 0.0f;
-      int i = 0;
-      if (hs >= kLanes) {
-        VecF acc = LoadV(qv) * LoadV(kr);
-        for (i = kLanes; i + kLanes <= hs; i += kLanes) acc += LoadV(qv + i) * LoadV(kr + i);
-        for (int l = 0; l < kLanes; ++l) d += acc[l];
-      }
-      for (; i < hs; ++i) d += qv[i] * kr[i];
-      s[j] = d * scale;
-      mx = s[j] > mx ? s[j] : mx;
-    }
-    float sum = 0.0f;
-    for (int j = 0; j < len; ++j) {
-      s[j] = VecExp(s[j] - mx);
-      sum += s[j];
-    }
-    float inv = 1.0f / sum;
-    float* o = out + static_cast<size_t>(b) * C + h * hs;
-    for (int i = 0; i < hs; ++i) o[i] = 0.0f;
-    for (int j = 0; j < len; ++j) {
-      const float* vr = vc + static_cast<size_t>(j) * C;
-      float w = s[j] * inv;
-      for (int i = 0; i < hs; ++i) o[i] += w * vr[i];
-    }
+    attend(out + static_cast<size_t>(b) * C + h * hs, q + static_cast<size_t>(b) * C + h * hs,
+           k_cache + slot * maxT * C + h * hs, v_cache + slot * maxT * C + h * hs,
+           scratch + static_cast<size_t>(bh) * maxT, pos[b] + 1, C, hs, scale);
   }
 }
 
