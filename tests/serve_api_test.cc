@@ -318,6 +318,69 @@ TEST_F(ServeApi, BadRequestsAnswerOpenAiErrors) {
   EXPECT_EQ(h->status, 200);
 }
 
+// --max-body holds for every body: httplib limits only Content-Length bodies, so a chunked or unframed body is
+// refused (411) and a compressed one (415) before it is read, and the connection closes after the answer (the
+// unread body must not be parsed as the next request). A wrong method on a known path is a 405 with Allow.
+TEST_F(ServeApi, BodyFramingAndMethods) {
+  const std::string json_body = R"({"prompt": "x", "max_tokens": 2})";
+  struct Case {
+    std::string name, request;
+    int status;
+    std::string code;
+  };
+  const std::string big_chunk(100000, 'a');
+  char size_hex[16];
+  std::snprintf(size_hex, sizeof size_hex, "%zx", big_chunk.size());
+  const std::vector<Case> cases = {
+      {"chunked", "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  "Transfer-Encoding: chunked\r\n\r\n" + [&] {
+                    char h[16];
+                    std::snprintf(h, sizeof h, "%zx", json_body.size());
+                    return std::string(h);
+                  }() + "\r\n" + json_body + "\r\n0\r\n\r\n",
+       411, "length_required"},
+      // A chunk over the limit that never ends: answered at once, nothing of it read.
+      {"endless chunked", "POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" +
+                              std::string(size_hex) + "\r\n" + big_chunk,
+       411, "length_required"},
+      {"gzip", "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\nContent-Length: 4\r\n\r\n"
+               "\x1f\x8b\x08\x00",
+       415, "unsupported_media_type"},
+      {"no length", "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" + json_body, 411,
+       "length_required"},
+      {"PUT", "PUT /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + std::to_string(json_body.size()) +
+                  "\r\n\r\n" + json_body,
+       405, "method_not_allowed"},
+      {"POST /health", "POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 405,
+       "method_not_allowed"},
+      {"DELETE /v1/models", "DELETE /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405,
+       "method_not_allowed"},
+  };
+  for (const Case& k : cases) {
+    SCOPED_TRACE(k.name);
+    bool closed = false;
+    const std::string resp = RawHttp(server_->port(), k.request, &closed);
+    ASSERT_EQ(resp.rfind("HTTP/1.1 " + std::to_string(k.status) + " ", 0), 0u) << resp;
+    EXPECT_TRUE(closed) << "the connection stayed open: " << resp;
+    const size_t body_at = resp.find("\r\n\r\n");
+    ASSERT_NE(body_at, std::string::npos) << resp;
+    const json j = json::parse(resp.substr(body_at + 4), nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << resp;
+    ExpectError(j, "invalid_request_error");
+    EXPECT_EQ(j["error"]["code"], k.code) << resp;
+    if (k.status == 405) {
+      EXPECT_NE(resp.find("Allow: "), std::string::npos) << resp;
+    }
+  }
+  // HEAD on a GET route is fine; the server still serves.
+  auto h = server_->Client()->Head("/health");
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->status, 200);
+  int st = 0;
+  json ok = PostJson("/v1/completions", json_body, &st);
+  EXPECT_EQ(st, 200) << ok.dump();
+}
+
 TEST(ServeAuth, ApiKeyRequiredOnV1) {
   ServerProcess s;
   ASSERT_TRUE(s.Start("--api-key sekrit")) << s.log();
@@ -336,9 +399,15 @@ TEST(ServeAuth, ApiKeyRequiredOnV1) {
   auto m = c->Get("/v1/models");
   ASSERT_TRUE(m);
   EXPECT_EQ(m->status, 401);
-  auto ok = c->Post("/v1/completions", {{"Authorization", "Bearer sekrit"}}, body, "application/json");
-  ASSERT_TRUE(ok);
-  EXPECT_EQ(ok->status, 200) << ok->body;
+  // The scheme name is case-insensitive; the key is not.
+  for (const char* auth : {"Bearer sekrit", "bearer sekrit", "BEARER sekrit"}) {
+    auto ok = c->Post("/v1/completions", {{"Authorization", auth}}, body, "application/json");
+    ASSERT_TRUE(ok);
+    EXPECT_EQ(ok->status, 200) << auth << ": " << ok->body;
+  }
+  auto wrong_case = c->Post("/v1/completions", {{"Authorization", "Bearer SEKRIT"}}, body, "application/json");
+  ASSERT_TRUE(wrong_case);
+  EXPECT_EQ(wrong_case->status, 401);
   auto h = c->Get("/health");
   ASSERT_TRUE(h);
   EXPECT_EQ(h->status, 200);
@@ -375,6 +444,15 @@ TEST(ServeCli, BadArgumentsFailWithOneLine) {
   EXPECT_NE(r.output.find("--ctx"), std::string::npos) << r.output;
   r = RunKeel("serve " + TinyModelDir() + " --parallel 0");
   EXPECT_NE(r.exit_code, 0) << r.output;
+  // Values that would overflow the server's sums, or a queue longer than its HTTP threads could hold.
+  for (const std::string& bad : {std::string("--queue 2147483647"), std::string("--queue 1010"),
+                                 std::string("--prefill-chunk 2147483647"), std::string("--drain-timeout inf"),
+                                 std::string("--parallel 100000")}) {
+    // (timeout: were the value accepted, the server would run.)
+    r = RunCommand("timeout 20 " + std::string(KEEL_BINARY) + " serve " + TinyModelDir() + " --port 0 " + bad);
+    EXPECT_EQ(r.exit_code, 1) << bad << ": " << r.output;
+    EXPECT_NE(r.output.find(bad.substr(0, bad.find(' '))), std::string::npos) << bad << ": " << r.output;
+  }
   // Binding a port that is in use fails cleanly.
   ServerProcess a;
   ASSERT_TRUE(a.Start("")) << a.log();

@@ -189,6 +189,11 @@ TEST(Engine, ContextLimitAndStopStrings) {
   r.prompt.clear();
   EXPECT_EQ((*eng)->Submit(r, &ss, nullptr), nullptr);
   EXPECT_EQ(ss, SubmitStatus::kInvalid);
+  // An empty stop string would match at once: refused by the engine itself, not only by the HTTP parser.
+  r.prompt = tok.Encode("abcd");
+  r.stop = {"x", ""};
+  EXPECT_EQ((*eng)->Submit(r, &ss, nullptr), nullptr);
+  EXPECT_EQ(ss, SubmitStatus::kInvalid);
 }
 
 TEST(Engine, CancelQueueBoundAndShutdown) {

@@ -1,8 +1,12 @@
 // serve_test_util.h: helpers for the `keel serve` tests — a tiny trained model, a server child process on a free
 // port, and small HTTP/SSE client helpers over cpp-httplib.
 #pragma once
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -53,6 +57,38 @@ inline const std::string& TinyModelDir() {
     return *dir / "run";
   }();
   return run;
+}
+
+// Sends raw bytes to 127.0.0.1:port and reads the answer until the server closes the connection, or until
+// `timeout` (then *closed is false). For requests httplib's client cannot send: chunked or compressed bodies,
+// odd methods.
+inline std::string RawHttp(int port, const std::string& request, bool* closed,
+                           std::chrono::milliseconds timeout = std::chrono::milliseconds(5000)) {
+  *closed = false;
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return "";
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  std::string out;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
+      write(fd, request.data(), request.size()) == static_cast<ssize_t>(request.size())) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    char buf[4096];
+    while (std::chrono::steady_clock::now() < deadline) {
+      pollfd p{fd, POLLIN, 0};
+      if (poll(&p, 1, 50) <= 0) continue;
+      ssize_t n = read(fd, buf, sizeof buf);
+      if (n <= 0) {
+        *closed = true;
+        break;
+      }
+      out.append(buf, static_cast<size_t>(n));
+    }
+  }
+  close(fd);
+  return out;
 }
 
 // A `keel serve` child process. Start() waits for its "listening on" line and parses the port.

@@ -2,6 +2,7 @@
 #include "serve/engine.h"
 
 #include <algorithm>
+#include <string_view>
 
 #include "data/tokenizer.h"
 #include "model/gpt.h"
@@ -63,7 +64,7 @@ void Generation::Finish(FinishReason reason, Status error, int completion_tokens
 namespace {
 
 // Bytes at the end of s (after `from`) that begin an incomplete UTF-8 sequence, to hold back until it completes.
-size_t IncompleteUtf8Tail(const std::string& s, size_t from) {
+size_t IncompleteUtf8Tail(std::string_view s, size_t from) {
   const size_t n = s.size();
   for (size_t back = 1; back <= 3 && back <= n - from; ++back) {
     const auto c = static_cast<unsigned char>(s[n - back]);
@@ -92,8 +93,8 @@ Result<std::unique_ptr<Engine>> Engine::Create(GptModel* model, const Tokenizer*
                                                ServeMetrics* metrics) {
   const GptConfig& c = model->config();
   if (o.parallel < 1 || o.parallel > 4096) return InvalidArgument("--parallel must be in [1, 4096]");
-  if (o.queue < 0) return InvalidArgument("--queue must be >= 0");
-  if (o.prefill_chunk < 1) return InvalidArgument("the prefill chunk must be >= 1");
+  if (o.queue < 0 || o.queue > (1 << 20)) return InvalidArgument("--queue must be in [0, 1048576]");
+  if (o.prefill_chunk < 1 || o.prefill_chunk > 65536) return InvalidArgument("the prefill chunk must be in [1, 65536]");
   const int ctx = o.ctx == 0 ? c.ctx : o.ctx;
   if (ctx < 2 || ctx > c.ctx)
     return InvalidArgument("--ctx " + std::to_string(o.ctx) + " must be in [2, " + std::to_string(c.ctx) +
@@ -131,6 +132,9 @@ std::shared_ptr<Generation> Engine::Submit(GenerationRequest request, SubmitStat
   for (int32_t t : request.prompt)
     if (t < 0 || t >= model_->config().vocab) return fail(SubmitStatus::kInvalid, "prompt token out of range");
   if (request.max_tokens < 0) return fail(SubmitStatus::kInvalid, "max_tokens must be >= 0");
+  // An empty stop string would match at once (and StopPrefixTail assumes at least one byte).
+  for (const auto& st : request.stop)
+    if (st.empty()) return fail(SubmitStatus::kInvalid, "stop strings must not be empty");
   auto gen = std::make_shared<Generation>();
   gen->prompt_tokens_ = n;
   {
@@ -216,7 +220,7 @@ void Engine::PublishSafe(Slot& s) {
   size_t hold = 0;
   for (const auto& st : s.req.stop) hold = std::max(hold, StopPrefixTail(s.text, s.published, st));
   size_t end = s.text.size() - hold;
-  end -= IncompleteUtf8Tail(s.text.substr(0, end), s.published);
+  end -= IncompleteUtf8Tail(std::string_view(s.text).substr(0, end), s.published);  // no copy: runs per token
   if (end > s.published || !s.new_tokens.empty()) {
     s.gen->Publish(s.text.substr(s.published, end - s.published), s.new_tokens, s.generated);
     s.published = std::max(s.published, end);

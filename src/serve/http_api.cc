@@ -308,6 +308,8 @@ ErrorKind ErrorKindForStatus(int s) {
     case 401: return {"authentication_error", "invalid_api_key"};
     case 404: return {"invalid_request_error", "not_found"};
     case 405: return {"invalid_request_error", "method_not_allowed"};
+    case 411: return {"invalid_request_error", "length_required"};
+    case 415: return {"invalid_request_error", "unsupported_media_type"};
     case 413: return {"invalid_request_error", "request_too_large"};
     case 429: return {"rate_limit_error", "queue_full"};
     case 503: return {"server_error", "unavailable"};

@@ -1,16 +1,19 @@
 // metrics.cc: Prometheus text rendering of the serving metrics.
 #include "serve/metrics.h"
 
+#include <charconv>
 #include <cstdio>
 
 namespace keel {
 
 namespace {
 
+// The shortest text that reads back as v: bucket bounds print as written (le="0.1", not 0.10000000000000001),
+// so queries that match on le find them.
 std::string Num(double v) {
   char buf[64];
-  std::snprintf(buf, sizeof buf, "%.17g", v);
-  return buf;
+  auto r = std::to_chars(buf, buf + sizeof buf, v);
+  return std::string(buf, r.ptr);
 }
 
 void Header(std::string* out, const char* name, const char* type, const char* help) {
@@ -121,7 +124,7 @@ std::string ServeMetrics::Render() const {
   Header(&out, "keel_slots", "gauge", "Decoding slots (--parallel).");
   out += "keel_slots " + std::to_string(slots_.load()) + "\n";
   Header(&out, "keel_time_to_first_token_seconds", "histogram",
-         "Seconds from admission of a request to its first generated token.");
+         "Seconds from the submission of a request (queue wait included) to its first generated token.");
   ttft_.Render("keel_time_to_first_token_seconds", &out);
   Header(&out, "keel_request_duration_seconds", "histogram",
          "Seconds from the arrival of a completion request to its last byte.");

@@ -8,7 +8,7 @@
 //   generation_tokens_per_second             gauge    tokens generated per second over the last ~1 s window
 //   queue_depth                              gauge    requests waiting for a slot
 //   active_slots / slots                     gauge    sequences being generated / the slot count (--parallel)
-//   time_to_first_token_seconds              histogram  from admission to the first generated token
+//   time_to_first_token_seconds              histogram  from submission (queue wait included) to the first generated token
 //   request_duration_seconds                 histogram  completion requests, from arrival to the last byte
 // Thread safety: every method may be called from any thread.
 #pragma once

@@ -9,9 +9,11 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cctype>
 #include <condition_variable>
 #include <cstdio>
 #include <ctime>
+#include <map>
 #include <mutex>
 #include <random>
 #include <thread>
@@ -150,8 +152,11 @@ struct HttpServer::Impl {
   bool Authorized(const httplib::Request& req) const {
     if (opts.api_key.empty()) return true;
     const std::string h = req.get_header_value("Authorization");
-    const std::string prefix = "Bearer ";
-    if (h.size() <= prefix.size() || h.compare(0, prefix.size(), prefix) != 0) return false;
+    // The scheme name is case-insensitive (RFC 9110 11.1); the credentials are not.
+    const std::string prefix = "bearer ";
+    if (h.size() <= prefix.size()) return false;
+    for (size_t i = 0; i < prefix.size(); ++i)
+      if (std::tolower(static_cast<unsigned char>(h[i])) != prefix[i]) return false;
     return ConstantTimeEquals(h.substr(prefix.size()), opts.api_key);
   }
 
@@ -172,6 +177,58 @@ struct StreamState {
   bool sent_role = false;
   bool at_start = true;  // chat: a leading space of the reply is dropped
 };
+
+// One call of a streaming response's content provider: waits up to kPollInterval for new text, writes it as an
+// SSE event, and at the end the finish event (or an error event) and [DONE]. False ends the response (the
+// client is gone or a write failed; the generation is cancelled).
+bool StreamNext(StreamState* st, bool chat, httplib::DataSink& sink) {
+  auto write = [&](const std::string& s) {
+    if (!sink.write(s.data(), s.size())) {
+      st->gen->Cancel();
+      return false;
+    }
+    return true;
+  };
+  if (chat && !st->sent_role) {
+    st->sent_role = true;
+    if (!write(SseEvent(StreamChunk(st->req, st->id, st->created, st->model, "", true, "")))) return false;
+  }
+  Generation::Update u = st->gen->Wait(kPollInterval);
+  std::string text = std::move(u.text);
+  if (chat && st->at_start && !text.empty()) {
+    if (text[0] == ' ') text.erase(0, 1);
+    st->at_start = false;
+  }
+  if (!text.empty() || (!u.tokens.empty() && st->req.return_tokens)) {
+    if (!write(SseEvent(StreamChunk(st->req, st->id, st->created, st->model, text, false, "",
+                                    st->req.return_tokens ? &u.tokens : nullptr))))
+      return false;
+  }
+  if (u.finished) {
+    std::string tail;
+    if (u.reason == FinishReason::kCancelled) {
+      if (ClientGone(st->fd)) return false;
+      ErrorKind k = ErrorKindForStatus(503);
+      tail += SseEvent(ErrorJson(u.error.ok() ? "the generation was cancelled" : u.error.message(), k.type,
+                                 "", "shutting_down"));
+    } else {
+      tail += SseEvent(StreamChunk(st->req, st->id, st->created, st->model, "", false,
+                                   FinishReasonName(u.reason)));
+      if (st->req.include_usage)
+        tail += SseEvent(StreamUsageChunk(st->req, st->id, st->created, st->model,
+                                          Usage{u.prompt_tokens, u.completion_tokens}));
+    }
+    tail += "data: [DONE]\n\n";
+    if (!write(tail)) return false;
+    sink.done();
+    return true;
+  }
+  if (ClientGone(st->fd)) {
+    st->gen->Cancel();
+    return false;
+  }
+  return true;
+}
 
 }  // namespace
 
@@ -219,6 +276,17 @@ void HttpServer::Impl::HandleCompletion(const httplib::Request& req, httplib::Re
 
   if (!r.stream) {
     Enter();
+    // Leave() and a cancel on every way out, an exception (httplib answers 500) included: a leaked in-flight count
+    // would hold every later WaitIdle() to its deadline, a leaked generation its slot. Cancelling a finished
+    // generation does nothing.
+    struct Exit {
+      Impl* impl;
+      std::shared_ptr<Generation> gen;
+      ~Exit() {
+        gen->Cancel();
+        impl->Leave();
+      }
+    } exit{this, gen};
     std::string text;
     std::vector<int32_t> tokens;
     Generation::Update u;
@@ -245,7 +313,6 @@ void HttpServer::Impl::HandleCompletion(const httplib::Request& req, httplib::Re
       res.status = 200;
     }
     metrics->ObserveRequestDuration(std::chrono::duration<double>(Clock::now() - start).count());
-    Leave();
     return;
   }
 
@@ -264,52 +331,13 @@ void HttpServer::Impl::HandleCompletion(const httplib::Request& req, httplib::Re
   res.set_chunked_content_provider(
       "text/event-stream",
       [st, chat](size_t, httplib::DataSink& sink) -> bool {
-        auto write = [&](const std::string& s) {
-          if (!sink.write(s.data(), s.size())) {
-            st->gen->Cancel();
-            return false;
-          }
-          return true;
-        };
-        if (chat && !st->sent_role) {
-          st->sent_role = true;
-          if (!write(SseEvent(StreamChunk(st->req, st->id, st->created, st->model, "", true, "")))) return false;
-        }
-        Generation::Update u = st->gen->Wait(kPollInterval);
-        std::string text = std::move(u.text);
-        if (chat && st->at_start && !text.empty()) {
-          if (text[0] == ' ') text.erase(0, 1);
-          st->at_start = false;
-        }
-        if (!text.empty() || (!u.tokens.empty() && st->req.return_tokens)) {
-          if (!write(SseEvent(StreamChunk(st->req, st->id, st->created, st->model, text, false, "",
-                                          st->req.return_tokens ? &u.tokens : nullptr))))
-            return false;
-        }
-        if (u.finished) {
-          std::string tail;
-          if (u.reason == FinishReason::kCancelled) {
-            if (ClientGone(st->fd)) return false;
-            ErrorKind k = ErrorKindForStatus(503);
-            tail += SseEvent(ErrorJson(u.error.ok() ? "the generation was cancelled" : u.error.message(), k.type,
-                                       "", "shutting_down"));
-          } else {
-            tail += SseEvent(StreamChunk(st->req, st->id, st->created, st->model, "", false,
-                                         FinishReasonName(u.reason)));
-            if (st->req.include_usage)
-              tail += SseEvent(StreamUsageChunk(st->req, st->id, st->created, st->model,
-                                                Usage{u.prompt_tokens, u.completion_tokens}));
-          }
-          tail += "data: [DONE]\n\n";
-          if (!write(tail)) return false;
-          sink.done();
-          return true;
-        }
-        if (ClientGone(st->fd)) {
+        // httplib calls this outside its exception handler: an exception here would terminate the server.
+        try {
+          return StreamNext(st.get(), chat, sink);
+        } catch (...) {
           st->gen->Cancel();
           return false;
         }
-        return true;
       },
       [this, st](bool success) {
         if (!success) st->gen->Cancel();
@@ -317,6 +345,7 @@ void HttpServer::Impl::HandleCompletion(const httplib::Request& req, httplib::Re
         Leave();
       });
 }
+
 
 void HttpServer::Impl::Routes() {
   svr.Get("/", [](const httplib::Request&, httplib::Response& res) {
@@ -350,10 +379,40 @@ void HttpServer::Impl::Routes() {
   svr.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
     HandleCompletion(req, res, ApiEndpoint::kChatCompletions);
   });
-  for (const char* p : {"/v1/completions", "/v1/chat/completions"})
-    svr.Get(p, [](const httplib::Request&, httplib::Response& res) {
-      SetError(res, 405, "use POST for this endpoint");
-    });
+  // Runs after the headers and before httplib reads the body. httplib 0.11 applies --max-body only to a
+  // Content-Length body: a chunked or unframed body would be read whole whatever its size, and a compressed one
+  // inflated past the limit. So a body must come with a Content-Length and no Content-Encoding. A wrong method
+  // on a known path is a 405 here, before any body is read. A rejected request's body stays unread, so the
+  // connection closes after the answer (see the logger).
+  svr.set_pre_routing_handler([](const httplib::Request& req, httplib::Response& res) {
+    auto reject = [&](int status, const std::string& message) {
+      SetError(res, status, message);
+      res.set_header("Connection", "close");
+      return httplib::Server::HandlerResponse::Handled;
+    };
+    static const std::map<std::string, std::string> kMethodOf = {
+        {"/", "GET"},        {"/health", "GET"},         {"/metrics", "GET"},
+        {"/v1/models", "GET"}, {"/v1/completions", "POST"}, {"/v1/chat/completions", "POST"}};
+    if (auto it = kMethodOf.find(req.path); it != kMethodOf.end()) {
+      const std::string& want = it->second;
+      if (req.method != want && !(want == "GET" && req.method == "HEAD")) {
+        res.set_header("Allow", want == "GET" ? "GET, HEAD" : want);
+        return reject(405, "use " + want + " for " + req.path + " (got " + req.method + ")");
+      }
+    }
+    const bool has_body = req.method == "POST" || req.method == "PUT" || req.method == "PATCH" ||
+                          req.method == "DELETE";
+    if (has_body || req.has_header("Transfer-Encoding")) {
+      if (req.has_header("Transfer-Encoding"))
+        return reject(411, "send the request body with a Content-Length header (Transfer-Encoding is not accepted)");
+      const std::string enc = req.get_header_value("Content-Encoding");
+      if (!enc.empty() && enc != "identity")
+        return reject(415, "compressed request bodies are not accepted (Content-Encoding: " + enc + ")");
+      if (has_body && !req.has_header("Content-Length"))
+        return reject(411, "a " + req.method + " request needs a Content-Length header");
+    }
+    return httplib::Server::HandlerResponse::Unhandled;
+  });
   // Errors httplib produces itself (unknown route, body over the limit, malformed HTTP) get a JSON body too.
   svr.set_error_handler(httplib::Server::HandlerWithResponse([](const httplib::Request& req, httplib::Response& res) {
     if (!res.body.empty() || res.is_chunked_content_provider_) return httplib::Server::HandlerResponse::Unhandled;
@@ -380,6 +439,11 @@ void HttpServer::Impl::Routes() {
   });
   svr.set_logger([this](const httplib::Request& req, const httplib::Response& res) {
     metrics->CountRequest(RouteLabel(req.path), res.status);
+    // httplib keeps a connection alive unless the *request* asked to close, and would parse a rejected request's
+    // unread body as the next request. The logger runs after the answer is written: end our side of the
+    // connection, so the client sees the answer and then end-of-stream.
+    if (res.get_header_value("Connection") == "close")
+      if (int fd = FindConnectionFd(req); fd >= 0) ::shutdown(fd, SHUT_WR);
   });
 }
 

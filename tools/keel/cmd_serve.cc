@@ -62,11 +62,22 @@ int RunServe(int argc, char** argv) {
   app.add_option("--debug-step-delay-ms", eo.step_delay_ms)->group("");
   if (int rc = Parse(app, argc, argv); rc >= 0) return rc;
   if (so.port < 0 || so.port > 65535) return Fail("serve", InvalidArgument("--port must be in [0, 65535]"));
-  if (eo.parallel < 1) return Fail("serve", InvalidArgument("--parallel must be >= 1"));
-  if (eo.queue < 0) return Fail("serve", InvalidArgument("--queue must be >= 0"));
-  if (eo.prefill_chunk < 1) return Fail("serve", InvalidArgument("--prefill-chunk must be >= 1"));
-  if (so.max_body_bytes < 1024) return Fail("serve", InvalidArgument("--max-body must be >= 1024"));
-  if (!(drain_timeout >= 0)) return Fail("serve", InvalidArgument("--drain-timeout must be >= 0"));
+  // Upper bounds keep the sums below (slots + queue + threads) far from int overflow. Every waiting or streaming
+  // request holds one HTTP worker thread (at most kMaxHttpThreads), so a queue longer than the workers left
+  // over would not answer 429: the extra requests would wait unseen in the thread pool's own queue.
+  constexpr int kMaxParallel = 256, kMaxHttpThreads = 1024, kSpareThreads = 16;
+  if (eo.parallel < 1 || eo.parallel > kMaxParallel)
+    return Fail("serve", InvalidArgument("--parallel must be in [1, " + std::to_string(kMaxParallel) + "]"));
+  const int max_queue = kMaxHttpThreads - kSpareThreads - eo.parallel;
+  if (eo.queue < 0 || eo.queue > max_queue)
+    return Fail("serve", InvalidArgument("--queue must be in [0, " + std::to_string(max_queue) + "] with --parallel " +
+                                         std::to_string(eo.parallel) + " (each waiting request holds an HTTP thread)"));
+  if (eo.prefill_chunk < 1 || eo.prefill_chunk > 65536)
+    return Fail("serve", InvalidArgument("--prefill-chunk must be in [1, 65536]"));
+  if (so.max_body_bytes < 1024 || so.max_body_bytes > (size_t{1} << 30))
+    return Fail("serve", InvalidArgument("--max-body must be in [1024, 1073741824]"));
+  if (!(drain_timeout >= 0 && drain_timeout <= 86400))
+    return Fail("serve", InvalidArgument("--drain-timeout must be in [0, 86400] seconds"));
   if (dtype != "f32" && dtype != "f16")
     return Fail("serve", InvalidArgument("--dtype must be f32 or f16, got '" + dtype + "'"));
   eo.half_weights = dtype == "f16";
@@ -98,7 +109,7 @@ int RunServe(int argc, char** argv) {
 
   so.model_name = model_name.empty() ? BaseName(ckpt) : model_name;
   if (so.model_name.empty()) so.model_name = "keel";
-  so.http_threads = std::clamp(eo.parallel + eo.queue + 16, 16, 1024);
+  so.http_threads = std::clamp(eo.parallel + eo.queue + kSpareThreads, kSpareThreads, kMaxHttpThreads);
   nlohmann::json meta = snap->config.ToJson();
   meta["serve_ctx"] = (*engine)->context();
   meta["parallel"] = eo.parallel;
