@@ -235,6 +235,16 @@ TEST_F(BpeTest, CorruptTokenizerFilesGiveClearErrors) {
   EXPECT_EQ(LoadTokenizer("wordpiece", good).status().code(), Code::kInvalidArgument);
 }
 
+// An implausibly large tokenizer file is refused before SentencePiece parses it (and whatever SentencePiece
+// throws while loading becomes a Status).
+TEST(DataTokenizer, OversizedBpeModelIsRefusedBeforeLoading) {
+  std::string huge(size_t{129} << 20, 'x');  // over kMaxTokenizerFileBytes (128 MiB)
+  auto r = LoadTokenizer("bpe", huge);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kCorrupt);
+  EXPECT_TRUE(Contains(r.status().message(), "implausibly large")) << r.status().message();
+}
+
 TEST(DataTokenizer, BpeTrainingIsDeterministic) {
   const std::string text = SyntheticCorpus(100 << 10);
   auto a = TrainBpeTokenizer(text, 400);

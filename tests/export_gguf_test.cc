@@ -2,8 +2,14 @@
 // round trip (identical logits for f32, bounded error for f16 and q8_0).
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <new>
 #include <random>
 #include <set>
 
@@ -14,6 +20,28 @@
 #include "export_test_util.h"
 #include "formats/half.h"
 #include "test_util.h"
+
+// The largest single allocation while g_track_allocs is set (GgufHostile.HugeClaimedCountsReserveLittle).
+namespace {
+std::atomic<bool> g_track_allocs{false};
+std::atomic<size_t> g_max_alloc{0};
+}  // namespace
+
+// A replacement allocator (malloc/free underneath); GCC's -Wmismatched-new-delete cannot tell it is a matched pair.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+void* operator new(size_t n) {
+  if (g_track_allocs.load(std::memory_order_relaxed)) {
+    size_t m = g_max_alloc.load(std::memory_order_relaxed);
+    while (n > m && !g_max_alloc.compare_exchange_weak(m, n)) {
+    }
+  }
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, size_t) noexcept { std::free(p); }
+#pragma GCC diagnostic pop
 
 namespace keel {
 namespace {
@@ -211,6 +239,21 @@ TEST(Gguf, EncodeRejectsBadInput) {
   EXPECT_EQ(enc({}, {{"general.alignment", GgufValue::U64(32)}}), Code::kInvalidArgument);
 }
 
+TEST(Gguf, AlignmentKeyMustMatchTheArgument) {
+  const GgufMetadata md = {{"general.alignment", GgufValue::U32(64)}};
+  auto mismatch = EncodeGguf(md, {}, 32);
+  ASSERT_FALSE(mismatch.ok()) << "a general.alignment key that disagrees with the alignment argument";
+  EXPECT_EQ(mismatch.status().code(), Code::kInvalidArgument);
+  EXPECT_NE(mismatch.status().message().find("does not match"), std::string::npos) << mismatch.status().message();
+  float x[8] = {};
+  auto match = EncodeGguf(md, {{"t", {8}, GgmlType::kF32, x, 32}}, 64);
+  ASSERT_TRUE(match.ok()) << match.status().ToString();
+  auto f = GgufFile::FromBytes(*match);
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  EXPECT_EQ(f->alignment(), 64u);
+  EXPECT_EQ(f->data_offset() % 64, 0u);
+}
+
 TEST(Gguf, WrittenModelFileHasAlignedConsecutiveTensors) {
   auto s = MakeSnapshot("bpe", Tiny(2, 2, 48), 5, 1);  // dim 48: q8_0 falls back to f16 for 48-wide rows
   for (ExportDtype d : {ExportDtype::kF32, ExportDtype::kF16, ExportDtype::kQ8_0}) {
@@ -378,6 +421,62 @@ TEST(GgufModel, ExportErrorsLeaveNoFile) {
   EXPECT_FALSE(DefaultEnv()->Exists(path + ".tmp"));
   EXPECT_FALSE(ParseExportDtype("q4_0").ok());
   EXPECT_EQ(ExportModel(s, tmp.path(), {"gguf", ExportDtype::kF32, ""}).code(), Code::kInvalidArgument);
+}
+
+std::vector<std::string> Entries(const std::string& dir) {
+  std::vector<std::string> out;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) out.push_back(e.path().filename().string());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// The import records its path in state["imported_from"]; a path that is not UTF-8 must not break a re-export
+// (nlohmann's dump() throws on invalid UTF-8) nor a checkpoint of the imported state.
+TEST(GgufModel, ImportFromNonUtf8PathReexports) {
+  TempDir tmp;
+  auto s = MakeSnapshot("byte", Tiny(1, 2, 32, 8), 0, 8);
+  const std::string path = tmp / "m\xff\xfe.gguf";
+  ASSERT_TRUE(ExportModel(s, path, {"gguf", ExportDtype::kF32, ""}).ok());
+  auto back = LoadModelForInference(path, nullptr);
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(back->state["imported_from"].get<std::string>(), path);
+  for (ExportDtype d : {ExportDtype::kF32, ExportDtype::kQ8_0}) {
+    Status st = ExportModel(*back, tmp / "again.gguf", {"gguf", d, ""});
+    ASSERT_TRUE(st.ok()) << st.ToString();
+  }
+  ASSERT_TRUE(ExportModel(*back, tmp / "hf", {"safetensors", ExportDtype::kF32, ""}).ok());
+  auto again = LoadExportedModel(tmp / "again.gguf", nullptr);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ(again->state["step"], 7);
+  SnapshotView view;
+  view.config = back->config;
+  view.params = back->params.data();
+  view.state = back->state;
+  view.tokenizer = back->tokenizer;
+  auto files = EncodeSnapshot(view);
+  ASSERT_TRUE(files.ok()) << files.status().ToString();
+}
+
+// Temporaries are uniquely named and only they are ever removed: a user's m.gguf.tmp directory survives a
+// successful export and a failed write, and no temporary is left behind.
+TEST(GgufModel, ExportLeavesUsersTmpPathsAlone) {
+  TempDir tmp;
+  auto s = MakeSnapshot("byte", Tiny(1, 2, 32, 8), 0, 9);
+  const std::string path = tmp / "m.gguf";
+  ASSERT_TRUE(DefaultEnv()->CreateDirs(path + ".tmp").ok());
+  testing::WriteText(path + ".tmp/notes.txt", "mine");
+  Status st = ExportModel(s, path, {"gguf", ExportDtype::kF32, ""});
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ASSERT_TRUE(ExportModel(s, path, {"gguf", ExportDtype::kF16, ""}).ok());
+  EXPECT_EQ(DefaultEnv()->ReadFile(path + ".tmp/notes.txt").value(), "mine");
+  EXPECT_TRUE(LoadExportedModel(path, nullptr).ok());
+  // WriteGgufFile onto a directory: the rename fails; the directory, its contents and the neighbours stay.
+  ASSERT_TRUE(DefaultEnv()->CreateDirs(tmp / "d/sub").ok());
+  EXPECT_FALSE(WriteGgufFile(tmp / "d", {}, {}).ok());
+  EXPECT_TRUE(DefaultEnv()->IsDir(tmp / "d/sub"));
+  ASSERT_TRUE(WriteGgufFile(tmp / "w.gguf", {}, {}).ok());
+  EXPECT_EQ(Entries(tmp.path()), (std::vector<std::string>{"d", "m.gguf", "m.gguf.tmp", "w.gguf"}));
+  EXPECT_EQ(Entries(path + ".tmp"), std::vector<std::string>{"notes.txt"});
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -568,6 +667,50 @@ TEST(GgufHostile, ReadF32OnlyForDecodableTypes) {
   ASSERT_TRUE(f.ok()) << f.status().ToString();
   EXPECT_EQ(f->ReadF32("q").status().code(), Code::kInvalidArgument);
   EXPECT_EQ(f->ReadF32("nope").status().code(), Code::kNotFound);
+}
+
+// Counts that fit the file by their smallest encoding must not make the parser reserve memory for them up front
+// (an entry in memory is ~10x its smallest encoding).
+TEST(GgufHostile, HugeClaimedCountsReserveLittle) {
+  const size_t body = 2 << 20;
+  Builder kv, ti;
+  const std::string kvs = kv.head(0, body / 13).b + std::string(body, 'x');
+  const std::string tis = ti.head(body / 24, 0).b + std::string(body, 'x');
+  for (const std::string* bytes : {&kvs, &tis}) {
+    std::string copy = *bytes;  // allocated before tracking starts
+    g_max_alloc = 0;
+    g_track_allocs = true;
+    auto f = GgufFile::FromBytes(std::move(copy), "h.gguf");
+    g_track_allocs = false;
+    EXPECT_FALSE(f.ok());
+    EXPECT_LT(g_max_alloc.load(), body) << "one allocation larger than the whole input";
+  }
+}
+
+// Name lookups are hashed: a model with many tensors is not quadratic to import.
+TEST(GgufHostile, TensorLookupIsNotQuadratic) {
+  const int n = 80000;
+  Builder g;
+  g.head(n, 0);
+  char name[16];
+  for (int i = 0; i < n; ++i) {
+    std::snprintf(name, sizeof(name), "tensor%08d", i);
+    g.str(name).u32(1).u64(0).u32(0).u64(0);  // empty F32 tensors
+  }
+  auto f = GgufFile::FromBytes(g.b, "many.gguf");
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  const auto t0 = std::chrono::steady_clock::now();
+  int found = 0;
+  for (int i = 0; i < n; ++i) {
+    std::snprintf(name, sizeof(name), "tensor%08d", i);
+    const GgufTensorInfo* t = f->FindTensor(name);
+    found += t != nullptr && t->name == name;
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(found, n);
+  EXPECT_EQ(f->FindTensor("tensor"), nullptr);
+  EXPECT_LT(secs, 1.0) << n << " lookups (a linear scan takes several seconds)";
+  EXPECT_EQ(f->FindKey("general.alignment"), nullptr);
 }
 
 }  // namespace

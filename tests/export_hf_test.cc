@@ -3,6 +3,9 @@
 // `keel export` / `keel sample --ckpt <export>` end to end.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
 #include <fstream>
 
 #include <nlohmann/json.hpp>
@@ -141,6 +144,98 @@ TEST(HfExport, ErrorsAndRefusals) {
   cfg2["model_type"] = 5;
   testing::WriteText(dir + "/config.json", cfg2.dump());
   expect_error("config.json", "model_type");
+}
+
+std::vector<std::string> Entries(const std::string& dir) {
+  std::vector<std::string> out;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) out.push_back(e.path().filename().string());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// `--out DIR/` is DIR (the staging directory goes beside it, not inside), and the user's own DIR.tmp and DIR.old
+// are never touched: only a uniquely named staging directory is created and removed.
+TEST(HfExport, TrailingSlashAndUsersTmpAndOldDirsSurvive) {
+  TempDir tmp;
+  auto s = MakeSnapshot("byte", Tiny(), 0, 15);
+  const std::string dir = tmp / "hf";
+  for (const char* mine : {"hf.tmp", "hf.old"}) {
+    ASSERT_TRUE(DefaultEnv()->CreateDirs(tmp / mine).ok());
+    testing::WriteText(tmp / mine + std::string("/notes.txt"), mine);
+  }
+  Status st = ExportModel(s, dir + "/", {"safetensors", ExportDtype::kF32, ""});
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(DetectExportFormat(dir), "safetensors");
+  st = ExportModel(s, dir + "//", {"safetensors", ExportDtype::kF16, ""});  // replaces the first export
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ASSERT_TRUE(ExportModel(s, dir, {"safetensors", ExportDtype::kF32, ""}).ok());
+  auto back = LoadExportedModel(dir + "/", nullptr);
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(back->params, s.params);
+  EXPECT_EQ(Entries(tmp.path()), (std::vector<std::string>{"hf", "hf.old", "hf.tmp"}));
+  EXPECT_EQ(Entries(dir), (std::vector<std::string>{"config.json", "model.safetensors", "tokenizer.model",
+                                                    "tokenizer_config.json"}));
+  for (const char* mine : {"hf.tmp", "hf.old"})
+    EXPECT_EQ(DefaultEnv()->ReadFile(tmp / mine + std::string("/notes.txt")).value(), mine);
+}
+
+// inf would make a Q8_0 block scale inf (every value NaN) and NaN would quantize to 0 silently: every export
+// refuses a non-finite parameter, naming the tensor, and writes nothing.
+TEST(ExportRefusals, NonFiniteWeights) {
+  TempDir tmp;
+  auto s = MakeSnapshot("byte", Tiny(), 0, 16);
+  const ParamTensor* qkv = nullptr;
+  const auto layout = ParamLayout(s.config);
+  for (const auto& t : layout)
+    if (t.name == "h.1.attn.qkv.weight") qkv = &t;
+  ASSERT_NE(qkv, nullptr);
+  for (float bad : {INFINITY, -INFINITY, NAN}) {
+    auto b = s;
+    b.params[qkv->offset + 40] = bad;
+    for (const ExportOptions& o : std::vector<ExportOptions>{{"gguf", ExportDtype::kQ8_0, ""},
+                                                             {"gguf", ExportDtype::kF16, ""},
+                                                             {"gguf", ExportDtype::kF32, ""},
+                                                             {"safetensors", ExportDtype::kF32, ""},
+                                                             {"safetensors", ExportDtype::kF16, ""}}) {
+      SCOPED_TRACE(o.format + " " + ExportDtypeName(o.dtype) + " " + std::to_string(bad));
+      Status st = ExportModel(b, tmp / "out", o);
+      EXPECT_EQ(st.code(), Code::kInvalidArgument) << st.ToString();
+      EXPECT_NE(st.message().find("tensor 'h.1.attn.qkv.weight' has a non-finite value"), std::string::npos)
+          << st.message();
+      EXPECT_EQ(st.message().find('\n'), std::string::npos);
+      EXPECT_TRUE(Entries(tmp.path()).empty());
+    }
+  }
+}
+
+// A file that exists but is not a model says so (not "no such checkpoint or run directory").
+TEST(ExportRefusals, NonModelFilesAreNamedNotMissing) {
+  TempDir tmp;
+  testing::WriteText(tmp / "empty.gguf", "");
+  testing::WriteText(tmp / "short.gguf", "GGU");
+  testing::WriteText(tmp / "ggml.gguf", "ggml\x01\x02\x03\x04 not gguf");
+  auto s = MakeSnapshot("byte", Tiny(), 0, 17);
+  ASSERT_TRUE(ExportModel(s, tmp / "hf", {"safetensors", ExportDtype::kF32, ""}).ok());
+  const std::string st_file = tmp / "hf/model.safetensors";
+  for (const auto& [path, why] : std::vector<std::pair<std::string, std::string>>{
+           {tmp / "empty.gguf", "too short"}, {tmp / "short.gguf", "too short"}, {tmp / "ggml.gguf", "bad magic"},
+           {st_file, "pass its directory"}}) {
+    SCOPED_TRACE(path);
+    for (const auto& r : {LoadModelForInference(path, nullptr), LoadExportedModel(path, nullptr)}) {
+      ASSERT_FALSE(r.ok());
+      const std::string& m = r.status().message();
+      EXPECT_EQ(m.rfind(path + ": not a GGUF file (", 0), 0u) << m;
+      EXPECT_NE(m.find(why), std::string::npos) << m;
+      EXPECT_EQ(m.find("no such"), std::string::npos) << m;
+      EXPECT_EQ(m.find('\n'), std::string::npos) << m;
+    }
+  }
+  auto snap = LoadSnapshot(st_file, false, nullptr);
+  ASSERT_FALSE(snap.ok());
+  EXPECT_EQ(snap.status().message(), st_file + ": is a file, not a checkpoint or run directory");
+  auto missing = LoadModelForInference(tmp / "nope.gguf", nullptr);
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.status().code(), Code::kNotFound);
 }
 
 // The export read back by an independent PyTorch GPT-2 that uses HF's names and Conv1D layout.

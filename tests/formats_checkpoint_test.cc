@@ -1,18 +1,23 @@
 // formats_checkpoint_test.cc: tests of crash-safe checkpoint directories (formats/checkpoint.h).
 // Round trip, listing, pruning, detection of incomplete/truncated/corrupt checkpoints with fallback,
-// stale .tmp cleanup, same-step replacement, and fault injection at every mutating file-system call.
+// stale .tmp cleanup, same-step replacement, and fault injection at every mutating file-system call; also
+// WriteFileAtomic's temporaries, and the model-file errors and config range checks of train/checkpoint_io.h.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <thread>
 
 #include "core/env.h"
 #include "core/hash.h"
 #include "formats/checkpoint.h"
 #include "formats/safetensors.h"
+#include "model/gpt_config.h"
 #include "test_util.h"
+#include "train/checkpoint_io.h"
 
 namespace keel {
 namespace {
@@ -337,7 +342,13 @@ class FaultyEnv : public Env {
   // Whether a COMMITTED marker was written through this Env (the commit point of WriteCheckpoint).
   bool marker_written() const { return marker_written_; }
 
-  Result<std::string> ReadFile(const std::string& p) override { return base_->ReadFile(p); }
+  // Every path read through ReadFile, in order.
+  const std::vector<std::string>& reads() const { return reads_; }
+
+  Result<std::string> ReadFile(const std::string& p) override {
+    reads_.push_back(p);
+    return base_->ReadFile(p);
+  }
   Status WriteFile(const std::string& p, std::string_view d) override {
     if (Trip("WriteFile", p)) return IoError(p + ": injected write failure");
     Status s = base_->WriteFile(p, d);
@@ -382,6 +393,7 @@ class FaultyEnv : public Env {
   int calls_ = 0;
   bool fired_ = false;
   bool marker_written_ = false;
+  std::vector<std::string> reads_;
 };
 
 struct EnvGuard {
@@ -443,6 +455,116 @@ void FaultSweep(int64_t step_new, bool writes_only, bool sticky) {
     }
   }
   EXPECT_GT(n, writes_only ? 5 : 10) << "the sweep should have exercised several failure points";
+}
+
+// A grown file is rejected from its size alone: the file system is asked, the bytes are never read.
+TEST(CheckpointTest, GrownFileIsRejectedWithoutReadingIt) {
+  TempDir tmp;
+  ASSERT_TRUE(WriteCheckpoint(tmp.path(), 1, Files("a"), 0).ok());
+  const std::string dir = tmp / "ckpt-00000001";
+  WriteText(dir + "/model.bin", std::string(1 << 20, 'x'));
+  FaultyEnv spy(DefaultEnv(), 1 << 30, true, false);
+  Result<std::map<std::string, std::string>> r = [&] {
+    EnvGuard guard(&spy);
+    return ReadCheckpoint(dir);
+  }();
+  ASSERT_FALSE(r.ok());
+  EXPECT_TRUE(Contains(r.status().message(), "model.bin: size 1048576, manifest says 3000")) << r.status().message();
+  for (const std::string& p : spy.reads()) EXPECT_NE(BaseName(p), "model.bin") << "read before its size was checked";
+}
+
+// WriteFileAtomic writes a uniquely named temporary beside the file: concurrent writers of one path all succeed,
+// a user's path.tmp (a directory, or a symlink) is never followed, replaced or removed, and nothing is left over.
+TEST(AtomicWriteTest, UniqueTemporariesNeverTouchUserPaths) {
+  TempDir tmp;
+  const std::string path = tmp / "f.json";
+  ASSERT_TRUE(DefaultEnv()->CreateDirs(path + ".tmp").ok());
+  WriteText(path + ".tmp/mine", "mine");
+  WriteText(tmp / "target", "target");
+  fs::create_symlink(tmp / "target", tmp / "g.json.tmp");
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 25; ++i)
+        if (!WriteFileAtomic(path, "writer " + std::to_string(t)).ok()) ++failures;
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+  ASSERT_TRUE(WriteFileAtomic(tmp / "g.json", "g").ok());
+  EXPECT_EQ(ReadAll(tmp / "g.json"), "g");
+  EXPECT_TRUE(fs::is_symlink(tmp / "g.json.tmp"));
+  EXPECT_TRUE(Contains(ReadAll(path), "writer "));
+  EXPECT_EQ(ReadAll(path + ".tmp/mine"), "mine");
+  EXPECT_EQ(ReadAll(tmp / "target"), "target");
+  const std::vector<std::string> entries = {"f.json", "f.json.tmp", "g.json", "g.json.tmp", "target"};
+  EXPECT_EQ(DirEntries(tmp.path()), entries);
+  // A failed write (the target is a directory) removes its own temporary and nothing else.
+  ASSERT_TRUE(DefaultEnv()->CreateDirs(tmp / "d/sub").ok());
+  EXPECT_FALSE(WriteFileAtomic(tmp / "d", "x").ok());
+  EXPECT_TRUE(fs::is_directory(tmp / "d/sub"));
+  EXPECT_EQ(DirEntries(tmp.path()).size(), entries.size() + 1);
+}
+
+// Model-file errors name the file, and the optimizer file's errors say which tensor is wrong.
+TEST(CheckpointModelFileTest, ErrorsNameTheFile) {
+  GptConfig c;
+  c.layers = 1;
+  c.heads = 1;
+  c.dim = 4;
+  c.ctx = 2;
+  c.vocab = 8;
+  std::vector<float> p(NumParams(c), 0.5f);
+  std::vector<TensorView> views;
+  for (const auto& t : ParamLayout(c))
+    views.push_back({t.name, t.name == "wpe" ? "I32" : "F32", t.shape, p.data() + t.offset, t.size * sizeof(float)});
+  auto bytes = EncodeSafetensors(views, {{"config", c.ToJson().dump()}});
+  ASSERT_TRUE(bytes.ok()) << bytes.status().ToString();
+  auto r = DecodeModelFile("run/ckpt-1/model.safetensors", *bytes);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().message().rfind("run/ckpt-1/model.safetensors: tensor 'wpe'", 0), 0u) << r.status().message();
+
+  TempDir tmp;
+  SnapshotView view;
+  view.config = c;
+  view.params = p.data();
+  view.adam_m = p.data();
+  view.adam_v = p.data();
+  view.state = {{"step", 1}};
+  view.tokenizer = "keel-byte-tokenizer v1\n";
+  auto files = EncodeSnapshot(view);
+  ASSERT_TRUE(files.ok());
+  const int64_t n = static_cast<int64_t>(p.size());
+  for (auto& f : *files)
+    if (f.name == "optim.safetensors")
+      f.data = EncodeSafetensors({{"adam.m", "F32", {n}, p.data(), p.size() * sizeof(float)},
+                                  {"adam.v", "F32", {n - 1}, p.data(), (p.size() - 1) * sizeof(float)}},
+                                 {}).value();
+  ASSERT_TRUE(WriteCheckpoint(tmp.path(), 1, *files, 0).ok());
+  auto s = LoadSnapshot(tmp.path(), true, nullptr);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), Code::kCorrupt);
+  EXPECT_EQ(s.status().message(), tmp / "ckpt-00000001/optim.safetensors: tensor 'adam.v' has " +
+                                      std::to_string(n - 1) + " elements, the model " + std::to_string(n) +
+                                      " parameters");
+}
+
+// Config fields are range-checked as 64-bit integers before narrowing to int.
+TEST(CheckpointModelFileTest, ConfigFieldsOutOfIntRangeAreRejected) {
+  nlohmann::json j = {{"layers", 2}, {"heads", 2}, {"dim", 8}, {"ctx", 4}, {"vocab", 16}};
+  ASSERT_TRUE(GptConfig::FromJson(j).ok());
+  for (const nlohmann::json& v : {nlohmann::json(4294967298ull), nlohmann::json(int64_t{-4294967294}),
+                                  nlohmann::json(~0ull), nlohmann::json(int64_t{1} << 40)}) {
+    for (const char* key : {"layers", "heads", "dim", "ctx", "vocab"}) {
+      auto k = j;
+      k[key] = v;
+      auto r = GptConfig::FromJson(k);
+      ASSERT_FALSE(r.ok()) << key << " = " << v.dump() << " was accepted";
+      EXPECT_EQ(r.status().message(),
+                std::string("model config: field '") + key + "' is out of range (" + v.dump() + ")");
+    }
+  }
 }
 
 TEST(CheckpointFaultTest, FailingNthWriteFileLeavesPreviousCheckpointLatest) { FaultSweep(20, true, false); }

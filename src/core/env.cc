@@ -8,10 +8,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <random>
 
 namespace keel {
 
@@ -34,6 +36,58 @@ namespace {
 
 std::string Errno(const std::string& what, const std::string& path) {
   return path + ": " + what + ": " + std::strerror(errno);
+}
+
+// How many random names CreateUnique* tries before giving up (each collision is one in 62^6 by chance).
+constexpr int kUniqueNameTries = 100;
+
+// Six random characters from [0-9A-Za-z] for temporary names: a per-process random seed, a counter and the pid
+// (so a forked child does not repeat its parent's names), mixed by splitmix64. Thread-safe.
+std::string RandomSuffix() {
+  static const uint64_t seed = [] {
+    std::random_device rd;
+    return (uint64_t{rd()} << 32) ^ rd() ^
+           static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  }();
+  static std::atomic<uint64_t> counter{0};
+  uint64_t x = seed + (counter.fetch_add(1) + 1) * 0x9E3779B97F4A7C15ull + (static_cast<uint64_t>(::getpid()) << 40);
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  x ^= x >> 31;
+  static const char kChars[] = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+  std::string out(6, '0');
+  for (char& c : out) {
+    c = kChars[x % 62];
+    x /= 62;
+  }
+  return out;
+}
+
+Status TooManyNames(const std::string& prefix) {
+  return IoError(prefix + "XXXXXX: cannot create a unique temporary name (" + std::to_string(kUniqueNameTries) +
+                 " tries)");
+}
+
+// Writes all of data to fd, fsyncs and closes it (always closed, also on failure).
+Status WriteAllAndClose(int fd, const std::string& path, std::string_view data) {
+  size_t off = 0;
+  while (off < data.size()) {
+    ssize_t n = ::write(fd, data.data() + off, data.size() - off);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      Status s = IoError(Errno("write failed", path));
+      ::close(fd);
+      return s;
+    }
+    off += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0) {
+    Status s = IoError(Errno("fsync failed", path));
+    ::close(fd);
+    return s;
+  }
+  if (::close(fd) != 0) return IoError(Errno("close failed", path));
+  return Status::Ok();
 }
 
 class PosixEnv final : public Env {
@@ -61,24 +115,42 @@ class PosixEnv final : public Env {
   Status WriteFile(const std::string& path, std::string_view data) override {
     int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) return IoError(Errno("cannot create", path));
-    size_t off = 0;
-    while (off < data.size()) {
-      ssize_t n = ::write(fd, data.data() + off, data.size() - off);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        Status s = IoError(Errno("write failed", path));
-        ::close(fd);
+    return WriteAllAndClose(fd, path, data);
+  }
+
+  Result<std::string> CreateUniqueFile(const std::string& prefix, std::string_view data) override {
+    for (int attempt = 0; attempt < kUniqueNameTries; ++attempt) {
+      const std::string path = prefix + RandomSuffix();
+      // O_EXCL: never opens an existing file, and (with O_CREAT) never follows a symlink at path.
+      int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+      if (fd < 0) {
+        if (errno == EEXIST) continue;
+        return IoError(Errno("cannot create", path));
+      }
+      Status s = WriteAllAndClose(fd, path, data);
+      if (!s.ok()) {
+        ::unlink(path.c_str());  // ours: created above with O_EXCL
         return s;
       }
-      off += static_cast<size_t>(n);
+      return path;
     }
-    if (::fsync(fd) != 0) {
-      Status s = IoError(Errno("fsync failed", path));
-      ::close(fd);
-      return s;
+    return TooManyNames(prefix);
+  }
+
+  Result<std::string> CreateUniqueDir(const std::string& prefix) override {
+    for (int attempt = 0; attempt < kUniqueNameTries; ++attempt) {
+      const std::string path = prefix + RandomSuffix();
+      if (::mkdir(path.c_str(), 0777) == 0) return path;
+      if (errno != EEXIST) return IoError(Errno("cannot create directory", path));
     }
-    if (::close(fd) != 0) return IoError(Errno("close failed", path));
-    return Status::Ok();
+    return TooManyNames(prefix);
+  }
+
+  Result<uint64_t> FileSize(const std::string& path) override {
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0)
+      return errno == ENOENT ? NotFound(Errno("cannot stat", path)) : IoError(Errno("cannot stat", path));
+    return static_cast<uint64_t>(st.st_size);
   }
 
   Status Rename(const std::string& from, const std::string& to) override {
@@ -169,11 +241,42 @@ Env* g_env = nullptr;
 Env* DefaultEnv() { return g_env ? g_env : PosixSingleton(); }
 void SetDefaultEnv(Env* env) { g_env = env; }
 
+Result<uint64_t> Env::FileSize(const std::string& path) {
+  KEEL_ASSIGN_OR_RETURN(MappedFile m, Map(path));
+  return static_cast<uint64_t>(m.size());
+}
+
+Result<std::string> Env::CreateUniqueFile(const std::string& prefix, std::string_view data) {
+  for (int attempt = 0; attempt < kUniqueNameTries; ++attempt) {
+    const std::string path = prefix + RandomSuffix();
+    if (Exists(path)) continue;
+    Status s = WriteFile(path, data);
+    if (!s.ok()) {
+      if (Exists(path)) (void)RemoveAll(path);  // the partial file this call created
+      return s;
+    }
+    return path;
+  }
+  return TooManyNames(prefix);
+}
+
+Result<std::string> Env::CreateUniqueDir(const std::string& prefix) {
+  for (int attempt = 0; attempt < kUniqueNameTries; ++attempt) {
+    const std::string path = prefix + RandomSuffix();
+    if (Exists(path)) continue;
+    KEEL_RETURN_IF_ERROR(CreateDirs(path));
+    return path;
+  }
+  return TooManyNames(prefix);
+}
+
 Status WriteFileAtomic(const std::string& path, std::string_view data) {
   Env* env = DefaultEnv();
-  std::string tmp = path + ".tmp";
-  KEEL_RETURN_IF_ERROR(env->WriteFile(tmp, data));
-  KEEL_RETURN_IF_ERROR(env->Rename(tmp, path));
+  KEEL_ASSIGN_OR_RETURN(const std::string tmp, env->CreateUniqueFile(path + ".tmp.", data));
+  if (Status s = env->Rename(tmp, path); !s.ok()) {
+    (void)env->RemoveAll(tmp);  // the temporary created above, nothing else
+    return s;
+  }
   return env->SyncDir(DirName(path));
 }
 

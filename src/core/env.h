@@ -47,6 +47,15 @@ class Env {
   // Names (not paths) of the entries of dir, sorted.
   virtual Result<std::vector<std::string>> ListDir(const std::string& dir) = 0;
   virtual Result<MappedFile> Map(const std::string& path) = 0;
+  // Size in bytes of the file at path, without reading it. The default maps the file (Map); PosixEnv stats it.
+  virtual Result<uint64_t> FileSize(const std::string& path);
+  // Creates a new file named prefix + a random suffix, which must not exist yet (never following or replacing
+  // anything already there), writes and fsyncs data, and returns its path. On failure nothing is left behind.
+  // The default builds on Exists/WriteFile (so fault-injecting Envs see the write); PosixEnv uses O_EXCL.
+  virtual Result<std::string> CreateUniqueFile(const std::string& prefix, std::string_view data);
+  // Creates a new empty directory named prefix + a random suffix (mkdtemp-style) and returns its path.
+  // The default builds on Exists/CreateDirs; PosixEnv uses mkdir, which fails on any existing entry.
+  virtual Result<std::string> CreateUniqueDir(const std::string& prefix);
   // Monotonic seconds, for timeouts and rates.
   virtual double NowSeconds() = 0;
 };
@@ -55,8 +64,9 @@ Env* DefaultEnv();
 // Replaces the process-wide Env (tests). Pass nullptr to restore the POSIX one. Not thread-safe.
 void SetDefaultEnv(Env* env);
 
-// Writes path atomically: write path.tmp, fsync, rename over path, fsync the directory.
-// A crash leaves either the old file or the new one, never a mix.
+// Writes path atomically: write a new uniquely named path.tmp.XXXXXX (CreateUniqueFile), fsync, rename over
+// path, fsync the directory. A crash leaves either the old file or the new one, never a mix; a failure removes
+// the temporary it created and nothing else; concurrent writers never share a temporary.
 Status WriteFileAtomic(const std::string& path, std::string_view data);
 
 std::string JoinPath(const std::string& a, const std::string& b);

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <exception>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -145,11 +146,21 @@ SentencePieceTokenizer::~SentencePieceTokenizer() = default;
 
 Result<std::unique_ptr<SentencePieceTokenizer>> SentencePieceTokenizer::Load(const std::string& bytes) {
   if (bytes.empty()) return Corrupt("empty tokenizer file");
+  if (bytes.size() > kMaxTokenizerFileBytes)
+    return Corrupt("tokenizer file of " + std::to_string(bytes.size()) + " bytes is implausibly large (limit " +
+                   std::to_string(kMaxTokenizerFileBytes) + ")");
   std::unique_ptr<SentencePieceTokenizer> t(new SentencePieceTokenizer());
   {
     ScopedSpLogLevel quiet(3);
-    auto st = t->sp_->LoadFromSerializedProto(bytes);
-    if (!st.ok()) return Corrupt(std::string("not a valid SentencePiece model (") + st.message() + ")");
+    // SentencePiece and protobuf may throw (std::bad_alloc on a hostile length, among others): keep it a Status.
+    try {
+      auto st = t->sp_->LoadFromSerializedProto(bytes);
+      if (!st.ok()) return Corrupt(std::string("not a valid SentencePiece model (") + st.message() + ")");
+    } catch (const std::exception& e) {
+      return Corrupt(std::string("not a valid SentencePiece model (") + e.what() + ")");
+    } catch (...) {
+      return Corrupt("not a valid SentencePiece model (loading it threw an exception)");
+    }
   }
   const int n = t->sp_->GetPieceSize();
   if (n < kMinBpeVocabSize || n > kMaxBpeVocabSize) {

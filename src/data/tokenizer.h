@@ -20,6 +20,7 @@
 // Thread safety: a Tokenizer is immutable after construction; all const methods are safe to call
 // concurrently. Training is safe to run on one thread at a time (SentencePiece's logging is global).
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -42,6 +43,8 @@ inline constexpr char kTokenizerFileName[] = "tokenizer.model";
 // Smallest vocab a BPE tokenizer can have: unk, bos, eos, 256 byte pieces, and at least one character.
 inline constexpr int kMinBpeVocabSize = 260;
 inline constexpr int kMaxBpeVocabSize = 1 << 20;
+// Largest tokenizer file keel loads (a SentencePiece model of kMaxBpeVocabSize pieces is far smaller).
+inline constexpr size_t kMaxTokenizerFileBytes = size_t{128} << 20;
 
 class Tokenizer {
  public:

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 
 #include "core/env.h"
 #include "export/gguf_model.h"
@@ -29,6 +30,21 @@ const char* ExportDtypeName(ExportDtype d) {
   return "?";
 }
 
+Status CheckFiniteParams(const TrainingSnapshot& s, const std::string& where) {
+  const size_t n = s.params.size();
+  for (const auto& t : ParamLayout(s.config)) {
+    if (t.offset + t.size > n) break;  // the exporters report a mismatched buffer themselves
+    const float* x = s.params.data() + t.offset;
+    for (size_t i = 0; i < t.size; ++i) {
+      if (std::isfinite(x[i])) continue;
+      return InvalidArgument(where + ": tensor '" + t.name + "' has a non-finite value (" +
+                             (std::isnan(x[i]) ? "nan" : x[i] > 0 ? "inf" : "-inf") + " at element " +
+                             std::to_string(i) + "); refusing to export a broken model");
+    }
+  }
+  return Status::Ok();
+}
+
 Status ExportModel(const TrainingSnapshot& s, const std::string& out, const ExportOptions& o) {
   if (out.empty()) return InvalidArgument("--out must not be empty");
   if (o.format == "gguf") {
@@ -53,16 +69,37 @@ std::string DetectExportFormat(const std::string& path) {
   return std::equal(m->data(), m->data() + 4, reinterpret_cast<const uint8_t*>("GGUF")) ? "gguf" : "";
 }
 
+namespace {
+
+// Why the existing non-directory path is not a model keel can load (DetectExportFormat found no GGUF magic).
+Status NotAModelFile(const std::string& path) {
+  auto size = DefaultEnv()->FileSize(path);
+  if (!size.ok()) return size.status();
+  const bool st = path.size() >= 12 && path.compare(path.size() - 12, 12, ".safetensors") == 0;
+  return InvalidArgument(path + ": not a GGUF file (" +
+                         (*size < 4 ? "too short: " + std::to_string(*size) + " bytes" : std::string("bad magic")) +
+                         (st ? "); for a safetensors model pass its directory (a Hugging Face export or a keel "
+                               "checkpoint), not the file"
+                             : "); expected a GGUF file, a Hugging Face export directory, or a checkpoint or run "
+                               "directory"));
+}
+
+}  // namespace
+
 Result<TrainingSnapshot> LoadExportedModel(const std::string& path, std::vector<std::string>* warnings) {
   const std::string fmt = DetectExportFormat(path);
   if (fmt == "gguf") return ImportGguf(path, warnings);
   if (fmt == "safetensors") return ImportHfSafetensors(path, warnings);
-  if (!DefaultEnv()->Exists(path)) return NotFound(path + ": no such file or directory");
+  Env* env = DefaultEnv();
+  if (!env->Exists(path)) return NotFound(path + ": no such file or directory");
+  if (!env->IsDir(path)) return NotAModelFile(path);
   return InvalidArgument(path + ": neither a GGUF file nor a Hugging Face export directory");
 }
 
 Result<TrainingSnapshot> LoadModelForInference(const std::string& path, std::vector<std::string>* warnings) {
   if (!DetectExportFormat(path).empty()) return LoadExportedModel(path, warnings);
+  Env* env = DefaultEnv();
+  if (env->Exists(path) && !env->IsDir(path)) return NotAModelFile(path);
   return LoadSnapshot(path, false, warnings);
 }
 

@@ -31,8 +31,13 @@ struct ExportOptions {
   std::string name;             // general.name (GGUF); default "keel-gpt2"
 };
 
-// Writes s to out (a file for gguf, a directory for safetensors).
+// Writes s to out (a file for gguf; a directory for safetensors, where "DIR/" means DIR). Refuses a model with a
+// non-finite parameter (inf would turn a whole Q8_0 block into NaN, and NaN would quantize silently to 0).
 Status ExportModel(const TrainingSnapshot& s, const std::string& out, const ExportOptions& o);
+
+// kInvalidArgument "<where>: tensor 'NAME' has a non-finite value (...)" for the first parameter of s (laid out
+// as ParamLayout(s.config)) that is inf or NaN. Both exporters call it.
+Status CheckFiniteParams(const TrainingSnapshot& s, const std::string& where);
 
 // "gguf" for a file starting with the GGUF magic, "safetensors" for a directory holding config.json and
 // model.safetensors that is not a keel checkpoint directory, "" otherwise.
@@ -45,6 +50,7 @@ std::string DetectExportFormat(const std::string& path);
 Result<TrainingSnapshot> LoadExportedModel(const std::string& path, std::vector<std::string>* warnings = nullptr);
 
 // LoadExportedModel for exports, LoadSnapshot(path, with_optimizer=false) for checkpoints and run directories.
+// A file that exists but is neither is reported as such ("not a GGUF file (bad magic)"), not as missing.
 Result<TrainingSnapshot> LoadModelForInference(const std::string& path, std::vector<std::string>* warnings);
 
 }  // namespace keel

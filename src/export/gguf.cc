@@ -5,8 +5,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <map>
 #include <set>
+#include <unordered_map>
 
 #include "formats/half.h"
 
@@ -362,7 +362,9 @@ Result<std::string> EncodeGguf(const GgufMetadata& metadata, const std::vector<G
     if (key == "general.alignment") {
       if (v.type != GgufType::kUint32 || !IsPow2(v.u))
         return InvalidArgument("gguf encode: general.alignment must be a u32 power of two");
-      alignment = static_cast<uint32_t>(v.u);
+      if (v.u != alignment)
+        return InvalidArgument("gguf encode: general.alignment " + std::to_string(v.u) +
+                               " does not match the alignment argument " + std::to_string(alignment));
     }
   }
   if (!IsPow2(alignment)) return InvalidArgument("gguf encode: alignment must be a power of two");
@@ -439,12 +441,7 @@ Status WriteGgufFile(const std::string& path, const GgufMetadata& metadata, cons
                      uint32_t alignment) {
   auto bytes = EncodeGguf(metadata, tensors, alignment);
   if (!bytes.ok()) return bytes.status().Wrap(path);
-  Status s = WriteFileAtomic(path, *bytes);
-  if (!s.ok()) {
-    DefaultEnv()->RemoveAll(path + ".tmp");  // never leave a partial temporary behind
-    return s;
-  }
-  return Status::Ok();
+  return WriteFileAtomic(path, *bytes);  // removes its own temporary on failure, and nothing else
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -489,8 +486,11 @@ Result<GgufFile> GgufFile::Parse(GgufFile f, const uint8_t* data, size_t size) {
   if (n_kv > c.left() / 13) return bad("metadata count " + std::to_string(n_kv) + " does not fit in the file");
   if (n_tensors > c.left() / 24) return bad("tensor count " + std::to_string(n_tensors) + " does not fit in the file");
 
-  std::map<std::string, size_t> key_index;
-  f.metadata_.reserve(static_cast<size_t>(n_kv));
+  // Counts are only bounded by the file size, and an entry in memory is far larger than its smallest encoding:
+  // reserve a bounded amount and let the vectors grow with what actually parses.
+  constexpr uint64_t kMaxReserve = 4096;
+  std::unordered_map<std::string, size_t>& key_index = f.key_index_;
+  f.metadata_.reserve(static_cast<size_t>(std::min(n_kv, kMaxReserve)));
   for (uint64_t k = 0; k < n_kv; ++k) {
     std::string key;
     if (!c.String(&key)) return bad("truncated metadata key " + std::to_string(k));
@@ -511,13 +511,12 @@ Result<GgufFile> GgufFile::Parse(GgufFile f, const uint8_t* data, size_t size) {
     f.alignment_ = static_cast<uint32_t>(v.u);
   }
 
-  std::set<std::string> names;
-  f.tensors_.reserve(static_cast<size_t>(n_tensors));
+  f.tensors_.reserve(static_cast<size_t>(std::min(n_tensors, kMaxReserve)));
   for (uint64_t k = 0; k < n_tensors; ++k) {
     GgufTensorInfo t;
     if (!c.String(&t.name)) return bad("truncated tensor info " + std::to_string(k));
     const std::string what = "tensor " + Quote(t.name);
-    if (!names.insert(t.name).second) return bad("duplicate " + what);
+    if (!f.tensor_index_.emplace(t.name, f.tensors_.size()).second) return bad("duplicate " + what);
     uint32_t n_dims;
     if (!c.Read(&n_dims)) return bad("truncated " + what);
     if (n_dims > static_cast<uint32_t>(kGgufMaxDims))
@@ -576,15 +575,13 @@ Result<GgufFile> GgufFile::Parse(GgufFile f, const uint8_t* data, size_t size) {
 }
 
 const GgufValue* GgufFile::FindKey(const std::string& key) const {
-  for (const auto& [k, v] : metadata_)
-    if (k == key) return &v;
-  return nullptr;
+  auto it = key_index_.find(key);
+  return it == key_index_.end() ? nullptr : &metadata_[it->second].second;
 }
 
 const GgufTensorInfo* GgufFile::FindTensor(const std::string& name) const {
-  for (const auto& t : tensors_)
-    if (t.name == name) return &t;
-  return nullptr;
+  auto it = tensor_index_.find(name);
+  return it == tensor_index_.end() ? nullptr : &tensors_[it->second];
 }
 
 Result<std::vector<float>> GgufFile::ReadF32(const std::string& name) const {

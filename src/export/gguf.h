@@ -14,9 +14,9 @@
 // Contract:
 //  - EncodeGguf validates its input (unique non-empty names and keys, 1..4 dims, ne[0] a multiple of the block
 //    size for Q8_0, data size == the size the type and shape imply, a power-of-two alignment that matches a
-//    `general.alignment` key if one is given) and returns kInvalidArgument otherwise.
-//  - WriteGgufFile writes atomically (path.tmp, fsync, rename): a failure leaves the old file or none, never
-//    a partial one, and removes the temporary file.
+//    `general.alignment` key if one is given) and returns kInvalidArgument otherwise (a mismatch included).
+//  - WriteGgufFile writes atomically (WriteFileAtomic: a new uniquely named path.tmp.XXXXXX, fsync, rename): a
+//    failure leaves the old file or none, never a partial one, and removes only the temporary it created.
 //  - The parser treats its input as hostile (it has a fuzz target): every count, length, dimension, type and
 //    offset is bounds-checked against the bytes actually present before anything is allocated, sizes are
 //    computed with overflow checks, nested arrays, unknown value types and unknown tensor types are rejected,
@@ -31,6 +31,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -112,8 +113,8 @@ struct GgufTensorIn {
   size_t nbytes = 0;
 };
 
-// Serialises a GGUF v3 file. If metadata has no general.alignment, tensors are aligned to `alignment` and no
-// key is added (the reader's default is 32, so pass 32 or add the key).
+// Serialises a GGUF v3 file. Tensors are aligned to `alignment`; a general.alignment key, if present, must equal
+// it (kInvalidArgument otherwise). No key is added (the reader's default is 32, so pass 32 or add the key).
 Result<std::string> EncodeGguf(const GgufMetadata& metadata, const std::vector<GgufTensorIn>& tensors,
                                uint32_t alignment = kGgufDefaultAlignment);
 // EncodeGguf, then an atomic write through DefaultEnv(). Errors name the path.
@@ -167,6 +168,8 @@ class GgufFile {
   uint64_t size_ = 0;
   GgufMetadata metadata_;
   std::vector<GgufTensorInfo> tensors_;
+  std::unordered_map<std::string, size_t> key_index_;     // key -> position in metadata_
+  std::unordered_map<std::string, size_t> tensor_index_;  // name -> position in tensors_
 };
 
 // Q8_0: blocks of 32 values, each { f16 d; int8 q[32] } (34 bytes), d = max|x| / 127, q = round(x / d)

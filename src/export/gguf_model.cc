@@ -86,6 +86,7 @@ Result<std::string> EncodeModelGguf(const TrainingSnapshot& s, ExportDtype dtype
   KEEL_RETURN_IF_ERROR(c.Validate());
   if (s.params.size() != NumParams(c))
     return InvalidArgument("gguf export: the parameter buffer does not match the model config");
+  KEEL_RETURN_IF_ERROR(CheckFiniteParams(s, "gguf export"));
   const bool byte_tok = s.tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
   auto tok = LoadTokenizer(byte_tok ? "byte" : "bpe", s.tokenizer);
   if (!tok.ok()) return tok.status().Wrap("gguf export: tokenizer");
@@ -155,7 +156,9 @@ Result<std::string> EncodeModelGguf(const TrainingSnapshot& s, ExportDtype dtype
   md.emplace_back("tokenizer.ggml.remove_extra_whitespaces", GgufValue::Bool(false));
   md.emplace_back("keel.format_version", GgufValue::U32(1));
   md.emplace_back("keel.config", GgufValue::Str(c.ToJson().dump()));
-  md.emplace_back("keel.state", GgufValue::Str(s.state.is_object() ? s.state.dump() : "{}"));
+  // The state holds user strings (imported_from is a path, which need not be UTF-8): replace, never throw.
+  const auto kReplace = nlohmann::json::error_handler_t::replace;
+  md.emplace_back("keel.state", GgufValue::Str(s.state.is_object() ? s.state.dump(-1, ' ', false, kReplace) : "{}"));
   md.emplace_back("keel.tokenizer_type", GgufValue::Str(byte_tok ? "byte" : "bpe"));
   md.emplace_back("keel.tokenizer", GgufValue::U8Array(s.tokenizer));
 
@@ -175,12 +178,7 @@ Result<std::string> EncodeModelGguf(const TrainingSnapshot& s, ExportDtype dtype
 Status ExportGguf(const TrainingSnapshot& s, const std::string& path, ExportDtype dtype, const std::string& name) {
   auto bytes = EncodeModelGguf(s, dtype, name);
   if (!bytes.ok()) return bytes.status().Wrap(path);
-  Status st = WriteFileAtomic(path, *bytes);
-  if (!st.ok()) {
-    DefaultEnv()->RemoveAll(path + ".tmp");
-    return st;
-  }
-  return Status::Ok();
+  return WriteFileAtomic(path, *bytes);  // removes its own temporary on failure, and nothing else
 }
 
 Result<TrainingSnapshot> DecodeModelGguf(const GgufFile& f, std::vector<std::string>* warnings) {

@@ -24,45 +24,55 @@ std::vector<float> Transpose(const float* x, int64_t rows, int64_t cols) {
   return t;
 }
 
+// Pretty JSON text; invalid UTF-8 in strings (a path, a token piece) becomes U+FFFD instead of throwing.
+std::string DumpJson(const nlohmann::json& j) {
+  return j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+}
+
 std::string ToStr(const std::vector<int64_t>& shape) {
   std::string s = "[";
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
   return s + "]";
 }
 
-// Writes the files into tmp, then swaps tmp into place (an earlier export at dir is replaced only once the new
-// one is complete).
+// Writes the files into a new, uniquely named staging directory DIR.tmp.XXXXXX (as DIR.tmp.XXXXXX/new), then
+// swaps it into place: an earlier export at dir moves to DIR.tmp.XXXXXX/old, the new one to dir, and the staging
+// directory (with the old export) is removed. The earlier export is replaced only once the new one is complete,
+// and nothing but the staging directory this call created is ever removed (a user's DIR.tmp or DIR.old is safe).
 Status WriteDirAtomic(const std::string& dir, const std::vector<std::pair<std::string, std::string>>& files) {
   Env* env = DefaultEnv();
-  const std::string tmp = dir + ".tmp", old = dir + ".old";
   if (env->Exists(dir)) {
     if (!env->IsDir(dir) || !env->Exists(JoinPath(dir, "config.json")))
       return InvalidArgument(dir + ": exists and is not a Hugging Face export directory; not overwriting it");
   }
-  KEEL_RETURN_IF_ERROR(env->RemoveAll(tmp));
-  Status s = env->CreateDirs(tmp);
-  for (size_t i = 0; s.ok() && i < files.size(); ++i) s = env->WriteFile(JoinPath(tmp, files[i].first), files[i].second);
-  if (s.ok()) s = env->SyncDir(tmp);
-  if (!s.ok()) {
-    env->RemoveAll(tmp);
+  KEEL_ASSIGN_OR_RETURN(const std::string stage, env->CreateUniqueDir(dir + ".tmp."));
+  const std::string fresh = JoinPath(stage, "new"), old = JoinPath(stage, "old");
+  auto fail = [&](const Status& s) {
+    (void)env->RemoveAll(stage);  // ours: created above
     return s;
-  }
+  };
+  Status s = env->CreateDirs(fresh);
+  for (size_t i = 0; s.ok() && i < files.size(); ++i)
+    s = env->WriteFile(JoinPath(fresh, files[i].first), files[i].second);
+  if (s.ok()) s = env->SyncDir(fresh);
+  if (!s.ok()) return fail(s);
   const bool had_old = env->Exists(dir);
   if (had_old) {
-    KEEL_RETURN_IF_ERROR(env->RemoveAll(old));
-    if (Status r = env->Rename(dir, old); !r.ok()) {
-      env->RemoveAll(tmp);
-      return r;
-    }
+    if (Status r = env->Rename(dir, old); !r.ok()) return fail(r);
   }
-  if (Status r = env->Rename(tmp, dir); !r.ok()) {
-    if (had_old) env->Rename(old, dir);
-    env->RemoveAll(tmp);
-    return r;
+  if (Status r = env->Rename(fresh, dir); !r.ok()) {
+    if (had_old) (void)env->Rename(old, dir);
+    return fail(r);
   }
-  KEEL_RETURN_IF_ERROR(env->SyncDir(DirName(dir)));
-  if (had_old) KEEL_RETURN_IF_ERROR(env->RemoveAll(old));
-  return Status::Ok();
+  const Status synced = env->SyncDir(DirName(dir));
+  const Status removed = env->RemoveAll(stage);  // the staging directory, holding the earlier export
+  return synced.ok() ? removed : synced;
+}
+
+// dir without trailing slashes ("out/" -> "out"; "/" stays "/"), so DIR.tmp.* lands beside the directory.
+std::string StripTrailingSlashes(std::string dir) {
+  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+  return dir;
 }
 
 }  // namespace
@@ -91,13 +101,15 @@ std::string HfTensorName(const std::string& n, bool* transposed) {
   return "transformer.h." + layer + "." + it->second;
 }
 
-Status ExportHfSafetensors(const TrainingSnapshot& s, const std::string& dir, ExportDtype dtype) {
+Status ExportHfSafetensors(const TrainingSnapshot& s, const std::string& out, ExportDtype dtype) {
+  const std::string dir = StripTrailingSlashes(out);
   const GptConfig& c = s.config;
   KEEL_RETURN_IF_ERROR(c.Validate());
   if (dtype == ExportDtype::kQ8_0)
     return InvalidArgument(dir + ": safetensors export supports --dtype f32 and f16 (q8_0 is GGUF-only)");
   if (s.params.size() != NumParams(c))
     return InvalidArgument(dir + ": the parameter buffer does not match the model config");
+  KEEL_RETURN_IF_ERROR(CheckFiniteParams(s, dir));
   const bool byte_tok = s.tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
   auto tok = LoadTokenizer(byte_tok ? "byte" : "bpe", s.tokenizer);
   if (!tok.ok()) return tok.status().Wrap(dir + ": tokenizer");
@@ -183,9 +195,9 @@ Status ExportHfSafetensors(const TrainingSnapshot& s, const std::string& dir, Ex
                   {"pad_token", nullptr}};
   }
   return WriteDirAtomic(dir, {{"model.safetensors", std::move(model).value()},
-                              {"config.json", config.dump(2) + "\n"},
+                              {"config.json", DumpJson(config)},
                               {kTokenizerFileName, s.tokenizer},
-                              {"tokenizer_config.json", tok_config.dump(2) + "\n"}});
+                              {"tokenizer_config.json", DumpJson(tok_config)}});
 }
 
 Result<TrainingSnapshot> ImportHfSafetensors(const std::string& dir, std::vector<std::string>* warnings) {

@@ -90,12 +90,14 @@ Result<std::vector<ManifestEntry>> ParseManifest(const std::string& path, const 
   return out;
 }
 
+Status SizeMismatch(const std::string& path, const ManifestEntry& e, uint64_t size) {
+  return Corrupt(path + ": size " + std::to_string(size) + ", manifest says " + std::to_string(e.size) +
+                 (size < e.size ? " (truncated)" : " (file corrupt)"));
+}
+
 // Checks one file's bytes against its manifest entry.
 Status CheckFile(const std::string& path, const ManifestEntry& e, const void* data, size_t size) {
-  if (size != e.size) {
-    return Corrupt(path + ": size " + std::to_string(size) + ", manifest says " + std::to_string(e.size) +
-                   (size < e.size ? " (truncated)" : " (file corrupt)"));
-  }
+  if (size != e.size) return SizeMismatch(path, e, size);
   if (HashHex(Hash64(data, size)) != e.hash) return Corrupt(path + ": checksum mismatch (file corrupt)");
   return Status::Ok();
 }
@@ -122,6 +124,13 @@ Status VerifyImpl(const std::string& dir, std::map<std::string, std::string>* ou
   KEEL_ASSIGN_OR_RETURN(std::vector<ManifestEntry> entries, ParseManifest(mpath, mtext));
   for (const ManifestEntry& e : entries) {
     const std::string path = JoinPath(dir, e.name);
+    // The size first, from the file system: a grown (or huge) file is rejected without reading it.
+    Result<uint64_t> size = env->FileSize(path);
+    if (!size.ok()) {
+      if (size.status().code() == Code::kNotFound) return Corrupt(path + ": missing (listed in manifest)");
+      return size.status();
+    }
+    if (*size != e.size) return SizeMismatch(path, e, *size);
     if (out) {
       Result<std::string> bytes = env->ReadFile(path);
       if (!bytes.ok()) {

@@ -42,7 +42,13 @@ std::string Printable(const std::string& s, size_t max_len = 120) {
   return out;
 }
 
-std::string Quote(const std::string& name) { return "'" + Printable(name) + "'"; }
+// Appends rather than `"'" + ...`: GCC 12 misreports that form under -Wrestrict (a known false positive).
+std::string Quote(const std::string& name) {
+  std::string out = "'";
+  out += Printable(name);
+  out += '\'';
+  return out;
+}
 
 std::string ShapeString(const std::vector<int64_t>& shape) {
   std::string s = "[";
@@ -366,9 +372,9 @@ Result<SafetensorsFile> SafetensorsFile::Open(const std::string& path) {
   return Parse(std::move(f), data, size);
 }
 
-Result<SafetensorsFile> SafetensorsFile::FromBytes(std::string bytes) {
+Result<SafetensorsFile> SafetensorsFile::FromBytes(std::string bytes, std::string source_name) {
   SafetensorsFile f;
-  f.source_ = "<bytes>";
+  f.source_ = std::move(source_name);
   f.bytes_ = std::make_unique<std::string>(std::move(bytes));
   const uint8_t* data = reinterpret_cast<const uint8_t*>(f.bytes_->data());
   const size_t size = f.bytes_->size();

@@ -4,9 +4,9 @@
 //
 // Contract:
 //  - Supported dtypes: F32, F16, BF16, I32, I64, U8, F64. Data is little-endian, row-major.
-//  - Errors are returned, never thrown; each is one line starting with the file path (or "<bytes>" for
-//    FromBytes, "safetensors encode" for EncodeSafetensors) and saying what is wrong. Malformed input is
-//    kCorrupt, unreadable files kIo/kNotFound, bad arguments kInvalidArgument.
+//  - Errors are returned, never thrown; each is one line starting with the file path (or FromBytes's source
+//    name, default "<bytes>"; "safetensors encode" for EncodeSafetensors) and saying what is wrong. Malformed
+//    input is kCorrupt, unreadable files kIo/kNotFound, bad arguments kInvalidArgument.
 //  - The parser treats its input as hostile: header length beyond the file or over 100 MiB, invalid
 //    JSON, entries that are not objects, unknown dtypes, negative or overflowing shapes, offsets out of
 //    range, size/shape mismatches, overlapping tensors, holes or trailing bytes in the data buffer,
@@ -57,8 +57,8 @@ class SafetensorsFile {
  public:
   // Memory-maps path through DefaultEnv() and parses/validates the header.
   static Result<SafetensorsFile> Open(const std::string& path);
-  // Parses an in-memory file (takes ownership of the bytes).
-  static Result<SafetensorsFile> FromBytes(std::string bytes);
+  // Parses an in-memory file (takes ownership of the bytes). source_name starts every error message.
+  static Result<SafetensorsFile> FromBytes(std::string bytes, std::string source_name = "<bytes>");
 
   SafetensorsFile(SafetensorsFile&&) noexcept = default;
   SafetensorsFile& operator=(SafetensorsFile&&) noexcept = default;
@@ -75,7 +75,7 @@ class SafetensorsFile {
   // Copies a F32/F16/BF16 tensor out as floats. kNotFound for a missing name, kInvalidArgument for a
   // tensor of another dtype.
   Result<std::vector<float>> ReadF32(const std::string& name) const;
-  // The path given to Open, or "<bytes>".
+  // The path given to Open, or FromBytes's source_name.
   const std::string& source() const { return source_; }
 
  private:

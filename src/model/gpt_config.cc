@@ -1,6 +1,8 @@
 // gpt_config.cc: config validation, JSON (de)serialisation, and the parameter layout.
 #include "model/gpt_config.h"
 
+#include <climits>
+
 namespace keel {
 
 Status GptConfig::Validate() const {
@@ -31,7 +33,13 @@ Result<GptConfig> GptConfig::FromJson(const nlohmann::json& j) {
                             {"vocab", &c.vocab}}) {
     if (!j.contains(key) || !j[key].is_number_integer())
       return InvalidArgument(std::string("model config: missing or non-integer field '") + key + "'");
-    *field = j[key].get<int>();
+    // Range-check before narrowing: get<int>() would silently truncate 4294967298 to 2.
+    const nlohmann::json& v = j[key];
+    const bool fits = v.is_number_unsigned() ? v.get<uint64_t>() <= static_cast<uint64_t>(INT_MAX)
+                                             : v.get<int64_t>() >= INT_MIN && v.get<int64_t>() <= INT_MAX;
+    if (!fits)
+      return InvalidArgument(std::string("model config: field '") + key + "' is out of range (" + v.dump() + ")");
+    *field = v.get<int>();
   }
   KEEL_RETURN_IF_ERROR(c.Validate());
   return c;

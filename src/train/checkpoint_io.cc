@@ -27,14 +27,15 @@ Result<std::vector<CheckpointFile>> EncodeSnapshot(const SnapshotView& s) {
     if (!optim.ok()) return optim.status();
     files.push_back({"optim.safetensors", std::move(optim).value()});
   }
-  files.push_back({"state.json", s.state.dump(2) + "\n"});
+  // The state holds user strings (paths, e.g. imported_from) that need not be UTF-8: replace, never throw.
+  files.push_back({"state.json", s.state.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n"});
   files.push_back({"tokenizer.model", s.tokenizer});
   return files;
 }
 
 Result<TrainingSnapshot> DecodeModelFile(const std::string& source_name, std::string bytes) {
-  auto st = SafetensorsFile::FromBytes(std::move(bytes));
-  if (!st.ok()) return st.status().Wrap(source_name);
+  auto st = SafetensorsFile::FromBytes(std::move(bytes), source_name);  // its errors name source_name
+  if (!st.ok()) return st.status();
   const auto& md = st->metadata();
   auto it = md.find("config");
   if (it == md.end()) return Corrupt(source_name + ": no model config in the safetensors metadata");
@@ -60,7 +61,10 @@ Result<TrainingSnapshot> LoadSnapshot(const std::string& path, bool with_optimiz
                                       std::string* loaded_dir) {
   std::string dir = path;
   if (!IsCheckpointDir(path)) {
-    if (!DefaultEnv()->IsDir(path)) return NotFound(path + ": no such checkpoint or run directory");
+    if (!DefaultEnv()->IsDir(path)) {
+      if (DefaultEnv()->Exists(path)) return InvalidArgument(path + ": is a file, not a checkpoint or run directory");
+      return NotFound(path + ": no such checkpoint or run directory");
+    }
     auto latest = FindLatestValidCheckpoint(path, warnings);
     if (!latest.ok()) return latest.status();
     dir = latest->dir;
@@ -77,20 +81,22 @@ Result<TrainingSnapshot> LoadSnapshot(const std::string& path, bool with_optimiz
   s.tokenizer = std::move(f["tokenizer.model"]);
   if (with_optimizer) {
     if (!f.count("optim.safetensors")) return Corrupt(dir + ": checkpoint lacks optim.safetensors");
-    auto o = SafetensorsFile::FromBytes(std::move(f["optim.safetensors"]));
-    if (!o.ok()) return o.status().Wrap(dir + "/optim.safetensors");
-    auto m = o->ReadF32("adam.m");
-    auto v = o->ReadF32("adam.v");
-    if (!m.ok() || !v.ok() || m->size() != s.params.size() || v->size() != s.params.size())
-      return Corrupt(dir + "/optim.safetensors: optimizer moments missing or of the wrong size");
-    s.adam_m = std::move(m).value();
-    s.adam_v = std::move(v).value();
-    if (o->Find("outer.momentum")) {
-      auto mo = o->ReadF32("outer.momentum");
-      if (!mo.ok() || mo->size() != s.params.size())
-        return Corrupt(dir + "/optim.safetensors: outer momentum of the wrong size");
-      s.outer_momentum = std::move(mo).value();
-    }
+    const std::string opath = dir + "/optim.safetensors";
+    auto o = SafetensorsFile::FromBytes(std::move(f["optim.safetensors"]), opath);
+    if (!o.ok()) return o.status();
+    // Each moment on its own: missing or undecodable (ReadF32's message names opath), or of the wrong size.
+    auto moment = [&](const char* name, std::vector<float>* out) -> Status {
+      auto r = o->ReadF32(name);
+      if (!r.ok()) return Corrupt(r.status().message());
+      if (r->size() != s.params.size())
+        return Corrupt(opath + ": tensor '" + name + "' has " + std::to_string(r->size()) + " elements, the model " +
+                       std::to_string(s.params.size()) + " parameters");
+      *out = std::move(r).value();
+      return Status::Ok();
+    };
+    KEEL_RETURN_IF_ERROR(moment("adam.m", &s.adam_m));
+    KEEL_RETURN_IF_ERROR(moment("adam.v", &s.adam_v));
+    if (o->Find("outer.momentum")) KEEL_RETURN_IF_ERROR(moment("outer.momentum", &s.outer_momentum));
   }
   if (loaded_dir) *loaded_dir = dir;
   return s;

@@ -229,7 +229,8 @@ void Trainer::EnsureRunDir() {
     (void)env_->CreateDirs(o_.out_dir);
     nlohmann::json run = {{"keel_version", KEEL_VERSION}, {"model", o_.model.ToJson()},
                           {"data", o_.data_dir}, {"data_fingerprint", data_->fingerprint()}, {"seed", o_.seed}};
-    (void)WriteFileAtomic(run_json_path_, run.dump(2) + "\n");
+    // data is a user path, not necessarily UTF-8: replace rather than throw.
+    (void)WriteFileAtomic(run_json_path_, run.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
   }
   if (env_->IsDir(o_.out_dir)) run_dir_ready_ = true;
 }
