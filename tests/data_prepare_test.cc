@@ -16,6 +16,7 @@ namespace keel {
 namespace {
 
 namespace fs = std::filesystem;
+using keel::testing::DirEntries;
 using keel::testing::TempDir;
 using keel::testing::WriteText;
 
@@ -64,13 +65,6 @@ std::string MakeCorpusDir(const TempDir& t, size_t bytes_per_file, uint64_t seed
   WriteText(dir + "/b.txt", MakeText(bytes_per_file, seed + 1));
   WriteText(dir + "/c.dat", std::string("\0\1\2\3", 4));
   return dir;
-}
-
-std::vector<std::string> DirEntries(const std::string& dir) {
-  std::vector<std::string> names;
-  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
-  std::sort(names.begin(), names.end());
-  return names;
 }
 
 TEST(DataPrepare, ByteTokenizerEndToEnd) {

@@ -49,6 +49,7 @@ namespace {
 using testing::Logits;
 using testing::MakeSnapshot;
 using testing::RelError;
+using testing::DirEntries;
 using testing::TempDir;
 using testing::TestTokens;
 
@@ -423,13 +424,6 @@ TEST(GgufModel, ExportErrorsLeaveNoFile) {
   EXPECT_EQ(ExportModel(s, tmp.path(), {"gguf", ExportDtype::kF32, ""}).code(), Code::kInvalidArgument);
 }
 
-std::vector<std::string> Entries(const std::string& dir) {
-  std::vector<std::string> out;
-  for (const auto& e : std::filesystem::directory_iterator(dir)) out.push_back(e.path().filename().string());
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
 // The import records its path in state["imported_from"]; a path that is not UTF-8 must not break a re-export
 // (nlohmann's dump() throws on invalid UTF-8) nor a checkpoint of the imported state.
 TEST(GgufModel, ImportFromNonUtf8PathReexports) {
@@ -475,8 +469,8 @@ TEST(GgufModel, ExportLeavesUsersTmpPathsAlone) {
   EXPECT_FALSE(WriteGgufFile(tmp / "d", {}, {}).ok());
   EXPECT_TRUE(DefaultEnv()->IsDir(tmp / "d/sub"));
   ASSERT_TRUE(WriteGgufFile(tmp / "w.gguf", {}, {}).ok());
-  EXPECT_EQ(Entries(tmp.path()), (std::vector<std::string>{"d", "m.gguf", "m.gguf.tmp", "w.gguf"}));
-  EXPECT_EQ(Entries(path + ".tmp"), std::vector<std::string>{"notes.txt"});
+  EXPECT_EQ(DirEntries(tmp.path()), (std::vector<std::string>{"d", "m.gguf", "m.gguf.tmp", "w.gguf"}));
+  EXPECT_EQ(DirEntries(path + ".tmp"), std::vector<std::string>{"notes.txt"});
 }
 
 // ---------------------------------------------------------------------------------------------------------

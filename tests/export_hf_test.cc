@@ -26,6 +26,7 @@ using testing::MakeSnapshot;
 using testing::RelError;
 using testing::RunCommand;
 using testing::RunKeel;
+using testing::DirEntries;
 using testing::TempDir;
 using testing::TestTokens;
 
@@ -146,13 +147,6 @@ TEST(HfExport, ErrorsAndRefusals) {
   expect_error("config.json", "model_type");
 }
 
-std::vector<std::string> Entries(const std::string& dir) {
-  std::vector<std::string> out;
-  for (const auto& e : std::filesystem::directory_iterator(dir)) out.push_back(e.path().filename().string());
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
 // `--out DIR/` is DIR (the staging directory goes beside it, not inside), and the user's own DIR.tmp and DIR.old
 // are never touched: only a uniquely named staging directory is created and removed.
 TEST(HfExport, TrailingSlashAndUsersTmpAndOldDirsSurvive) {
@@ -172,8 +166,8 @@ TEST(HfExport, TrailingSlashAndUsersTmpAndOldDirsSurvive) {
   auto back = LoadExportedModel(dir + "/", nullptr);
   ASSERT_TRUE(back.ok()) << back.status().ToString();
   EXPECT_EQ(back->params, s.params);
-  EXPECT_EQ(Entries(tmp.path()), (std::vector<std::string>{"hf", "hf.old", "hf.tmp"}));
-  EXPECT_EQ(Entries(dir), (std::vector<std::string>{"config.json", "model.safetensors", "tokenizer.model",
+  EXPECT_EQ(DirEntries(tmp.path()), (std::vector<std::string>{"hf", "hf.old", "hf.tmp"}));
+  EXPECT_EQ(DirEntries(dir), (std::vector<std::string>{"config.json", "model.safetensors", "tokenizer.model",
                                                     "tokenizer_config.json"}));
   for (const char* mine : {"hf.tmp", "hf.old"})
     EXPECT_EQ(DefaultEnv()->ReadFile(tmp / mine + std::string("/notes.txt")).value(), mine);
@@ -203,7 +197,7 @@ TEST(ExportRefusals, NonFiniteWeights) {
       EXPECT_NE(st.message().find("tensor 'h.1.attn.qkv.weight' has a non-finite value"), std::string::npos)
           << st.message();
       EXPECT_EQ(st.message().find('\n'), std::string::npos);
-      EXPECT_TRUE(Entries(tmp.path()).empty());
+      EXPECT_TRUE(DirEntries(tmp.path()).empty());
     }
   }
 }

@@ -23,6 +23,7 @@ namespace keel {
 namespace {
 
 namespace fs = std::filesystem;
+using keel::testing::DirEntries;
 using keel::testing::TempDir;
 using keel::testing::WriteText;
 
@@ -67,13 +68,6 @@ std::vector<int64_t> Steps(const std::string& run_dir) {
   EXPECT_TRUE(list.ok()) << list.status().message();
   if (!list.ok()) return out;
   for (const CheckpointInfo& c : list.value()) out.push_back(c.step);
-  return out;
-}
-
-std::vector<std::string> DirEntries(const std::string& dir) {
-  std::vector<std::string> out;
-  for (const auto& e : fs::directory_iterator(dir)) out.push_back(e.path().filename().string());
-  std::sort(out.begin(), out.end());
   return out;
 }
 

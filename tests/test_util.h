@@ -26,6 +26,8 @@ CommandResult RunCommand(const std::string& cmdline);
 // Runs the keel binary built alongside the tests with the given arguments (shell-quoted by the caller).
 CommandResult RunKeel(const std::string& args);
 void WriteText(const std::string& path, const std::string& text);
+// The names of dir's entries, sorted (to assert that no temporary was left behind).
+std::vector<std::string> DirEntries(const std::string& dir);
 // Splits a command line at spaces (no quoting): the argv for a Background job.
 std::vector<std::string> Split(const std::string& s);
 

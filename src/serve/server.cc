@@ -457,7 +457,9 @@ HttpServer::HttpServer(Engine* engine, const Tokenizer* tokenizer, ServeMetrics*
   impl_->svr.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
   impl_->svr.set_payload_max_length(impl_->opts.max_body_bytes);
   impl_->svr.set_read_timeout(30, 0);
-  impl_->svr.set_write_timeout(30, 0);
+  // A write blocks only while the client reads nothing at all (its buffers and ours full); 10 s bounds how long
+  // such a client holds a worker thread, and how long Stop() can wait for it after the drain deadline.
+  impl_->svr.set_write_timeout(10, 0);
   impl_->svr.set_keep_alive_timeout(2);
   impl_->svr.set_tcp_nodelay(true);
   // SO_REUSEADDR only: httplib's default adds SO_REUSEPORT, which would let a second server bind the same port.
