@@ -96,6 +96,8 @@ TEST_F(CliErrors, ZeroAndNegativeSizes) {
   ExpectError(RunKeel("train " + Small(t / "r") + " --batch -2"), "--batch");
   ExpectError(RunKeel("train " + Small(t / "r") + " --steps 0"), "--steps");
   ExpectError(RunKeel("train " + Small(t / "r") + " --peak-gflops -5"), "--peak-gflops");
+  // A step's micro-batches live in 128-bit sets in every mode (--fast included: 129 used to write past them).
+  ExpectError(RunKeel("train " + Small(t / "r") + " --fast --grad-accum 129"), "--grad-accum");
   EXPECT_FALSE(fs::exists(t / "r"));
 }
 

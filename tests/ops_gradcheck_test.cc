@@ -404,6 +404,26 @@ TEST(ExactSum, RoundThroughFixedPointVectorMatchesScalar) {
   EXPECT_TRUE(BitEqual(all, one)) << FirstDiff(all, one);
 }
 
+// Saturated gradients summed over the most micro-batches a step may have (kMaxExactMicroBatches) stay inside
+// int64: the clamp sits 16 units below 2^56, where 128 x 2^56 would be 2^63 and wrap negative.
+TEST(ExactSum, SaturatedSumOfTheMostMicroBatchesDoesNotOverflow) {
+  std::vector<int64_t> acc(3, 0);
+  const float g[3] = {1e9f, -1e9f, std::numeric_limits<float>::max()};
+  size_t saturated = 0, total = 0;
+  for (int m = 0; m < kMaxExactMicroBatches; ++m) {
+    EXPECT_EQ(AddFixedPoint(acc.data(), g, 3, &saturated), 0u);
+    total += saturated;
+  }
+  EXPECT_EQ(total, 3u * kMaxExactMicroBatches);
+  EXPECT_GT(acc[0], 0);
+  EXPECT_LT(acc[1], 0);
+  EXPECT_EQ(acc[2], acc[0]);
+  float out[3];
+  FixedPointToFloat(out, acc.data(), 3, 1.0 / kMaxExactMicroBatches);
+  EXPECT_NEAR(out[0], 65536.0f, 0.01f);
+  EXPECT_NEAR(out[1], -65536.0f, 0.01f);
+}
+
 // Rows wider than the kernels' vector blocks (the vectorised max/exp/sum paths and their scalar tails).
 TEST_F(OpsTest, SoftmaxCrossEntropyWideRows) {
   const int N = 5, V = 75, Vp = 80;

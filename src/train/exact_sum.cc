@@ -8,9 +8,17 @@
 
 namespace keel {
 
+namespace {
+
+// The saturation bound, just under 2^16 in value (2^56 in fixed point): 2^56 - 16 is a double exactly, and
+// kMaxExactMicroBatches (2^7) of them sum to 2^63 - 2048, inside int64 (2^7 x 2^56 would be 2^63, one past it).
+const double kLimit = std::ldexp(1.0, 16 + kFixedFractionBits) - 16.0;
+static_assert(kMaxExactMicroBatches <= 128, "the saturation bound leaves headroom for 2^7 micro-batches only");
+
+}  // namespace
+
 size_t AddFixedPoint(int64_t* acc, const float* g, size_t n, size_t* saturated) {
   const double kScale = std::ldexp(1.0, kFixedFractionBits);
-  const double kLimit = std::ldexp(1.0, 16 + kFixedFractionBits);
   size_t bad = 0, sat = 0;
 #pragma omp parallel for schedule(static) reduction(+ : bad, sat)
   for (size_t i = 0; i < n; ++i) {
@@ -44,7 +52,6 @@ inline float RoundOne(float gi, double scale, double inv, double limit, size_t* 
 
 size_t RoundThroughFixedPoint(float* g, size_t n) {
   const double kScale = std::ldexp(1.0, kFixedFractionBits), kInv = std::ldexp(1.0, -kFixedFractionBits);
-  const double kLimit = std::ldexp(1.0, 16 + kFixedFractionBits);
   constexpr size_t kBlock = 8192;  // elements per OpenMP work item
   const size_t blocks = (n + kBlock - 1) / kBlock;
   size_t bad = 0;

@@ -4,7 +4,7 @@
 // (one worker doing 4 micro-batches vs 4 workers doing one each) differs in the last bits. keel converts each
 // micro-batch's gradient to 64-bit fixed point with 40 fractional bits, sums integers (exact, hence
 // independent of order and grouping — also across workers, via an int64 allreduce), and converts back once.
-// Values are saturated at +-2^16 (counted), which leaves headroom for 2^7 summed micro-batches; the
+// Values are saturated just below +-2^16 (counted), which leaves headroom for 2^7 summed micro-batches; the
 // resolution 2^-40 ~ 9e-13 is below a float ulp for gradients above ~1e-5 in magnitude.
 #pragma once
 #include <cstddef>

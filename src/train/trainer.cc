@@ -16,9 +16,11 @@ Status ValidateTrainOptions(const TrainOptions& o) {
   KEEL_RETURN_IF_ERROR(m.Validate());
   if (o.batch <= 0) return InvalidArgument("--batch must be positive (got " + std::to_string(o.batch) + ")");
   if (o.grad_accum <= 0) return InvalidArgument("--grad-accum must be positive");
-  if (o.deterministic && o.grad_accum > kMaxExactMicroBatches)
-    return InvalidArgument("--grad-accum above " + std::to_string(kMaxExactMicroBatches) +
-                           " is not supported in deterministic mode (use --fast)");
+  // Every mode plans, holds and votes on a step's micro-batches in 128-bit sets (MicroSet, VoteRecord), and the
+  // fixed-point sum has headroom for 2^7 of them.
+  if (o.grad_accum > kMaxExactMicroBatches)
+    return InvalidArgument("--grad-accum must be at most " + std::to_string(kMaxExactMicroBatches) + " (got " +
+                           std::to_string(o.grad_accum) + ")");
   if (o.steps <= 0) return InvalidArgument("--steps must be positive");
   if (!(o.optim.lr > 0.0f) || !std::isfinite(o.optim.lr)) return InvalidArgument("--lr must be a positive number");
   if (o.optim.warmup < 0) return InvalidArgument("--warmup must be >= 0");
@@ -252,9 +254,15 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
     events_ = elastic_->events();
   }
   KEEL_RETURN_IF_ERROR(ValidateTrainOptions(o_));
-  if (elastic_ && M_ > 128) return InvalidArgument("elastic training supports up to 128 micro-batches per step");
-  if (elastic_ && o_.grad_accum > 128)
-    return InvalidArgument("--grad-accum above 128 is not supported in elastic mode");
+  // The group's watchdog holds a raw pointer to the generation's communicator, which this Trainer owns: on every
+  // way out of Run (errors and --stop-after included, not only the last step) it must forget it, or a peer
+  // leaving later would make the heartbeat thread abort a freed communicator.
+  struct UnwatchOnExit {
+    ElasticGroup* group;
+    ~UnwatchOnExit() {
+      if (group) group->Unwatch();
+    }
+  } unwatch_on_exit{elastic_};
   uid_ = elastic_ ? elastic_->uid() : static_comm_->rank();
   KEEL_RETURN_IF_ERROR(Open());
   if (elastic_) elastic_->SetPayloadBytes(static_cast<double>(P_) * (o_.deterministic ? 8 : 4));

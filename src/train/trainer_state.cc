@@ -214,8 +214,14 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
     p.resize(P_), m.resize(P_), v.resize(P_);
     bufs[0] = p.data(), bufs[1] = m.data(), bufs[2] = v.data();
   }
-  // (A given-up broadcast could in principle still write into these buffers; in practice nothing arrives on a
-  // group every peer has aborted, and a receiver holds no state until it verifies a later transfer.)
+  // A receiver's own buffers are overwritten from here on: should the transfer fail part-way (the source dies),
+  // they hold a mix of old and new state, so the receiver holds no state until a transfer verifies (below), and
+  // the next sync sends it again or loads the checkpoint. (A given-up broadcast could in principle still write
+  // into these buffers; in practice nothing arrives on a group every peer has aborted.)
+  if (me_recv) {
+    has_state_ = false;
+    ClearHoldings();
+  }
   for (float* b : bufs)
     KEEL_RETURN_IF_ERROR(Collective([b, this, source](Communicator* c) { return c->Broadcast(b, P_ * sizeof(float), source); }));
   if (diloco_) {  // the outer momentum (host memory: diloco runs on the CPU backend)
@@ -230,7 +236,11 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
       has_state_ = false;
       return Corrupt("state transfer: malformed trainer state");
     }
-    InstallAux(a);
+    try {  // the peer's JSON: wrong types throw in nlohmann's accessors
+      InstallAux(a);
+    } catch (const nlohmann::json::exception& e) {
+      return Corrupt(std::string("state transfer: malformed trainer state (") + e.what() + ")");
+    }
     has_state_ = true;
     const uint64_t got = StateHash();
     if (got != h.hash || (expect_hash != 0 && got != expect_hash)) {

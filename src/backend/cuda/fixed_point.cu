@@ -1,6 +1,6 @@
 // fixed_point.cu: rounding a gradient through keel's fixed-point format on the device (Backend::
 // RoundThroughFixedPoint), bit for bit as train/exact_sum.cc does on the host: x = g * 2^bits in double (exact),
-// clamped to +-2^(16 + bits), rounded to an integer ties-to-even (as llrint), scaled back and rounded once
+// clamped to +-(2^(16 + bits) - 16) (the host's bound: exact_sum.cc), rounded to an integer ties-to-even (as llrint), scaled back and rounded once
 // to float. Non-finite elements are left unchanged and counted (one atomic add per block: a count, so the order
 // of the adds does not matter).
 #include "backend/cuda/cuda_common.cuh"
@@ -38,7 +38,7 @@ cudaError_t RoundThroughFixedPoint(float* g, size_t n, int fraction_bits, unsign
   cudaError_t e = cudaMemsetAsync(nonfinite, 0, sizeof(unsigned long long), stream);
   if (e != cudaSuccess || n == 0) return e;
   const double scale = ldexp(1.0, fraction_bits), inv = ldexp(1.0, -fraction_bits);
-  const double limit = ldexp(1.0, 16 + fraction_bits);
+  const double limit = ldexp(1.0, 16 + fraction_bits) - 16.0;  // as exact_sum.cc's kLimit
   RoundThroughFixedPointKernel<<<GridFor(n, kThreads), kThreads, 0, stream>>>(g, n, scale, inv, limit, nonfinite);
   return cudaGetLastError();
 }
