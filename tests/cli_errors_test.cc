@@ -109,6 +109,14 @@ TEST_F(CliErrors, BadSyncAndCompressionFlags) {
   ExpectError(RunKeel("train " + Small(t / "r") + " --sync diloco --outer-lr -1"), "--outer-lr");
   ExpectError(RunKeel("train " + Small(t / "r") + " --compress fp4"), "--compress");
   ExpectError(RunKeel("train " + Small(t / "r") + " --optimizer lion"), "--optimizer");
+  // Optimizer values that used to train (on NaN, skipping every step) and exit 0.
+  ExpectError(RunKeel("train " + Small(t / "r") + " --weight-decay nan"), "--weight-decay");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --grad-clip -1"), "--grad-clip");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --min-lr-frac 2"), "--min-lr-frac");
+  // Launch flags are checked for a single worker too.
+  ExpectError(RunKeel("train " + Small(t / "r") + " --nproc -1"), "--nproc");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --min-workers 5 --max-workers 2"), "--max-workers");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --rdzv-timeout nan"), "--rdzv-timeout");
   EXPECT_FALSE(fs::exists(t / "r"));
 }
 
@@ -176,6 +184,15 @@ TEST_F(CliErrors, CorruptShard) {
 TEST_F(CliErrors, BadSamplingFlags) {
   ExpectError(RunKeel("sample --ckpt " + Run() + " --top-p 1.5"), "--top-p");
   ExpectError(RunKeel("sample --ckpt /nonexistent/run"), "/nonexistent/run");
+  ExpectError(RunKeel("sample --ckpt " + Run() + " --top-k -5"), "--top-k");
+  ExpectError(RunKeel("sample --ckpt " + Run() + " --samples 0"), "--samples");
+  // libgomp crashed (SIGSEGV) or hung creating 100000 threads.
+  ExpectError(RunKeel("sample --ckpt " + Run() + " --threads 100000"), "--threads");
+  ExpectError(RunKeel("train " + Small(*dir_ / "r2") + " --threads 100000"), "--threads");
+  // A prompt longer than the context (16) is refused before anything is printed.
+  auto r = RunKeel("sample --ckpt " + Run() + " -n 2 -p 'a prompt of more than sixteen bytes'");
+  ExpectError(r, "--prompt");
+  EXPECT_EQ(r.output.find("a prompt of"), std::string::npos) << r.output;
 }
 
 TEST_F(CliErrors, InvalidConfigFile) {

@@ -159,7 +159,10 @@ class Backend {
 
 // The CPU reference backend (OpenBLAS GEMM + OpenMP elementwise ops).
 std::unique_ptr<Backend> MakeCpuBackend(int threads);
-// "cpu" or "cuda"; returns an error if the name is unknown or the device is unavailable.
+// The most CPU threads a backend accepts (--threads): libgomp crashes or hangs creating tens of thousands.
+inline constexpr int kMaxThreads = 1024;
+// "cpu" or "cuda"; returns an error if the name is unknown, the device is unavailable, or threads is outside
+// [0, kMaxThreads] (0: the library default).
 Result<std::unique_ptr<Backend>> MakeBackend(const std::string& name, int threads);
 
 }  // namespace keel

@@ -39,7 +39,7 @@ Status CheckFiniteParams(const TrainingSnapshot& s, const std::string& where) {
       if (std::isfinite(x[i])) continue;
       return InvalidArgument(where + ": tensor '" + t.name + "' has a non-finite value (" +
                              (std::isnan(x[i]) ? "nan" : x[i] > 0 ? "inf" : "-inf") + " at element " +
-                             std::to_string(i) + "); refusing to export a broken model");
+                             std::to_string(i) + "): the model is broken (a diverged run?)");
     }
   }
   return Status::Ok();

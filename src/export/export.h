@@ -36,7 +36,7 @@ struct ExportOptions {
 Status ExportModel(const TrainingSnapshot& s, const std::string& out, const ExportOptions& o);
 
 // kInvalidArgument "<where>: tensor 'NAME' has a non-finite value (...)" for the first parameter of s (laid out
-// as ParamLayout(s.config)) that is inf or NaN. Both exporters call it.
+// as ParamLayout(s.config)) that is inf or NaN. Both exporters call it, and `keel sample` / `keel serve` on load.
 Status CheckFiniteParams(const TrainingSnapshot& s, const std::string& where);
 
 // "gguf" for a file starting with the GGUF magic, "safetensors" for a directory holding config.json and

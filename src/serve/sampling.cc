@@ -14,6 +14,7 @@ Status ValidateSampling(const SamplingParams& p) {
   if (!(p.temperature >= 0.0f) || !std::isfinite(p.temperature) || p.temperature > 100.0f)
     return InvalidArgument("--temperature must be in [0, 100]");
   if (!(p.top_p > 0.0f) || p.top_p > 1.0f) return InvalidArgument("--top-p must be in (0, 1]");
+  if (p.top_k < 0) return InvalidArgument("--top-k must be >= 0 (0: off)");
   return Status::Ok();
 }
 

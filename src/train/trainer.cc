@@ -24,7 +24,14 @@ Status ValidateTrainOptions(const TrainOptions& o) {
   if (o.steps <= 0) return InvalidArgument("--steps must be positive");
   if (!(o.optim.lr > 0.0f) || !std::isfinite(o.optim.lr)) return InvalidArgument("--lr must be a positive number");
   if (o.optim.warmup < 0) return InvalidArgument("--warmup must be >= 0");
-  if (o.threads < 0) return InvalidArgument("--threads must be >= 0");
+  if (o.threads < 0 || o.threads > kMaxThreads)
+    return InvalidArgument("--threads must be in [0, " + std::to_string(kMaxThreads) + "]");
+  if (!(o.optim.weight_decay >= 0) || !std::isfinite(o.optim.weight_decay))
+    return InvalidArgument("--weight-decay must be a number >= 0");
+  if (!(o.optim.grad_clip >= 0) || !std::isfinite(o.optim.grad_clip))
+    return InvalidArgument("--grad-clip must be a number >= 0 (0: off)");
+  if (!(o.optim.min_lr_frac >= 0 && o.optim.min_lr_frac <= 1))
+    return InvalidArgument("--min-lr-frac must be in [0, 1]");
   if (!(o.peak_gflops >= 0) || !std::isfinite(o.peak_gflops)) return InvalidArgument("--peak-gflops must be >= 0");
   if (o.eval_every < 0 || o.checkpoint_every < 0) return InvalidArgument("--eval-every/--checkpoint-every must be >= 0");
   if (o.keep < 0) return InvalidArgument("--keep must be >= 0");

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <climits>
+#include <cmath>
 #include <csignal>
 #include <cstdlib>
 #include <filesystem>
@@ -218,20 +219,32 @@ Result<std::pair<int, int>> ParseNnodes(const std::string& s) {
   return std::make_pair(lo, hi);
 }
 
-int RunLauncher(const TrainOptions& o, const DistFlags& d, const std::vector<std::string>& args) {
+// The launch flags' own ranges, checked in every mode (a single worker ignores most of them, but a value it
+// ignores is still a mistake to report).
+Status ValidateDistFlags(const DistFlags& d) {
+  if (d.nproc < 0 || d.nproc_per_node < 0) return InvalidArgument("--nproc/--nproc-per-node must be >= 1");
   if (d.nproc > 0 && d.nproc_per_node > 0 && d.nproc != d.nproc_per_node)
-    return Fail("train", InvalidArgument("--nproc and --nproc-per-node differ"));
-  const int nproc = std::max({1, d.nproc, d.nproc_per_node});
-  if (nproc > 1024) return Fail("train", InvalidArgument("--nproc " + std::to_string(nproc) + " is too many"));
-  if (!(d.rdzv_timeout_s > 0)) return Fail("train", InvalidArgument("--rdzv-timeout must be positive"));
-  if (!(d.comm_timeout_s > 0)) return Fail("train", InvalidArgument("--comm-timeout must be positive"));
-  const bool elastic = d.Elastic();
-  if (elastic && d.comm_timeout_given)
-    return Fail("train", InvalidArgument("--comm-timeout does not apply to elastic jobs: --hang-timeout is their one "
-                                         "timeout (collectives are backstopped at 30x it)"));
-  if (elastic && !(d.hang_timeout_s > 0)) return Fail("train", InvalidArgument("--hang-timeout must be positive"));
+    return InvalidArgument("--nproc and --nproc-per-node differ");
+  if (std::max(d.nproc, d.nproc_per_node) > 1024)
+    return InvalidArgument("--nproc " + std::to_string(std::max(d.nproc, d.nproc_per_node)) + " is too many");
+  auto seconds = [](double s) { return s > 0 && std::isfinite(s); };
+  if (!seconds(d.rdzv_timeout_s)) return InvalidArgument("--rdzv-timeout must be a positive number of seconds");
+  if (!seconds(d.comm_timeout_s)) return InvalidArgument("--comm-timeout must be a positive number of seconds");
+  if (!seconds(d.hang_timeout_s)) return InvalidArgument("--hang-timeout must be a positive number of seconds");
+  if (d.Elastic() && d.comm_timeout_given)
+    return InvalidArgument("--comm-timeout does not apply to elastic jobs: --hang-timeout is their one "
+                           "timeout (collectives are backstopped at 30x it)");
   if (d.max_restarts < 0 || d.min_workers < 0 || d.max_workers < 0)
-    return Fail("train", InvalidArgument("--min-workers/--max-workers/--max-restarts must be >= 0"));
+    return InvalidArgument("--min-workers/--max-workers/--max-restarts must be >= 0");
+  if (d.max_workers > 0 && d.min_workers > d.max_workers)
+    return InvalidArgument("--min-workers " + std::to_string(d.min_workers) + " is above --max-workers " +
+                           std::to_string(d.max_workers));
+  return Status::Ok();
+}
+
+int RunLauncher(const TrainOptions& o, const DistFlags& d, const std::vector<std::string>& args) {
+  const int nproc = std::max({1, d.nproc, d.nproc_per_node});
+  const bool elastic = d.Elastic();
   {
     std::string spec = o.inject;
     if (spec.empty())
@@ -323,6 +336,7 @@ int RunTrainAnyMode(TrainOptions o, const DistFlags& d, const std::vector<std::s
     if (const char* v = std::getenv("KEEL_INJECT")) o.inject = v;  // workers started by other launchers
   auto placement = PlacementFromEnv();
   if (!placement.ok()) return Fail("train", placement.status());
+  if (Status s = ValidateDistFlags(d); !s.ok()) return Fail("train", s);
   if (placement->has_value()) return RunWorker(std::move(o), d, **placement);
   if (d.nproc > 1 || d.nproc_per_node > 1 || !d.rdzv.empty() || !d.nnodes.empty()) return RunLauncher(o, d, args);
   return RunSingle(o);

@@ -41,6 +41,9 @@ int RunSample(int argc, char** argv) {
   if (int rc = Parse(app, argc, argv); rc >= 0) return rc;
   if (auto s = ValidateSampling(g.sampling); !s.ok()) return Fail("sample", s);
   if (g.max_new_tokens < 0) return Fail("sample", InvalidArgument("-n must be >= 0"));
+  if (num_samples < 1 || num_samples > 1000000) return Fail("sample", InvalidArgument("--samples must be in [1, 1000000]"));
+  if (threads < 0 || threads > kMaxThreads)
+    return Fail("sample", InvalidArgument("--threads must be in [0, " + std::to_string(kMaxThreads) + "]"));
   if (dtype != "f32" && dtype != "f16")
     return Fail("sample", InvalidArgument("--dtype must be f32 or f16, got '" + dtype + "'"));
 
@@ -48,6 +51,7 @@ int RunSample(int argc, char** argv) {
   auto snap = LoadModelForInference(ckpt, &warnings);
   for (const auto& w : warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
   if (!snap.ok()) return Fail("sample", snap.status());
+  if (Status s = CheckFiniteParams(*snap, ckpt); !s.ok()) return Fail("sample", s);
   const bool byte_tok = snap->tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
   auto tok = LoadTokenizer(byte_tok ? "byte" : "bpe", snap->tokenizer);
   if (!tok.ok()) return Fail("sample", tok.status().Wrap(ckpt + ": tokenizer"));
@@ -61,6 +65,10 @@ int RunSample(int argc, char** argv) {
   (*model)->SetParamsFromHost(snap->params);
   auto ids = (*tok)->Encode(prompt);
   if (ids.empty()) return Fail("sample", InvalidArgument("--prompt encodes to no tokens"));
+  // Checked before anything is printed (Generate would refuse it only after the prompt was echoed).
+  if (static_cast<int>(ids.size()) >= snap->config.ctx)
+    return Fail("sample", InvalidArgument("--prompt is " + std::to_string(ids.size()) + " tokens; the model's context holds " +
+                                          std::to_string(snap->config.ctx) + " (prompt and new tokens together)"));
   for (int s = 0; s < num_samples; ++s) {
     auto state = DecodeState::Create(model->get(), 1, snap->config.ctx, 0, dtype == "f16");
     if (!state.ok()) return Fail("sample", state.status());

@@ -62,6 +62,11 @@ int RunServe(int argc, char** argv) {
   app.add_option("--debug-step-delay-ms", eo.step_delay_ms)->group("");
   if (int rc = Parse(app, argc, argv); rc >= 0) return rc;
   if (so.port < 0 || so.port > 65535) return Fail("serve", InvalidArgument("--port must be in [0, 65535]"));
+  if (threads < 0 || threads > kMaxThreads)
+    return Fail("serve", InvalidArgument("--threads must be in [0, " + std::to_string(kMaxThreads) + "]"));
+  // An empty key (an unset shell variable in --api-key "$KEY") would silently turn authentication off.
+  if (app.count("--api-key") && so.api_key.empty())
+    return Fail("serve", InvalidArgument("--api-key must not be empty"));
   // Upper bounds keep the sums below (slots + queue + threads) far from int overflow. Every waiting or streaming
   // request holds one HTTP worker thread (at most kMaxHttpThreads), so a queue longer than the workers left
   // over would not answer 429: the extra requests would wait unseen in the thread pool's own queue.
@@ -86,6 +91,7 @@ int RunServe(int argc, char** argv) {
   auto snap = LoadModelForInference(ckpt, &warnings);
   for (const auto& w : warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
   if (!snap.ok()) return Fail("serve", snap.status());
+  if (Status s = CheckFiniteParams(*snap, ckpt); !s.ok()) return Fail("serve", s);
   const bool byte_tok = snap->tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
   auto tok = LoadTokenizer(byte_tok ? "byte" : "bpe", snap->tokenizer);
   if (!tok.ok()) return Fail("serve", tok.status().Wrap(ckpt + ": tokenizer"));

@@ -173,6 +173,8 @@ Result<std::unique_ptr<Backend>> MakeCudaBackend();
 #endif
 
 Result<std::unique_ptr<Backend>> MakeBackend(const std::string& name, int threads) {
+  if (threads < 0 || threads > kMaxThreads)
+    return InvalidArgument("--threads must be in [0, " + std::to_string(kMaxThreads) + "]");
   if (name == "cpu") return MakeCpuBackend(threads);
   if (name == "cuda") {
 #ifdef KEEL_HAVE_CUDA
