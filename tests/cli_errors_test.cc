@@ -199,6 +199,11 @@ TEST_F(CliErrors, InvalidConfigFile) {
   TempDir t;
   WriteText(t / "c.json", "{\"layers\": [1,2]}");
   ExpectError(RunKeel("train --config " + t / "c.json" + " --data " + Data() + " --out " + t / "r"), "layers");
+  // Unknown fields and wrong kinds name the config file and the field.
+  WriteText(t / "typo.json", "{\"lyers\": 2}");
+  ExpectError(RunKeel("train --config " + t / "typo.json" + " --data " + Data() + " --out " + t / "r"), "'lyers'");
+  WriteText(t / "kind.json", "{\"no_progress\": \"yes\"}");
+  ExpectError(RunKeel("train --config " + t / "kind.json" + " --data " + Data() + " --out " + t / "r"), "kind.json");
   WriteText(t / "bad.json", "{not json");
   ExpectError(RunKeel("train --config " + t / "bad.json" + " --data " + Data() + " --out " + t / "r"), "bad.json");
 }

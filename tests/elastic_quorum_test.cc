@@ -486,6 +486,19 @@ TEST(Sync, TheNewestStateWinsAndStaleOrEmptyMembersReceiveIt) {
   EXPECT_NE(p.source, 0);
   EXPECT_EQ(p.state_hash, 5u);
   EXPECT_EQ(p.receivers, std::vector<int>{0});
+  // Two members that disagree, one of them corrupted since its last commit (a bit flip, then the third member
+  // died before the vote could see it): the self-checked one is the source, whatever the order.
+  r.resize(2);
+  r[0].state_hash = 7, r[0].self_checked = 0;
+  r[1].state_hash = 5, r[1].self_checked = 1;
+  p = PlanSync(r);
+  EXPECT_EQ(p.source, 1);
+  EXPECT_EQ(p.receivers, std::vector<int>{0});
+  std::swap(r[0], r[1]);
+  EXPECT_EQ(PlanSync(r).source, 0);
+  // Neither self-checked: the lowest index, as before.
+  r[0].self_checked = r[1].self_checked = 0;
+  EXPECT_EQ(PlanSync(r).source, 0);
   // Nobody has state: load from disk.
   for (auto& x : r) x.has_state = 0;
   EXPECT_EQ(PlanSync(r).source, -1);

@@ -127,6 +127,7 @@ void ElasticGroup::Leave(const std::string& state) {
 }
 
 Status ElasticGroup::WriteStatus(Store& s) {
+  std::lock_guard<std::mutex> w(write_mu_);  // never taken with mu_ held (callers don't hold mu_)
   nlohmann::json rec;
   int64_t uid;
   {
@@ -292,7 +293,9 @@ void ElasticGroup::Watch(double now) {
       my_key = waiting_;
       my_since = waiting_since_;
     }
-    const double allowance = o_.t.hang_s + payload_bytes_.load() / 100e6;
+    // A ring allreduce sends 2(N-1)/N x the payload per member (a 4-member group 1.5x): at 100 MB/s.
+    const double n = static_cast<double>(std::max<size_t>(members.size(), 1));
+    const double allowance = o_.t.hang_s + payload_bytes_.load() * 2.0 * (n - 1.0) / n / 100e6;
     bool all = !my_key.empty() && now - my_since > allowance;
     for (int64_t u : members) {
       if (u == uid_.load()) continue;
@@ -387,6 +390,11 @@ void ElasticGroup::Unwatch() {
   gen_dead_ = false;
   dead_reason_.clear();
   joiners_ = false;
+}
+
+void ElasticGroup::WatchCommunicator(Communicator* c) {
+  std::lock_guard<std::mutex> l(watch_mu_);
+  if (watched_gen_ >= 0) watched_comm_ = c;
 }
 
 Result<std::vector<int64_t>> ElasticGroup::GenerationMembers(Store& s, int64_t gen) {

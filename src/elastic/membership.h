@@ -81,8 +81,8 @@ class ElasticGroup {
   // What the heartbeats report about this member's training state.
   void SetProgress(int64_t step, int64_t epoch, bool has_state);
   // This member is blocked in a collective (`key` names it, e.g. "g3/s41/a0/reduce"; empty: not waiting).
-  // When every member of the generation reports the same key for longer than the allowance (H plus the
-  // payload at 100 MB/s), nothing is computing and nothing is arriving: the collective is stuck, and the
+  // When every member of the generation reports the same key for longer than the allowance (H plus a ring
+  // allreduce's 2(N-1)/N x the payload at 100 MB/s), nothing is computing and nothing is arriving: the collective is stuck, and the
   // watchdog aborts it (a collective that never returns, with every member still heartbeating).
   void SetWaiting(const std::string& key);
   void SetPayloadBytes(double bytes) { payload_bytes_ = bytes; }
@@ -95,6 +95,10 @@ class ElasticGroup {
   Result<Generation> NextGeneration(const std::atomic<bool>* stop, bool voluntary = false);
   // Forget the current generation's communicator (before destroying it).
   void Unwatch();
+  // The communicator the watchdog aborts from now on, in place of the generation's own: a wrapper around it
+  // (the trainer's byte meter and link emulation), so that an abort also cuts the wrapper's own waits short.
+  // The wrapper must forward Abort() to the generation's communicator; the caller keeps it alive until Unwatch().
+  void WatchCommunicator(Communicator* c);
 
   // The watchdog gave up on the current generation (and aborted its communicator); the reason.
   bool generation_dead() const { return gen_dead_.load(); }
@@ -143,6 +147,9 @@ class ElasticGroup {
   bool was_member_ = false;  // this incarnation has been in a generation (so leaving it out is an eviction)
   std::string host_;
 
+  // Serialises WriteStatus (building the record and storing it), so that a heartbeat's record built before a
+  // change cannot land after the change's own write (a stale "ready" over NewIncarnation's "gone").
+  std::mutex write_mu_;
   // Status (guarded by mu_).
   std::mutex mu_;
   std::condition_variable cv_;

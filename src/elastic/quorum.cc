@@ -487,7 +487,13 @@ SyncPlan PlanSync(const std::vector<SyncRecord>& recs) {
   for (int k = 0; k < n; ++k) {
     const auto& r = recs[static_cast<size_t>(k)];
     if (!r.has_state || r.epoch != p.epoch || r.step != p.step) continue;
-    if (best < 0 || count[r.state_hash] > count[recs[static_cast<size_t>(best)].state_hash]) best = k;
+    if (best < 0) {
+      best = k;
+      continue;
+    }
+    const auto& b = recs[static_cast<size_t>(best)];
+    if (std::make_pair(count[r.state_hash], r.self_checked != 0) > std::make_pair(count[b.state_hash], b.self_checked != 0))
+      best = k;
   }
   p.source = best;
   p.state_hash = recs[static_cast<size_t>(best)].state_hash;

@@ -213,7 +213,8 @@ struct SyncRecord {
   int64_t step = -1;
   uint64_t state_hash = 0;
   uint32_t has_state = 0;
-  uint32_t pad = 0;
+  // 1: this member's parameters still hash to what it last committed or installed (no silent corruption since).
+  uint32_t self_checked = 0;
   MicroSet held;              // micro-batches held for (held_epoch, held_step)
   int64_t held_epoch = -1;
   int64_t held_step = -1;
@@ -228,7 +229,8 @@ struct SyncPlan {
   std::vector<MicroSet> held; // per member: holdings still valid for this step (empty for receivers)
 };
 // The source is a member with state at the newest (epoch, step), preferring the most common state hash
-// there, then the lowest index.
+// there, then a self-checked member (two members that disagree, one of them corrupted since its last commit:
+// the one whose parameters still match its own commit is the one to trust), then the lowest index.
 SyncPlan PlanSync(const std::vector<SyncRecord>& recs);
 
 }  // namespace keel

@@ -30,6 +30,8 @@ Status ValidateTrainOptions(const TrainOptions& o) {
     return InvalidArgument("--weight-decay must be a number >= 0");
   if (!(o.optim.grad_clip >= 0) || !std::isfinite(o.optim.grad_clip))
     return InvalidArgument("--grad-clip must be a number >= 0 (0: off)");
+  if (o.eval_batches < 1) return InvalidArgument("--eval-batches must be >= 1");
+  if (o.stop_after < 0) return InvalidArgument("--stop-after must be >= 0 (0: never)");
   if (!(o.optim.min_lr_frac >= 0 && o.optim.min_lr_frac <= 1))
     return InvalidArgument("--min-lr-frac must be in [0, 1]");
   if (!(o.peak_gflops >= 0) || !std::isfinite(o.peak_gflops)) return InvalidArgument("--peak-gflops must be >= 0");
@@ -438,6 +440,7 @@ Result<bool> Trainer::Quorum() {
         uid_ = elastic_->uid();
         comm_sp_ = Meter(std::shared_ptr<Communicator>(std::move(gen_.comm)));
         comm_ = comm_sp_.get();
+        elastic_->WatchCommunicator(comm_);  // the watchdog's abort also ends an emulated link's sleep
         index_ = gen_.index;
         size_ = static_cast<int>(gen_.members.size());
         members_ = gen_.members;

@@ -124,6 +124,7 @@ Status Trainer::SyncState(int depth) {
   mine.step = step_;
   mine.has_state = has_state_ ? 1 : 0;
   mine.state_hash = has_state_ ? StateHash() : 0;
+  mine.self_checked = has_state_ && committed_hash_ != 0 && ParamsHash() == committed_hash_ ? 1 : 0;
   mine.held = held_;
   mine.held_epoch = held_epoch_;
   mine.held_step = held_step_;

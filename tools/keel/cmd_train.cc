@@ -14,8 +14,14 @@ namespace keel::cli {
 
 namespace {
 
+// A config field, checked against the flags once they are declared (CheckConfigFields).
+struct ConfigField {
+  std::string key, flag;
+  bool boolean = false;
+};
+
 // Turns {"grad_accum": 4, "resume": true, ...} into ["--grad-accum", "4", "--resume"].
-Result<std::vector<std::string>> ConfigArgs(const std::string& path) {
+Result<std::vector<std::string>> ConfigArgs(const std::string& path, std::vector<ConfigField>* fields) {
   KEEL_ASSIGN_OR_RETURN(nlohmann::json j, ReadJsonFile(path));
   std::vector<std::string> args;
   for (auto& [key, value] : j.items()) {
@@ -23,6 +29,7 @@ Result<std::vector<std::string>> ConfigArgs(const std::string& path) {
     for (auto& ch : flag)
       if (ch == '_') ch = '-';
     if (flag == "--config") return InvalidArgument(path + ": a config file cannot name another config");
+    fields->push_back({key, flag, value.is_boolean()});
     if (value.is_boolean()) {
       if (value.get<bool>()) args.push_back(flag);
     } else if (value.is_number() || value.is_string()) {
@@ -35,11 +42,28 @@ Result<std::vector<std::string>> ConfigArgs(const std::string& path) {
   return args;
 }
 
+// Unknown fields and fields of the wrong kind, named with the config file (CLI11 would report them as stray
+// command-line arguments).
+Status CheckConfigFields(const CLI::App& app, const std::string& path, const std::vector<ConfigField>& fields) {
+  for (const ConfigField& f : fields) {
+    const CLI::Option* opt = app.get_option_no_throw(f.flag);
+    if (!opt) return InvalidArgument("--config " + path + ": unknown field '" + f.key + "' (no flag " + f.flag + ")");
+    const bool is_flag = opt->get_items_expected_max() == 0;
+    if (is_flag && !f.boolean)
+      return InvalidArgument("--config " + path + ": field '" + f.key + "' must be true or false");
+    if (!is_flag && f.boolean)
+      return InvalidArgument("--config " + path + ": field '" + f.key + "' takes a value, not true/false");
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 int RunTrain(int argc, char** argv) {
   // A JSON --config supplies defaults: its fields go first, so flags given later win (TakeLast).
   std::vector<std::string> args;
+  std::vector<ConfigField> config_fields;
+  std::string config_path;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     std::string path;
@@ -49,7 +73,8 @@ int RunTrain(int argc, char** argv) {
       args.push_back(a);
       continue;
     }
-    auto cfg = ConfigArgs(path);
+    config_path = path;
+    auto cfg = ConfigArgs(path, &config_fields);
     if (!cfg.ok()) return Fail("train", InvalidArgument("--config " + cfg.status().message()));
     args.insert(args.begin(), cfg->begin(), cfg->end());
   }
@@ -131,6 +156,7 @@ int RunTrain(int argc, char** argv) {
       ->capture_default_str();
   DistFlags dist;
   dist.AddTo(app);
+  if (Status s = CheckConfigFields(app, config_path, config_fields); !s.ok()) return Fail("train", s);
   if (int rc = Parse(app, static_cast<int>(av.size()), av.data()); rc >= 0) return rc;
   if (fast && deterministic_flag) return Fail("train", InvalidArgument("--fast and --deterministic exclude each other"));
   o.deterministic = !fast;
