@@ -72,6 +72,23 @@ TEST_F(CliErrors, DirectoryWithoutTextFiles) {
   EXPECT_FALSE(fs::exists(t / "d"));
 }
 
+// An output that cannot be written is reported by its flag (it used to name keel's temporary, OUT.tmp-PID or
+// OUT.tmp.XXXXXX), nothing is left behind, and a user's own OUT.tmp is never touched.
+TEST_F(CliErrors, UnwritableOutputNamesTheFlag) {
+  ExpectError(RunKeel("prepare --input " + *dir_ / "corpus.txt" + " --out /dev/null/data --tokenizer byte"),
+              "--out /dev/null/data");
+  ExpectError(RunKeel("export " + Run() + " --format gguf --out /dev/null/m.gguf"), "--out /dev/null/m.gguf");
+  ExpectError(RunKeel("export " + Run() + " --format safetensors --out /dev/null/hf"), "--out /dev/null/hf");
+  TempDir t;
+  fs::create_directory(t / "d.tmp");
+  WriteText(t / "d.tmp/notes.txt", "mine");
+  ASSERT_EQ(RunKeel("prepare --input " + *dir_ / "corpus.txt" + " --out " + t / "d --tokenizer byte").exit_code, 0);
+  // Again, over the existing data: the replaced directory goes through a unique OUT.old.XXXXXX.
+  ASSERT_EQ(RunKeel("prepare --input " + *dir_ / "corpus.txt" + " --out " + t / "d --tokenizer byte").exit_code, 0);
+  EXPECT_EQ(DirEntries(t.path()), (std::vector<std::string>{"d", "d.tmp"}));
+  EXPECT_EQ(DirEntries(t / "d.tmp"), std::vector<std::string>{"notes.txt"});
+}
+
 TEST_F(CliErrors, CorpusTooShortForContext) {
   TempDir t;
   auto r = RunKeel("train " + Small(t / "r") + " --ctx 100000 --steps 1");
@@ -176,8 +193,12 @@ TEST_F(CliErrors, CorruptShard) {
     f.put('\x55');
   }
   ExpectError(RunKeel("train --data " + t / "data" + " --out " + t / "r --steps 1 --threads 1"), "train.bin");
+  ExpectError(RunKeel("info " + t / "data"), "train.bin");
   fs::resize_file(t / "data/train.bin", 100);
   ExpectError(RunKeel("train --data " + t / "data" + " --out " + t / "r --steps 1 --threads 1"), "train.bin");
+  // `keel info` checks the shards, not just meta.json (it used to report a truncated shard's directory, exit 0).
+  ExpectError(RunKeel("info " + t / "data"), "train.bin");
+  EXPECT_EQ(RunKeel("info " + Data()).exit_code, 0);
   EXPECT_FALSE(fs::exists(t / "r"));
 }
 

@@ -89,8 +89,8 @@ std::vector<int32_t> EncodeCorpus(const Tokenizer& tok, std::string_view text) {
 Status Install(const std::string& tmp, const std::string& out) {
   Env* env = DefaultEnv();
   if (env->Exists(out)) {
-    const std::string old = out + ".old-" + std::to_string(::getpid());
-    KEEL_RETURN_IF_ERROR(env->RemoveAll(old));
+    // A fresh unique name (never a user's entry), and rename() onto an empty directory replaces it.
+    KEEL_ASSIGN_OR_RETURN(const std::string old, env->CreateUniqueDir(out + ".old."));
     KEEL_RETURN_IF_ERROR(env->Rename(out, old));
     Status st = env->Rename(tmp, out);
     if (!st.ok()) {
@@ -206,10 +206,14 @@ Result<PrepareSummary> Prepare(const PrepareOptions& opt) {
   sum.train_tokens = n_train;
   sum.val_tokens = n_val;
 
-  const std::string tmp = out + ".tmp-" + std::to_string(::getpid());
   progress("writing " + out);
-  KEEL_RETURN_IF_ERROR(env->RemoveAll(tmp));
-  KEEL_RETURN_IF_ERROR(env->CreateDirs(tmp));
+  // The data is written into a new uniquely named sibling and renamed into place when complete: OUT is never
+  // half-written, and nothing of the user's (say a directory named OUT.tmp) is touched.
+  Status parent = DirName(out).empty() ? Status::Ok() : env->CreateDirs(DirName(out));
+  if (!parent.ok()) return parent.Wrap("cannot write --out " + out);
+  auto staged = env->CreateUniqueDir(out + ".tmp.");
+  if (!staged.ok()) return staged.status().Wrap("cannot write --out " + out);
+  const std::string tmp = *staged;
   Status st = WriteDataDir(tmp, opt, *tok, tokens, n_train, &sum);
   if (st.ok()) st = CheckOutDir(out);  // re-check: OUT may have appeared meanwhile
   if (st.ok()) st = Install(tmp, out);

@@ -47,12 +47,13 @@ Status CheckFiniteParams(const TrainingSnapshot& s, const std::string& where) {
 
 Status ExportModel(const TrainingSnapshot& s, const std::string& out, const ExportOptions& o) {
   if (out.empty()) return InvalidArgument("--out must not be empty");
-  if (o.format == "gguf") {
-    if (DefaultEnv()->IsDir(out)) return InvalidArgument(out + ": is a directory (gguf export writes one file)");
-    return ExportGguf(s, out, o.dtype, o.name);
-  }
-  if (o.format == "safetensors") return ExportHfSafetensors(s, out, o.dtype);
-  return InvalidArgument("--format \"" + o.format + "\" is not one of gguf, safetensors");
+  if (o.format != "gguf" && o.format != "safetensors")
+    return InvalidArgument("--format \"" + o.format + "\" is not one of gguf, safetensors");
+  if (o.format == "gguf" && DefaultEnv()->IsDir(out))
+    return InvalidArgument(out + ": is a directory (gguf export writes one file)");
+  Status st = o.format == "gguf" ? ExportGguf(s, out, o.dtype, o.name) : ExportHfSafetensors(s, out, o.dtype);
+  // A file-system failure names the path keel was writing (a unique temporary beside OUT); say which flag.
+  return st.code() == Code::kIo ? st.Wrap("cannot write --out " + out) : st;
 }
 
 std::string DetectExportFormat(const std::string& path) {

@@ -2,6 +2,7 @@
 #include <cstdio>
 
 #include "core/env.h"
+#include "data/dataset.h"
 #include "formats/checkpoint.h"
 #include "model/gpt_config.h"
 #include "tools/keel/cli_util.h"
@@ -39,7 +40,14 @@ int RunInfo(int argc, char** argv) {
   if (env->Exists(JoinPath(path, "meta.json"))) {
     auto j = ReadJsonFile(JoinPath(path, "meta.json"));
     if (!j.ok()) return Fail("info", j.status());
-    std::printf("data directory %s\n%s\n", path.c_str(), j->dump(2).c_str());
+    // Open checks every file of the directory (shards' checksums and token ids, tokenizer, their agreement
+    // with meta.json), so a truncated or corrupt shard is reported here rather than at training time.
+    auto data = Dataset::Open(path);
+    if (!data.ok()) {
+      std::printf("data directory %s: INVALID: %s\n", path.c_str(), data.status().message().c_str());
+      return 1;
+    }
+    std::printf("data directory %s: valid\n%s\n", path.c_str(), j->dump(2).c_str());
     return 0;
   }
   if (env->Exists(JoinPath(path, "run.json"))) {
