@@ -58,12 +58,15 @@ run() {  # name, steps, flags...
     --eval-every "$steps" --eval-batches 8 --checkpoint-every 0 --lr 1e-3 --warmup 10 "$@" \
     >"$WORK/$name.log" 2>&1 || { tail -30 "$WORK/$name.log"; exit 1; }
   t1=$(date +%s.%N)
-  /usr/bin/python3 - "$out/metrics.jsonl" "$t0" "$t1" "$name" <<'PY' >>"$WORK/results"
+  local args=" $* " mb ga  # sequences per step = --batch x --grad-accum
+  mb=$(sed -n 's/.* --batch \([0-9]*\) .*/\1/p' <<<"$args")
+  ga=$(sed -n 's/.* --grad-accum \([0-9]*\) .*/\1/p' <<<"$args")
+  /usr/bin/python3 - "$out/metrics.jsonl" "$t0" "$t1" "$name" "$((${mb:-8} * ${ga:-1}))" <<'PY' >>"$WORK/results"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 t0, t1 = float(sys.argv[2]), float(sys.argv[3])
 steps = rows[-1]["step"] + 1
-per_step = 2 * 256 * (4 if "slow" not in sys.argv[4] and "equal" not in sys.argv[4] else 20)
+per_step = 256 * int(sys.argv[5])
 rows = [r for r in rows if "elapsed_s" in r]
 # tokens/s over the training loop (elapsed_s of the last commit: start-up excluded), and from the 4th committed
 # step on (steady state: shares are set from the speeds measured in the first steps)
@@ -78,7 +81,9 @@ PY
 
 echo "slow-link bench: config (a), 4 workers x 1 thread, $STEPS steps x 4 x 2 x 256 tokens, worker 3 at 100 Mbit/s + 20 ms," \
      "diloco H=$H; $(date -u '+%F %H:%M UTC'); $(lscpu | sed -n 's/^Model name: *//p'); load: $(cut -d' ' -f1-3 /proc/loadavg)"
-BATCH="--batch 2 --grad-accum 4"
+# BATCH: the global batch (default config (a)'s 8 sequences as one micro-batch of 2 per worker). BATCH="--batch 8
+# --grad-accum 4" reads config (a)'s batch 8 per worker, as torchrun scripts and the DiLoCo paper do (global 32).
+BATCH=${BATCH:-"--batch 2 --grad-accum 4"}
 # LOSS_STEPS=n: only compare validation loss, ddp vs diloco + int8 without the link limit, over a longer token
 # budget (the link changes speed, not loss: the same steps see the same data either way).
 if [ "${LOSS_STEPS:-0}" -gt 0 ]; then

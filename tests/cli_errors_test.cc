@@ -162,6 +162,19 @@ TEST_F(CliErrors, TokenizerDoesNotMatchCheckpoint) {
   ExpectError(r, "different data");
 }
 
+// The seed and batch shape choose the data of every step: a resume with other values would silently continue on
+// another data stream (it used to), so it is refused with the value to pass.
+TEST_F(CliErrors, ResumeWithAnotherSeedOrBatchShape) {
+  TempDir t;
+  fs::copy(Run(), t / "run", fs::copy_options::recursive);
+  ExpectError(RunKeel("train " + Small(t / "run") + " --steps 8 --resume --seed 7"), "--seed 1337");
+  ExpectError(RunKeel("train " + Small(t / "run") + " --steps 8 --resume --batch 3"), "--batch 2");
+  ExpectError(RunKeel("train " + Small(t / "run") + " --steps 8 --resume --grad-accum 2"), "--grad-accum 1");
+  EXPECT_FALSE(fs::exists(t / "run/ckpt-00000006"));
+  auto r = RunKeel("train " + Small(t / "run") + " --steps 6 --resume");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+}
+
 TEST_F(CliErrors, TruncatedOrBitFlippedCheckpoint) {
   TempDir t;
   fs::copy(Run(), t / "run", fs::copy_options::recursive);
@@ -214,6 +227,11 @@ TEST_F(CliErrors, BadSamplingFlags) {
   auto r = RunKeel("sample --ckpt " + Run() + " -n 2 -p 'a prompt of more than sixteen bytes'");
   ExpectError(r, "--prompt");
   EXPECT_EQ(r.output.find("a prompt of"), std::string::npos) << r.output;
+  // -n beyond the context is not an error, but the shortfall is said (it used to stop without a word).
+  r = RunKeel("sample --ckpt " + Run() + " -n 100 -p ab --ignore-eos --threads 1");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("stopped after 14 of -n 100 tokens: the model's context (16 tokens) is full"),
+            std::string::npos) << r.output;
 }
 
 TEST_F(CliErrors, InvalidConfigFile) {

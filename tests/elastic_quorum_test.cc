@@ -324,6 +324,40 @@ TEST(Vote, TheSameMicroBatchNonFiniteOnTwoMembersIsTheData) {
   EXPECT_EQ(strikes.Count(11, kStrikeNonFinite, 42, 100), 0);  // the first blame was taken back
 }
 
+// The refund takes back exactly the strikes this step's earlier blames cost: one per blamed member, for the
+// data's micro-batch only. It used to refund once per recorded entry, this vote's own included, which forgave an
+// unrelated strike from an earlier step.
+TEST(Vote, TheDataFaultRefundLeavesEarlierStrikesAlone) {
+  VoteConfig c;
+  c.M = 4;
+  c.quarantine_after = 3;
+  StrikeBook strikes;
+  std::vector<std::pair<int, int64_t>> bad;
+  // Two members: 10 holds micro-batches 0 and 2, 11 holds 1 and 3.
+  // Step 30: member 11 non-finite on micro-batch 1 (a strike of its own), redone elsewhere and committed.
+  auto a = Votes(2, 4);
+  for (auto& r : a) r.step = 30;
+  a[1].held.Clear(1), a[1].bad.Set(1);
+  EXPECT_FALSE(DecideCommit(a, c, &strikes, &bad).commit);
+  bad.clear();  // the trainer clears the list when a step commits
+  EXPECT_EQ(strikes.Count(11, kStrikeNonFinite, 42, 100), 1);
+  // Step 42: member 11 fails micro-batches 1 and 3 (one strike for the vote)...
+  auto v = Votes(2, 4);
+  v[1].held = MicroSet{}, v[1].bad.Set(1), v[1].bad.Set(3);
+  EXPECT_FALSE(DecideCommit(v, c, &strikes, &bad).commit);
+  EXPECT_EQ(strikes.Count(11, kStrikeNonFinite, 42, 100), 2);
+  // ... then member 10, redoing them, fails micro-batch 1 as well (the data) and a micro-batch of its own.
+  auto w = Votes(2, 4);
+  w[1].held = MicroSet{};
+  w[0].held = MicroSet{};
+  w[0].held.Set(2), w[0].held.Set(3);
+  w[0].bad.Set(1), w[0].bad.Set(0);
+  auto o = DecideCommit(w, c, &strikes, &bad);
+  EXPECT_TRUE(o.data_fault);
+  EXPECT_EQ(strikes.Count(11, kStrikeNonFinite, 42, 100), 1);  // step 30's strike stands
+  EXPECT_EQ(strikes.Count(10, kStrikeNonFinite, 42, 100), 0);
+}
+
 TEST(Vote, AMinorityReplicaIsRepairedFromTheMajority) {
   VoteConfig c;
   c.M = 3;

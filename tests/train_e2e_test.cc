@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -50,14 +51,23 @@ TEST_F(TrainE2E, ValidationLossFallsOnFortunes) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   std::ifstream f(t / "run/metrics.jsonl");
   std::string line;
-  std::vector<double> val;
+  std::vector<double> val, lr;
   int lines = 0;
   while (std::getline(f, line)) {
     auto j = nlohmann::json::parse(line);
     ++lines;
     if (j.contains("val_loss")) val.push_back(j["val_loss"].get<double>());
+    lr.push_back(j["lr"].get<double>());
   }
   EXPECT_EQ(lines, 60);
+  // The schedule spans --steps: warmup to 3e-3 over 5 steps, then cosine down to --min-lr-frac (0.1) x 3e-3 at
+  // step 60 (it used to decay over a fixed 1000 steps whatever --steps was: 2.98e-3 at the last step).
+  ASSERT_EQ(lr.size(), 60u);
+  for (int s = 5; s < 60; ++s) {
+    const double cosine = 3e-4 + 0.5 * (1 + std::cos(M_PI * (s - 5) / 55.0)) * (3e-3 - 3e-4);
+    EXPECT_NEAR(lr[s], cosine, 1e-8) << "step " << s;
+  }
+  EXPECT_LT(lr[59], 3.1e-4);
   ASSERT_GE(val.size(), 3u);
   // Byte-level loss starts near ln(256) = 5.55; 60 small steps must bring validation well below it.
   EXPECT_LT(val.back(), val.front() - 0.5) << "first " << val.front() << " last " << val.back();
@@ -79,6 +89,24 @@ TEST_F(TrainE2E, StopAndResumeIsBitIdentical) {
     ASSERT_FALSE(x.empty());
     EXPECT_TRUE(x == y) << f << " differs after resume";
   }
+}
+
+// Spike detection goes on across a resume: the running loss statistics travel in the checkpoint (they used to
+// start over, so the resumed run applied the spike that the uninterrupted one rolled back), and a spike after the
+// next --check-every snapshot gives the same result either way.
+TEST_F(TrainE2E, ResumeKeepsSpikeDetection) {
+  TempDir t;
+  const std::string spike = " --spike-factor 3 --check-every 10 --inject spike:rank=0,step=35";
+  const std::string env = "KEEL_ALLOW_FAULT_INJECTION=1 " + std::string(KEEL_BINARY) + " ";
+  auto straight = RunCommand(env + Args(t / "straight", 40) + spike);
+  ASSERT_EQ(straight.exit_code, 0) << straight.output;
+  EXPECT_NE(straight.output.find("rolled back to step 30"), std::string::npos) << straight.output;
+  ASSERT_EQ(RunCommand(env + Args(t / "split", 40) + spike + " --stop-after 22").exit_code, 0);
+  auto resumed = RunCommand(env + Args(t / "split", 40) + spike + " --resume");
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("rolled back to step 30"), std::string::npos) << resumed.output;
+  for (const char* f : {"model.safetensors", "optim.safetensors"})
+    EXPECT_TRUE(ReadAll(t / "straight/ckpt-00000040/" + f) == ReadAll(t / "split/ckpt-00000040/" + f)) << f;
 }
 
 TEST_F(TrainE2E, KillNineThenResumeIsBitIdentical) {

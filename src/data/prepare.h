@@ -4,7 +4,7 @@
 //  - Prepare collects the text files (corpus.h), trains (bpe) or builds (byte) the tokenizer, encodes the
 //    corpus (in parallel chunks cut after newlines; the result does not depend on the thread count) and
 //    splits the token stream: the last floor(val_fraction * N) tokens are validation, the rest training.
-//  - The output is built in OUT.tmp-<pid> next to OUT and renamed into place, so OUT is never left half
+//  - The output is built in a new OUT.tmp.XXXXXX next to OUT and renamed into place, so OUT is never left half
 //    written. An existing OUT that is a keel data directory (has meta.json) is replaced; an empty
 //    directory is replaced; anything else is an error ("OUT exists and is not a keel data directory").
 //  - meta.json records format, keel version, tokenizer type, vocab size, split sizes, source file count

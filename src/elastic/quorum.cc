@@ -303,6 +303,8 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
   // 2. Non-finite results. A micro-batch that failed before in this step (on another member when there is
   //    one) is the data's fault: the step commits without an update and nobody is blamed.
   bool any_bad = false;
+  const size_t blamed_before = data_bad->size();  // entries of this step's earlier attempts: each one was struck
+  std::vector<int> data_micro;                    // micro-batches found to be the data's fault in this vote
   for (int k = 0; k < n; ++k) {
     const VoteRecord& r = votes[static_cast<size_t>(k)];
     if (r.bad.Empty()) continue;
@@ -316,6 +318,7 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
         if (mb == i && (uid != r.uid || n == 1)) seen_before = true;
       if (seen_before) {
         o.data_fault = true;
+        data_micro.push_back(i);
         o.notes.push_back("micro-batch " + std::to_string(i) + " of step " + std::to_string(step) +
                           " is non-finite again (" + Uid(r) + "): the data causes it");
       } else {
@@ -327,8 +330,17 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
     }
   }
   if (o.data_fault) {
-    // Take back the strikes of this step's earlier blames for the data's micro-batches.
-    for (const auto& [mb, uid] : *data_bad) (void)mb, strikes->Refund(uid, kStrikeNonFinite);
+    // Take back the strikes of this step's earlier blames for the data's micro-batches: one per member blamed
+    // (a vote strikes a member once, however many of its micro-batches failed). This vote's own entries were
+    // never struck, and refunding them (or one per entry) used to forgive an unrelated earlier strike.
+    std::vector<int64_t> refunded;
+    for (size_t e = 0; e < blamed_before; ++e) {
+      const auto& [mb, uid] = (*data_bad)[e];
+      if (std::find(data_micro.begin(), data_micro.end(), mb) == data_micro.end()) continue;
+      if (std::find(refunded.begin(), refunded.end(), uid) != refunded.end()) continue;
+      refunded.push_back(uid);
+      strikes->Refund(uid, kStrikeNonFinite);
+    }
     o.commit = true;
     o.skip_update = true;
     o.reason = "";

@@ -6,6 +6,8 @@
 
 #include "train/trainer_impl.h"
 
+#include <tuple>
+
 namespace keel {
 
 Status ValidateTrainOptions(const TrainOptions& o) {
@@ -124,6 +126,17 @@ Status Trainer::InspectRunDir() {
   if (o_.model.layers != c.layers || o_.model.heads != c.heads || o_.model.dim != c.dim || o_.model.ctx != c.ctx)
     return InvalidArgument("model flags (--layers/--heads/--dim/--ctx) differ from the checkpoint's " +
                            c.ToJson().dump() + " in " + dir);
+  // The seed and the batch shape choose every micro-batch's data (dataset.h), so a resume with other values
+  // would silently train on another data stream than the run it continues: refuse, naming the value to pass.
+  // (Checkpoints from before these fields were stored have none to compare.)
+  for (const auto& [flag, key, mine] : {std::tuple<std::string, std::string, nlohmann::json>{"--seed", "seed", o_.seed},
+                                        {"--batch", "batch", o_.batch},
+                                        {"--grad-accum", "grad_accum", o_.grad_accum}}) {
+    const nlohmann::json& theirs = resume_snap_.state.value(key, nlohmann::json());
+    if (theirs.is_number_integer() && theirs != mine)
+      return InvalidArgument(flag + " " + mine.dump() + " differs from the run's " + theirs.dump() + " (" + dir +
+                             "): pass " + flag + " " + theirs.dump() + " to continue it, or choose another --out");
+  }
   start_step_ = resume_snap_.state["step"].get<int64_t>();
   if (resume_snap_.state.contains("data_offset") && resume_snap_.state["data_offset"].is_number_integer())
     resume_data_offset_ = resume_snap_.state["data_offset"].get<int64_t>();
@@ -175,6 +188,7 @@ Status Trainer::Open() {
 
 Status Trainer::LoadInitialState() {
   ckpt_->WaitEncoded();
+  const bool resuming = resuming_;
   if (resuming_) {
     model_->SetParamsFromHost(resume_snap_.params);
     backend_->Upload(adam_->m(), resume_snap_.adam_m.data(), P_);
@@ -184,6 +198,15 @@ Status Trainer::LoadInitialState() {
         std::memcpy(diloco_->momentum(), resume_snap_.outer_momentum.data(), P_ * sizeof(float));
       else
         std::fill(diloco_->momentum(), diloco_->momentum() + P_, 0.0f);  // from a ddp checkpoint
+    }
+    const nlohmann::json& stats = resume_snap_.state.value("loss_stats", nlohmann::json());
+    loss_mean_ = loss_var_ = 0;
+    loss_n_ = 0;
+    if (stats.is_object() && stats.value("loss_n", nlohmann::json()).is_number_integer() &&
+        stats.value("loss_mean", nlohmann::json()).is_number() && stats.value("loss_var", nlohmann::json()).is_number()) {
+      loss_mean_ = stats["loss_mean"].get<double>();
+      loss_var_ = stats["loss_var"].get<double>();
+      loss_n_ = stats["loss_n"].get<int64_t>();
     }
     step_ = start_step_;
     data_offset_ = resume_data_offset_;
@@ -204,6 +227,10 @@ Status Trainer::LoadInitialState() {
   }
   epoch_ = 0;
   has_state_ = true;
+  // A spike right after a resume rolls back to the checkpoint's state (a verified state: every file's checksum
+  // was checked): the snapshot of the uninterrupted run, taken at a --check-every step before the checkpoint,
+  // is not in the checkpoint. From the next --check-every step on, snapshots are the same in both runs.
+  if (resuming && o_.spike_factor > 0) TakeSnapshot();
   return Status::Ok();
 }
 
@@ -263,6 +290,9 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
     events_ = elastic_->events();
   }
   KEEL_RETURN_IF_ERROR(ValidateTrainOptions(o_));
+  // The cosine decay ends at the run's last step (--steps), as documented. It used to stay at OptimConfig's
+  // default of 1000 steps whatever --steps was, so a shorter run never decayed its learning rate.
+  o_.optim.total_steps = o_.steps;
   // The group's watchdog holds a raw pointer to the generation's communicator, which this Trainer owns: on every
   // way out of Run (errors and --stop-after included, not only the last step) it must forget it, or a peer
   // leaving later would make the heartbeat thread abort a freed communicator.

@@ -285,6 +285,10 @@ SnapshotView Trainer::CheckpointView(int64_t next_step) {
   if (diloco_)
     s.state["diloco"] = {{"inner_steps", o_.inner_steps}, {"outer_lr", o_.outer_lr}, {"outer_momentum", o_.outer_momentum}};
   if (data_offset_ != 0) s.state["data_offset"] = data_offset_;
+  // The running loss statistics, so that spike detection goes on after a resume as it would have without the
+  // interruption (it used to start over, blind for 20 steps). Strikes and speeds are not kept: they are keyed by
+  // member uids, which a new job hands out afresh.
+  s.state["loss_stats"] = {{"loss_mean", loss_mean_}, {"loss_var", loss_var_}, {"loss_n", loss_n_}};
   s.tokenizer = tokenizer_bytes_;
   return s;
 }

@@ -8,7 +8,7 @@ namespace keel::cli {
 int RunPrepare(int argc, char** argv) {
   PrepareOptions o;
   CLI::App app("Tokenize text files into training shards (train/val split, tokenizer, meta.json).", "prepare");
-  app.add_option("--input", o.inputs, "text files or directories (default corpus: /usr/share/games/fortunes)")
+  app.add_option("--input", o.inputs, "text files or directories (the default corpus is /usr/share/games/fortunes: pass it)")
       ->required();
   app.add_option("--out", o.out_dir, "data directory to write")->required();
   app.add_option("--tokenizer", o.tokenizer, "bpe (SentencePiece) or byte")

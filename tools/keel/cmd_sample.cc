@@ -90,6 +90,9 @@ int RunSample(int argc, char** argv) {
     });
     std::printf("\n");
     if (!out.ok()) return Fail("sample", out.status());
+    if (static_cast<int>(out->size()) < g.max_new_tokens && static_cast<int>(ids.size() + out->size()) >= snap->config.ctx)
+      std::fprintf(stderr, "note: stopped after %zu of -n %d tokens: the model's context (%d tokens) is full\n",
+                   out->size(), g.max_new_tokens, snap->config.ctx);
     if (timings && pieces > 0) {
       const double prompt_s = std::chrono::duration<double>(t_first - t0).count();
       const double decode_s = std::chrono::duration<double>(t_last - t_first).count();
