@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cerrno>
 #include <cstring>
@@ -148,6 +149,33 @@ TEST(Gloo, AbortWakesAnInFlightOperation) {
     EXPECT_LT(Since(t0), 3.0);
     EXPECT_EQ(c->Barrier().code(), Code::kAborted);
   });
+}
+
+// A peer that left (its communicator destroyed, its sockets closed) fails our next operation before it starts,
+// whatever Gloo's pair state: the check looks at the group's sockets, not at Gloo's bookkeeping.
+TEST(Gloo, APeerThatLeftFailsTheNextOperationAtOnce) {
+  TempDir t;
+  auto store = Must(OpenFileStore(t / "job"));
+  std::atomic<bool> left{false};
+  std::thread zero([&] {
+    auto c = ConnectGlooCommunicator(MakePrefixStore(store, "gen/0"), 0, 2, Loopback(20));
+    ASSERT_TRUE(c.ok()) << c.status().message();
+    EXPECT_TRUE((*c)->Barrier().ok());
+    c->reset();
+    left = true;
+  });
+  auto c = ConnectGlooCommunicator(MakePrefixStore(store, "gen/0"), 1, 2, Loopback(20));
+  ASSERT_TRUE(c.ok()) << c.status().message();
+  EXPECT_TRUE((*c)->Barrier().ok());
+  zero.join();
+  ASSERT_TRUE(left.load());
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the FIN crosses loopback
+  auto t0 = std::chrono::steady_clock::now();
+  int64_t x = 1;
+  Status s = (*c)->AllreduceSum(&x, 1);
+  EXPECT_EQ(s.code(), Code::kUnavailable) << s.message();
+  EXPECT_NE(s.message().find("closed before this operation"), std::string::npos) << s.message();
+  EXPECT_LT(Since(t0), 1.0);
 }
 
 TEST(Gloo, FormingAGroupNobodyJoinsTimesOut) {

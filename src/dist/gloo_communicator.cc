@@ -18,6 +18,7 @@
 
 #include <dirent.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -220,11 +221,31 @@ class GlooCommunicator final : public Communicator {
     });
   }
 
+  // True when one of the group's sockets shows that its peer is gone: the peer closed or shut down its end (its
+  // process exited, or it aborted the group), or Gloo already tore the pair down (the descriptor is closed or now
+  // names something else). A healthy group never closes a pair's socket, so this only fires for a lost peer.
+  // Checked before every operation: a lost peer then fails the next collective at once. Otherwise Gloo notices
+  // it inside the operation — normally within milliseconds, but a FIN that arrived while no operation was posted
+  // could leave the next send waiting for the whole --comm-timeout (seen once in dist_gloo_test under load).
+  bool PeerSocketClosed() const {
+    for (int fd : fds_) {
+      pollfd p{fd, POLLRDHUP, 0};
+      if (::poll(&p, 1, 0) < 0) continue;
+      if ((p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) || !matcher_.Matches(fd)) return true;
+    }
+    return false;
+  }
+
   template <typename F>
   Status Guard(const char* what, F&& f) {
     if (aborted_.load()) return Aborted(std::string(what) + ": the communicator was aborted");
     if (!sticky_.ok()) return sticky_;
     if (!ctx_) return Internal(std::string(what) + ": no context");
+    if (PeerSocketClosed()) {
+      sticky_ = Unavailable(std::string(what) + " (rank " + std::to_string(rank()) + " of " + std::to_string(size()) +
+                            "): lost a peer (its connection was closed before this operation)");
+      return sticky_;
+    }
     std::string err;
     bool timed_out = false;
     try {
