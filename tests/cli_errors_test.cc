@@ -175,6 +175,19 @@ TEST_F(CliErrors, ResumeWithAnotherSeedOrBatchShape) {
   EXPECT_EQ(r.exit_code, 0) << r.output;
 }
 
+// --resume with nothing to resume starts a new run and says so; a resume of a finished run trains nothing and
+// says that instead of reporting a loss of 0.
+TEST_F(CliErrors, ResumeWithNothingToDo) {
+  TempDir t;
+  auto r = RunKeel("train " + Small(t / "new") + " --steps 2 --resume");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("--resume: --out " + t / "new" + " does not exist: starting a new run"), std::string::npos)
+      << r.output;
+  r = RunKeel("train " + Small(t / "new") + " --steps 2 --resume");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("done: the run is already at step 2: nothing to train"), std::string::npos) << r.output;
+}
+
 TEST_F(CliErrors, TruncatedOrBitFlippedCheckpoint) {
   TempDir t;
   fs::copy(Run(), t / "run", fs::copy_options::recursive);

@@ -94,6 +94,9 @@ TEST_F(DistTrain, ResumeWithAnotherWorkerCountIsBitIdentical) {
   auto b = RunKeel(Args(out, 8) + " --nproc 3 --resume");
   ASSERT_EQ(b.exit_code, 0) << b.output;
   EXPECT_NE(b.output.find("resuming from"), std::string::npos) << b.output;
+  // Every worker reports the bytes it sent (only rank 0 used to).
+  for (const char* rank : {"[rank 0] wire: ", "[rank 1] wire: ", "[rank 2] wire: "})
+    EXPECT_NE(b.output.find(rank), std::string::npos) << rank << "\n" << b.output;
   ExpectSameAsStraight(out);
 }
 

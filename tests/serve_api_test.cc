@@ -294,6 +294,10 @@ TEST_F(ServeApi, BadRequestsAnswerOpenAiErrors) {
   EXPECT_EQ(j["error"]["code"], "context_length_exceeded");
   j = PostJson(c, R"({"prompt": "x", "model": "gpt-4"})", &st);
   EXPECT_EQ(j["error"]["code"], "model_not_found");
+  // A token id out of range says so (it used to read "'prompt' must be at most 255").
+  j = PostJson(c, R"({"prompt": [1, 999999]})", &st);
+  EXPECT_NE(j["error"]["message"].get<std::string>().find("token id 999999 in 'prompt' is outside the vocabulary"),
+            std::string::npos) << j.dump();
 
   // Over --max-body: 413; an unknown route: 404; a wrong method: 405 — all JSON errors.
   auto cli = server_->Client();

@@ -40,7 +40,7 @@ Status ValidateOptions(const PrepareOptions& o) {
     }
   }
   if (!(o.val_fraction > 0.0 && o.val_fraction <= 0.5)) {
-    return InvalidArgument("val_fraction must be in (0, 0.5], got " + std::to_string(o.val_fraction));
+    return InvalidArgument("--val-fraction must be in (0, 0.5], got " + std::to_string(o.val_fraction));
   }
   return Status::Ok();
 }
@@ -195,7 +195,7 @@ Result<PrepareSummary> Prepare(const PrepareOptions& opt) {
   const size_t n_train = n - n_val;
   if (n_val < kMinSplitTokens) {
     return InvalidArgument("validation split would have " + std::to_string(n_val) + " tokens (corpus has " +
-                           std::to_string(n) + " tokens, val_fraction " + std::to_string(opt.val_fraction) +
+                           std::to_string(n) + " tokens, --val-fraction " + std::to_string(opt.val_fraction) +
                            "); need at least " + std::to_string(kMinSplitTokens) +
                            ": use more text or a larger val_fraction");
   }

@@ -148,9 +148,12 @@ Status ParsePrompt(const json& v, const ParseOptions& o, CompletionRequest* r, s
     int64_t id = 0;
     if (!e.is_number_integer() && !e.is_number_unsigned())
       return Bad(param, "prompt", "'prompt' token arrays must hold integers only");
-    KEEL_RETURN_IF_ERROR(GetInt(e, "prompt", 0, std::max(0, o.vocab_size - 1), &id, param));
-    if (id >= o.vocab_size)
-      return Bad(param, "prompt", "token id " + std::to_string(id) + " is outside the vocabulary");
+    const bool inside = e.is_number_unsigned() ? e.get<uint64_t>() < static_cast<uint64_t>(o.vocab_size)
+                                               : e.get<int64_t>() >= 0 && e.get<int64_t>() < o.vocab_size;
+    if (!inside)
+      return Bad(param, "prompt", "token id " + e.dump() + " in 'prompt' is outside the vocabulary [0, " +
+                                      std::to_string(o.vocab_size) + ")");
+    id = e.get<int64_t>();
     r->prompt_tokens.push_back(static_cast<int32_t>(id));
   }
   return Status::Ok();

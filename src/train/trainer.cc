@@ -92,9 +92,14 @@ namespace trainer_support {
 // ---- set-up ---------------------------------------------------------------------------------------------
 
 Status Trainer::InspectRunDir() {
-  // A fresh run must not overwrite someone else's; a resumed one continues its own.
+  // A fresh run must not overwrite someone else's; a resumed one continues its own. --resume with nothing to
+  // resume starts a new run (so one command line both starts and continues a job), and says so.
   const Dataset& data = *data_;
-  if (!env_->Exists(o_.out_dir)) return Status::Ok();
+  const auto fresh = [&](const std::string& why) {
+    if (o_.resume && o_.launch_rank == 0) log_("--resume: " + why + ": starting a new run");
+    return Status::Ok();
+  };
+  if (!env_->Exists(o_.out_dir)) return fresh("--out " + o_.out_dir + " does not exist");
   if (!env_->IsDir(o_.out_dir)) return InvalidArgument("--out " + o_.out_dir + ": exists and is not a directory");
   KEEL_ASSIGN_OR_RETURN(auto entries, env_->ListDir(o_.out_dir));
   bool is_run = env_->Exists(run_json_path_);
@@ -103,7 +108,7 @@ Status Trainer::InspectRunDir() {
   if (is_run && !o_.resume)
     return InvalidArgument("--out " + o_.out_dir + ": already holds a training run (pass --resume to continue it, "
                            "or choose another --out)");
-  if (!is_run) return Status::Ok();
+  if (!is_run) return fresh("--out " + o_.out_dir + " is empty");
   KEEL_ASSIGN_OR_RETURN(std::string run_text, env_->ReadFile(run_json_path_));
   auto run_json = nlohmann::json::parse(run_text, nullptr, false);
   if (run_json.is_discarded() || !run_json.is_object()) return Corrupt(run_json_path_ + ": not valid JSON");
@@ -111,7 +116,7 @@ Status Trainer::InspectRunDir() {
     return InvalidArgument("--out " + o_.out_dir + ": the run was trained on different data (fingerprint " +
                            run_json.value("data_fingerprint", "?") + ", --data has " + data.fingerprint() + ")");
   KEEL_ASSIGN_OR_RETURN(auto ckpts, ListCheckpoints(o_.out_dir));
-  if (ckpts.empty()) return Status::Ok();
+  if (ckpts.empty()) return fresh("--out " + o_.out_dir + " holds no checkpoint yet");
   std::vector<std::string> warnings;
   std::string dir;
   KEEL_ASSIGN_OR_RETURN(resume_snap_, LoadSnapshot(o_.out_dir, true, &warnings, &dir));
@@ -120,12 +125,15 @@ Status Trainer::InspectRunDir() {
   if (resume_snap_.tokenizer != tokenizer_bytes_)
     return InvalidArgument("--data " + o_.data_dir + ": its tokenizer does not match the checkpoint's (" + dir + ")");
   const GptConfig& c = resume_snap_.config;
-  if (o_.model.ctx > c.ctx)
-    return InvalidArgument("--ctx " + std::to_string(o_.model.ctx) + " is longer than the checkpoint's position "
-                           "table (" + std::to_string(c.ctx) + ")");
-  if (o_.model.layers != c.layers || o_.model.heads != c.heads || o_.model.dim != c.dim || o_.model.ctx != c.ctx)
-    return InvalidArgument("model flags (--layers/--heads/--dim/--ctx) differ from the checkpoint's " +
-                           c.ToJson().dump() + " in " + dir);
+  if (o_.model.layers != c.layers || o_.model.heads != c.heads || o_.model.dim != c.dim || o_.model.ctx != c.ctx) {
+    const std::string why =
+        o_.model.ctx > c.ctx ? "--ctx " + std::to_string(o_.model.ctx) + " is longer than the checkpoint's position table ("
+                                   + std::to_string(c.ctx) + ")"
+                             : "model flags (--layers/--heads/--dim/--ctx) differ from the checkpoint's";
+    return InvalidArgument(why + ": resume with --layers " + std::to_string(c.layers) + " --heads " +
+                           std::to_string(c.heads) + " --dim " + std::to_string(c.dim) + " --ctx " +
+                           std::to_string(c.ctx) + " (" + dir + ")");
+  }
   // The seed and the batch shape choose every micro-batch's data (dataset.h), so a resume with other values
   // would silently train on another data stream than the run it continues: refuse, naming the value to pass.
   // (Checkpoints from before these fields were stored have none to compare.)
@@ -345,8 +353,8 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
   if (leader() && o_.progress && tty_) std::fprintf(stderr, "\n");
   KEEL_RETURN_IF_ERROR(ckpt_->Wait());
   result_.wire_bytes = wire_->bytes_sent.load();
-  if (leader() || link_.active())
-    log_("wire: " + Fmt("%.3f MB", result_.wire_bytes / 1e6) + " sent by this worker in " +
+  result_.steps_this_run = steps_this_run_;
+  log_("wire: " + Fmt("%.3f MB", result_.wire_bytes / 1e6) + " sent by this worker in " +
          std::to_string(wire_->collectives.load()) + " collectives over " + std::to_string(steps_this_run_) +
          (diloco_ ? " outer rounds" : " steps") + " (" + o_.sync + ", --compress " + o_.compress + ")" +
          (link_.active() ? "; link emulation " + Fmt("%.0f Mbit/s", link_.mbit) + Fmt(", %.0f ms", link_.latency_ms) +

@@ -77,6 +77,7 @@ struct TrainResult {
   bool stopped_early = false;
   int64_t attempts_failed = 0; // step attempts aborted and redone by this member
   uint64_t wire_bytes = 0;     // bytes this member sent in collectives (dist/link_emulation.h)
+  int64_t steps_this_run = 0;  // steps (diloco: outer rounds) committed by this invocation
 };
 
 // Runs training. stop (may be null) is polled at step boundaries: when set, the worker writes a checkpoint and

@@ -63,6 +63,11 @@ Result<StoreUrl> RdzvUrl(const std::string& text) {
 }
 
 void PrintDone(const TrainResult& r) {
+  if (r.steps_this_run == 0 && !r.stopped_early) {  // a --resume of a finished run: no loss to report
+    std::fprintf(stderr, "done: the run is already at step %lld: nothing to train (raise --steps to go on)\n",
+                 static_cast<long long>(r.final_step));
+    return;
+  }
   // wire: bytes this worker sent in collectives during this invocation (dist/link_emulation.h).
   std::fprintf(stderr, "done: %lld steps, loss %.4f%s, wire %.3f MB sent\n", static_cast<long long>(r.final_step),
                r.last_loss, r.last_val_loss >= 0 ? (", val loss " + std::to_string(r.last_val_loss)).c_str() : "",

@@ -134,7 +134,7 @@ int RunServe(int argc, char** argv) {
 
   while (!StopFlag().load() && server.running()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   const bool failed = !StopFlag().load();
-  std::fprintf(stderr, "keel serve: %s; finishing in-flight requests (up to %.0f s)\n",
+  std::fprintf(stderr, "keel serve: %s; finishing in-flight requests (up to %g s)\n",
                failed ? "the listener stopped" : "stopping", drain_timeout);
   std::fflush(stderr);
   server.BeginDrain();
