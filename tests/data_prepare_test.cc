@@ -206,9 +206,9 @@ TEST(DataPrepare, ValidatesOptions) {
   check([](PrepareOptions& o) { o.tokenizer = "wordpiece"; }, "unknown tokenizer");
   check([](PrepareOptions& o) { o.vocab_size = 100; }, "vocab_size must be in");
   check([](PrepareOptions& o) { o.vocab_size = (1 << 20) + 1; }, "vocab_size must be in");
-  check([](PrepareOptions& o) { o.val_fraction = 0; }, "val_fraction");
-  check([](PrepareOptions& o) { o.val_fraction = 0.6; }, "val_fraction");
-  check([](PrepareOptions& o) { o.val_fraction = std::nan(""); }, "val_fraction");
+  check([](PrepareOptions& o) { o.val_fraction = 0; }, "--val-fraction");
+  check([](PrepareOptions& o) { o.val_fraction = 0.6; }, "--val-fraction");
+  check([](PrepareOptions& o) { o.val_fraction = std::nan(""); }, "--val-fraction");
   check([](PrepareOptions& o) { o.inputs.clear(); }, "no input");
   check([](PrepareOptions& o) { o.out_dir.clear(); }, "no output directory");
   check([&](PrepareOptions& o) { o.inputs = {t / "missing"}; }, t / "missing");

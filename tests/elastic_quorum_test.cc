@@ -158,6 +158,47 @@ TEST(Quorum, AJoinerNeverProposesOverAHealthyGeneration) {
   EXPECT_EQ(d.members, (std::vector<int64_t>{7}));
 }
 
+// A joiner whose address its peers cannot reach made every generation with it fail to form, forever. After two
+// failed generations (and none formed with it) it is left out, and the members that ran before re-form alone.
+TEST(Quorum, AJoinerThatKeepsGroupsFromFormingIsLeftOut) {
+  auto with_state = [](PeerInfo p) {
+    p.has_state = true;
+    return p;
+  };
+  std::vector<PeerInfo> peers = {with_state(Peer(0, 100, true, 5)), with_state(Peer(2, 100, true, 5)),
+                                 Peer(7, 100, true, 5)};
+  // Generation 3 {0, 2} formed; 4 and 5 {0, 2, 7} failed.
+  std::vector<FormAttempt> recent = {{{0, 2, 7}, true}, {{0, 2, 7}, true}, {{0, 2}, false}};
+  EXPECT_EQ(UnreachableJoiners(recent, peers), std::vector<int64_t>{7});
+  // One failure is not enough (the one could have been anyone's, e.g. a member dying meanwhile).
+  EXPECT_TRUE(UnreachableJoiners({recent[0], recent[2]}, peers).empty());
+  // A member that holds state is never the suspect; a joiner that once formed a group is not either.
+  peers[2].has_state = true;
+  EXPECT_TRUE(UnreachableJoiners(recent, peers).empty());
+  peers[2].has_state = false;
+  EXPECT_TRUE(UnreachableJoiners({{{0, 2, 7}, true}, {{0, 2, 7}, false}, {{0, 2, 7}, true}}, peers).empty());
+  // Nobody holds state (the whole job restarted): the fault could be anyone's, so nobody is excluded.
+  std::vector<PeerInfo> fresh = {Peer(0, 100, true, 5), Peer(2, 100, true, 5), Peer(7, 100, true, 5)};
+  EXPECT_TRUE(UnreachableJoiners(recent, fresh).empty());
+
+  // The leader's proposal leaves it out, without waiting for it as a member of the failed generation 5.
+  QuorumView v;
+  v.my_uid = 0;
+  v.after = 5;
+  v.ready_since = 99;
+  v.prev_members = {0, 2, 7};
+  v.peers = peers;
+  v.unreachable = UnreachableJoiners(recent, peers);
+  auto d = Decide(100, v, Config());
+  ASSERT_EQ(d.kind, QuorumDecision::kPropose) << d.reason;
+  EXPECT_EQ(d.members, (std::vector<int64_t>{0, 2}));
+  // Without the exclusion it would be proposed again, and fail again.
+  v.unreachable.clear();
+  d = Decide(100, v, Config());
+  ASSERT_EQ(d.kind, QuorumDecision::kPropose) << d.reason;
+  EXPECT_EQ(d.members, (std::vector<int64_t>{0, 2, 7}));
+}
+
 TEST(Quorum, BelowMinWorkersTheJobWaitsInsteadOfFailing) {
   QuorumView v;
   v.my_uid = 0;

@@ -309,6 +309,24 @@ TEST_F(ElasticTrain, BelowQuorumTheJobWaitsUntilAWorkerJoinsThroughTheRendezvous
   EXPECT_EQ(hashes.size(), 1u) << "the joiner's state equals the others': " << jl << "\n----\n" << job.Output();
 }
 
+// A joiner that its peers cannot connect to (here it advertises an address that is not this machine's) used to
+// make the group re-form and fail forever. After two failed generations it is left out and told why, and the
+// others go on and finish bit-identically.
+TEST_F(ElasticTrain, AJoinerNobodyCanReachIsLeftOutAndTheJobGoesOn) {
+  TempDir t;
+  const std::string out = t / "run", rdzv = "file://" + (t / "rdzv");
+  Background job(Split(Args(out) + " --nproc 2 --elastic --rdzv " + rdzv), t / "log");
+  ASSERT_TRUE(WaitUntil([&] { return MetricsLines(out) >= 30; }, 120)) << job.Output();
+  Background joiner(Split(Args(out) + " --elastic --rdzv " + rdzv + " --host 192.0.2.1"), t / "joiner.log",
+                    {"KEEL_RANK=2", "KEEL_WORLD_SIZE=3"});
+  EXPECT_NE(joiner.Wait(120), 0) << joiner.Output();
+  EXPECT_NE(joiner.Output().find("generations with this worker failed to form"), std::string::npos)
+      << joiner.Output();
+  ASSERT_EQ(job.Wait(180), 0) << job.Output() << "\n----\n" << joiner.Output();
+  EXPECT_NE(job.Output().find("could not form"), std::string::npos) << job.Output();
+  ExpectSameAsStraight(out);
+}
+
 // Two "machines" on Redis: the second starts later, its worker joins the running job and gets the state.
 TEST_F(ElasticTrain, RedisLateMachineJoinsTheRunningJob) {
   if (!HaveRedis()) GTEST_SKIP() << "redis-server not installed";

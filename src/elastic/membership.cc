@@ -550,12 +550,30 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
         v.peers.push_back(p);
       }
     }
+    if (!v.next_exists) {
+      KEEL_ASSIGN_OR_RETURN(v.unreachable, Unreachable(s, v.after, v.peers));
+      if (std::find(v.unreachable.begin(), v.unreachable.end(), v.my_uid) != v.unreachable.end()) {
+        if (events_) events_->Emit("unreachable", {{"uid", v.my_uid}, {"host", o_.host}, {"iface", o_.iface}});
+        return Unavailable("member " + std::to_string(v.my_uid) + ": " + std::to_string(kFormFailuresToExclude) +
+                           " generations with this worker failed to form (its peers could not connect to it, or it "
+                           "to them) and the job goes on without it: check that --host / --iface (" +
+                           (o_.iface.empty() ? "host " + (o_.host.empty() ? std::string("default") : o_.host)
+                                             : "iface " + o_.iface) +
+                           ") name an address the other machines can reach");
+      }
+      if (!v.unreachable.empty() && now - last_log >= 5) {
+        if (log_) log_("leaving out member(s) " + UidList(v.unreachable) + ": generations with them failed to form");
+        last_log = now;
+      }
+    }
     QuorumDecision d = Decide(now, v, cfg);
     switch (d.kind) {
       case QuorumDecision::kJoin: {
         const int index = static_cast<int>(std::find(d.members.begin(), d.members.end(), v.my_uid) - d.members.begin());
         auto comm = Form(d.gen, d.members, index);
         if (!comm.ok()) {
+          // The record that lets everyone tell a joiner that keeps groups from forming (UnreachableJoiners).
+          (void)s.SetIfAbsent("ff/" + std::to_string(d.gen), "1");
           if (log_) log_("generation " + std::to_string(d.gen) + " could not form: " + comm.status().message());
           if (events_) events_->Emit("form_failed", {{"gen", d.gen}, {"reason", comm.status().message()}});
           {
@@ -625,6 +643,50 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
         continue;
     }
   }
+}
+
+Result<std::vector<int64_t>> ElasticGroup::Unreachable(Store& s, int64_t after, std::vector<PeerInfo> peers) {
+  PeerInfo me;
+  me.uid = uid_.load();
+  me.ready = true;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    me.has_state = has_state_;
+  }
+  peers.push_back(me);
+  const double now = Now();
+  bool joiner = false;
+  for (const auto& p : peers)
+    joiner |= !p.has_state && !p.gone && (p.uid == me.uid || Alive(p, now, o_.t.stale_s));
+  if (!joiner) return std::vector<int64_t>{};
+  // The last few generations, newest first: enough to see kFormFailuresToExclude failures in a row.
+  std::vector<FormAttempt> recent;
+  for (int64_t g = after; g >= 0 && g > after - 8; --g) {
+    auto members = GenerationMembers(s, g);
+    if (!members.ok()) {
+      if (members.status().code() == Code::kNotFound) continue;
+      return members.status();
+    }
+    FormAttempt a;
+    a.members = *members;
+    {
+      std::lock_guard<std::mutex> l(peers_mu_);
+      a.failed = std::find(form_failed_.begin(), form_failed_.end(), g) != form_failed_.end();
+    }
+    if (!a.failed) {
+      KEEL_ASSIGN_OR_RETURN(auto mark, s.TryGet("ff/" + std::to_string(g)));
+      if (mark) {
+        a.failed = true;
+        std::lock_guard<std::mutex> l(peers_mu_);
+        form_failed_.push_back(g);  // final: a failure record is never taken back
+      }
+    }
+    recent.push_back(std::move(a));
+  }
+  std::vector<PeerInfo> live;
+  for (const auto& p : peers)
+    if (p.uid == me.uid || Alive(p, now, o_.t.stale_s)) live.push_back(p);
+  return UnreachableJoiners(recent, live);
 }
 
 bool ElasticGroup::Claim(const std::string& id) {

@@ -131,6 +131,9 @@ class ElasticGroup {
   PeerInfo InfoOf(int64_t uid, double now);
   Result<std::vector<int64_t>> GenerationMembers(Store& s, int64_t gen);
   Result<std::unique_ptr<Communicator>> Form(int64_t gen, const std::vector<int64_t>& members, int index);
+  // quorum.h's UnreachableJoiners over the generations up to `after` (read from the store), `peers` with my own
+  // entry added. Empty, without reading anything, when every live peer holds state (the usual case).
+  Result<std::vector<int64_t>> Unreachable(Store& s, int64_t after, std::vector<PeerInfo> peers);
   void Publish();  // wake the heartbeat thread to write the status now
   void Watch(double now);         // the watchdog's check of the current generation
   void ScanJoiners(double now);   // live members ready to be admitted?
@@ -167,6 +170,7 @@ class ElasticGroup {
   std::mutex peers_mu_;
   std::map<int64_t, Peer> peers_;
   std::map<int64_t, std::vector<int64_t>> gen_members_cache_;
+  std::vector<int64_t> form_failed_;  // generations known to have failed to form (store keys ff/<gen>)
   std::vector<int64_t> dead_uids_;  // gone for good (uids are never reused): not read again
 
   // Watch (guarded by watch_mu_).

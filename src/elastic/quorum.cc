@@ -73,6 +73,7 @@ QuorumDecision Decide(double now, const QuorumView& v, const QuorumConfig& c) {
   for (const auto& p : v.peers) {
     const bool me = p.uid == v.my_uid;
     me_seen |= me;
+    if (!me && Contains(v.unreachable, p.uid)) continue;
     const bool alive = me || Alive(p, now, c.stale_s);
     if (!alive) continue;
     const bool is_ready = me || (p.ready && p.after <= v.after);
@@ -134,6 +135,28 @@ QuorumDecision Decide(double now, const QuorumView& v, const QuorumConfig& c) {
   d.members = members;
   d.reason = std::to_string(n) + " member(s) ready";
   return d;
+}
+
+std::vector<int64_t> UnreachableJoiners(const std::vector<FormAttempt>& recent, const std::vector<PeerInfo>& peers) {
+  std::vector<int64_t> out;
+  for (const auto& p : peers) {
+    if (p.has_state || p.gone) continue;
+    int failed = 0;
+    bool formed = false, with_state = false;
+    for (const auto& a : recent) {
+      if (!Contains(a.members, p.uid)) continue;
+      if (!a.failed) {
+        formed = true;
+        break;
+      }
+      ++failed;
+      for (const auto& q : peers)
+        if (q.uid != p.uid && q.has_state && !q.gone && Contains(a.members, q.uid)) with_state = true;
+    }
+    if (!formed && with_state && failed >= kFormFailuresToExclude) out.push_back(p.uid);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 // ---- micro-batch assignment ----

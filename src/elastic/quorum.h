@@ -54,6 +54,7 @@ struct QuorumView {
   std::vector<int64_t> prev_members;  // members of generation `after` (empty if none / unknown)
   std::vector<PeerInfo> peers;        // every member the observer knows about, itself included
   int expected_initial = 1;           // workers launched at the start (the first generation waits for them)
+  std::vector<int64_t> unreachable;   // left out of proposals (UnreachableJoiners): they keep groups from forming
 };
 
 struct QuorumConfig {
@@ -85,7 +86,23 @@ bool Alive(const PeerInfo& p, double now, double stale_s);
 //     straggle_s passed since some of them did — while none did, that generation is healthy and the ready
 //     ones wait to be admitted), and — for the very first generation — all expected_initial workers arrived
 //     (or initial_wait_s passed). Members: the ready ones, previous members first, at most max_workers.
+//     Peers listed in v.unreachable are left out (neither ready nor awaited).
 QuorumDecision Decide(double now, const QuorumView& v, const QuorumConfig& c);
+
+// A recent generation and whether forming it failed (a member could not connect to all the others in time).
+struct FormAttempt {
+  std::vector<int64_t> members;
+  bool failed = false;
+};
+inline constexpr int kFormFailuresToExclude = 2;
+// Joiners that keep every group from forming: a joiner whose address its peers cannot reach (a wrong --host or
+// --iface, a firewall) would otherwise make the group re-form and fail forever, stalling the job. A uid is
+// unreachable when it holds no training state (a joiner, never part of a formed group), was a member of at least
+// kFormFailuresToExclude of the `recent` generations that failed to form and of none of them that formed, and
+// some live member that holds state took part in those failures (the group that ran before can form again
+// without it). When nobody holds state (a whole-job restart) nobody is excluded: the fault could be anyone's.
+// `peers` as in QuorumView (the caller's own entry included).
+std::vector<int64_t> UnreachableJoiners(const std::vector<FormAttempt>& recent, const std::vector<PeerInfo>& peers);
 
 // ---- micro-batch assignment ----
 
