@@ -231,6 +231,7 @@ TEST_F(CliErrors, CorruptShard) {
 TEST_F(CliErrors, BadSamplingFlags) {
   ExpectError(RunKeel("sample --ckpt " + Run() + " --top-p 1.5"), "--top-p");
   ExpectError(RunKeel("sample --ckpt /nonexistent/run"), "/nonexistent/run");
+  ExpectError(RunKeel("sample --ckpt " + Data()), "a data directory (from keel prepare), not a run or checkpoint");
   ExpectError(RunKeel("sample --ckpt " + Run() + " --top-k -5"), "--top-k");
   ExpectError(RunKeel("sample --ckpt " + Run() + " --samples 0"), "--samples");
   // libgomp crashed (SIGSEGV) or hung creating 100000 threads.

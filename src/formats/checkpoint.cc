@@ -338,7 +338,12 @@ Result<CheckpointInfo> FindLatestValidCheckpoint(const std::string& run_dir, std
     if (s.ok()) return c;
     if (warnings) warnings->push_back("skipping " + s.message());
   }
-  if (list.empty()) return NotFound(run_dir + ": no checkpoints");
+  if (list.empty()) {
+    Env* env = DefaultEnv();
+    if (env->Exists(JoinPath(run_dir, "meta.json")) && !env->Exists(JoinPath(run_dir, "run.json")))
+      return NotFound(run_dir + ": a data directory (from keel prepare), not a run or checkpoint");
+    return NotFound(run_dir + ": no checkpoints");
+  }
   return NotFound(run_dir + ": no valid checkpoint (" + std::to_string(list.size()) + " found, all invalid)");
 }
 
