@@ -175,7 +175,9 @@ TEST(SlowFault, BusySpinsAndPlainSleeps) {
   const auto [sleep_cpu, sleep_wall] = cpu_and_wall("slow:rank=0,step=0,factor=3");
   EXPECT_GE(busy_wall, 0.2);
   EXPECT_GE(sleep_wall, 0.2);
-  EXPECT_GT(busy_cpu, 0.1);   // spun most of the 0.2 s (a loaded machine may take some of it away)
+  // Spinning burns CPU for the 0.2 s, sleeping does not. On a loaded machine the spinner gets only its share of
+  // the cores (0.086 s seen with an ASan build and ctest -j2 on 2 cores), so the line between is 0.05 s.
+  EXPECT_GT(busy_cpu, 0.05);
   EXPECT_LT(sleep_cpu, 0.05);
   const auto [other_cpu, other_wall] = cpu_and_wall("slow:rank=1,step=0,factor=3,busy=1");  // another rank's
   EXPECT_LT(other_wall, 0.05);

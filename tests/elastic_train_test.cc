@@ -310,7 +310,7 @@ TEST_F(ElasticTrain, BelowQuorumTheJobWaitsUntilAWorkerJoinsThroughTheRendezvous
 }
 
 // A joiner that its peers cannot connect to (here it advertises an address that is not this machine's) used to
-// make the group re-form and fail forever. After two failed generations it is left out and told why, and the
+// make the group re-form and fail forever. After three failed generations it is left out and told why, and the
 // others go on and finish bit-identically.
 TEST_F(ElasticTrain, AJoinerNobodyCanReachIsLeftOutAndTheJobGoesOn) {
   TempDir t;

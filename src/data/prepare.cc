@@ -89,8 +89,10 @@ std::vector<int32_t> EncodeCorpus(const Tokenizer& tok, std::string_view text) {
 Status Install(const std::string& tmp, const std::string& out) {
   Env* env = DefaultEnv();
   if (env->Exists(out)) {
-    // A fresh unique name (never a user's entry), and rename() onto an empty directory replaces it.
+    // A fresh unique name (never a user's entry): reserved by creating it, then freed again so that the rename
+    // also works for an OUT that is a symlink (rename() replaces an empty directory only with a directory).
     KEEL_ASSIGN_OR_RETURN(const std::string old, env->CreateUniqueDir(out + ".old."));
+    KEEL_RETURN_IF_ERROR(env->RemoveAll(old));
     KEEL_RETURN_IF_ERROR(env->Rename(out, old));
     Status st = env->Rename(tmp, out);
     if (!st.ok()) {
@@ -216,7 +218,7 @@ Result<PrepareSummary> Prepare(const PrepareOptions& opt) {
   const std::string tmp = *staged;
   Status st = WriteDataDir(tmp, opt, *tok, tokens, n_train, &sum);
   if (st.ok()) st = CheckOutDir(out);  // re-check: OUT may have appeared meanwhile
-  if (st.ok()) st = Install(tmp, out);
+  if (st.ok()) st = Install(tmp, out).Wrap("cannot write --out " + out);
   if (!st.ok()) {
     (void)env->RemoveAll(tmp);
     return st;

@@ -128,7 +128,12 @@ struct SocketMatcher {
       if (*end != 0 || end == e->d_name || fd == dir_fd) continue;
       struct stat st;
       if (fstat(static_cast<int>(fd), &st) != 0 || !S_ISSOCK(st.st_mode)) continue;
-      if (Matches(static_cast<int>(fd))) fds.push_back(static_cast<int>(fd));
+      if (!Matches(static_cast<int>(fd))) continue;
+      // A socket whose peer already closed it is not one of this mesh's (a leftover of an abandoned earlier
+      // group between the same addresses): adopting it would make PeerSocketClosed fail every operation.
+      pollfd p{static_cast<int>(fd), POLLRDHUP, 0};
+      if (::poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR))) continue;
+      fds.push_back(static_cast<int>(fd));
     }
     closedir(d);
     return fds;
@@ -223,7 +228,9 @@ class GlooCommunicator final : public Communicator {
 
   // True when one of the group's sockets shows that its peer is gone: the peer closed or shut down its end (its
   // process exited, or it aborted the group), or Gloo already tore the pair down (the descriptor is closed or now
-  // names something else). A healthy group never closes a pair's socket, so this only fires for a lost peer.
+  // names something else). A healthy group never closes a pair's socket, so this fires for a lost peer; the one
+  // theoretical exception is a leftover socket of an abandoned earlier group between the same addresses that
+  // Scan() adopted and whose peer closes it later (the group then fails an operation and re-forms).
   // Checked before every operation: a lost peer then fails the next collective at once. Otherwise Gloo notices
   // it inside the operation — normally within milliseconds, but a FIN that arrived while no operation was posted
   // could leave the next send waiting for the whole --comm-timeout (seen once in dist_gloo_test under load).

@@ -495,6 +495,9 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
   cfg.straggle_s = o_.t.straggle_s;
   cfg.initial_wait_s = o_.t.initial_wait_s;
   Store& s = *store_;
+  std::vector<int64_t> unreachable;  // UnreachableJoiners, recomputed now and then (below)
+  int64_t unreachable_after = -2;
+  double unreachable_t = 0;
   for (;;) {
     if (stop && stop->load()) return Aborted("stopped while waiting for a generation to form");
     const double now = Now();
@@ -551,7 +554,13 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
       }
     }
     if (!v.next_exists) {
-      KEEL_ASSIGN_OR_RETURN(v.unreachable, Unreachable(s, v.after, v.peers));
+      // Up to 16 store reads: at most every 250 ms, and at once after a generation failed (v.after moved).
+      if (v.after != unreachable_after || now - unreachable_t >= 0.25) {
+        unreachable = Unreachable(s, v.after, v.peers);
+        unreachable_after = v.after;
+        unreachable_t = now;
+      }
+      v.unreachable = unreachable;
       if (std::find(v.unreachable.begin(), v.unreachable.end(), v.my_uid) != v.unreachable.end()) {
         if (events_) events_->Emit("unreachable", {{"uid", v.my_uid}, {"host", o_.host}, {"iface", o_.iface}});
         return Unavailable("member " + std::to_string(v.my_uid) + ": " + std::to_string(kFormFailuresToExclude) +
@@ -645,7 +654,7 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
   }
 }
 
-Result<std::vector<int64_t>> ElasticGroup::Unreachable(Store& s, int64_t after, std::vector<PeerInfo> peers) {
+std::vector<int64_t> ElasticGroup::Unreachable(Store& s, int64_t after, std::vector<PeerInfo> peers) {
   PeerInfo me;
   me.uid = uid_.load();
   me.ready = true;
@@ -663,10 +672,7 @@ Result<std::vector<int64_t>> ElasticGroup::Unreachable(Store& s, int64_t after, 
   std::vector<FormAttempt> recent;
   for (int64_t g = after; g >= 0 && g > after - 8; --g) {
     auto members = GenerationMembers(s, g);
-    if (!members.ok()) {
-      if (members.status().code() == Code::kNotFound) continue;
-      return members.status();
-    }
+    if (!members.ok()) continue;  // unknown or unreadable: it counts for nobody (store errors surface elsewhere)
     FormAttempt a;
     a.members = *members;
     {
@@ -674,8 +680,8 @@ Result<std::vector<int64_t>> ElasticGroup::Unreachable(Store& s, int64_t after, 
       a.failed = std::find(form_failed_.begin(), form_failed_.end(), g) != form_failed_.end();
     }
     if (!a.failed) {
-      KEEL_ASSIGN_OR_RETURN(auto mark, s.TryGet("ff/" + std::to_string(g)));
-      if (mark) {
+      auto mark = s.TryGet("ff/" + std::to_string(g));
+      if (mark.ok() && *mark) {
         a.failed = true;
         std::lock_guard<std::mutex> l(peers_mu_);
         form_failed_.push_back(g);  // final: a failure record is never taken back

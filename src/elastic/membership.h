@@ -133,7 +133,7 @@ class ElasticGroup {
   Result<std::unique_ptr<Communicator>> Form(int64_t gen, const std::vector<int64_t>& members, int index);
   // quorum.h's UnreachableJoiners over the generations up to `after` (read from the store), `peers` with my own
   // entry added. Empty, without reading anything, when every live peer holds state (the usual case).
-  Result<std::vector<int64_t>> Unreachable(Store& s, int64_t after, std::vector<PeerInfo> peers);
+  std::vector<int64_t> Unreachable(Store& s, int64_t after, std::vector<PeerInfo> peers);
   void Publish();  // wake the heartbeat thread to write the status now
   void Watch(double now);         // the watchdog's check of the current generation
   void ScanJoiners(double now);   // live members ready to be admitted?

@@ -149,9 +149,16 @@ std::vector<int64_t> UnreachableJoiners(const std::vector<FormAttempt>& recent, 
         formed = true;
         break;
       }
+      bool others_live = true, some_state = false;
+      for (int64_t u : a.members) {
+        if (u == p.uid) continue;
+        auto q = std::find_if(peers.begin(), peers.end(), [&](const PeerInfo& x) { return x.uid == u; });
+        if (q == peers.end() || q->gone) others_live = false;
+        else some_state |= q->has_state;
+      }
+      if (!others_live) continue;  // a member that died since may have caused it
       ++failed;
-      for (const auto& q : peers)
-        if (q.uid != p.uid && q.has_state && !q.gone && Contains(a.members, q.uid)) with_state = true;
+      with_state |= some_state;
     }
     if (!formed && with_state && failed >= kFormFailuresToExclude) out.push_back(p.uid);
   }
@@ -326,7 +333,9 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
   // 2. Non-finite results. A micro-batch that failed before in this step (on another member when there is
   //    one) is the data's fault: the step commits without an update and nobody is blamed.
   bool any_bad = false;
-  const size_t blamed_before = data_bad->size();  // entries of this step's earlier attempts: each one was struck
+  // Entries of this step's earlier votes, each vote's closed by a {-1, -1} marker: in each such vote every member
+  // with an entry was struck once.
+  const size_t blamed_before = data_bad->size();
   std::vector<int> data_micro;                    // micro-batches found to be the data's fault in this vote
   for (int k = 0; k < n; ++k) {
     const VoteRecord& r = votes[static_cast<size_t>(k)];
@@ -353,12 +362,16 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
     }
   }
   if (o.data_fault) {
-    // Take back the strikes of this step's earlier blames for the data's micro-batches: one per member blamed
-    // (a vote strikes a member once, however many of its micro-batches failed). This vote's own entries were
-    // never struck, and refunding them (or one per entry) used to forgive an unrelated earlier strike.
-    std::vector<int64_t> refunded;
+    // Take back the strikes of this step's earlier blames for the data's micro-batches: one per member and
+    // earlier vote (a vote strikes a member once, however many of its micro-batches failed). This vote's own
+    // entries were never struck, and refunding them (or one per entry) used to forgive an unrelated strike.
+    std::vector<int64_t> refunded;  // in the current earlier vote
     for (size_t e = 0; e < blamed_before; ++e) {
       const auto& [mb, uid] = (*data_bad)[e];
+      if (mb < 0) {
+        refunded.clear();  // the next earlier vote
+        continue;
+      }
       if (std::find(data_micro.begin(), data_micro.end(), mb) == data_micro.end()) continue;
       if (std::find(refunded.begin(), refunded.end(), uid) != refunded.end()) continue;
       refunded.push_back(uid);
@@ -379,6 +392,7 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
         o.notes.push_back(Uid(r) + ": repeated faults; quarantined");
       }
     }
+    data_bad->push_back({-1, -1});  // end of this vote's entries (see the refund above)
   }
   // 3. Silent corruption: the parameters (every step) and the whole state (every K steps) must agree.
   auto check_hashes = [&](bool params) {

@@ -94,14 +94,15 @@ struct FormAttempt {
   std::vector<int64_t> members;
   bool failed = false;
 };
-inline constexpr int kFormFailuresToExclude = 2;
+inline constexpr int kFormFailuresToExclude = 3;
 // Joiners that keep every group from forming: a joiner whose address its peers cannot reach (a wrong --host or
 // --iface, a firewall) would otherwise make the group re-form and fail forever, stalling the job. A uid is
 // unreachable when it holds no training state (a joiner, never part of a formed group), was a member of at least
 // kFormFailuresToExclude of the `recent` generations that failed to form and of none of them that formed, and
-// some live member that holds state took part in those failures (the group that ran before can form again
-// without it). When nobody holds state (a whole-job restart) nobody is excluded: the fault could be anyone's.
-// `peers` as in QuorumView (the caller's own entry included).
+// in each failure counted every other member is still live and some holds state (a failure with a member that
+// died since is that member's; the group that ran before can form again without the joiner). When nobody holds
+// state (a whole-job restart) nobody is excluded: the fault could be anyone's. `peers`: the live members, the
+// caller's own entry included.
 std::vector<int64_t> UnreachableJoiners(const std::vector<FormAttempt>& recent, const std::vector<PeerInfo>& peers);
 
 // ---- micro-batch assignment ----
@@ -218,7 +219,8 @@ struct VoteOutcome {
 
 // The outcome of one attempt, identical on every member that gathered the same records. `strikes` is
 // updated (the caller keeps it as part of the agreed state). `data_bad` carries the (micro-batch, uid) pairs
-// that were non-finite in earlier attempts of this step (to tell a bad member from bad data); it is updated.
+// that were non-finite in earlier attempts of this step (to tell a bad member from bad data), each attempt's
+// closed by a {-1, -1} marker; it is updated (the caller clears it when a step commits).
 VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig& c, StrikeBook* strikes,
                          std::vector<std::pair<int, int64_t>>* data_bad);
 

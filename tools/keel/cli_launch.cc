@@ -63,9 +63,9 @@ Result<StoreUrl> RdzvUrl(const std::string& text) {
 }
 
 void PrintDone(const TrainResult& r) {
-  if (r.steps_this_run == 0 && !r.stopped_early) {  // a --resume of a finished run: no loss to report
-    std::fprintf(stderr, "done: the run is already at step %lld: nothing to train (raise --steps to go on)\n",
-                 static_cast<long long>(r.final_step));
+  if (r.steps_this_run == 0 && !r.stopped_early) {  // e.g. a --resume of a finished run: no loss to report
+    std::fprintf(stderr, "done: at step %lld; this run trained no steps itself (a finished run resumed? raise "
+                 "--steps to go on)\n", static_cast<long long>(r.final_step));
     return;
   }
   // wire: bytes this worker sent in collectives during this invocation (dist/link_emulation.h).
