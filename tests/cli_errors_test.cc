@@ -105,6 +105,24 @@ TEST_F(CliErrors, UnknownFlag) {
   ExpectError(r, "--bogus-flag");
 }
 
+// A flag given twice: the last value wins in every subcommand (train's --config fields and scripts that append
+// overrides rely on it), except --inject, whose faults add up (the last one used to drop the others).
+TEST_F(CliErrors, FlagGivenTwice) {
+  TempDir t;
+  setenv("KEEL_ALLOW_FAULT_INJECTION", "1", 1);
+  auto r = RunKeel("train " + Small(t / "r") + " --steps 9 --steps=2 --inject nan:rank=0,step=0 "
+                   "--inject corrupt:rank=0,step=1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(fs::exists(t / "r/ckpt-00000002")) << r.output;
+  EXPECT_FALSE(fs::exists(t / "r/ckpt-00000004")) << r.output;
+  EXPECT_NE(r.output.find("inject: nan at step=0,"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("inject: corrupt at step=1,"), std::string::npos) << r.output;
+  unsetenv("KEEL_ALLOW_FAULT_INJECTION");
+  r = RunKeel("sample --ckpt " + Run() + " -n 3 --threads 1 --seed 5 --temperature 0.5 --seed 1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(r.output, RunKeel("sample --ckpt " + Run() + " -n 3 --threads 1 --temperature 0.5 --seed 1").output);
+}
+
 TEST_F(CliErrors, DimNotDivisibleByHeads) {
   TempDir t;
   ExpectError(RunKeel("train " + Small(t / "r") + " --dim 30 --heads 4"), "--dim 30 is not divisible by --heads 4");
@@ -204,6 +222,9 @@ TEST_F(CliErrors, TruncatedOrBitFlippedCheckpoint) {
   auto r = RunKeel("sample --ckpt " + t / "run" + " -n 2 --threads 1");
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("warning: skipping"), std::string::npos) << r.output;
+  ExpectError(RunKeel("info " + t / "run"), "1 of 2 checkpoint(s) INVALID; sample, serve, export and --resume use step 2");
+  EXPECT_EQ(RunKeel("info " + Run()).exit_code, 0);
+  EXPECT_EQ(RunKeel("export " + t / "run --format gguf --out " + t / "m.gguf").exit_code, 0);
   // Bit flip in the older one too: nothing valid remains.
   std::string older = t / "run/ckpt-00000002/model.safetensors";
   {
@@ -212,6 +233,7 @@ TEST_F(CliErrors, TruncatedOrBitFlippedCheckpoint) {
     f.put('\x7f');
   }
   ExpectError(RunKeel("sample --ckpt " + t / "run" + " -n 2"), "checkpoint");
+  ExpectError(RunKeel("info " + t / "run"), "2 of 2 checkpoint(s) INVALID; none is valid");
 }
 
 TEST_F(CliErrors, CorruptShard) {

@@ -396,11 +396,20 @@ TEST(ExactSum, RoundThroughFixedPointVectorMatchesScalar) {
                   std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(), kNaN})
     x.push_back(v);
   std::vector<float> all(x), one(x);
-  const size_t bad_all = RoundThroughFixedPoint(all.data(), all.size());
+  size_t sat_all = 0, sat_one = 0, expect_sat = 0;
+  for (float v : x) expect_sat += std::isfinite(v) && std::fabs(static_cast<double>(v)) >= 65536.0;
+  const size_t bad_all = RoundThroughFixedPoint(all.data(), all.size(), &sat_all);
   size_t bad_one = 0;
-  for (float& v : one) bad_one += RoundThroughFixedPoint(&v, 1);
+  for (float& v : one) {
+    size_t s = 0;
+    bad_one += RoundThroughFixedPoint(&v, 1, &s);
+    sat_one += s;
+  }
   EXPECT_EQ(bad_all, 3u);
   EXPECT_EQ(bad_one, 3u);
+  EXPECT_GT(expect_sat, 4u);
+  EXPECT_EQ(sat_all, expect_sat);  // the clamp is counted, in the vector loop and the scalar one
+  EXPECT_EQ(sat_one, expect_sat);
   EXPECT_TRUE(BitEqual(all, one)) << FirstDiff(all, one);
 }
 

@@ -189,8 +189,15 @@ bool FaultInjector::Claim(const std::string& id) {
 }
 
 void FaultInjector::Record(FaultSpec::Kind kind, int64_t step, const std::string& id, const std::string& detail) {
-  std::fprintf(stderr, "inject: %s at step %lld (%s)%s%s\n", FaultKindName(kind), static_cast<long long>(step),
-               id.c_str(), detail.empty() ? "" : ": ", detail.c_str());
+  // step=S counts from 0 while the step lines count from 1, so the line names both; truncate-ckpt's S is the
+  // checkpoint's step (ckpt-0000000S).
+  if (kind == FaultSpec::kTruncateCkpt)
+    std::fprintf(stderr, "inject: %s of the checkpoint of step %lld (%s)%s%s\n", FaultKindName(kind),
+                 static_cast<long long>(step), id.c_str(), detail.empty() ? "" : ": ", detail.c_str());
+  else
+    std::fprintf(stderr, "inject: %s at step=%lld, the step logged as 'step %lld' (%s)%s%s\n", FaultKindName(kind),
+                 static_cast<long long>(step), static_cast<long long>(step + 1), id.c_str(),
+                 detail.empty() ? "" : ": ", detail.c_str());
   std::fflush(stderr);
   if (events_) events_->Emit("inject", {{"kind", FaultKindName(kind)}, {"step", step}, {"id", id}, {"detail", detail}});
 }

@@ -81,7 +81,9 @@ Diloco::InnerResult Diloco::RunInner(float* params, float* grads, bool determini
       if (!std::isfinite(loss)) r.nonfinite = true;
       if (micro >= 0 && micro < 128) r.loss[micro] += loss / n_steps;
       if (deterministic) {
-        r.nonfinite |= AddFixedPoint(acc_.data(), grads, P_) > 0;
+        size_t sat = 0;
+        r.nonfinite |= AddFixedPoint(acc_.data(), grads, P_, &sat) > 0;
+        r.saturated += sat;
       } else {
         for (size_t i = 0; i < P_; ++i) accf_[i] += grads[i];
       }

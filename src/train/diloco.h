@@ -69,6 +69,7 @@ class Diloco {
   struct InnerResult {
     int micro_batches = 0;  // forward/backward passes done
     bool nonfinite = false; // a loss, gradient or the pseudo-gradient was non-finite (no holding)
+    size_t saturated = 0;   // gradient values clamped by the exact sum (deterministic)
     double loss[128] = {};  // per micro-batch: mean loss over the round's inner steps
   };
   // The inner phase: params (host, P floats) hold the outer parameters on entry and again on return; grads is

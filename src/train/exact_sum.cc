@@ -38,24 +38,25 @@ size_t AddFixedPoint(int64_t* acc, const float* g, size_t n, size_t* saturated) 
 namespace {
 
 // One element of RoundThroughFixedPoint: the reference (and the loop tail).
-inline float RoundOne(float gi, double scale, double inv, double limit, size_t* bad) {
+inline float RoundOne(float gi, double scale, double inv, double limit, size_t* bad, size_t* sat) {
   double x = static_cast<double>(gi) * scale;
   if (!std::isfinite(x)) {
     ++*bad;
     return gi;
   }
+  if (x > limit || x < -limit) ++*sat;
   x = x > limit ? limit : (x < -limit ? -limit : x);
   return static_cast<float>(static_cast<double>(std::llrint(x)) * inv);
 }
 
 }  // namespace
 
-size_t RoundThroughFixedPoint(float* g, size_t n) {
+size_t RoundThroughFixedPoint(float* g, size_t n, size_t* saturated) {
   const double kScale = std::ldexp(1.0, kFixedFractionBits), kInv = std::ldexp(1.0, -kFixedFractionBits);
   constexpr size_t kBlock = 8192;  // elements per OpenMP work item
   const size_t blocks = (n + kBlock - 1) / kBlock;
-  size_t bad = 0;
-#pragma omp parallel for schedule(static) reduction(+ : bad)
+  size_t bad = 0, sat = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad, sat)
   for (size_t b = 0; b < blocks; ++b) {
     const size_t hi = std::min(n, (b + 1) * kBlock);
     size_t i = b * kBlock;
@@ -72,6 +73,8 @@ size_t RoundThroughFixedPoint(float* g, size_t n) {
       const __m128 gv = _mm_loadu_ps(g + i);
       const __m128 finite = _mm_cmpeq_ps(_mm_sub_ps(gv, gv), _mm_setzero_ps());
       __m256d x = _mm256_mul_pd(_mm256_cvtps_pd(gv), scale);
+      sat += static_cast<size_t>(__builtin_popcount(  // finite lanes beyond the bound (lane order matches)
+          _mm256_movemask_pd(_mm256_cmp_pd(_mm256_andnot_pd(sign, x), top, _CMP_GT_OQ)) & _mm_movemask_ps(finite)));
       x = _mm256_min_pd(_mm256_max_pd(x, bottom), top);
       const __m256d rounded = _mm256_sub_pd(_mm256_add_pd(x, magic), magic);
       const __m256d use = _mm256_cmp_pd(_mm256_andnot_pd(sign, x), small, _CMP_LT_OQ);
@@ -80,8 +83,9 @@ size_t RoundThroughFixedPoint(float* g, size_t n) {
       bad += static_cast<size_t>(4 - __builtin_popcount(_mm_movemask_ps(finite)));
     }
 #endif
-    for (; i < hi; ++i) g[i] = RoundOne(g[i], kScale, kInv, kLimit, &bad);
+    for (; i < hi; ++i) g[i] = RoundOne(g[i], kScale, kInv, kLimit, &bad, &sat);
   }
+  if (saturated) *saturated = sat;
   return bad;
 }
 

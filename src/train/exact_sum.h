@@ -16,10 +16,12 @@ namespace keel {
 inline constexpr int kFixedFractionBits = 40;
 inline constexpr int kMaxExactMicroBatches = 128;
 
-// acc[i] += fixed(g[i]). Returns the number of non-finite inputs (their slots are left unchanged).
+// acc[i] += fixed(g[i]). Returns the number of non-finite inputs (their slots are left unchanged);
+// *saturated (if given) receives the number of inputs clamped to +-2^16.
 size_t AddFixedPoint(int64_t* acc, const float* g, size_t n, size_t* saturated = nullptr);
-// g[i] = float(fixed(g[i]) * 2^-40): the one-term sum, in place. Returns the number of non-finite inputs.
-size_t RoundThroughFixedPoint(float* g, size_t n);
+// g[i] = float(fixed(g[i]) * 2^-40): the one-term sum, in place. Returns the number of non-finite inputs;
+// *saturated as above.
+size_t RoundThroughFixedPoint(float* g, size_t n, size_t* saturated = nullptr);
 // out[i] = float(acc[i] * 2^-40 * scale), rounding once through double.
 void FixedPointToFloat(float* out, const int64_t* acc, size_t n, double scale);
 

@@ -101,6 +101,7 @@ class Trainer {
   bool RestoreSnapshot();
   void ClearHoldings();
   void BeginCompute();
+  void ReportSaturation();
   bool CheckStep() const { return o_.check_every > 0 && step_ % o_.check_every == 0; }
   float* Params() { return model_->params(); }
   // Host copies of the three state buffers (the backend's own when host memory).
@@ -175,6 +176,7 @@ class Trainer {
   // This attempt.
   MicroSet bad_;
   int computed_ = 0;
+  size_t saturated_ = 0;  // this attempt's gradient values clamped by the exact sum (exact_sum.h)
   double compute_s_ = 0;
   std::vector<std::pair<int, uint64_t>> verify_hashes_;
 

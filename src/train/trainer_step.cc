@@ -133,7 +133,9 @@ void Trainer::Compute(const Plan& plan) {
           inject_->CorruptGradient(step, g, count);
         }
         if (o_.deterministic) {
-          nonfinite += AddFixedPoint(acc_.data() + off, g, count);
+          size_t sat = 0;
+          nonfinite += AddFixedPoint(acc_.data() + off, g, count, &sat);
+          saturated_ += sat;
           submit(off, count);
         } else {
           nonfinite += CountNonFinite(g, count);
@@ -153,9 +155,11 @@ void Trainer::Compute(const Plan& plan) {
         if (t.sum && inject_ && first_sum) inject_->CorruptGradient(step, g, P_);
         if (t.hash) verify_hashes_.push_back({t.micro, Hash64(g, P_ * sizeof(float))});
         if (t.sum) {
-          if (in_place_) nonfinite += RoundThroughFixedPoint(g, P_);
-          else if (o_.deterministic) nonfinite += AddFixedPoint(acc_.data(), g, P_);
+          size_t sat = 0;
+          if (in_place_) nonfinite += RoundThroughFixedPoint(g, P_, &sat);
+          else if (o_.deterministic) nonfinite += AddFixedPoint(acc_.data(), g, P_, &sat);
           else nonfinite += CountNonFinite(g, P_);
+          saturated_ += sat;
         }
       }
     }
@@ -192,7 +196,18 @@ void Trainer::Compute(const Plan& plan) {
       }
     }
   }
+  ReportSaturation();
   compute_s_ = Since(t0);
+}
+
+// Deterministic mode clamps gradient values to +-2^16 before its exact sum (exact_sum.h); a run that reaches
+// that is diverging, and the clamp changes its gradient, so each worker says so (not counted on a device that
+// rounds in place).
+void Trainer::ReportSaturation() {
+  if (saturated_ == 0) return;
+  log_("warning: step " + std::to_string(step_ + 1) + ": " + std::to_string(saturated_) +
+       " gradient value(s) of this worker's micro-batches beyond +-65536 were clamped by the deterministic "
+       "exact sum (--fast does not clamp; a lower --lr or --grad-clip keeps a run from getting there)");
 }
 
 // diloco's compute phase: the inner steps of the round on this member's share of each step's micro-batches
@@ -229,6 +244,8 @@ void Trainer::ComputeRound(const Plan& plan) {
     const auto r = diloco_->RunInner(Params(), grads_host_, o_.deterministic, step_,
                                      diloco_->RoundSteps(step_, o_.steps), micros, f);
     computed_ = r.micro_batches;
+    saturated_ = r.saturated;
+    ReportSaturation();
     for (int i : micros) {
       if (r.nonfinite) {
         bad_.Set(i);
@@ -264,6 +281,7 @@ std::shared_ptr<Communicator> Trainer::Meter(std::shared_ptr<Communicator> c) {
 void Trainer::BeginCompute() {
   bad_ = MicroSet{};
   computed_ = 0;
+  saturated_ = 0;
   verify_hashes_.clear();
   if (held_step_ != step_ || held_epoch_ != epoch_) {
     ClearHoldings();

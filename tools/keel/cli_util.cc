@@ -8,6 +8,11 @@
 namespace keel::cli {
 
 int Parse(CLI::App& app, int argc, char** argv) {
+  // A flag given twice: the last one wins, in every subcommand (train's --config fields rely on it, and scripts
+  // append overrides to a base command line). Options declared to take every value (--inject) keep that.
+  for (CLI::Option* opt : app.get_options())
+    if (opt->get_multi_option_policy() == CLI::MultiOptionPolicy::Throw)
+      opt->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -12,7 +12,7 @@
 
 namespace keel::cli {
 
-// Parses argv; on error prints "keel <cmd>: <message>" (one line) and returns the exit code to use (>= 0) —
+// Parses argv (a flag given twice: the last value wins, unless the option takes all values); on error prints "keel <cmd>: <message>" (one line) and returns the exit code to use (>= 0) —
 // or -1 if parsing succeeded and the command should run.
 int Parse(CLI::App& app, int argc, char** argv);
 

@@ -57,12 +57,24 @@ int RunInfo(int argc, char** argv) {
     auto list = ListCheckpoints(path);
     if (!list.ok()) return Fail("info", list.status());
     std::printf("%zu checkpoint(s):\n", list->size());
+    size_t invalid = 0;
+    long long newest_valid = -1;
     for (const auto& c : *list) {
       Status v = VerifyCheckpoint(c.dir);
       std::printf("  step %lld  %s  %s\n", static_cast<long long>(c.step), c.dir.c_str(),
                   v.ok() ? "valid" : ("INVALID: " + v.message()).c_str());
+      if (!v.ok()) ++invalid;
+      else if (newest_valid < 0) newest_valid = static_cast<long long>(c.step);
     }
-    return 0;
+    // Checkpoints are committed atomically, so an invalid one is corruption, not an interrupted write: exit 1 so
+    // scripts (`keel info RUN && ...`) notice, and say what sample, serve and --resume will load instead.
+    if (invalid == 0) return 0;
+    if (newest_valid >= 0)
+      std::printf("%zu of %zu checkpoint(s) INVALID; sample, serve, export and --resume use step %lld\n", invalid,
+                  list->size(), newest_valid);
+    else
+      std::printf("%zu of %zu checkpoint(s) INVALID; none is valid\n", invalid, list->size());
+    return 1;
   }
   return Fail("info", InvalidArgument(path + ": not a keel data directory, run directory or checkpoint"));
 }

@@ -139,9 +139,12 @@ int RunTrain(int argc, char** argv) {
                  "elastic: a worker slower than this multiple of the median for 5 steps leaves (0: never; slower "
                  "workers always get fewer micro-batches)")
       ->capture_default_str();
-  app.add_option("--inject", o.inject,
+  std::vector<std::string> injects;  // every --inject adds its faults (the last one does not replace the others)
+  app.add_option("--inject", injects,
                  "fault injection for testing, e.g. 'crash:rank=1,step=5;nan:rank=2,step=8', or a slow link "
-                 "'link:rank=3,mbit=100,latency_ms=20' (needs KEEL_ALLOW_FAULT_INJECTION=1; see docs/step-protocol.md)");
+                 "'link:rank=3,mbit=100,latency_ms=20' (needs KEEL_ALLOW_FAULT_INJECTION=1; see docs/step-protocol.md); "
+                 "may be repeated")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   app.add_option("--sync", o.sync,
                  "ddp: gradients reduced every step; diloco: each worker takes --inner-steps local steps, then the "
                  "pseudo-gradients are averaged and an outer Nesterov SGD step applied (docs/diloco.md)")
@@ -158,6 +161,7 @@ int RunTrain(int argc, char** argv) {
   dist.AddTo(app);
   if (Status s = CheckConfigFields(app, config_path, config_fields); !s.ok()) return Fail("train", s);
   if (int rc = Parse(app, static_cast<int>(av.size()), av.data()); rc >= 0) return rc;
+  for (const auto& spec : injects) o.inject += (o.inject.empty() ? "" : ";") + spec;
   if (fast && deterministic_flag) return Fail("train", InvalidArgument("--fast and --deterministic exclude each other"));
   o.deterministic = !fast;
   if (o.eval_every == 0) o.eval_every = o.steps;
