@@ -386,15 +386,35 @@ TEST(GgufModel, UntiedHeadWarnsAndWrongArchitectureFails) {
   auto f = GgufFile::FromBytes(b);
   ASSERT_TRUE(f.ok());
   const GgufTensorInfo* out = f->FindTensor("output.weight");
+  // A flipped byte anywhere in the tensor data fails keel.checksum.
   std::string changed = b;
   changed[out->file_offset + 5] ^= 0x40;
   auto f2 = GgufFile::FromBytes(changed, "x.gguf");
   ASSERT_TRUE(f2.ok());
+  auto bad = DecodeModelGguf(*f2, nullptr);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().message(), "x.gguf: checksum mismatch (keel.checksum): the file is corrupt");
+  // A file another tool rewrote with an untied head (and without keel.checksum): two warnings, and it loads.
+  GgufMetadata md2;
+  for (const auto& kv : f->metadata())
+    if (kv.first != "keel.checksum") md2.push_back(kv);
+  std::vector<std::string> datas;
+  std::vector<GgufTensorIn> ts;
+  datas.reserve(f->tensors().size());
+  for (const auto& t : f->tensors()) {
+    datas.emplace_back(reinterpret_cast<const char*>(t.data), t.nbytes);
+    if (t.name == "output.weight") datas.back()[5] ^= 0x40;
+    ts.push_back({t.name, t.ne, t.type, datas.back().data(), t.nbytes});
+  }
+  auto f4 = GgufFile::FromBytes(EncodeGguf(md2, ts).value(), "x.gguf");
+  ASSERT_TRUE(f4.ok());
   std::vector<std::string> warnings;
-  auto m = DecodeModelGguf(*f2, &warnings);
+  auto m = DecodeModelGguf(*f4, &warnings);
   ASSERT_TRUE(m.ok()) << m.status().ToString();
-  ASSERT_EQ(warnings.size(), 1u);
-  EXPECT_NE(warnings[0].find("output.weight differs"), std::string::npos) << warnings[0];
+  ASSERT_EQ(warnings.size(), 2u);
+  EXPECT_EQ(warnings[0], "x.gguf: no keel.checksum (exported by an older keel): the tensor data is not verified");
+  EXPECT_NE(warnings[1].find("output.weight differs from token_embd.weight (max |diff| "), std::string::npos)
+      << warnings[1];
 
   // Another architecture, and a file without keel's tokenizer: clear errors.
   GgufMetadata md = {{"general.architecture", GgufValue::Str("llama")}};

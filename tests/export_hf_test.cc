@@ -114,6 +114,31 @@ TEST(HfExport, ErrorsAndRefusals) {
   EXPECT_EQ(st.code(), Code::kInvalidArgument);
   EXPECT_EQ(DefaultEnv()->ReadFile(tmp / "precious/notes.txt").value(), "keep");
   EXPECT_FALSE(DefaultEnv()->Exists(tmp / "precious.tmp"));
+  // Nor is a Hugging Face model folder (it has a config.json too), nor a keel export the user added files to.
+  ASSERT_TRUE(DefaultEnv()->CreateDirs(tmp / "hfmodel").ok());
+  testing::WriteText(tmp / "hfmodel/config.json", "{\"model_type\": \"gpt2\"}");
+  testing::WriteText(tmp / "hfmodel/pytorch_model.bin", "weights");
+  st = ExportModel(s, tmp / "hfmodel", {"safetensors", ExportDtype::kF32, ""});
+  EXPECT_EQ(st.code(), Code::kInvalidArgument);
+  EXPECT_NE(st.message().find("not an earlier keel export"), std::string::npos) << st.message();
+  EXPECT_EQ(DefaultEnv()->ReadFile(tmp / "hfmodel/pytorch_model.bin").value(), "weights");
+  ASSERT_TRUE(ExportModel(s, tmp / "mine", {"safetensors", ExportDtype::kF32, ""}).ok());
+  testing::WriteText(tmp / "mine/README.md", "my notes");
+  st = ExportModel(s, tmp / "mine", {"safetensors", ExportDtype::kF32, ""});
+  EXPECT_EQ(st.message(), tmp / "mine" + ": holds README.md, which keel's export does not write; not overwriting it");
+  EXPECT_EQ(DefaultEnv()->ReadFile(tmp / "mine/README.md").value(), "my notes");
+
+  // GGUF: a directory or a file that is not GGUF is never replaced; an earlier GGUF file is.
+  EXPECT_EQ(ExportModel(s, tmp / "precious", {"gguf", ExportDtype::kF32, ""}).message(),
+            tmp / "precious" + ": is a directory (gguf export writes one file)");
+  testing::WriteText(tmp / "notes.txt", "keep");
+  EXPECT_EQ(ExportModel(s, tmp / "notes.txt", {"gguf", ExportDtype::kF32, ""}).message(),
+            tmp / "notes.txt" + ": exists and is not a GGUF file; not overwriting it (pick a new --out)");
+  EXPECT_EQ(DefaultEnv()->ReadFile(tmp / "notes.txt").value(), "keep");
+  ASSERT_TRUE(ExportModel(s, tmp / "m.gguf", {"gguf", ExportDtype::kF32, ""}).ok());
+  EXPECT_TRUE(ExportModel(s, tmp / "m.gguf", {"gguf", ExportDtype::kF16, ""}).ok());
+  EXPECT_EQ(ExportModel(s, tmp / "named", {"safetensors", ExportDtype::kF32, "x"}).message(),
+            "--name sets GGUF's general.name; the safetensors export has no such field");
 
   // Byte tokenizer export and import; then damaged exports give one-line errors naming the file.
   const std::string dir = tmp / "hf";
@@ -129,6 +154,18 @@ TEST(HfExport, ErrorsAndRefusals) {
     EXPECT_EQ(r.status().message().rfind(dir + "/" + file, 0), 0u) << r.status().message();
     EXPECT_NE(r.status().message().find(part), std::string::npos) << r.status().message();
   };
+  // A flipped byte in the tensor data or the tokenizer fails the export's checksums.
+  const std::string st_bytes = DefaultEnv()->ReadFile(dir + "/model.safetensors").value();
+  std::string flipped = st_bytes;
+  flipped[flipped.size() - 3] ^= 0x10;
+  testing::WriteText(dir + "/model.safetensors", flipped);
+  expect_error("model.safetensors", "checksum mismatch (keel_checksum)");
+  testing::WriteText(dir + "/model.safetensors", st_bytes);
+  const std::string tok_bytes = DefaultEnv()->ReadFile(dir + "/tokenizer.model").value();
+  testing::WriteText(dir + "/tokenizer.model", tok_bytes + " ");
+  expect_error("tokenizer.model", "checksum mismatch");
+  testing::WriteText(dir + "/tokenizer.model", tok_bytes);
+  ASSERT_TRUE(LoadExportedModel(dir, nullptr).ok());
   auto cfg2 = cfg;
   cfg2["activation_function"] = "relu";
   testing::WriteText(dir + "/config.json", cfg2.dump());
@@ -200,6 +237,18 @@ TEST(ExportRefusals, NonFiniteWeights) {
       EXPECT_TRUE(DirEntries(tmp.path()).empty());
     }
   }
+  // Finite but beyond f16's +-65504: f16 and q8_0 would store inf; f32 keeps it.
+  auto big = s;
+  big.params[qkv->offset + 7] = -1e5f;
+  for (const ExportOptions& o : std::vector<ExportOptions>{{"gguf", ExportDtype::kQ8_0, ""},
+                                                           {"gguf", ExportDtype::kF16, ""},
+                                                           {"safetensors", ExportDtype::kF16, ""}}) {
+    Status st = ExportModel(big, tmp / "out", o);
+    EXPECT_NE(st.message().find("tensor 'h.1.attn.qkv.weight' has a value beyond f16's range (-100000 at element 7;"),
+              std::string::npos) << st.message();
+    EXPECT_TRUE(DirEntries(tmp.path()).empty());
+  }
+  EXPECT_TRUE(ExportModel(big, tmp / "out.gguf", {"gguf", ExportDtype::kF32, ""}).ok());
 }
 
 // A file that exists but is not a model says so (not "no such checkpoint or run directory").

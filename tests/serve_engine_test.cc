@@ -247,7 +247,8 @@ TEST(ParseRequest, DefaultsAndFields) {
   r = ParseCompletionRequest(
       R"({"model": "m", "prompt": ["x"], "temperature": 0, "top_p": 0.5, "top_k": 3, "max_tokens": 7.0,
           "stop": "\n", "seed": -1, "n": 1, "stream": true, "stream_options": {"include_usage": true},
-          "user": "ignored", "presence_penalty": 0})",
+          "user": "ignored", "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": null, "echo": false,
+          "logit_bias": {}, "repeat_penalty": 1, "response_format": {"type": "text"}})",
       ApiEndpoint::kCompletions, o);
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   EXPECT_EQ(r->prompt, "x");
@@ -285,6 +286,20 @@ TEST(ParseRequest, ErrorsNameTheParam) {
   EXPECT_EQ(param, "");
   std::string deep(100000, '[');
   EXPECT_FALSE(ParseCompletionRequest(deep, ApiEndpoint::kCompletions, o).ok());
+  // Fields keel does not implement are refused when they would change the answer (never silently ignored).
+  for (const char* f : {R"("logprobs": 3)", R"("logprobs": true)", R"("top_logprobs": 2)", R"("echo": true)",
+                        R"("suffix": "end")", R"("logit_bias": {"50256": -100})", R"("presence_penalty": 0.5)",
+                        R"("frequency_penalty": -1)", R"("repeat_penalty": 1.1)", R"("min_p": 0.05)",
+                        R"("tools": [{"type": "function"}])", R"("response_format": {"type": "json_object"})"}) {
+    SCOPED_TRACE(f);
+    r = ParseCompletionRequest(std::string(R"({"prompt": "x", )") + f + "}", ApiEndpoint::kCompletions, o, &param);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), Code::kInvalidArgument);
+    const std::string name = std::string(f).substr(1, std::string(f).find('"', 1) - 1);
+    EXPECT_EQ(param, name);
+    EXPECT_NE(r.status().message().find("'" + name + "' is not supported by keel serve"), std::string::npos)
+        << r.status().message();
+  }
 }
 
 TEST(ParseRequest, ChatTemplate) {

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstdio>
 
 #include "core/env.h"
 #include "export/gguf_model.h"
@@ -30,13 +31,23 @@ const char* ExportDtypeName(ExportDtype d) {
   return "?";
 }
 
-Status CheckFiniteParams(const TrainingSnapshot& s, const std::string& where) {
+Status CheckFiniteParams(const TrainingSnapshot& s, const std::string& where, ExportDtype dtype) {
   const size_t n = s.params.size();
+  // f16 (and q8_0, whose block scales are f16 and whose odd-sized matrices fall back to f16) turns anything
+  // beyond +-65504 into inf, which llama.cpp would run without a word.
+  const double limit = dtype == ExportDtype::kF32 ? HUGE_VAL : 65504.0;
   for (const auto& t : ParamLayout(s.config)) {
     if (t.offset + t.size > n) break;  // the exporters report a mismatched buffer themselves
     const float* x = s.params.data() + t.offset;
     for (size_t i = 0; i < t.size; ++i) {
-      if (std::isfinite(x[i])) continue;
+      if (std::isfinite(x[i])) {
+        if (std::fabs(static_cast<double>(x[i])) <= limit) continue;
+        char v[32];
+        std::snprintf(v, sizeof v, "%g", static_cast<double>(x[i]));
+        return InvalidArgument(where + ": tensor '" + t.name + "' has a value beyond f16's range (" + v +
+                               " at element " + std::to_string(i) + "; --dtype " + ExportDtypeName(dtype) +
+                               " stores +-65504 at most): export with --dtype f32");
+      }
       return InvalidArgument(where + ": tensor '" + t.name + "' has a non-finite value (" +
                              (std::isnan(x[i]) ? "nan" : x[i] > 0 ? "inf" : "-inf") + " at element " +
                              std::to_string(i) + "): the model is broken (a diverged run?)");
@@ -51,6 +62,12 @@ Status ExportModel(const TrainingSnapshot& s, const std::string& out, const Expo
     return InvalidArgument("--format \"" + o.format + "\" is not one of gguf, safetensors");
   if (o.format == "gguf" && DefaultEnv()->IsDir(out))
     return InvalidArgument(out + ": is a directory (gguf export writes one file)");
+  // Only an earlier GGUF file is replaced (as only an earlier keel export directory is): --out naming someone's
+  // notes.txt must not cost them the file.
+  if (o.format == "gguf" && DefaultEnv()->Exists(out) && DetectExportFormat(out) != "gguf")
+    return InvalidArgument(out + ": exists and is not a GGUF file; not overwriting it (pick a new --out)");
+  if (o.format == "safetensors" && !o.name.empty())
+    return InvalidArgument("--name sets GGUF's general.name; the safetensors export has no such field");
   Status st = o.format == "gguf" ? ExportGguf(s, out, o.dtype, o.name) : ExportHfSafetensors(s, out, o.dtype);
   // A file-system failure names the path keel was writing (a unique temporary beside OUT); say which flag.
   return st.code() == Code::kIo ? st.Wrap("cannot write --out " + out) : st;

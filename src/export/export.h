@@ -36,8 +36,10 @@ struct ExportOptions {
 Status ExportModel(const TrainingSnapshot& s, const std::string& out, const ExportOptions& o);
 
 // kInvalidArgument "<where>: tensor 'NAME' has a non-finite value (...)" for the first parameter of s (laid out
-// as ParamLayout(s.config)) that is inf or NaN. Both exporters call it, and `keel sample` / `keel serve` on load.
-Status CheckFiniteParams(const TrainingSnapshot& s, const std::string& where);
+// as ParamLayout(s.config)) that is inf or NaN, or, for dtype f16 or q8_0, "... has a value beyond f16's range"
+// for one beyond +-65504 (it would be written as inf). Both exporters call it, and `keel sample` / `keel serve`
+// on load (with the default f32: finiteness only).
+Status CheckFiniteParams(const TrainingSnapshot& s, const std::string& where, ExportDtype dtype = ExportDtype::kF32);
 
 // "gguf" for a file starting with the GGUF magic, "safetensors" for a directory holding config.json and
 // model.safetensors that is not a keel checkpoint directory, "" otherwise.

@@ -2,10 +2,13 @@
 #include "export/gguf_model.h"
 
 #include <cmath>
+#include <cstdio>
+#include <functional>
 #include <cstring>
 #include <map>
 #include <set>
 
+#include "core/hash.h"
 #include "data/tokenizer.h"
 #include "formats/half.h"
 
@@ -81,12 +84,57 @@ std::string GgufTensorName(const std::string& n) {
   return it == kMap.end() ? "" : "blk." + layer + "." + it->second;
 }
 
+namespace {
+
+constexpr const char* kGgufChecksumKey = "keel.checksum";
+
+std::string FormatG(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", x);
+  return buf;
+}
+
+// keel.checksum: Hash64 (hex) chained over every tensor's bytes in file order, then the keel.* metadata that
+// import uses (config, state, tokenizer). llama.cpp ignores the key; keel's import verifies it, so a flipped byte
+// in an export is an error instead of a silently different model.
+std::string GgufChecksum(const std::vector<std::pair<const uint8_t*, size_t>>& data, const GgufMetadata& md) {
+  uint64_t h = 0x6B65656C67677566ull;  // "keelgguf"
+  for (const auto& [p, n] : data) h = Hash64(p, n, h);
+  for (const char* key : {"keel.config", "keel.state", "keel.tokenizer"}) {
+    for (const auto& [k, v] : md) {
+      if (k != key) continue;
+      if (auto str = v.AsString()) h = Hash64(str->data(), str->size(), h);
+      else if (auto bytes = v.AsU8Array()) h = Hash64(bytes->data(), bytes->size(), h);
+    }
+  }
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+  return hex;
+}
+
+// Verifies keel.checksum where the file has one (exports of keel before 2026-11-27 do not: a warning).
+Status VerifyGgufChecksum(const GgufFile& f, const std::function<void(const std::string&)>& warn) {
+  const GgufValue* v = f.FindKey(kGgufChecksumKey);
+  if (!v) {
+    warn("no keel.checksum (exported by an older keel): the tensor data is not verified");
+    return Status::Ok();
+  }
+  if (!v->AsString()) return Corrupt(f.source() + ": keel.checksum is not a string");
+  std::vector<std::pair<const uint8_t*, size_t>> data;
+  for (const auto& t : f.tensors()) data.emplace_back(t.data, t.nbytes);
+  if (GgufChecksum(data, f.metadata()) != *v->AsString())
+    return Corrupt(f.source() + ": checksum mismatch (keel.checksum): the file is corrupt");
+  return Status::Ok();
+}
+
+}  // namespace
+
 Result<std::string> EncodeModelGguf(const TrainingSnapshot& s, ExportDtype dtype, const std::string& name) {
   const GptConfig& c = s.config;
   KEEL_RETURN_IF_ERROR(c.Validate());
   if (s.params.size() != NumParams(c))
     return InvalidArgument("gguf export: the parameter buffer does not match the model config");
-  KEEL_RETURN_IF_ERROR(CheckFiniteParams(s, "gguf export"));
+  KEEL_RETURN_IF_ERROR(CheckFiniteParams(s, "gguf export", dtype));
   const bool byte_tok = s.tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
   auto tok = LoadTokenizer(byte_tok ? "byte" : "bpe", s.tokenizer);
   if (!tok.ok()) return tok.status().Wrap("gguf export: tokenizer");
@@ -172,6 +220,9 @@ Result<std::string> EncodeModelGguf(const TrainingSnapshot& s, ExportDtype dtype
   };
   for (const auto& t : layout) add(GgufTensorName(t.name), t, t.name == "wpe");
   add("output.weight", layout[0], false);  // the tied LM head, written explicitly (llama.cpp requires it)
+  std::vector<std::pair<const uint8_t*, size_t>> data;
+  for (const auto& t : tensors) data.emplace_back(static_cast<const uint8_t*>(t.data), t.nbytes);
+  md.emplace_back(kGgufChecksumKey, GgufValue::Str(GgufChecksum(data, md)));
   return EncodeGguf(md, tensors, kGgufDefaultAlignment);
 }
 
@@ -187,6 +238,7 @@ Result<TrainingSnapshot> DecodeModelGguf(const GgufFile& f, std::vector<std::str
   auto warn = [&](const std::string& w) {
     if (warnings) warnings->push_back(src + ": " + w);
   };
+  KEEL_RETURN_IF_ERROR(VerifyGgufChecksum(f, warn));
   const GgufValue* arch = f.FindKey("general.architecture");
   if (!arch || !arch->AsString()) return bad("no general.architecture");
   if (*arch->AsString() != "gpt2")
@@ -244,7 +296,7 @@ Result<TrainingSnapshot> DecodeModelGguf(const GgufFile& f, std::vector<std::str
     const float* w = s.params.data();  // wte is the first tensor
     for (size_t i = 0; i < o.size(); ++i) max_diff = std::max(max_diff, std::fabs(double(o[i]) - double(w[i])));
     if (!(max_diff == 0.0))
-      warn("output.weight differs from token_embd.weight (max |diff| " + std::to_string(max_diff) +
+      warn("output.weight differs from token_embd.weight (max |diff| " + FormatG(max_diff) +
            "); keel ties the LM head to the token embedding and ignores output.weight");
   }
 

@@ -1,11 +1,14 @@
 // hf_export.cc: the keel <-> Hugging Face GPT-2 directory mapping (see hf_export.h).
 #include "export/hf_export.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <map>
 
 #include "core/env.h"
+#include "core/hash.h"
 #include "data/tokenizer.h"
 #include "formats/half.h"
 #include "formats/safetensors.h"
@@ -29,6 +32,28 @@ std::string DumpJson(const nlohmann::json& j) {
   return j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
 }
 
+// Checksums of a keel export (keel's import verifies them where present; Hugging Face ignores them):
+// "keel_checksum" in model.safetensors' __metadata__ (Hash64 chained over the tensors in name order: name, then
+// the bytes) and "keel_tokenizer_checksum" in config.json (Hash64 of tokenizer.model).
+constexpr const char* kHfChecksumKey = "keel_checksum";
+constexpr const char* kHfTokenizerChecksumKey = "keel_tokenizer_checksum";
+
+std::string Hex64(uint64_t h) {
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+  return hex;
+}
+
+std::string HfChecksum(std::vector<TensorView> views) {
+  std::sort(views.begin(), views.end(), [](const TensorView& a, const TensorView& b) { return a.name < b.name; });
+  uint64_t h = 0x6B65656C68667374ull;  // "keelhfst"
+  for (const auto& v : views) {
+    h = Hash64(v.name.data(), v.name.size(), h);
+    h = Hash64(v.data, v.nbytes, h);
+  }
+  return Hex64(h);
+}
+
 std::string ToStr(const std::vector<int64_t>& shape) {
   std::string s = "[";
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
@@ -39,12 +64,29 @@ std::string ToStr(const std::vector<int64_t>& shape) {
 // swaps it into place: an earlier export at dir moves to DIR.tmp.XXXXXX/old, the new one to dir, and the staging
 // directory (with the old export) is removed. The earlier export is replaced only once the new one is complete,
 // and nothing but the staging directory this call created is ever removed (a user's DIR.tmp or DIR.old is safe).
+// An existing directory is replaced only when it is an earlier keel export: its config.json has keel's own
+// "keel_config" field and it holds no file keel does not write. Any other directory (a Hugging Face model
+// folder has a config.json too) is left alone: replacing it would delete the user's other files.
+Status CheckReplaceable(const std::string& dir, const std::vector<std::pair<std::string, std::string>>& files) {
+  Env* env = DefaultEnv();
+  const std::string refuse = dir + ": exists and is not an earlier keel export; not overwriting it (pick a new --out)";
+  if (!env->IsDir(dir)) return InvalidArgument(refuse);
+  auto cfg = env->ReadFile(JoinPath(dir, "config.json"));
+  if (!cfg.ok()) return InvalidArgument(refuse);
+  auto j = nlohmann::json::parse(*cfg, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object() || !j.contains("keel_config")) return InvalidArgument(refuse);
+  KEEL_ASSIGN_OR_RETURN(const std::vector<std::string> entries, env->ListDir(dir));
+  for (const auto& e : entries) {
+    bool ours = false;
+    for (const auto& f : files) ours |= f.first == e;
+    if (!ours) return InvalidArgument(dir + ": holds " + e + ", which keel's export does not write; not overwriting it");
+  }
+  return Status::Ok();
+}
+
 Status WriteDirAtomic(const std::string& dir, const std::vector<std::pair<std::string, std::string>>& files) {
   Env* env = DefaultEnv();
-  if (env->Exists(dir)) {
-    if (!env->IsDir(dir) || !env->Exists(JoinPath(dir, "config.json")))
-      return InvalidArgument(dir + ": exists and is not a Hugging Face export directory; not overwriting it");
-  }
+  if (env->Exists(dir)) KEEL_RETURN_IF_ERROR(CheckReplaceable(dir, files));
   KEEL_ASSIGN_OR_RETURN(const std::string stage, env->CreateUniqueDir(dir + ".tmp."));
   const std::string fresh = JoinPath(stage, "new"), old = JoinPath(stage, "old");
   auto fail = [&](const Status& s) {
@@ -109,7 +151,7 @@ Status ExportHfSafetensors(const TrainingSnapshot& s, const std::string& out, Ex
     return InvalidArgument(dir + ": safetensors export supports --dtype f32 and f16 (q8_0 is GGUF-only)");
   if (s.params.size() != NumParams(c))
     return InvalidArgument(dir + ": the parameter buffer does not match the model config");
-  KEEL_RETURN_IF_ERROR(CheckFiniteParams(s, dir));
+  KEEL_RETURN_IF_ERROR(CheckFiniteParams(s, dir, dtype));
   const bool byte_tok = s.tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
   auto tok = LoadTokenizer(byte_tok ? "byte" : "bpe", s.tokenizer);
   if (!tok.ok()) return tok.status().Wrap(dir + ": tokenizer");
@@ -142,7 +184,7 @@ Status ExportHfSafetensors(const TrainingSnapshot& s, const std::string& out, Ex
     data.push_back(std::move(b));
     views.push_back({name, dtype == ExportDtype::kF16 ? "F16" : "F32", shape, data.back().data(), data.back().size()});
   }
-  auto model = EncodeSafetensors(views, {{"format", "pt"}});
+  auto model = EncodeSafetensors(views, {{"format", "pt"}, {kHfChecksumKey, HfChecksum(views)}});
   if (!model.ok()) return model.status().Wrap(dir);
   data.clear();
 
@@ -170,6 +212,7 @@ Status ExportHfSafetensors(const TrainingSnapshot& s, const std::string& out, Ex
       {"eos_token_id", eos >= 0 ? nlohmann::json(eos) : nlohmann::json(nullptr)},
       {"torch_dtype", dtype == ExportDtype::kF16 ? "float16" : "float32"},
       {"keel_config", c.ToJson()},
+      {kHfTokenizerChecksumKey, Hex64(Hash64(s.tokenizer.data(), s.tokenizer.size()))},
       {"keel_tokenizer_type", byte_tok ? "byte" : "bpe"},
       {"keel_step", s.state.is_object() && s.state.contains("step") ? s.state["step"] : nlohmann::json(0)},
   };
@@ -246,6 +289,12 @@ Result<TrainingSnapshot> ImportHfSafetensors(const std::string& dir, std::vector
   const std::string st_path = JoinPath(dir, "model.safetensors");
   auto st = SafetensorsFile::Open(st_path);
   if (!st.ok()) return st.status();
+  if (auto it = st->metadata().find(kHfChecksumKey); it != st->metadata().end()) {
+    if (HfChecksum(st->tensors()) != it->second)
+      return Corrupt(st_path + ": checksum mismatch (keel_checksum): the file is corrupt");
+  } else if (j.contains("keel_config") && warnings) {
+    warnings->push_back(st_path + ": no keel_checksum (exported by an older keel): the tensor data is not verified");
+  }
   // Resolve names and check every shape before allocating (config.json is input too).
   const auto layout = ParamLayout(c);
   std::vector<std::string> names;
@@ -296,6 +345,9 @@ Result<TrainingSnapshot> ImportHfSafetensors(const std::string& dir, std::vector
   auto tb = env->ReadFile(tok_path);
   if (!tb.ok()) return tb.status();
   s.tokenizer = std::move(tb).value();
+  if (j.contains(kHfTokenizerChecksumKey) &&
+      j[kHfTokenizerChecksumKey] != Hex64(Hash64(s.tokenizer.data(), s.tokenizer.size())))
+    return Corrupt(tok_path + ": checksum mismatch (config.json keel_tokenizer_checksum): the file is corrupt");
   const bool byte_tok = s.tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
   auto tok = LoadTokenizer(byte_tok ? "byte" : "bpe", s.tokenizer);
   if (!tok.ok()) return tok.status().Wrap(tok_path);

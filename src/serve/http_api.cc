@@ -260,6 +260,32 @@ Status Parse(std::string_view body, ApiEndpoint ep, const ParseOptions& o, Compl
       KEEL_RETURN_IF_ERROR(GetBool(*u, "stream_options.include_usage", &r->include_usage, param));
   }
   if (const json* v = field("return_tokens")) KEEL_RETURN_IF_ERROR(GetBool(*v, "return_tokens", &r->return_tokens, param));
+  // Fields keel does not implement are refused when they would change the answer (a client asking for logprobs
+  // or a repetition penalty must not silently get a response without them); their neutral values are accepted,
+  // since OpenAI clients send e.g. "presence_penalty": 0 by default.
+  struct Unsupported {
+    const char* name;
+    double neutral;  // for numbers
+  };
+  for (const Unsupported u : {Unsupported{"logprobs", 0}, {"top_logprobs", 0}, {"echo", 0}, {"suffix", 0},
+                              {"logit_bias", 0}, {"presence_penalty", 0}, {"frequency_penalty", 0},
+                              {"repeat_penalty", 1}, {"min_p", 0}, {"tools", 0}, {"functions", 0}}) {
+    const json* v = field(u.name);
+    if (!v) continue;
+    const bool active = v->is_boolean()  ? v->get<bool>()
+                        : v->is_number() ? v->get<double>() != u.neutral
+                        : v->is_string() ? !v->get<std::string>().empty()
+                        : v->is_array() || v->is_object() ? !v->empty()
+                                                          : true;
+    if (active)
+      return Bad(param, u.name, std::string("'") + u.name + "' is not supported by keel serve (send it unset" +
+                                    (u.neutral != 0 ? " or " + json(u.neutral).dump() : std::string(" or 0/false/empty")) +
+                                    ")");
+  }
+  if (const json* v = field("response_format")) {
+    const bool text = v->is_object() && v->contains("type") && (*v)["type"] == "text";
+    if (!text) return Bad(param, "response_format", "'response_format' is not supported by keel serve (only {\"type\": \"text\"})");
+  }
   return Status::Ok();
 }
 

@@ -234,7 +234,10 @@ bool StreamNext(StreamState* st, bool chat, httplib::DataSink& sink) {
 
 void HttpServer::Impl::HandleCompletion(const httplib::Request& req, httplib::Response& res, ApiEndpoint ep) {
   const Clock::time_point start = Clock::now();
-  if (draining) return SetError(res, 503, "the server is shutting down", "", "shutting_down");
+  if (draining) {
+    metrics->CountRejected("shutting_down");
+    return SetError(res, 503, "the server is shutting down", "", "shutting_down");
+  }
   if (!Authorized(req))
     return SetError(res, 401, "missing or invalid API key (send \"Authorization: Bearer <key>\")");
   std::string param;

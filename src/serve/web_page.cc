@@ -123,9 +123,15 @@ $("stop").addEventListener("click", () => { if (controller) controller.abort(); 
 const params = new URLSearchParams(location.search);
 for (const k of ["prompt", "temperature", "top_k", "top_p", "max_tokens"])
   if (params.has(k)) $(k).value = params.get(k);
-fetch("/v1/models").then((r) => r.ok ? r.json() : null).then((j) => {
-  if (j && j.data && j.data[0]) $("model").textContent = j.data[0].id;
-}).catch(() => {});
+// The model's name (/v1/models needs the key when the server has one: asked again once a key is typed).
+function showModel() {
+  const headers = $("api_key").value ? {"Authorization": "Bearer " + $("api_key").value} : {};
+  fetch("/v1/models", {headers}).then((r) => r.ok ? r.json() : null).then((j) => {
+    if (j && j.data && j.data[0]) $("model").textContent = j.data[0].id;
+  }).catch(() => {});
+}
+$("api_key").addEventListener("change", showModel);
+showModel();
 if (params.get("autorun") === "1") run();
 </script>
 </body>

@@ -5,6 +5,7 @@
 
 #include "core/env.h"
 #include "export/export.h"
+#include "export/gguf.h"
 #include "tools/keel/cli_util.h"
 #include "tools/keel/commands.h"
 
@@ -35,6 +36,21 @@ int RunExport(int argc, char** argv) {
   if (Status s = ExportModel(*snap, out, o); !s.ok()) return Fail("export", s);
   std::printf("wrote %s (%s, %s, %s, %.2fM parameters)\n", out.c_str(), o.format.c_str(), ExportDtypeName(o.dtype),
               snap->config.ToJson().dump().c_str(), NumParams(snap->config) / 1e6);
+  // Q8_0 blocks are 32 values of a row: a matrix whose rows are not a multiple of 32 values is written as F16
+  // (gguf_model.cc). The file is labelled q8_0 (llama.cpp's "mostly Q8_0"), so say how many fell back, counted
+  // in the file just written.
+  if (o.dtype == ExportDtype::kQ8_0) {
+    if (auto f = GgufFile::Open(out); f.ok()) {
+      int q8 = 0, f16 = 0;
+      for (const auto& t : f->tensors()) {
+        q8 += t.type == GgmlType::kQ8_0;
+        f16 += t.type == GgmlType::kF16;
+      }
+      if (f16 > 0)
+        std::printf("note: %d of %d matrices are stored as F16, not Q8_0: their rows are not a multiple of 32 values\n",
+                    f16, q8 + f16);
+    }
+  }
   return 0;
 }
 

@@ -97,9 +97,9 @@ int RunServe(int argc, char** argv) {
   if (!tok.ok()) return Fail("serve", tok.status().Wrap(ckpt + ": tokenizer"));
   if ((*tok)->vocab_size() > snap->config.vocab)
     return Fail("serve", Corrupt(ckpt + ": tokenizer vocabulary does not match the model's"));
-  if (eo.ctx < 0 || eo.ctx > snap->config.ctx)
-    return Fail("serve", InvalidArgument("--ctx must be in [0, " + std::to_string(snap->config.ctx) +
-                                         "] (the model's context)"));
+  if (eo.ctx != 0 && (eo.ctx < 2 || eo.ctx > snap->config.ctx))
+    return Fail("serve", InvalidArgument("--ctx must be 0 (the model's context) or in [2, " +
+                                         std::to_string(snap->config.ctx) + "] (the model's context)"));
   auto backend = MakeBackend(device, threads > 0 ? threads : 0);
   if (!backend.ok()) return Fail("serve", backend.status());
   eo.threads = threads > 0 ? threads : static_cast<int>(std::thread::hardware_concurrency());
