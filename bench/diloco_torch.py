@@ -21,7 +21,6 @@ first --eval-batches batches of --micro consecutive windows of val.bin (keel's e
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -35,13 +34,7 @@ from train_bench import load_shard  # noqa: E402
 
 
 def lr_at(step, a):
-    if a.warmup > 0 and step < a.warmup:
-        return a.lr * (step + 1) / a.warmup
-    decay = a.steps - a.warmup
-    if decay <= 0:
-        return a.lr
-    progress = min(1.0, (step - a.warmup) / decay)
-    return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return torch_gpt.keel_lr(step, a.lr, a.warmup, a.steps)
 
 
 def make_copy(a, seed):

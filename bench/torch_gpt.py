@@ -189,6 +189,19 @@ class GPT(nn.Module):
         return logits, loss
 
 
+def keel_lr(step, lr, warmup, total_steps, min_lr_frac=0.1):
+    """keel's LR at a 0-based step (src/optim/adamw_optimizer.cc): linear warmup to lr over `warmup` steps, then
+    cosine to lr * min_lr_frac at total_steps."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    decay = total_steps - warmup
+    if decay <= 0:
+        return lr
+    progress = min(1.0, (step - warmup) / decay)
+    lo = lr * min_lr_frac
+    return lo + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - lo)
+
+
 def build(config, seed=None, dtype=torch.float32, device="cpu"):
     """Builds the model from a config dict {layers, heads, dim, ctx, vocab} with GPT-2 init."""
     return GPT(config, seed=seed, dtype=dtype, device=device)

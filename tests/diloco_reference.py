@@ -23,7 +23,6 @@ float32, this in float64; measured 4e-6, while an outer lr off by 1.4 % gives 1.
 """
 import argparse
 import json
-import math
 import os
 import struct
 import sys
@@ -74,14 +73,7 @@ def read_shard(path):
 
 
 def lr_at(step, a):
-    if a.warmup > 0 and step < a.warmup:
-        return a.lr * (step + 1) / a.warmup
-    decay = a.steps - a.warmup
-    if decay <= 0:
-        return a.lr
-    progress = min(1.0, (step - a.warmup) / decay)
-    lo = a.lr * a.min_lr_frac
-    return lo + 0.5 * (1 + math.cos(math.pi * progress)) * (a.lr - lo)
+    return torch_gpt.keel_lr(step, a.lr, a.warmup, a.steps, a.min_lr_frac)
 
 
 def main():
