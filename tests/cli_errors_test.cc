@@ -123,6 +123,15 @@ TEST_F(CliErrors, FlagGivenTwice) {
   EXPECT_EQ(r.output, RunKeel("sample --ckpt " + Run() + " -n 3 --threads 1 --temperature 0.5 --seed 1").output);
 }
 
+// q8_0 export of a model whose rows are not whole 32-value blocks: the F16 fallback is named.
+TEST_F(CliErrors, Q8ExportNamesTheF16Fallback) {
+  TempDir t;
+  auto r = RunKeel("export " + Run() + " --format gguf --dtype q8_0 --out " + t / "q.gguf");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  // dim 16: token_embd, qkv, attn proj, mlp fc and output have 16-value rows; mlp proj's 64 are two blocks.
+  EXPECT_NE(r.output.find("note: 5 of 6 matrices are stored as F16, not Q8_0"), std::string::npos) << r.output;
+}
+
 TEST_F(CliErrors, DimNotDivisibleByHeads) {
   TempDir t;
   ExpectError(RunKeel("train " + Small(t / "r") + " --dim 30 --heads 4"), "--dim 30 is not divisible by --heads 4");

@@ -17,9 +17,10 @@ and compares the final parameters and outer momentum:
   /usr/bin/python3 tests/diloco_reference.py DATA_DIR START_CKPT END_CKPT --workers W --inner-steps H
       --steps N --outer-lr A --outer-momentum M [--min-lr-frac 0.1 --weight-decay 0.1 --grad-clip 1]
 
-Prints the parameter difference relative to the parameters' change (largest element, and L2) and the outer
-momentum's relative L2 difference; exits 1 if an L2 figure is above --tolerance (default 1e-3: keel computes in
-float32, this in float64; measured 4e-6, while an outer lr off by 1.4 % gives 1.4e-2).
+Prints the parameter difference relative to the parameters' change (largest element; L2 overall and per tensor)
+and the outer momentum's relative L2 difference; exits 1 if an L2 figure is above --tolerance (default 1e-4:
+keel computes in float32, this in float64; measured <= 1e-5 per tensor, while an outer lr off by 1.4 % gives
+1.4e-2).
 """
 import argparse
 import json
@@ -84,7 +85,7 @@ def main():
     ap.add_argument("--ddp", action="store_true", help="check a ddp run instead (one AdamW step per step)")
     for k, t, d in (("workers", int, 2), ("inner_steps", int, 2), ("steps", int, 0), ("outer_lr", float, 0.7),
                     ("outer_momentum", float, 0.9), ("min_lr_frac", float, 0.1), ("weight_decay", float, 0.1),
-                    ("grad_clip", float, 1.0), ("tolerance", float, 1e-3)):
+                    ("grad_clip", float, 1.0), ("tolerance", float, 1e-4)):
         ap.add_argument("--" + k.replace("_", "-"), type=t, default=d)
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -171,16 +172,24 @@ def main():
     start_theta = torch.cat([torch.from_numpy(params0[n]).reshape(-1) for n in names])
     l2 = float((end_theta - theta).norm()) / max(float((end_theta - start_theta).norm()), 1e-30)
     worst, offs = ("", 0.0), 0
+    worst_tensor = ("", 0.0)  # the largest relative L2 difference of one tensor, the key bias's tensor excepted
     for n, sz in zip(names, sizes):
         d = float((end_theta[offs:offs + sz] - theta[offs:offs + sz]).abs().max())
         if d > worst[1]:
             worst = (n, d)
+        change = float((end_theta[offs:offs + sz] - start_theta[offs:offs + sz]).norm())
+        r = float((end_theta[offs:offs + sz] - theta[offs:offs + sz]).norm()) / max(change, 1e-30)
+        if not n.endswith("attn.qkv.bias") and change > 0 and r > worst_tensor[1]:
+            worst_tensor = (n, r)
         offs += sz
     print(f"parameters: max |keel - reference| {diff:.3g} (in {worst[0]}), max change {moved:.3g}, relative {rel:.3g}; "
-          f"L2 relative {l2:.3g}; outer momentum relative {mom_diff:.3g}")
+          f"L2 relative {l2:.3g} (worst tensor {worst_tensor[0]}: {worst_tensor[1]:.3g}); "
+          f"outer momentum relative {mom_diff:.3g}")
     # The pass criterion is the L2 norm: a few parameters whose true gradient is 0 (the attention key bias: softmax
     # ignores a constant shift) get float-noise gradients that AdamW scales up to full steps, in keel and here.
-    return 0 if l2 <= a.tolerance and mom_diff <= a.tolerance else 1
+    # Each tensor is held to it on its own (a bug confined to a small tensor would vanish in the overall norm),
+    # except attn.qkv.bias, which holds the key bias.
+    return 0 if max(l2, worst_tensor[1], mom_diff) <= a.tolerance else 1
 
 
 if __name__ == "__main__":

@@ -425,6 +425,34 @@ TEST(GgufModel, UntiedHeadWarnsAndWrongArchitectureFails) {
   EXPECT_EQ(m3.status().message(), "llama.gguf: architecture 'llama' is not supported (keel imports gpt2 only)");
 }
 
+// A keel export that another tool re-encoded (llama-quantize copies every metadata key, keel.checksum included,
+// into a file whose tensors have other types): a warning that the data cannot be verified, not "corrupt".
+TEST(GgufModel, ReencodedByAnotherToolWarnsInsteadOfFailing) {
+  auto s = MakeSnapshot("byte", Tiny(1, 2, 32, 8), 0, 6);
+  auto f = GgufFile::FromBytes(EncodeModelGguf(s, ExportDtype::kF32, "").value(), "q.gguf");
+  ASSERT_TRUE(f.ok());
+  std::vector<std::vector<uint16_t>> halves;
+  std::vector<GgufTensorIn> ts;
+  halves.reserve(f->tensors().size());
+  for (const auto& t : f->tensors()) {
+    if (t.ne.size() == 2 && t.name != "position_embd.weight") {  // the matrices, to F16
+      auto x = f->ReadF32(t.name).value();
+      halves.emplace_back(x.size());
+      FloatToF16N(x.data(), halves.back().data(), x.size());
+      ts.push_back({t.name, t.ne, GgmlType::kF16, halves.back().data(), x.size() * 2});
+    } else {
+      ts.push_back({t.name, t.ne, t.type, t.data, t.nbytes});
+    }
+  }
+  auto g = GgufFile::FromBytes(EncodeGguf(f->metadata(), ts).value(), "q.gguf");
+  ASSERT_TRUE(g.ok());
+  std::vector<std::string> warnings;
+  auto m = DecodeModelGguf(*g, &warnings);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  ASSERT_EQ(warnings.size(), 1u);
+  EXPECT_NE(warnings[0].find("rewritten by another tool"), std::string::npos) << warnings[0];
+}
+
 TEST(GgufModel, ExportErrorsLeaveNoFile) {
   TempDir tmp;
   auto s = MakeSnapshot("byte", Tiny(1, 2, 32, 8), 0, 5);

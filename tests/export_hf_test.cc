@@ -12,6 +12,7 @@
 
 #include "core/env.h"
 #include "export/export.h"
+#include "export/gguf.h"
 #include "export/hf_export.h"
 #include "export_test_util.h"
 #include "formats/checkpoint.h"
@@ -133,8 +134,12 @@ TEST(HfExport, ErrorsAndRefusals) {
             tmp / "precious" + ": is a directory (gguf export writes one file)");
   testing::WriteText(tmp / "notes.txt", "keep");
   EXPECT_EQ(ExportModel(s, tmp / "notes.txt", {"gguf", ExportDtype::kF32, ""}).message(),
-            tmp / "notes.txt" + ": exists and is not a GGUF file; not overwriting it (pick a new --out)");
+            tmp / "notes.txt" + ": exists and is not a GGUF file keel exported; not overwriting it (pick a new --out)");
   EXPECT_EQ(DefaultEnv()->ReadFile(tmp / "notes.txt").value(), "keep");
+  const std::string other = EncodeGguf({{"general.architecture", GgufValue::Str("llama")}}, {}).value();
+  testing::WriteText(tmp / "other.gguf", other);  // another tool's model
+  EXPECT_EQ(ExportModel(s, tmp / "other.gguf", {"gguf", ExportDtype::kF32, ""}).code(), Code::kInvalidArgument);
+  EXPECT_EQ(DefaultEnv()->ReadFile(tmp / "other.gguf").value(), other);
   ASSERT_TRUE(ExportModel(s, tmp / "m.gguf", {"gguf", ExportDtype::kF32, ""}).ok());
   EXPECT_TRUE(ExportModel(s, tmp / "m.gguf", {"gguf", ExportDtype::kF16, ""}).ok());
   EXPECT_EQ(ExportModel(s, tmp / "named", {"safetensors", ExportDtype::kF32, "x"}).message(),
@@ -166,6 +171,23 @@ TEST(HfExport, ErrorsAndRefusals) {
   expect_error("tokenizer.model", "checksum mismatch");
   testing::WriteText(dir + "/tokenizer.model", tok_bytes);
   ASSERT_TRUE(LoadExportedModel(dir, nullptr).ok());
+  {  // An export of an older keel (no keel_checksum): loads, with a warning that it is not verified.
+    auto st = SafetensorsFile::Open(dir + "/model.safetensors");
+    ASSERT_TRUE(st.ok());
+    auto plain = EncodeSafetensors(st->tensors(), {{"format", "pt"}});
+    ASSERT_TRUE(plain.ok());
+    const std::string bytes = *plain;
+    st = SafetensorsFile::Open(tmp / "unused");  // release the mapping before rewriting the file
+    testing::WriteText(dir + "/model.safetensors", bytes);
+    std::vector<std::string> warnings;
+    auto old = LoadExportedModel(dir, &warnings);
+    ASSERT_TRUE(old.ok()) << old.status().ToString();
+    EXPECT_EQ(old->params, s.params);
+    ASSERT_EQ(warnings.size(), 1u);
+    EXPECT_EQ(warnings[0], dir + "/model.safetensors: no keel_checksum (exported by an older keel): the tensor data "
+                                 "is not verified");
+    testing::WriteText(dir + "/model.safetensors", st_bytes);
+  }
   auto cfg2 = cfg;
   cfg2["activation_function"] = "relu";
   testing::WriteText(dir + "/config.json", cfg2.dump());
@@ -237,18 +259,30 @@ TEST(ExportRefusals, NonFiniteWeights) {
       EXPECT_TRUE(DirEntries(tmp.path()).empty());
     }
   }
-  // Finite but beyond f16's +-65504: f16 and q8_0 would store inf; f32 keeps it.
+  // Finite but beyond what f16 (+-65504) or a Q8_0 block (whose scale is an f16: +-65504 x 127) stores: those
+  // exports would hold inf. A tensor written as F32 keeps it (GGUF keeps vectors and wpe in F32).
   auto big = s;
   big.params[qkv->offset + 7] = -1e5f;
-  for (const ExportOptions& o : std::vector<ExportOptions>{{"gguf", ExportDtype::kQ8_0, ""},
-                                                           {"gguf", ExportDtype::kF16, ""},
+  for (const ExportOptions& o : std::vector<ExportOptions>{{"gguf", ExportDtype::kF16, ""},
                                                            {"safetensors", ExportDtype::kF16, ""}}) {
     Status st = ExportModel(big, tmp / "out", o);
-    EXPECT_NE(st.message().find("tensor 'h.1.attn.qkv.weight' has a value beyond f16's range (-100000 at element 7;"),
+    EXPECT_NE(st.message().find("tensor 'h.1.attn.qkv.weight' has a value beyond what its export type stores "
+                                "(-100000 at element 7; at most +-65504 as f16 or q8_0)"),
               std::string::npos) << st.message();
     EXPECT_TRUE(DirEntries(tmp.path()).empty());
   }
   EXPECT_TRUE(ExportModel(big, tmp / "out.gguf", {"gguf", ExportDtype::kF32, ""}).ok());
+  ASSERT_TRUE(DefaultEnv()->RemoveAll(tmp / "out.gguf").ok());
+  const bool q8_rows = s.config.dim % 32 == 0;  // qkv is Q8_0 only when its rows are whole blocks
+  Status q8 = ExportModel(big, tmp / "out.gguf", {"gguf", ExportDtype::kQ8_0, ""});
+  EXPECT_EQ(q8.ok(), q8_rows) << q8.ToString();
+  big.params[qkv->offset + 7] = -1e7f;
+  q8 = ExportModel(big, tmp / "out2.gguf", {"gguf", ExportDtype::kQ8_0, ""});
+  EXPECT_NE(q8.message().find("has a value beyond what its export type stores"), std::string::npos) << q8.message();
+  auto vec = s;  // a vector (LayerNorm gain) stays F32 in GGUF, so f16 GGUF keeps a large value there
+  for (const auto& t : layout)
+    if (t.name == "h.0.ln1.weight") vec.params[t.offset] = 1e5f;
+  EXPECT_TRUE(ExportModel(vec, tmp / "vec.gguf", {"gguf", ExportDtype::kF16, ""}).ok());
 }
 
 // A file that exists but is not a model says so (not "no such checkpoint or run directory").
@@ -336,6 +370,7 @@ TEST(ExportCli, ExportThenSampleFromGgufAndHf) {
 
   auto e3 = RunKeel("export " + run + " --format gguf --dtype q8_0 --out " + (tmp / "q.gguf"));
   ASSERT_EQ(e3.exit_code, 0) << e3.output;
+  EXPECT_EQ(e3.output.find("note:"), std::string::npos) << e3.output;  // dim 32: every matrix is Q8_0
   auto q = sample(tmp / "q.gguf");
   EXPECT_EQ(q.exit_code, 0) << q.output;
 

@@ -452,7 +452,7 @@ TEST(ServeCli, BadArgumentsFailWithOneLine) {
   for (const std::string& bad : {std::string("--queue 2147483647"), std::string("--queue 1010"),
                                  std::string("--prefill-chunk 2147483647"), std::string("--drain-timeout inf"),
                                  std::string("--parallel 100000"), std::string("--threads 100000"),
-                                 std::string("--api-key ''")}) {
+                                 std::string("--api-key ''"), std::string("--ctx 1"), std::string("--ctx -1")}) {
     // (timeout: were the value accepted, the server would run.)
     r = RunCommand("timeout 20 " + std::string(KEEL_BINARY) + " serve " + TinyModelDir() + " --port 0 " + bad);
     EXPECT_EQ(r.exit_code, 1) << bad << ": " << r.output;

@@ -5,8 +5,10 @@
 #include <cctype>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 
 #include "core/env.h"
+#include "export/gguf.h"
 #include "export/gguf_model.h"
 #include "export/hf_export.h"
 #include "formats/checkpoint.h"
@@ -31,22 +33,22 @@ const char* ExportDtypeName(ExportDtype d) {
   return "?";
 }
 
-Status CheckFiniteParams(const TrainingSnapshot& s, const std::string& where, ExportDtype dtype) {
+Status CheckFiniteParams(const TrainingSnapshot& s, const std::string& where,
+                         const std::function<double(const ParamTensor&)>& largest_storable) {
   const size_t n = s.params.size();
-  // f16 (and q8_0, whose block scales are f16 and whose odd-sized matrices fall back to f16) turns anything
-  // beyond +-65504 into inf, which llama.cpp would run without a word.
-  const double limit = dtype == ExportDtype::kF32 ? HUGE_VAL : 65504.0;
   for (const auto& t : ParamLayout(s.config)) {
     if (t.offset + t.size > n) break;  // the exporters report a mismatched buffer themselves
     const float* x = s.params.data() + t.offset;
+    const double limit = largest_storable ? largest_storable(t) : HUGE_VAL;
     for (size_t i = 0; i < t.size; ++i) {
       if (std::isfinite(x[i])) {
         if (std::fabs(static_cast<double>(x[i])) <= limit) continue;
-        char v[32];
+        char v[32], l[32];
         std::snprintf(v, sizeof v, "%g", static_cast<double>(x[i]));
-        return InvalidArgument(where + ": tensor '" + t.name + "' has a value beyond f16's range (" + v +
-                               " at element " + std::to_string(i) + "; --dtype " + ExportDtypeName(dtype) +
-                               " stores +-65504 at most): export with --dtype f32");
+        std::snprintf(l, sizeof l, "%g", limit);
+        return InvalidArgument(where + ": tensor '" + t.name + "' has a value beyond what its export type stores (" +
+                               v + " at element " + std::to_string(i) + "; at most +-" + l +
+                               " as f16 or q8_0): export with --dtype f32");
       }
       return InvalidArgument(where + ": tensor '" + t.name + "' has a non-finite value (" +
                              (std::isnan(x[i]) ? "nan" : x[i] > 0 ? "inf" : "-inf") + " at element " +
@@ -62,10 +64,13 @@ Status ExportModel(const TrainingSnapshot& s, const std::string& out, const Expo
     return InvalidArgument("--format \"" + o.format + "\" is not one of gguf, safetensors");
   if (o.format == "gguf" && DefaultEnv()->IsDir(out))
     return InvalidArgument(out + ": is a directory (gguf export writes one file)");
-  // Only an earlier GGUF file is replaced (as only an earlier keel export directory is): --out naming someone's
-  // notes.txt must not cost them the file.
-  if (o.format == "gguf" && DefaultEnv()->Exists(out) && DetectExportFormat(out) != "gguf")
-    return InvalidArgument(out + ": exists and is not a GGUF file; not overwriting it (pick a new --out)");
+  // Only an earlier keel GGUF export is replaced (as only an earlier keel export directory is): --out naming
+  // someone's notes.txt, or another tool's model, must not cost them the file.
+  if (o.format == "gguf" && DefaultEnv()->Exists(out)) {
+    auto existing = DetectExportFormat(out) == "gguf" ? GgufFile::Open(out) : Result<GgufFile>(NotFound(out));
+    if (!existing.ok() || !existing->FindKey("keel.config"))
+      return InvalidArgument(out + ": exists and is not a GGUF file keel exported; not overwriting it (pick a new --out)");
+  }
   if (o.format == "safetensors" && !o.name.empty())
     return InvalidArgument("--name sets GGUF's general.name; the safetensors export has no such field");
   Status st = o.format == "gguf" ? ExportGguf(s, out, o.dtype, o.name) : ExportHfSafetensors(s, out, o.dtype);

@@ -12,6 +12,7 @@
 // Errors are one line and name the offending file. Import treats files as hostile input.
 // Thread safety: pure functions of their arguments (file-system effects aside).
 #pragma once
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -36,10 +37,16 @@ struct ExportOptions {
 Status ExportModel(const TrainingSnapshot& s, const std::string& out, const ExportOptions& o);
 
 // kInvalidArgument "<where>: tensor 'NAME' has a non-finite value (...)" for the first parameter of s (laid out
-// as ParamLayout(s.config)) that is inf or NaN, or, for dtype f16 or q8_0, "... has a value beyond f16's range"
-// for one beyond +-65504 (it would be written as inf). Both exporters call it, and `keel sample` / `keel serve`
-// on load (with the default f32: finiteness only).
-Status CheckFiniteParams(const TrainingSnapshot& s, const std::string& where, ExportDtype dtype = ExportDtype::kF32);
+// as ParamLayout(s.config)) that is inf or NaN, or "... has a value beyond what its export type stores" for one
+// whose magnitude exceeds largest_storable(tensor) (the exporters pass 65504 for a tensor they write as f16, and
+// 65504 x 127 for Q8_0, whose block scale is an f16: beyond, the file would hold inf). Both exporters call it,
+// and `keel sample` / `keel serve` on load (without a bound: finiteness only).
+Status CheckFiniteParams(const TrainingSnapshot& s, const std::string& where,
+                         const std::function<double(const ParamTensor&)>& largest_storable = {});
+
+// The f16 and Q8_0 bounds above.
+inline constexpr double kF16Max = 65504.0;
+inline constexpr double kQ8_0Max = 65504.0 * 127.0;
 
 // "gguf" for a file starting with the GGUF magic, "safetensors" for a directory holding config.json and
 // model.safetensors that is not a keel checkpoint directory, "" otherwise.

@@ -37,14 +37,20 @@ struct Encoded {
   std::string bytes;
 };
 
+// The type a tensor is written as: vectors (and keep_f32: wpe) stay F32; matrices take the dtype, except that a
+// Q8_0 matrix whose rows are not a multiple of the 32-value block falls back to F16.
+GgmlType StoredType(const std::vector<int64_t>& shape, ExportDtype dtype, bool keep_f32) {
+  if (shape.size() < 2 || keep_f32 || dtype == ExportDtype::kF32) return GgmlType::kF32;
+  if (dtype == ExportDtype::kQ8_0 && shape.back() % static_cast<int64_t>(kQ8_0BlockSize) == 0) return GgmlType::kQ8_0;
+  return GgmlType::kF16;
+}
+
 Encoded EncodeTensor(const float* x, const std::vector<int64_t>& shape, ExportDtype dtype, bool keep_f32) {
   size_t n = 1;
   for (auto d : shape) n *= static_cast<size_t>(d);
-  const bool matrix = shape.size() >= 2;
-  if (!matrix || keep_f32 || dtype == ExportDtype::kF32)
-    return {GgmlType::kF32, std::string(reinterpret_cast<const char*>(x), n * sizeof(float))};
-  if (dtype == ExportDtype::kQ8_0 && shape.back() % static_cast<int64_t>(kQ8_0BlockSize) == 0)
-    return {GgmlType::kQ8_0, QuantizeQ8_0(x, n)};
+  const GgmlType type = StoredType(shape, dtype, keep_f32);
+  if (type == GgmlType::kF32) return {GgmlType::kF32, std::string(reinterpret_cast<const char*>(x), n * sizeof(float))};
+  if (type == GgmlType::kQ8_0) return {GgmlType::kQ8_0, QuantizeQ8_0(x, n)};
   std::string b(n * sizeof(uint16_t), '\0');
   std::vector<uint16_t> h(n);
   FloatToF16N(x, h.data(), n);
@@ -94,12 +100,35 @@ std::string FormatG(double x) {
   return buf;
 }
 
-// keel.checksum: Hash64 (hex) chained over every tensor's bytes in file order, then the keel.* metadata that
-// import uses (config, state, tokenizer). llama.cpp ignores the key; keel's import verifies it, so a flipped byte
-// in an export is an error instead of a silently different model.
-std::string GgufChecksum(const std::vector<std::pair<const uint8_t*, size_t>>& data, const GgufMetadata& md) {
-  uint64_t h = 0x6B65656C67677566ull;  // "keelgguf"
-  for (const auto& [p, n] : data) h = Hash64(p, n, h);
+// One tensor as the checksum sees it: its name, type, shape and bytes.
+struct ChecksumTensor {
+  const std::string* name;
+  GgmlType type;
+  const std::vector<uint64_t>* ne;
+  const uint8_t* data;
+  size_t nbytes;
+};
+
+std::string Hex64(uint64_t h) {
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+  return hex;
+}
+
+// keel.checksum = "LAYOUT-DATA", two Hash64s (hex): LAYOUT over every tensor's name, type and shape in file order;
+// DATA over their bytes, then the keel.* metadata import uses (config, state, tokenizer). llama.cpp ignores the
+// key; keel's import verifies it, so a flipped byte in an export is an error instead of a silently different
+// model. Tools such as llama-quantize copy the key into a file whose tensors they re-encoded: the layout then
+// differs, and import only warns that it cannot verify such a file.
+std::string GgufChecksum(const std::vector<ChecksumTensor>& tensors, const GgufMetadata& md) {
+  uint64_t layout = 0x6B65656C6C61796Full, h = 0x6B65656C67677566ull;
+  for (const auto& t : tensors) {
+    layout = Hash64(t.name->data(), t.name->size(), layout);
+    const uint32_t type = static_cast<uint32_t>(t.type);
+    layout = Hash64(&type, sizeof type, layout);
+    layout = Hash64(t.ne->data(), t.ne->size() * sizeof(uint64_t), layout);
+    h = Hash64(t.data, t.nbytes, h);
+  }
   for (const char* key : {"keel.config", "keel.state", "keel.tokenizer"}) {
     for (const auto& [k, v] : md) {
       if (k != key) continue;
@@ -107,9 +136,7 @@ std::string GgufChecksum(const std::vector<std::pair<const uint8_t*, size_t>>& d
       else if (auto bytes = v.AsU8Array()) h = Hash64(bytes->data(), bytes->size(), h);
     }
   }
-  char hex[17];
-  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
-  return hex;
+  return Hex64(layout) + "-" + Hex64(h);
 }
 
 // Verifies keel.checksum where the file has one (exports of keel before 2026-11-27 do not: a warning).
@@ -119,12 +146,17 @@ Status VerifyGgufChecksum(const GgufFile& f, const std::function<void(const std:
     warn("no keel.checksum (exported by an older keel): the tensor data is not verified");
     return Status::Ok();
   }
-  if (!v->AsString()) return Corrupt(f.source() + ": keel.checksum is not a string");
-  std::vector<std::pair<const uint8_t*, size_t>> data;
-  for (const auto& t : f.tensors()) data.emplace_back(t.data, t.nbytes);
-  if (GgufChecksum(data, f.metadata()) != *v->AsString())
-    return Corrupt(f.source() + ": checksum mismatch (keel.checksum): the file is corrupt");
-  return Status::Ok();
+  if (!v->AsString() || v->AsString()->size() != 33) return Corrupt(f.source() + ": keel.checksum is malformed");
+  std::vector<ChecksumTensor> ts;
+  for (const auto& t : f.tensors()) ts.push_back({&t.name, t.type, &t.ne, t.data, t.nbytes});
+  const std::string want = *v->AsString(), got = GgufChecksum(ts, f.metadata());
+  if (got == want) return Status::Ok();
+  if (got.compare(0, 16, want, 0, 16) != 0) {
+    warn("the tensors' names, types or shapes are not those keel exported (rewritten by another tool, e.g. "
+         "llama-quantize?): keel.checksum cannot verify the data");
+    return Status::Ok();
+  }
+  return Corrupt(f.source() + ": checksum mismatch (keel.checksum): the file is corrupt");
 }
 
 }  // namespace
@@ -134,7 +166,10 @@ Result<std::string> EncodeModelGguf(const TrainingSnapshot& s, ExportDtype dtype
   KEEL_RETURN_IF_ERROR(c.Validate());
   if (s.params.size() != NumParams(c))
     return InvalidArgument("gguf export: the parameter buffer does not match the model config");
-  KEEL_RETURN_IF_ERROR(CheckFiniteParams(s, "gguf export", dtype));
+  KEEL_RETURN_IF_ERROR(CheckFiniteParams(s, "gguf export", [dtype](const ParamTensor& t) {
+    const GgmlType type = StoredType(t.shape, dtype, t.name == "wpe");  // wte's shape is also output.weight's
+    return type == GgmlType::kF16 ? kF16Max : type == GgmlType::kQ8_0 ? kQ8_0Max : HUGE_VAL;
+  }));
   const bool byte_tok = s.tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
   auto tok = LoadTokenizer(byte_tok ? "byte" : "bpe", s.tokenizer);
   if (!tok.ok()) return tok.status().Wrap("gguf export: tokenizer");
@@ -220,9 +255,9 @@ Result<std::string> EncodeModelGguf(const TrainingSnapshot& s, ExportDtype dtype
   };
   for (const auto& t : layout) add(GgufTensorName(t.name), t, t.name == "wpe");
   add("output.weight", layout[0], false);  // the tied LM head, written explicitly (llama.cpp requires it)
-  std::vector<std::pair<const uint8_t*, size_t>> data;
-  for (const auto& t : tensors) data.emplace_back(static_cast<const uint8_t*>(t.data), t.nbytes);
-  md.emplace_back(kGgufChecksumKey, GgufValue::Str(GgufChecksum(data, md)));
+  std::vector<ChecksumTensor> ts;
+  for (const auto& t : tensors) ts.push_back({&t.name, t.type, &t.ne, static_cast<const uint8_t*>(t.data), t.nbytes});
+  md.emplace_back(kGgufChecksumKey, GgufValue::Str(GgufChecksum(ts, md)));
   return EncodeGguf(md, tensors, kGgufDefaultAlignment);
 }
 

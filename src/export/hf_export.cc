@@ -151,7 +151,9 @@ Status ExportHfSafetensors(const TrainingSnapshot& s, const std::string& out, Ex
     return InvalidArgument(dir + ": safetensors export supports --dtype f32 and f16 (q8_0 is GGUF-only)");
   if (s.params.size() != NumParams(c))
     return InvalidArgument(dir + ": the parameter buffer does not match the model config");
-  KEEL_RETURN_IF_ERROR(CheckFiniteParams(s, dir, dtype));
+  KEEL_RETURN_IF_ERROR(CheckFiniteParams(s, dir, [dtype](const ParamTensor&) {  // f16: every tensor
+    return dtype == ExportDtype::kF16 ? kF16Max : HUGE_VAL;
+  }));
   const bool byte_tok = s.tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
   auto tok = LoadTokenizer(byte_tok ? "byte" : "bpe", s.tokenizer);
   if (!tok.ok()) return tok.status().Wrap(dir + ": tokenizer");

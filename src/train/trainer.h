@@ -55,6 +55,7 @@ struct TrainOptions {
                               // (0: off)
   int quarantine_after = 2;   // faults of one kind on one member (within 100 steps) before it is quarantined
   double straggler_evict = 0; // evict a member persistently slower than this multiple of the median (0: never)
+  bool even_shares = false;   // split micro-batches evenly whatever the measured speeds (no speed-aware shares)
   std::string inject;         // fault-injection spec (elastic/fault_inject.h; needs KEEL_ALLOW_FAULT_INJECTION=1)
   // Slow links and unequal workers (docs/diloco.md).
   std::string sync = "ddp";   // ddp: every step reduces gradients; diloco: every inner_steps steps, pseudo-gradients

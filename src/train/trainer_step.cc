@@ -22,7 +22,7 @@ Trainer::Plan Trainer::MakePlan(int attempt) {
     auto it = speed_.find(u);
     if (it != speed_.end() && it->second > 0) fastest = fastest > 0 ? std::min(fastest, it->second) : it->second;
   }
-  if (fastest > 0)
+  if (fastest > 0 && !o_.even_shares)
     for (int k = 0; k < size_; ++k) {
       auto it = speed_.find(members_[static_cast<size_t>(k)]);
       if (it != speed_.end() && it->second > 1.5 * fastest)
@@ -34,8 +34,9 @@ Trainer::Plan Trainer::MakePlan(int attempt) {
   if (diloco_ && std::any_of(group_held_.begin(), group_held_.end(), [](const MicroSet& h) { return !h.Empty(); }))
     for (auto& a : p.assigned) a = MicroSet{};
   p.mine = p.assigned[static_cast<size_t>(index_)];
-  // Record when straggler shares change how a full step is split (the leader, on fresh attempts).
-  if (leader() && attempt == 0 && elastic_) {
+  // Record when straggler shares change how a full step is split (the leader, on fresh attempts; elastic or not,
+  // since in diloco the split changes the result).
+  if (leader() && attempt == 0) {
     std::vector<int> counts;
     for (const auto& a : p.assigned) counts.push_back(a.Count());
     if (counts != last_counts_) {
@@ -207,7 +208,7 @@ void Trainer::ReportSaturation() {
   if (saturated_ == 0) return;
   log_("warning: step " + std::to_string(step_ + 1) + ": " + std::to_string(saturated_) +
        " gradient value(s) of this worker's micro-batches beyond +-65536 were clamped by the deterministic "
-       "exact sum (--fast does not clamp; a lower --lr or --grad-clip keeps a run from getting there)");
+       "exact sum (a run with such gradients is likely diverging; --fast does not clamp)");
 }
 
 // diloco's compute phase: the inner steps of the round on this member's share of each step's micro-batches

@@ -66,8 +66,9 @@ int RunInfo(int argc, char** argv) {
       if (!v.ok()) ++invalid;
       else if (newest_valid < 0) newest_valid = static_cast<long long>(c.step);
     }
-    // Checkpoints are committed atomically, so an invalid one is corruption, not an interrupted write: exit 1 so
-    // scripts (`keel info RUN && ...`) notice, and say what sample, serve and --resume will load instead.
+    // An invalid checkpoint is corruption, or the incomplete copy a crash can leave beside a valid .old
+    // (formats/checkpoint.h): exit 1 so scripts (`keel info RUN && ...`) notice, and say what sample, serve,
+    // export and --resume load instead.
     if (invalid == 0) return 0;
     if (newest_valid >= 0)
       std::printf("%zu of %zu checkpoint(s) INVALID; sample, serve, export and --resume use step %lld\n", invalid,

@@ -85,7 +85,7 @@ int RunTrain(int argc, char** argv) {
   CLI::App app("Train a GPT model on a prepared data directory.", "train");
   app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   std::string config_unused;
-  app.add_option("--config", config_unused, "JSON file with any of these fields (flags override it)");
+  app.add_option("--config", config_unused, "JSON file with any of these fields (flags override it; --inject adds to its inject)");
   app.add_option("--data", o.data_dir, "data directory from `keel prepare`")->required();
   app.add_option("--out", o.out_dir, "run directory (checkpoints, metrics.jsonl)")->required();
   app.add_option("--device", o.device, "cpu or cuda")->capture_default_str();
@@ -135,6 +135,9 @@ int RunTrain(int argc, char** argv) {
                  "faults of one kind (non-finite results; corrupted state) on one worker within 100 steps before it is "
                  "quarantined")
       ->capture_default_str();
+  app.add_flag("--even-shares", o.even_shares,
+               "split each step's micro-batches evenly whatever the workers' measured speeds (diloco results then "
+               "do not depend on timing; slower workers are waited for)");
   app.add_option("--straggler-evict", o.straggler_evict,
                  "elastic: a worker slower than this multiple of the median for 5 steps leaves (0: never; slower "
                  "workers always get fewer micro-batches)")
