@@ -171,5 +171,61 @@ TEST(ServePage, StreamsIntoTheDomInHeadlessChromium) {
   EXPECT_EQ(MetricValue(m, "keel_requests_total{endpoint=\"/\",status=\"200\"}"), 1) << m;
 }
 
+// With --api-key, the page needs the key for /v1/models too: once one is typed, the model's name appears (without
+// it the name stayed empty), and the Generate button streams a completion with the default settings.
+TEST(ServePage, ApiKeyTypedIntoThePageIsSentToo) {
+  if (!std::filesystem::exists(kChromium))
+    GTEST_SKIP() << kChromium << " is not installed (scripts/setup installs the chromium package)";
+  ServerProcess s;
+  ASSERT_TRUE(s.Start("--api-key sesame")) << s.log();
+  auto models = s.Client()->Get("/v1/models", httplib::Headers{{"Authorization", "Bearer sesame"}});
+  ASSERT_TRUE(models);
+  ASSERT_EQ(models->status, 200);
+  const std::string name = json::parse(models->body)["data"][0]["id"];
+  TempDir profile;
+  Chromium chrome;
+  ASSERT_TRUE(chrome.Start(profile.path()));
+  std::string err;
+  json target = chrome.Call("Target.createTarget",
+                            {{"url", "http://127.0.0.1:" + std::to_string(s.port()) + "/?prompt=the&max_tokens=4"}},
+                            "", std::chrono::seconds(40), &err);
+  ASSERT_TRUE(target.contains("targetId")) << err;
+  json attached = chrome.Call("Target.attachToTarget", {{"targetId", target["targetId"]}, {"flatten", true}}, "",
+                              std::chrono::seconds(30), &err);
+  ASSERT_TRUE(attached.contains("sessionId")) << err;
+  const std::string session = attached["sessionId"];
+  auto eval = [&](const std::string& js) -> std::string {
+    json r = chrome.Call("Runtime.evaluate", {{"expression", js}, {"returnByValue", true}}, session,
+                         std::chrono::seconds(10), &err);
+    return r.contains("result") && r["result"].contains("value") && r["result"]["value"].is_string()
+               ? r["result"]["value"].get<std::string>()
+               : "";
+  };
+  const std::string model_js = "(() => { const m = document.getElementById('model'); return m ? m.textContent : ''; })()";
+  auto wait_for = [&](const std::string& js, const std::string& want) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    std::string got;
+    while (std::chrono::steady_clock::now() < end && (got = eval(js)) != want)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    return got;
+  };
+  // Loaded, no key yet: the page's first /v1/models got 401, so no name.
+  ASSERT_EQ(wait_for("document.readyState", "complete"), "complete");
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_EQ(eval(model_js), "");
+  eval("(() => { const k = document.getElementById('api_key'); k.value = 'sesame';"
+       " k.dispatchEvent(new Event('change')); return 'ok'; })()");
+  EXPECT_EQ(wait_for(model_js, name), name);
+  // The form as served is valid, so the Generate button submits it (top_p's default 0.95 used to be off its
+  // input's step grid, and the browser refused to submit).
+  EXPECT_EQ(eval("Array.from(document.querySelectorAll('input')).filter(e => !e.checkValidity())"
+                 ".map(e => e.id + '=' + e.value).join(',')"),
+            "");
+  eval("(() => { document.getElementById('run').click(); return 'ok'; })()");  // the Generate button
+  EXPECT_EQ(wait_for("(() => { const st = document.getElementById('status'); return st ? st.dataset.state : ''; })()",
+                     "done"),
+            "done");
+}
+
 }  // namespace
 }  // namespace keel::testing

@@ -28,9 +28,9 @@ const std::string& WebPageHtml() {
 <form id="form">
   <textarea id="prompt" rows="5" placeholder="Type a prompt">Once upon a time</textarea>
   <div class="controls">
-    <label>temperature <input id="temperature" type="number" step="0.05" min="0" max="2" value="0.8"></label>
+    <label>temperature <input id="temperature" type="number" step="0.01" min="0" max="2" value="0.8"></label>
     <label>top-k <input id="top_k" type="number" step="1" min="0" value="40"></label>
-    <label>top-p <input id="top_p" type="number" step="0.05" min="0.01" max="1" value="0.95"></label>
+    <label>top-p <input id="top_p" type="number" step="0.01" min="0.01" max="1" value="0.95"></label>
     <label>max tokens <input id="max_tokens" type="number" step="1" min="0" value="200"></label>
     <label>API key <input id="api_key" type="password" autocomplete="off"></label>
     <button id="run" type="submit">Generate</button>
