@@ -288,7 +288,7 @@ TEST_F(ElasticTrain, RepeatedNanQuarantinesTheWorker) {
 TEST_F(ElasticTrain, BelowQuorumTheJobWaitsUntilAWorkerJoinsThroughTheRendezvous) {
   TempDir t;
   const std::string out = t / "run", rdzv = "file://" + (t / "rdzv");
-  Background job(Split(Args(out) + " --nproc 2 --min-workers 2 --rdzv " + rdzv), t / "log");
+  Background job(Split(Args(out) + " --nproc 2 --min-workers 2 --rdzv " + rdzv + " --host 127.0.0.1"), t / "log");
   ASSERT_TRUE(WaitUntil([&] { return MetricsLines(out) >= 30; }, 120)) << job.Output();
   const pid_t victim = PidOf(job.Output(), 1);
   ASSERT_EQ(kill(victim, SIGKILL), 0);
@@ -315,7 +315,7 @@ TEST_F(ElasticTrain, BelowQuorumTheJobWaitsUntilAWorkerJoinsThroughTheRendezvous
 TEST_F(ElasticTrain, AJoinerNobodyCanReachIsLeftOutAndTheJobGoesOn) {
   TempDir t;
   const std::string out = t / "run", rdzv = "file://" + (t / "rdzv");
-  Background job(Split(Args(out) + " --nproc 2 --elastic --rdzv " + rdzv), t / "log");
+  Background job(Split(Args(out) + " --nproc 2 --elastic --rdzv " + rdzv + " --host 127.0.0.1"), t / "log");
   ASSERT_TRUE(WaitUntil([&] { return MetricsLines(out) >= 30; }, 120)) << job.Output();
   Background joiner(Split(Args(out) + " --elastic --rdzv " + rdzv + " --host 192.0.2.1"), t / "joiner.log",
                     {"KEEL_RANK=2", "KEEL_WORLD_SIZE=3"});

@@ -1,6 +1,7 @@
 // membership.cc: heartbeats, the watchdog, the quorum loop and group forming (see membership.h).
 #include "elastic/membership.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,6 +19,22 @@ std::string Hostname() {
   char host[256] = {0};
   if (gethostname(host, sizeof(host) - 1) != 0) return "?";
   return host;
+}
+
+// Which process table a pid belongs to: the kernel's boot id and this process's pid namespace. Two machines
+// with the same hostname (cloned images) or two containers on one host must not read each other's pids in their
+// own /proc, which would declare a live remote peer crashed.
+std::string MachineId() {
+  std::string boot;
+  if (FILE* f = std::fopen("/proc/sys/kernel/random/boot_id", "r")) {
+    char buf[64] = {0};
+    if (std::fgets(buf, sizeof buf, f)) boot = buf;
+    std::fclose(f);
+  }
+  while (!boot.empty() && (boot.back() == '\n' || boot.back() == ' ')) boot.pop_back();
+  struct stat ns;
+  const std::string pidns = stat("/proc/self/ns/pid", &ns) == 0 ? std::to_string(ns.st_ino) : "?";
+  return Hostname() + "/" + (boot.empty() ? "?" : boot) + "/" + pidns;
 }
 
 std::string Dump(const nlohmann::json& j) { return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace); }
@@ -67,7 +84,7 @@ double ElasticGroup::Now() {
 ElasticGroup::ElasticGroup(std::shared_ptr<Store> store, std::shared_ptr<Store> hb_store, ElasticOptions o,
                            EventLog* events, std::function<void(const std::string&)> log)
     : store_(std::move(store)), hb_store_(std::move(hb_store)), o_(std::move(o)), events_(events),
-      log_(std::move(log)), host_(Hostname()) {}
+      log_(std::move(log)), host_(Hostname()), machine_(MachineId()) {}
 
 Result<std::unique_ptr<ElasticGroup>> ElasticGroup::Join(std::shared_ptr<Store> store, std::shared_ptr<Store> hb_store,
                                                          const ElasticOptions& o, const nlohmann::json& descriptor,
@@ -134,7 +151,7 @@ Status ElasticGroup::WriteStatus(Store& s) {
     std::lock_guard<std::mutex> l(mu_);
     ++seq_;
     uid = uid_.load();
-    rec = {{"seq", seq_}, {"t", EventLog::Now()}, {"pid", static_cast<int64_t>(getpid())}, {"host", host_},
+    rec = {{"seq", seq_}, {"t", EventLog::Now()}, {"pid", static_cast<int64_t>(getpid())}, {"host", host_}, {"machine", machine_},
            {"rank", o_.rank}, {"gen", gen_}, {"step", step_}, {"epoch", epoch_}, {"has_state", has_state_},
            {"state", state_}};
     if (!waiting_.empty()) rec["wait"] = waiting_;
@@ -239,7 +256,7 @@ PeerInfo ElasticGroup::InfoOf(int64_t uid, double now) {
   info.last_seen = it->second.last_seen;
   const std::string state = StrOr(rec, "state", "");
   info.gone = state == "gone" || state == "quarantined" ||
-              (StrOr(rec, "host", "") == host_ && LocalProcessGone(IntOr(rec, "pid", -1)));
+              (StrOr(rec, "machine", "") == machine_ && LocalProcessGone(IntOr(rec, "pid", -1)));
   info.ready = rec.contains("after");
   info.after = IntOr(rec, "after", -2);
   info.has_state = rec.contains("has_state") && rec["has_state"].is_boolean() && rec["has_state"].get<bool>();

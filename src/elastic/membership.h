@@ -149,6 +149,7 @@ class ElasticGroup {
   bool joined_running_ = false;
   bool was_member_ = false;  // this incarnation has been in a generation (so leaving it out is an eviction)
   std::string host_;
+  std::string machine_;  // hostname/boot id/pid namespace: whose /proc a member's pid is in (MachineId)
 
   // Serialises WriteStatus (building the record and storing it), so that a heartbeat's record built before a
   // change cannot land after the change's own write (a stale "ready" over NewIncarnation's "gone").

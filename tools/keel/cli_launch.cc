@@ -157,7 +157,9 @@ int RunElasticWorker(TrainOptions o, const DistFlags& d, const WorkerPlacement& 
     return Fail("train", r.status());
   }
   if (r->final_step > 0 || o.steps == 0) PrintDone(*r);
-  else std::fprintf(stderr, "the job finished before this worker could take part\n");
+  else
+    std::fprintf(stderr, "the job finished before this worker could take part (a rerun with the same --rdzv job id "
+                         "trains nothing: use a new id)\n");
   return 0;
 }
 
@@ -262,6 +264,9 @@ int RunLauncher(const TrainOptions& o, const DistFlags& d, const std::vector<std
   auto status = ValidateTrainOptions(o);
   if (!status.ok()) return Fail("train", status);
   InstallStopHandlers();  // Ctrl-C while waiting for the other machines aborts the wait
+  // `keel train ... | head` must not kill the launcher (and with it, through the death signal, every worker) when
+  // the reader goes away: lost output is not a training failure.
+  std::signal(SIGPIPE, SIG_IGN);
 
   LaunchOptions lo;
   lo.nproc = nproc;
@@ -299,8 +304,13 @@ int RunLauncher(const TrainOptions& o, const DistFlags& d, const std::vector<std
   }
   if (StopFlag().load()) return Fail("train", Aborted("stopped before the workers started"));
   lo.env.emplace_back("KEEL_RDZV", rdzv);
+  // Loopback is enough only when no other machine can take part: the launcher's private store, a static job of
+  // one machine, or an elastic one whose --nnodes says at most one. An elastic job with a shared --rdzv admits
+  // machines that arrive later (this first one has nnodes 1 now), so it advertises its hostname.
+  const bool one_machine =
+      d.rdzv.empty() || (!elastic && lo.nnodes == 1) || (elastic && !d.nnodes.empty() && nn->second == 1);
   std::string host = d.host;
-  if (host.empty() && d.iface.empty() && lo.nnodes == 1) host = "127.0.0.1";
+  if (host.empty() && d.iface.empty() && one_machine) host = "127.0.0.1";
   if (!host.empty()) lo.env.emplace_back("KEEL_HOST", host);
   if (!d.iface.empty()) lo.env.emplace_back("KEEL_IFACE", d.iface);
   char self[PATH_MAX];
