@@ -3,7 +3,9 @@
 // step's weight bytes and the memory bandwidth that implies. The profile behind
 // serve_bench.sh's figures. Usage: decode_bench [LAYERS HEADS DIM VOCAB] (default GPT-2 small: 12 12 768 50257);
 // env DECODE_ROWS=n, DECODE_DTYPE=f32|f16 and DECODE_LAYOUT=rows|packed restrict the table to one row count /
-// weight type / layout (for profiling).
+// weight type / layout (for profiling). DECODE_MATMUL=1 prints instead the packed matrix products alone (one
+// step's worth: every layer's four matrices and the LM head), 256-bit against 512-bit kernels, in GFLOP/s.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -12,7 +14,49 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cpu/cpu_ops.h"
 #include "model/gpt.h"
+
+namespace {
+
+// One decode step's matrix products from packed weights, timed per ISA: best of `passes` passes.
+void MatmulTable(const keel::GptConfig& c) {
+  using namespace keel::cpu;
+  const int C = c.dim;
+  const std::vector<std::pair<int, int>> shapes = {{C, 3 * C}, {C, C}, {C, 4 * C}, {4 * C, C}};  // [IC, OC]
+  std::printf("| weights | kernel | rows | ms per step's products | GFLOP/s |\n|---|---|---|---|---|\n");
+  for (bool half : {false, true}) {
+    std::vector<std::vector<float>> packed;
+    std::vector<std::pair<int, int>> all;
+    for (int l = 0; l < c.layers; ++l) all.insert(all.end(), shapes.begin(), shapes.end());
+    all.push_back({C, c.vocab});
+    for (auto [IC, OC] : all) {  // distinct buffers, so each pass streams the weights from memory as decoding does
+      std::vector<float> w(static_cast<size_t>(IC) * OC, 0.01f);
+      packed.emplace_back(PackedMatmulFloats(IC, OC, half));
+      PackMatmulWeight(packed.back().data(), w.data(), IC, OC, half);
+    }
+    for (int rows : {1, 8, 16, 24, 64}) {
+      std::vector<float> inp(static_cast<size_t>(rows) * 4 * C, 0.5f), out(static_cast<size_t>(rows) * c.vocab);
+      double flops = 0;
+      for (auto [IC, OC] : all) flops += 2.0 * rows * IC * OC;
+      for (PackedIsa isa : {PackedIsa::kAvx2, PackedIsa::kAvx512}) {
+        if (!PackedMatmulIsaSupported(isa)) continue;
+        double best = 1e9;
+        for (int pass = 0; pass < 8; ++pass) {
+          const auto t0 = std::chrono::steady_clock::now();
+          for (size_t i = 0; i < all.size(); ++i)
+            MatmulForwardPackedWith(isa, out.data(), inp.data(), packed[i].data(), nullptr, rows, all[i].first,
+                                    all[i].second, half);
+          best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        }
+        std::printf("| %s | %s | %d | %.1f | %.0f |\n", half ? "f16" : "f32", isa == PackedIsa::kAvx2 ? "avx2" : "avx512",
+                    rows, best * 1e3, flops / best / 1e9);
+      }
+    }
+  }
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   using namespace keel;
@@ -28,6 +72,10 @@ int main(int argc, char** argv) {
   if (!model.ok()) {
     std::fprintf(stderr, "%s\n", model.status().ToString().c_str());
     return 1;
+  }
+  if (std::getenv("DECODE_MATMUL")) {
+    MatmulTable(c);
+    return 0;
   }
   (*model)->InitWeights(1);
   const double C = c.dim;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cpu/cpu_ops.h"
 #include "core/hash.h"
 #include "formats/half.h"
 #include "model/gpt.h"
@@ -31,7 +32,8 @@ TEST(PackedMatmul, MatchesADoubleReference) {
   auto be = MakeCpuBackend(2);
   if (!be->SupportsOp(Op::kMatmulForwardPacked)) GTEST_SKIP() << "this CPU lacks AVX2/FMA/F16C";
   Rng rng(21);
-  // OC around the 16-column panel (a padded last panel), N around the 6-row micro-kernel, IC odd and tiny.
+  // OC around the 16-column panel (a padded last panel), N around the micro-kernels' 6 (AVX2) and 6/12 (AVX-512)
+  // rows, IC odd and tiny.
   for (int IC : {1, 29, 200}) {
     for (int OC : {1, 15, 16, 17, 133}) {
       std::vector<float> w(static_cast<size_t>(OC) * IC), bias(OC);
@@ -42,7 +44,7 @@ TEST(PackedMatmul, MatchesADoubleReference) {
       for (bool half : {false, true}) {
         std::vector<float> packed = Pack(be.get(), w, IC, OC, half);
         const std::vector<float>& wr = half ? w_half : w;
-        for (int N : {1, 2, 5, 6, 7, 12, 13, 16, 64}) {
+        for (int N : {1, 2, 5, 6, 7, 11, 12, 13, 16, 25, 64}) {
           std::vector<float> inp(static_cast<size_t>(N) * IC);
           for (auto& x : inp) x = rng.Normal();
           for (bool with_bias : {true, false}) {
@@ -62,6 +64,38 @@ TEST(PackedMatmul, MatchesADoubleReference) {
             out.pop_back();
             EXPECT_LT(RelErr(out, ref), 1e-5 * std::sqrt(double(IC)))
                 << (half ? "f16" : "fp32") << " IC=" << IC << " OC=" << OC << " N=" << N << " bias=" << with_bias;
+          }
+        }
+      }
+    }
+  }
+}
+
+// The 512-bit kernels (used where the CPU has AVX-512) and the 256-bit ones do the same FMAs per output in the
+// same order, so they must agree bit for bit, over every row count of both dispatchers and partial panel groups.
+TEST(PackedMatmul, Avx512AndAvx2KernelsGiveTheSameBits) {
+  if (!cpu::PackedMatmulIsaSupported(cpu::PackedIsa::kAvx512)) GTEST_SKIP() << "this CPU lacks AVX-512F";
+  Rng rng(5);
+  for (int IC : {1, 29, 200}) {
+    for (int OC : {1, 17, 33, 64, 65, 133}) {
+      std::vector<float> w(static_cast<size_t>(OC) * IC), bias(OC);
+      for (auto& x : w) x = rng.Normal();
+      for (auto& x : bias) x = rng.Normal();
+      for (bool half : {false, true}) {
+        std::vector<float> packed(cpu::PackedMatmulFloats(IC, OC, half));
+        cpu::PackMatmulWeight(packed.data(), w.data(), IC, OC, half);
+        for (int N = 1; N <= 26; ++N) {
+          std::vector<float> inp(static_cast<size_t>(N) * IC);
+          for (auto& x : inp) x = rng.Normal();
+          for (const float* b : {static_cast<const float*>(bias.data()), static_cast<const float*>(nullptr)}) {
+            std::vector<float> o2(static_cast<size_t>(N) * OC + 1, 7.0f), o5(o2.size(), 7.0f);
+            cpu::MatmulForwardPackedWith(cpu::PackedIsa::kAvx2, o2.data(), inp.data(), packed.data(), b, N, IC, OC,
+                                         half);
+            cpu::MatmulForwardPackedWith(cpu::PackedIsa::kAvx512, o5.data(), inp.data(), packed.data(), b, N, IC, OC,
+                                         half);
+            EXPECT_EQ(o5.back(), 7.0f) << "wrote past the output, OC=" << OC << " N=" << N;
+            ASSERT_EQ(o2, o5) << (half ? "f16" : "fp32") << " IC=" << IC << " OC=" << OC << " N=" << N
+                              << " bias=" << (b != nullptr);
           }
         }
       }

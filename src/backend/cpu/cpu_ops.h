@@ -27,6 +27,15 @@ size_t PackedMatmulFloats(int IC, int OC, bool half);
 void PackMatmulWeight(float* packed, const float* w, int IC, int OC, bool half);
 void MatmulForwardPacked(float* out, const float* inp, const float* packed, const float* bias, int N, int IC, int OC,
                          bool half);
+// The packed product's two kernels: 256-bit (AVX2/FMA/F16C) and 512-bit (AVX-512F). Both give the same bits.
+// PackedMatmulIsa() is what MatmulForwardPacked uses: AVX-512 where the CPU has it, unless the environment sets
+// KEEL_MAX_CPU_ISA=avx2 (read once). MatmulForwardPackedWith runs the one named (tests and benchmarks compare
+// them); the caller checks PackedMatmulIsaSupported first.
+enum class PackedIsa { kAvx2, kAvx512 };
+PackedIsa PackedMatmulIsa();
+bool PackedMatmulIsaSupported(PackedIsa isa);
+void MatmulForwardPackedWith(PackedIsa isa, float* out, const float* inp, const float* packed, const float* bias,
+                             int N, int IC, int OC, bool half);
 void AttentionForward(float* out, float* att, const float* qkv, int B, int T, int C, int NH);
 void AttentionBackward(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att, int B, int T,
                        int C, int NH);
