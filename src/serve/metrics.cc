@@ -90,6 +90,14 @@ void ServeMetrics::CountRejected(const std::string& reason) {
   rejected_[reason] += 1;
 }
 
+void ServeMetrics::AddEngineStep(int rows, double forward_seconds, double sampling_seconds) {
+  engine_steps_ += 1;
+  engine_rows_ += rows;
+  // Only the engine thread adds; atomics so that Render on an HTTP thread reads whole values.
+  forward_seconds_.store(forward_seconds_.load() + forward_seconds);
+  sampling_seconds_.store(sampling_seconds_.load() + sampling_seconds);
+}
+
 std::string ServeMetrics::Render() const {
   std::string out;
   Header(&out, "keel_requests_total", "counter", "HTTP requests by endpoint and status code.");
@@ -123,6 +131,14 @@ std::string ServeMetrics::Render() const {
   out += "keel_active_slots " + std::to_string(active_slots_.load()) + "\n";
   Header(&out, "keel_slots", "gauge", "Decoding slots (--parallel).");
   out += "keel_slots " + std::to_string(slots_.load()) + "\n";
+  Header(&out, "keel_engine_steps_total", "counter", "Batched forward steps of the engine.");
+  out += "keel_engine_steps_total " + std::to_string(engine_steps_.load()) + "\n";
+  Header(&out, "keel_engine_step_rows_total", "counter", "Rows carried by the steps (decode rows + prompt rows).");
+  out += "keel_engine_step_rows_total " + std::to_string(engine_rows_.load()) + "\n";
+  Header(&out, "keel_engine_forward_seconds_total", "counter", "Seconds spent in the steps' forward passes.");
+  out += "keel_engine_forward_seconds_total " + Num(forward_seconds_.load()) + "\n";
+  Header(&out, "keel_engine_sampling_seconds_total", "counter", "Seconds spent sampling the steps' logits.");
+  out += "keel_engine_sampling_seconds_total " + Num(sampling_seconds_.load()) + "\n";
   Header(&out, "keel_time_to_first_token_seconds", "histogram",
          "Seconds from the submission of a request (queue wait included) to its first generated token.");
   ttft_.Render("keel_time_to_first_token_seconds", &out);

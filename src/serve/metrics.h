@@ -10,6 +10,11 @@
 //   active_slots / slots                     gauge    sequences being generated / the slot count (--parallel)
 //   time_to_first_token_seconds              histogram  from submission (queue wait included) to the first generated token
 //   request_duration_seconds                 histogram  completion requests, from arrival to the last byte
+//   engine_steps_total                       counter  batched forward steps of the engine
+//   engine_step_rows_total                   counter  rows those steps carried (decode rows + prompt chunk rows)
+//   engine_forward_seconds_total             counter  time in the steps' forward passes
+//   engine_sampling_seconds_total            counter  time sampling the steps' logits
+// The engine_* counters profile batching: rows / steps is the mean batch, forward seconds / steps the mean step.
 // Thread safety: every method may be called from any thread.
 #pragma once
 #include <atomic>
@@ -52,6 +57,7 @@ class ServeMetrics {
   void SetSlots(int n) { slots_ = n; }
   void ObserveTimeToFirstToken(double seconds) { ttft_.Observe(seconds); }
   void ObserveRequestDuration(double seconds) { duration_.Observe(seconds); }
+  void AddEngineStep(int rows, double forward_seconds, double sampling_seconds);
 
   int64_t generated_tokens() const { return generated_tokens_; }
   int64_t cancelled() const { return cancelled_; }
@@ -65,6 +71,8 @@ class ServeMetrics {
   std::map<std::pair<std::string, int>, uint64_t> requests_;
   std::map<std::string, uint64_t> rejected_;
   std::atomic<int64_t> prompt_tokens_{0}, generated_tokens_{0}, cancelled_{0};
+  std::atomic<int64_t> engine_steps_{0}, engine_rows_{0};
+  std::atomic<double> forward_seconds_{0}, sampling_seconds_{0};
   std::atomic<double> tokens_per_s_{0};
   std::atomic<int> queue_depth_{0}, active_slots_{0}, slots_{0};
   Histogram ttft_, duration_;

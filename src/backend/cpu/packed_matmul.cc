@@ -16,7 +16,7 @@
 // sequential one bit for bit. The last panel is zero-padded; padded columns are never stored.
 //
 // Two instruction sets, one layout: where the CPU has AVX-512 the same panels are multiplied with 512-bit vectors
-// (one vector per panel row, 32 registers: up to 12 rows x 2 panels per call). On the Zen 5 development VM a
+// (one vector per panel row, 32 registers: up to 6 rows x 4 panels or 12 x 2 per call). On the Zen 5 development VM a
 // 512-bit FMA runs at the same rate as a 256-bit one, so the compute peak doubles (201 vs 101 GFLOP/s per core,
 // measured with a register-only FMA loop), which is what a 16-row step needs: it is compute bound. Each lane does
 // the same FMA sequence in both paths, so they give the same bits (tested). KEEL_MAX_CPU_ISA=avx2 caps the choice,
@@ -28,7 +28,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <string_view>
-#include <type_traits>
 #include <utility>
 
 #include "backend/cpu/cpu_ops.h"
@@ -160,7 +159,8 @@ void PackedForward(float* out, const float* inp, const W* packed, const float* b
 // ---- AVX-512: the same panels, one 512-bit vector per panel row ----
 
 constexpr int kGroup512 = 4;    // panels per work item (64 columns): OC = 384 still splits evenly over 2 threads
-constexpr int kRows512 = 12;    // rows per pass with two panels: 24 accumulators + 2 weights + 1 broadcast
+constexpr int kRows512 = 6;     // rows per pass with four panels: 24 accumulators + 4 weights + 1 broadcast;
+                                // twice as many with two panels
 
 __attribute__((target("avx512f"))) inline __m512 LoadW512(const float* p) { return _mm512_loadu_ps(p); }
 __attribute__((target("avx512f"))) inline __m512 LoadW512(const uint16_t* p) {
@@ -209,7 +209,7 @@ void PanelRows512Erased(float* out, const float* x, const void* panel, const flo
   PanelRows512<R, P, W>(out, x, static_cast<const W*>(panel), bias, IC, OC, o);
 }
 
-// kernels[R - 1] multiplies R rows (1..12) against P panels.
+// kernels[R - 1] multiplies R rows against P panels.
 template <int P, typename W, int... Rm1>
 constexpr std::array<PanelFn, sizeof...(Rm1)> Kernels512(std::integer_sequence<int, Rm1...>) {
   return {&PanelRows512Erased<Rm1 + 1, P, W>...};
@@ -217,43 +217,36 @@ constexpr std::array<PanelFn, sizeof...(Rm1)> Kernels512(std::integer_sequence<i
 
 template <typename W>
 void PackedForward512(float* out, const float* inp, const W* packed, const float* bias, int N, int IC, int OC) {
-  static constexpr auto k1 = Kernels512<1, W>(std::make_integer_sequence<int, kRows512>{});
-  static constexpr auto k2 = Kernels512<2, W>(std::make_integer_sequence<int, kRows512>{});
-  static constexpr auto k4 = Kernels512<4, W>(std::make_integer_sequence<int, 6>{});
+  static constexpr auto k1 = Kernels512<1, W>(std::make_integer_sequence<int, 2 * kRows512>{});
+  static constexpr auto k2 = Kernels512<2, W>(std::make_integer_sequence<int, 2 * kRows512>{});
+  static constexpr auto k4 = Kernels512<4, W>(std::make_integer_sequence<int, kRows512>{});
   const int panels = static_cast<int>(Panels(OC)), groups = (panels + kGroup512 - 1) / kGroup512;
   const size_t stride = static_cast<size_t>(IC) * kPanel;
   auto at = [&](int p) { return static_cast<const void*>(packed + static_cast<size_t>(p) * stride); };
-  // Rows per pass: as even as the passes allow (16 rows: 8 + 8, not 12 + 4, whose second pass would keep only 8
-  // accumulators busy). `kernels[R - 1]` takes R rows against the panels from p on.
-  auto balanced = [N](int most) { const int passes = (N + most - 1) / most; return (N + passes - 1) / passes; };
-  const int per_pass = balanced(kRows512), per_pass4 = balanced(6);
+  // One pass over the weights when the rows fit the accumulators: up to 6 rows against four panels (24
+  // accumulators), 7-12 against two. More rows: four panels at a time, every row against them in passes of up to
+  // six while they sit in L2 (the first pass brings them in from memory), as even as the passes allow (16 rows:
+  // 6 + 5 + 5). Per k each broadcast input then feeds four FMAs, and the first pass reads four weight streams at
+  // once. Measured on GPT-2 small's matrices (2 threads, f32, best of 8; the VM's bandwidth drifts by 20 % over
+  // minutes, so alternating runs): 8 rows 15-16 ms in one pass against 17-18 in two passes of four panels; 16 rows
+  // 14.5 ms against 16.6 for two panels in passes of 8 + 8 and 18.5 for 12 + 4; 24 rows 23-24 against 25-28 (12 +
+  // 12). `kernels[R - 1]` takes R rows against the panels from p on.
+  const int passes = (N + kRows512 - 1) / kRows512, per_pass = (N + passes - 1) / passes;
   auto Passes = [&](const auto& kernels, int p, int per) {
     for (int r = 0; r < N; r += per)
-      kernels[std::min(per, N - r) - 1](out + static_cast<size_t>(r) * OC, inp + static_cast<size_t>(r) * IC, at(p),
-                                        bias, IC, OC, p * kPanel);
+      kernels[std::min({per, N - r, static_cast<int>(kernels.size())}) - 1](
+          out + static_cast<size_t>(r) * OC, inp + static_cast<size_t>(r) * IC, at(p), bias, IC, OC, p * kPanel);
   };
 #pragma omp parallel for schedule(static)
   for (int g = 0; g < groups; ++g) {
     const int p0 = g * kGroup512, p1 = std::min(panels, p0 + kGroup512);
     int p = p0;
-    if (N <= 6) {  // a few rows (decoding): bound by memory; four panels at a time keep 4-24 FMA chains going
-      for (; p + 4 <= p1; p += 4) k4[N - 1](out, inp, at(p), bias, IC, OC, p * kPanel);
-      for (; p < p1; ++p) k1[N - 1](out, inp, at(p), bias, IC, OC, p * kPanel);
-      continue;
+    if (N > kRows512 && N <= 2 * kRows512) {
+      for (; p + 2 <= p1; p += 2) Passes(k2, p, N);
+    } else {
+      for (; p + 4 <= p1; p += 4) Passes(k4, p, per_pass);
     }
-    // Seven rows or more: a few panels at a time, every row against them in passes while they sit in L2 (the
-    // first pass brings them in from memory). f32: a pair of panels, passes of up to 12 rows.
-    if constexpr (std::is_same_v<W, uint16_t>) {
-      // f16: four panels per pass (up to 6 rows: 24 accumulators), so each broadcast input feeds four FMAs and each
-      // converted weight vector six. Measured against the pairs below at 8-24 rows (GPT-2 small's matrices, 2
-      // threads): 8-25 % faster for f16, 5-40 % slower for f32, whose four 64-byte weight streams per k outrun
-      // the memory on the first pass.
-      for (; p + 4 <= p1; p += 4) Passes(k4, p, per_pass4);
-      for (; p < p1; ++p) Passes(k1, p, per_pass4);
-      continue;
-    }
-    for (; p + 2 <= p1; p += 2) Passes(k2, p, per_pass);
-    if (p < p1) Passes(k1, p, per_pass);
+    for (; p < p1; ++p) Passes(k1, p, std::min(N, 2 * kRows512));
   }
 }
 
