@@ -192,9 +192,11 @@ TEST_F(DilocoTrain, Int8CompressionTrainsWithTwoProcesses) {
 // and it receives the outer state from a peer; everyone ends with the same state.
 TEST_F(DilocoTrain, AWorkerKilledDuringTheInnerPhaseLosesOnlyItsOwnWork) {
   TempDir t;
-  // 120 steps (24 rounds): long enough for the restarted worker to start and join.
+  // 120 steps (24 rounds): long enough for the restarted worker to start and join. The steps alone take ~1 s on a
+  // fast machine, less than a worker's start, so rank 0's link gets 60 ms of latency per exchange (a time that
+  // does not shrink with the machine's speed): the rounds after the crash take several seconds.
   Background job(Split(Args(t / "run", 120) + " --nproc 3 --elastic --max-restarts 1 --sync diloco --inner-steps 5 "
-                       "--compress int8 --inject crash:rank=1,step=7"),
+                       "--compress int8 --inject crash:rank=1,step=7;link:rank=0,mbit=1000,latency_ms=60"),
                  t / "log", InjectEnv());
   ASSERT_EQ(job.Wait(120), 0) << job.Output();
   const std::string log = job.Output();
@@ -211,13 +213,14 @@ TEST_F(DilocoTrain, AWorkerKilledDuringTheInnerPhaseLosesOnlyItsOwnWork) {
 }
 
 // The same, with the survivors' inner phase slowed so that the restarted worker is back before they notice the
-// loss: it joins the generation that redoes the round, receives the outer state from a peer, contributes nothing
-// to that round (weight 0) and takes its share from the next one.
+// loss (x150: a worker takes ~0.6 s to start, which does not shrink with faster compute): it joins the generation
+// that redoes the round, receives the outer state from a peer, contributes nothing to that round (weight 0) and
+// takes its share from the next one.
 TEST_F(DilocoTrain, AWorkerRestartedDuringTheRoundJoinsTheRedoneRound) {
   TempDir t;
   Background job(Split(Args(t / "run", 40) + " --nproc 3 --elastic --max-restarts 1 --sync diloco --inner-steps 10 "
-                       "--inject crash:rank=1,step=3;slow:rank=0,step=0,factor=40,steps=10;"
-                       "slow:rank=2,step=0,factor=40,steps=10"),
+                       "--inject crash:rank=1,step=3;slow:rank=0,step=0,factor=150,steps=10;"
+                       "slow:rank=2,step=0,factor=150,steps=10"),
                  t / "log", InjectEnv());
   ASSERT_EQ(job.Wait(120), 0) << job.Output();
   const std::string log = job.Output();
