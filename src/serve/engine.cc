@@ -374,6 +374,9 @@ void Engine::Loop() {
         state_->StepRows(toks.data(), poss.data(), rows_slot.data(), static_cast<int>(toks.size()),
                          logit_rows.data(), static_cast<int>(logit_rows.size()));
     const auto t_sample = std::chrono::steady_clock::now();
+    // Counted before the tokens go out, so that a client that has its last token sees this step in /metrics.
+    if (metrics_)
+      metrics_->AddEngineStep(static_cast<int>(toks.size()), std::chrono::duration<double>(t_sample - t_step).count());
     const size_t V = static_cast<size_t>(model_->config().vocab);
     for (size_t r = 0; r < logit_slot.size(); ++r) {
       Slot& s = slots_[static_cast<size_t>(logit_slot[r])];
@@ -382,9 +385,7 @@ void Engine::Loop() {
       ++window_tokens;
     }
     if (metrics_) {
-      const auto t_done = std::chrono::steady_clock::now();
-      metrics_->AddEngineStep(static_cast<int>(toks.size()), std::chrono::duration<double>(t_sample - t_step).count(),
-                              std::chrono::duration<double>(t_done - t_sample).count());
+      metrics_->AddSamplingSeconds(std::chrono::duration<double>(std::chrono::steady_clock::now() - t_sample).count());
       metrics_->SetActiveSlots(active_.load());
       auto now = std::chrono::steady_clock::now();
       double dt = std::chrono::duration<double>(now - window_start).count();

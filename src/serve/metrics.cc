@@ -90,13 +90,13 @@ void ServeMetrics::CountRejected(const std::string& reason) {
   rejected_[reason] += 1;
 }
 
-void ServeMetrics::AddEngineStep(int rows, double forward_seconds, double sampling_seconds) {
+void ServeMetrics::AddEngineStep(int rows, double forward_seconds) {
   engine_steps_ += 1;
   engine_rows_ += rows;
-  // Only the engine thread adds; atomics so that Render on an HTTP thread reads whole values.
-  forward_seconds_.store(forward_seconds_.load() + forward_seconds);
-  sampling_seconds_.store(sampling_seconds_.load() + sampling_seconds);
+  forward_seconds_.fetch_add(forward_seconds);
 }
+
+void ServeMetrics::AddSamplingSeconds(double seconds) { sampling_seconds_.fetch_add(seconds); }
 
 std::string ServeMetrics::Render() const {
   std::string out;
@@ -137,7 +137,7 @@ std::string ServeMetrics::Render() const {
   out += "keel_engine_step_rows_total " + std::to_string(engine_rows_.load()) + "\n";
   Header(&out, "keel_engine_forward_seconds_total", "counter", "Seconds spent in the steps' forward passes.");
   out += "keel_engine_forward_seconds_total " + Num(forward_seconds_.load()) + "\n";
-  Header(&out, "keel_engine_sampling_seconds_total", "counter", "Seconds spent sampling the steps' logits.");
+  Header(&out, "keel_engine_sampling_seconds_total", "counter", "Seconds spent sampling the steps' logits and handing the tokens to their requests.");
   out += "keel_engine_sampling_seconds_total " + Num(sampling_seconds_.load()) + "\n";
   Header(&out, "keel_time_to_first_token_seconds", "histogram",
          "Seconds from the submission of a request (queue wait included) to its first generated token.");

@@ -13,7 +13,8 @@
 //   engine_steps_total                       counter  batched forward steps of the engine
 //   engine_step_rows_total                   counter  rows those steps carried (decode rows + prompt chunk rows)
 //   engine_forward_seconds_total             counter  time in the steps' forward passes
-//   engine_sampling_seconds_total            counter  time sampling the steps' logits
+//   engine_sampling_seconds_total            counter  time sampling the steps' logits and handing the tokens to
+//                                                     their requests (detokenising, stop strings, streaming)
 // The engine_* counters profile batching: rows / steps is the mean batch, forward seconds / steps the mean step.
 // Thread safety: every method may be called from any thread.
 #pragma once
@@ -57,7 +58,8 @@ class ServeMetrics {
   void SetSlots(int n) { slots_ = n; }
   void ObserveTimeToFirstToken(double seconds) { ttft_.Observe(seconds); }
   void ObserveRequestDuration(double seconds) { duration_.Observe(seconds); }
-  void AddEngineStep(int rows, double forward_seconds, double sampling_seconds);
+  void AddEngineStep(int rows, double forward_seconds);  // right after the step, before its tokens go out
+  void AddSamplingSeconds(double seconds);
 
   int64_t generated_tokens() const { return generated_tokens_; }
   int64_t cancelled() const { return cancelled_; }

@@ -3,7 +3,7 @@
 //
 // Why: a decode step multiplies every weight matrix by 1-64 rows. In the [OC, IC] layout the few-row kernels
 // (skinny_matmul.h) keep 12 dot-product accumulators, reload the input rows for every weight row block and end
-// each output with a horizontal sum; on the 2-core development VM they reach ~60-80 GFLOP/s at 16 rows, and
+// each output with a horizontal sum; on the 2-core Zen 3 development VM (AVX2 only) they reach ~60-80 GFLOP/s at 16 rows, and
 // OpenBLAS's sgemm, which packs the weights on every call, ~75. Repacked as panels P[OC/16][IC][16], the
 // micro-kernel is the classic outer product: per k it loads 16 weights (two vectors, one contiguous stream per
 // panel, which the hardware prefetcher follows) and broadcasts one input value per row, 6 rows x 16 columns = 12
@@ -25,9 +25,10 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
-#include <string_view>
+#include <string>
 #include <utility>
 
 #include "backend/cpu/cpu_ops.h"
@@ -227,10 +228,12 @@ void PackedForward512(float* out, const float* inp, const W* packed, const float
   // accumulators), 7-12 against two. More rows: four panels at a time, every row against them in passes of up to
   // six while they sit in L2 (the first pass brings them in from memory), as even as the passes allow (16 rows:
   // 6 + 5 + 5). Per k each broadcast input then feeds four FMAs, and the first pass reads four weight streams at
-  // once. Measured on GPT-2 small's matrices (2 threads, f32, best of 8; the VM's bandwidth drifts by 20 % over
-  // minutes, so alternating runs): 8 rows 15-16 ms in one pass against 17-18 in two passes of four panels; 16 rows
-  // 14.5 ms against 16.6 for two panels in passes of 8 + 8 and 18.5 for 12 + 4; 24 rows 23-24 against 25-28 (12 +
-  // 12). `kernels[R - 1]` takes R rows against the panels from p on.
+  // once. Measured on GPT-2 small's matrices (Zen 5 VM, 2 threads, f32, best of 8), each comparison in alternating
+  // runs of one period (the VM's bandwidth drifts by 20 % over minutes, so the periods' absolute figures differ):
+  // 8 rows 15-16 ms in one pass against 17-18 in two passes of four panels; 16 rows 14.5 ms against 16.6 for two
+  // panels in passes of 8 + 8 and 18.5 for 12 + 4; 24 rows 23-24 against 25-28 (12 + 12). `kernels[R - 1]` takes
+  // R rows against the panels from p on.
+  if (N <= 0) return;
   const int passes = (N + kRows512 - 1) / kRows512, per_pass = (N + passes - 1) / passes;
   auto Passes = [&](const auto& kernels, int p, int per) {
     for (int r = 0; r < N; r += per)
@@ -263,7 +266,9 @@ bool PackedMatmulSupported() {
 PackedIsa PackedMatmulIsa() {
   static const PackedIsa isa = [] {
     const char* cap = std::getenv("KEEL_MAX_CPU_ISA");
-    const bool capped = cap != nullptr && std::string_view(cap) == "avx2";
+    std::string v = cap ? cap : "";
+    for (auto& ch : v) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    const bool capped = v == "avx2";
     return CpuHasAvx512() && !capped ? PackedIsa::kAvx512 : PackedIsa::kAvx2;
   }();
   return isa;
