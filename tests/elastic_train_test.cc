@@ -327,6 +327,23 @@ TEST_F(ElasticTrain, AJoinerNobodyCanReachIsLeftOutAndTheJobGoesOn) {
   ExpectSameAsStraight(out);
 }
 
+// A joiner whose step-protocol options differ from the job's (here --compress) is refused with the difference
+// named, rather than admitted into steps it would make fail forever; the job finishes unaffected.
+TEST_F(ElasticTrain, AJoinerWithDifferentProtocolOptionsIsRefused) {
+  TempDir t;
+  const std::string out = t / "run", rdzv = "file://" + (t / "rdzv");
+  Background job(Split(Args(out) + " --nproc 2 --elastic --rdzv " + rdzv + " --host 127.0.0.1"), t / "log");
+  ASSERT_TRUE(WaitUntil([&] { return MetricsLines(out) >= 10; }, 120)) << job.Output();
+  Background joiner(Split(Args(out) + " --elastic --compress int8 --rdzv " + rdzv + " --host 127.0.0.1"),
+                    t / "joiner.log", {"KEEL_RANK=2", "KEEL_WORLD_SIZE=3"});
+  EXPECT_NE(joiner.Wait(120), 0) << joiner.Output();
+  EXPECT_NE(joiner.Output().find("training options differ: compress: job has none, this worker has int8"),
+            std::string::npos)
+      << joiner.Output();
+  ASSERT_EQ(job.Wait(180), 0) << job.Output() << "\n----\n" << joiner.Output();
+  ExpectSameAsStraight(out);
+}
+
 // Two "machines" on Redis: the second starts later, its worker joins the running job and gets the state.
 TEST_F(ElasticTrain, RedisLateMachineJoinsTheRunningJob) {
   if (!HaveRedis()) GTEST_SKIP() << "redis-server not installed";
@@ -421,6 +438,24 @@ TEST_F(ElasticTrain, ASlowWorkerGetsFewerMicroBatches) {
     }
   }
   EXPECT_LT(*std::min_element(counts.begin(), counts.end()), 2) << last.dump();  // fair split is 2 each
+}
+
+// --straggler-evict in a group of two: the slowed member leaves as a straggler (exit status 3, not restarted)
+// and the other finishes alone. (With two members the median used to be the slower one itself, so it never left.)
+TEST_F(ElasticTrain, AStragglerInAGroupOfTwoIsEvicted) {
+  TempDir t;
+  Background job(Split(Args(t / "run", 40) + " --nproc 2 --elastic --straggler-evict 2 "
+                       "--inject slow:rank=1,step=2,factor=6,steps=25"),
+                 t / "log", InjectEnv());
+  ASSERT_EQ(job.Wait(180), 0) << job.Output();
+  const std::string log = job.Output();
+  EXPECT_NE(log.find("[rank 1] keel train: quarantined as a straggler"), std::string::npos) << log;
+  EXPECT_NE(log.find("exited with status 3"), std::string::npos) << log;
+  bool evicted = false;
+  for (const auto& e : Events(t / "run"))
+    if (e.value("event", "") == "straggler" && e.value("action", "") == "evicted") evicted = true;
+  EXPECT_TRUE(evicted) << log;
+  EXPECT_TRUE(std::filesystem::exists(t / "run/ckpt-00000040/model.safetensors")) << log;
 }
 
 // A loss spike rolls every member back to the in-memory snapshot and skips the data window that caused it;

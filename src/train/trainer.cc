@@ -243,7 +243,8 @@ Status Trainer::LoadInitialState() {
 }
 
 // Every member of the group joined a running job and nobody holds state (the whole job was lost and
-// restarted): the state comes from the newest valid checkpoint, or fresh weights if there is none.
+// restarted): the state comes from the newest valid checkpoint, or fresh weights if there is none at all (an
+// error if there are checkpoints but none of them loads).
 Status Trainer::LoadStateFromDisk() {
   auto ckpts = ListCheckpoints(o_.out_dir);
   if (ckpts.ok() && !ckpts->empty()) {
@@ -263,6 +264,9 @@ Status Trainer::LoadStateFromDisk() {
       log_("no live member holds the training state: loading " + dir + " (step " + std::to_string(start_step_) + ")");
       return LoadInitialState();
     }
+    // Checkpoints exist but none loads: starting from fresh weights would silently throw the run's progress away.
+    return Status(snap.status().code(), "no live member holds the training state, and no checkpoint in " +
+                                            o_.out_dir + " loads: " + snap.status().message());
   }
   log_("no live member holds the training state and there is no checkpoint: starting from fresh weights");
   resuming_ = false;

@@ -102,7 +102,17 @@ class Trainer {
   void ClearHoldings();
   void BeginCompute();
   void ReportSaturation();
-  bool CheckStep() const { return o_.check_every > 0 && step_ % o_.check_every == 0; }
+  // Whether this step's vote compares whole-state hashes (and its state becomes the rollback snapshot): every K =
+  // --check-every steps. A diloco round moves the counter H steps at once, so there it is the round after which a
+  // multiple of K was passed (only `step_ % K == 0` fired every lcm(H, K) steps). A pure function of the step
+  // and the job's options, so every member decides alike.
+  bool CheckStep() const {
+    const int64_t K = o_.check_every;
+    if (K <= 0) return false;
+    if (step_ % K == 0) return true;
+    const int64_t H = o_.sync == "diloco" ? o_.inner_steps : 1;
+    return H > 1 && step_ >= H && step_ / K != (step_ - H) / K;
+  }
   float* Params() { return model_->params(); }
   // Host copies of the three state buffers (the backend's own when host memory).
   void StateToHost(std::vector<float>* p, std::vector<float>* m, std::vector<float>* v);

@@ -634,7 +634,9 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
     if (xs.size() == members_.size()) {
       std::vector<double> sorted = xs;
       std::sort(sorted.begin(), sorted.end());
-      const double median = sorted[sorted.size() / 2];
+      // The lower median: with two members the upper one is the slower member itself, which could never be
+      // more than a multiple of itself.
+      const double median = sorted[(sorted.size() - 1) / 2];
       for (size_t k = 0; k < members_.size(); ++k) {
         int& streak = slow_streak_[members_[k]];
         streak = xs[k] > o_.straggler_evict * median ? streak + 1 : 0;

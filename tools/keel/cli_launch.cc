@@ -102,7 +102,22 @@ Result<nlohmann::json> Descriptor(const TrainOptions& o) {
                              {"deterministic", o.deterministic},
                              {"eval_every", o.eval_every},
                              {"eval_batches", o.eval_batches},
-                             {"stop_after", o.stop_after}};
+                             {"stop_after", o.stop_after},
+                             // The step protocol's options: members that differ here would issue different
+                             // collectives, split micro-batches differently, or vote on different checks, and the
+                             // steps would fail forever instead of the joiner being refused.
+                             {"optimizer", o.optimizer},
+                             {"sync", o.sync},
+                             {"inner_steps", o.inner_steps},
+                             {"outer_lr", o.outer_lr},
+                             {"outer_momentum", o.outer_momentum},
+                             {"compress", o.compress},
+                             {"even_shares", o.even_shares},
+                             {"check_every", o.check_every},
+                             {"verify_fraction", o.verify_fraction},
+                             {"spike_factor", o.spike_factor},
+                             {"quarantine_after", o.quarantine_after},
+                             {"straggler_evict", o.straggler_evict}};
   int64_t resume_step = 0;
   if (o.resume) {
     auto ckpts = ListCheckpoints(o.out_dir);
