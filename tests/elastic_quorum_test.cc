@@ -2,7 +2,10 @@
 // generation, when), micro-batch assignment, the commit vote, the state-sync plan, timeouts, fault specs.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <set>
 
 #include "elastic/fault_inject.h"
 #include "elastic/quorum.h"
@@ -531,6 +534,98 @@ TEST(Vote, CrossCheckedGradientsMustMatch) {
   EXPECT_EQ(o.clear_holdings, std::vector<int>{2});
 }
 
+// Each micro-batch of the cross-check gets one verifier, never its owner; a disputed one (a tie in the previous
+// attempt) gets two, the third opinion, whatever the fraction.
+TEST(Vote, PickVerificationsGivesDisputedMicroBatchesAThirdOpinion) {
+  std::vector<MicroSet> assigned(3);
+  for (int i = 0; i < 6; ++i) assigned[static_cast<size_t>(i % 3)].Set(i);
+  auto all = PickVerifications(7, 42, 0, 1.0, assigned);
+  ASSERT_EQ(all.size(), 6u);
+  for (const auto& t : all) {
+    EXPECT_EQ(t.owner, t.micro % 3);
+    EXPECT_NE(t.verifier, t.owner);
+    EXPECT_GE(t.verifier, 0);
+    EXPECT_LT(t.verifier, 3);
+  }
+  EXPECT_TRUE(PickVerifications(7, 42, 0, 0.0, assigned).empty());
+
+  MicroSet disputed;
+  disputed.Set(4);
+  auto third = PickVerifications(7, 42, 1, 0.0, assigned, disputed);
+  ASSERT_EQ(third.size(), 2u);
+  EXPECT_EQ(third[0].micro, 4);
+  EXPECT_EQ(third[1].micro, 4);
+  EXPECT_EQ(third[0].owner, 1);
+  EXPECT_EQ(third[1].owner, 1);
+  EXPECT_EQ(std::set<int>({third[0].verifier, third[1].verifier}), std::set<int>({0, 2}));
+  // With the fraction too, the disputed one comes first and is not checked twice over.
+  auto both = PickVerifications(7, 42, 1, 1.0, assigned, disputed);
+  ASSERT_EQ(both.size(), 7u);
+  EXPECT_EQ(both[0].micro, 4);
+  EXPECT_EQ(both[1].micro, 4);
+  for (size_t k = 2; k < both.size(); ++k) EXPECT_NE(both[k].micro, 4);
+  // A group of two has only one other member to ask.
+  std::vector<MicroSet> two(2);
+  two[0].Set(0);
+  two[1].Set(1);
+  MicroSet d0;
+  d0.Set(0);
+  auto pair = PickVerifications(7, 42, 1, 0.0, two, d0);
+  ASSERT_EQ(pair.size(), 1u);
+  EXPECT_EQ(pair[0].verifier, 1);
+  // Never more than kMaxVerify tasks: every member's vote has room for its hashes.
+  std::vector<MicroSet> big(3);
+  for (int i = 0; i < 30; ++i) big[static_cast<size_t>(i % 3)].Set(i);
+  MicroSet many;
+  for (int i = 0; i < 30; i += 2) many.Set(i);
+  EXPECT_EQ(PickVerifications(7, 42, 1, 1.0, big, many).size(), static_cast<size_t>(kMaxVerify));
+}
+
+// Two differing hashes are a tie (recompute with a third opinion, nobody struck); three with one odd name the
+// faulty member: one strike per vote however many of its micro-batches differ, quarantined at the second.
+TEST(Vote, AThirdOpinionNamesTheFaultyMemberAndRepeatedFaultsQuarantineIt) {
+  VoteConfig c;
+  c.M = 3;
+  StrikeBook strikes;
+  std::vector<std::pair<int, int64_t>> bad;
+  auto v = Votes(3, 3);
+  v[0].n_verify = 1;  // micro-batch 0: member 0 owns it, member 1 verified it
+  v[0].verify_micro[0] = 0;
+  v[0].verify_hash[0] = 5;
+  v[1].n_verify = 1;
+  v[1].verify_micro[0] = 0;
+  v[1].verify_hash[0] = 6;
+  auto tie = DecideCommit(v, c, &strikes, &bad);
+  EXPECT_FALSE(tie.commit);
+  EXPECT_TRUE(tie.unresolved);
+  EXPECT_TRUE(tie.disputed.Has(0));
+  EXPECT_EQ(tie.clear_holdings, std::vector<int>({0, 1}));
+  EXPECT_TRUE(tie.quarantine.empty());
+  EXPECT_EQ(strikes.Count(11, kStrikeCorrupt, 42, c.strike_window), 0);
+  EXPECT_NE(tie.reason.find("member 10, member 11"), std::string::npos) << tie.reason;
+
+  // The next attempt: micro-batches 0 and 1 each computed by all three; member 11 is wrong on both.
+  auto w = Votes(3, 3);
+  for (int k = 0; k < 3; ++k) {
+    auto& r = w[static_cast<size_t>(k)];
+    r.n_verify = 2;
+    r.verify_micro[0] = 0;
+    r.verify_micro[1] = 1;
+    r.verify_hash[0] = k == 1 ? 6 : 5;
+    r.verify_hash[1] = k == 1 ? 8 : 7;
+  }
+  auto named = DecideCommit(w, c, &strikes, &bad);
+  EXPECT_FALSE(named.commit);
+  EXPECT_FALSE(named.unresolved);
+  EXPECT_EQ(named.clear_holdings, std::vector<int>{1});
+  EXPECT_TRUE(named.quarantine.empty());
+  EXPECT_EQ(strikes.Count(11, kStrikeCorrupt, 42, c.strike_window), 1);
+  EXPECT_EQ(strikes.Count(10, kStrikeCorrupt, 42, c.strike_window), 0);
+  EXPECT_NE(std::find(named.avoid.begin(), named.avoid.end(), std::make_pair(1, 0)), named.avoid.end());
+  auto again = DecideCommit(w, c, &strikes, &bad);
+  EXPECT_EQ(again.quarantine, std::vector<int>{1});
+}
+
 TEST(Vote, StopAndJoinerFlagsAreOredAcrossMembers) {
   VoteConfig c;
   c.M = 2;
@@ -641,6 +736,34 @@ TEST(FaultSpec, InjectionNeedsTheEnvironmentSwitch) {
   EXPECT_FALSE((*b)->CorruptGradient(0, g, 4));
   EXPECT_TRUE((*b)->CorruptGradient(1, g, 4));
   EXPECT_FALSE((*b)->CorruptGradient(1, g, 4));  // once
+  unsetenv("KEEL_ALLOW_FAULT_INJECTION");
+}
+
+// corrupt: one flipped bit in the first summed gradient of its step, once; with steps=N every gradient of those
+// steps (summed or not), each still finite.
+TEST(FaultSpec, APersistentCorruptionHitsEveryGradientOfItsSteps) {
+  setenv("KEEL_ALLOW_FAULT_INJECTION", "1", 1);
+  auto once = FaultInjector::Create("corrupt:rank=0,step=2", 0, 1);
+  ASSERT_TRUE(once.ok());
+  float g[4] = {1, 2, 3, 4};
+  EXPECT_FALSE((*once)->CorruptGradient(2, g, 4, /*first=*/false));
+  EXPECT_TRUE((*once)->CorruptGradient(2, g, 4));
+  EXPECT_FALSE((*once)->CorruptGradient(2, g, 4));
+  auto many = FaultInjector::Create("corrupt:rank=0,step=2,steps=3", 0, 1);
+  ASSERT_TRUE(many.ok());
+  EXPECT_FALSE((*many)->CorruptGradient(1, g, 4));
+  for (int64_t step = 2; step < 5; ++step)
+    for (bool first : {true, false, false}) {
+      const float before[4] = {g[0], g[1], g[2], g[3]};
+      EXPECT_TRUE((*many)->CorruptGradient(step, g, 4, first)) << step;
+      int changed = 0;
+      for (int i = 0; i < 4; ++i) {
+        EXPECT_TRUE(std::isfinite(g[i]));
+        changed += g[i] != before[i];
+      }
+      EXPECT_EQ(changed, 1) << step;
+    }
+  EXPECT_FALSE((*many)->CorruptGradient(5, g, 4));
   unsetenv("KEEL_ALLOW_FAULT_INJECTION");
 }
 

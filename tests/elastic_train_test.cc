@@ -410,6 +410,39 @@ TEST_F(ElasticTrain, VerifyFractionCatchesASilentGradientCorruption) {
   EXPECT_NE(checked.Output().find("recomputed gradients differ"), std::string::npos) << checked.Output();
 }
 
+// A worker whose every gradient is wrong (a persistently faulty unit: corrupt with steps=N). Its cross-checks
+// differ; each disputed micro-batch is recomputed on three members, the third opinion names the faulty one, and
+// after its second strike it is quarantined. The other two finish bit-identical to a failure-free run.
+TEST_F(ElasticTrain, AThirdOpinionQuarantinesAPersistentlyCorruptingWorker) {
+  TempDir t;
+  const std::string out = t / "run";
+  Background job(Split(Args(out) + " --nproc 3 --elastic --verify-fraction 1 --inject corrupt:rank=1,step=30,steps=100000"),
+                 t / "log", InjectEnv());
+  ASSERT_EQ(job.Wait(240), 0) << job.Output();
+  const std::string log = job.Output();
+  ExpectSameAsStraight(out);
+  EXPECT_NE(log.find("recomputing it with a third opinion"), std::string::npos) << log;
+  EXPECT_NE(log.find("differs from two other members'"), std::string::npos) << log;
+  EXPECT_NE(log.find("[rank 1] this worker is quarantined after repeated faults"), std::string::npos) << log;
+  EXPECT_NE(log.find("quarantined after repeated faults; not restarted"), std::string::npos) << log;
+  EXPECT_EQ(log.find("[rank 0] this worker is quarantined"), std::string::npos) << log;
+  EXPECT_EQ(log.find("[rank 2] this worker is quarantined"), std::string::npos) << log;
+}
+
+// In a group of two nobody can break the tie: after a few attempts the job stops with that reason instead of
+// redoing the step forever.
+TEST_F(ElasticTrain, APersistentCrossCheckTieInAGroupOfTwoStopsTheJob) {
+  TempDir t;
+  const std::string out = t / "run";
+  Background job(Split(Args(out, 40) + " --nproc 2 --elastic --verify-fraction 1 --inject corrupt:rank=1,step=5,steps=100000"),
+                 t / "log", InjectEnv());
+  EXPECT_NE(job.Wait(120), 0) << job.Output();
+  const std::string log = job.Output();
+  EXPECT_NE(log.find("no majority names the faulty member (a group of two has no third opinion)"), std::string::npos)
+      << log;
+  EXPECT_FALSE(std::filesystem::exists(out + "/ckpt-00000040"));
+}
+
 // A worker computing 4x slower gets fewer micro-batches (the global batch is unchanged, so are the weights).
 TEST_F(ElasticTrain, ASlowWorkerGetsFewerMicroBatches) {
   TempDir t;

@@ -123,7 +123,7 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
         else if (k == "secs" && x > 0) f.secs = x;
         else if (k == "factor" && x >= 1) f.factor = x;
         else if (k == "busy" && (x == 0 || x == 1) && f.kind == FaultSpec::kSlow) f.busy = x == 1;
-        else if (k == "steps" && x >= 1) f.steps = static_cast<int64_t>(x);
+        else if (k == "steps" && x >= 1) f.steps = static_cast<int64_t>(x), f.steps_set = true;
         else if (k == "every" && x > 0) f.every = x;
         else if (k == "start" && x >= 0) f.start = x;
         else if (k == "seed" && x >= 0) f.seed = static_cast<uint64_t>(x);
@@ -242,22 +242,33 @@ bool FaultInjector::AfterMicroBatch(int64_t step) {
   return false;
 }
 
-bool FaultInjector::CorruptGradient(int64_t step, float* grads, size_t n) {
+bool FaultInjector::CorruptGradient(int64_t step, float* grads, size_t n, bool first) {
   std::lock_guard<std::mutex> l(mu_);
   if (n == 0) return false;
   bool fire = false;
   std::string id;
   const size_t idx = static_cast<size_t>(MixKey(static_cast<uint64_t>(step), 77) % n);
+  auto flip = [&] {
+    uint32_t w;
+    std::memcpy(&w, grads + idx, 4);
+    w ^= uint32_t{1} << 21;  // a mantissa bit: still finite
+    std::memcpy(grads + idx, &w, 4);
+  };
   for (size_t s = 0; s < specs_.size() && !fire; ++s) {
     const FaultSpec& f = specs_[s];
-    if ((f.kind != FaultSpec::kNan && f.kind != FaultSpec::kCorrupt) || f.rank != rank_ || f.step != step) continue;
+    if ((f.kind != FaultSpec::kNan && f.kind != FaultSpec::kCorrupt) || f.rank != rank_) continue;
     id = std::string(FaultKindName(f.kind)) + "/" + std::to_string(s);
-    if (!Claim(id)) continue;
+    if (f.kind == FaultSpec::kCorrupt && f.steps_set) {  // persistent: every gradient, recorded once
+      if (step < f.step || step - f.step >= f.steps) continue;
+      flip();
+      if (Claim(id))
+        Record(f.kind, step, id, "every gradient this worker computes for " + std::to_string(f.steps) +
+                                     " steps gets mantissa bit 21 of one value flipped");
+      return true;
+    }
+    if (!first || f.step != step || !Claim(id)) continue;
     if (f.kind == FaultSpec::kCorrupt) {
-      uint32_t w;
-      std::memcpy(&w, grads + idx, 4);
-      w ^= uint32_t{1} << 21;  // a mantissa bit: still finite
-      std::memcpy(grads + idx, &w, 4);
+      flip();
       Record(f.kind, step, id, "gradient " + std::to_string(idx) + " mantissa bit 21 flipped");
       return true;
     }
@@ -265,7 +276,7 @@ bool FaultInjector::CorruptGradient(int64_t step, float* grads, size_t n) {
     Record(f.kind, step, id, "NaN in a gradient");
   }
   double secs = 0;
-  if (!fire && DueRandom(FaultSpec::kNan, step, &secs)) fire = true;
+  if (!fire && first && DueRandom(FaultSpec::kNan, step, &secs)) fire = true;
   if (!fire) return false;
   grads[idx] = std::nanf("");
   return true;

@@ -15,8 +15,10 @@
 //   deaf:rank=R,step=S,secs=X         at step S, its communication thread blocks for X seconds (default 30) in a
 //                                     way Communicator::Abort cannot wake (as a stuck collective once did)
 //   nan:rank=R,step=S                 a NaN in the gradient of its first micro-batch of step S
-//   corrupt:rank=R,step=S             one flipped mantissa bit in that gradient (finite: only a cross-check,
-//                                     --verify-fraction, can see it)
+//   corrupt:rank=R,step=S,steps=N     one flipped mantissa bit in that gradient (finite: only a cross-check,
+//                                     --verify-fraction, can see it); with steps=N, in every gradient this worker
+//                                     computes (summed or cross-checked) in steps S..S+N-1: a persistently
+//                                     faulty unit
 //   spike:rank=R,step=S,factor=F      its first micro-batch of step S reports F times its loss (default 100)
 //   bitflip:rank=R,step=S             flip one bit of one parameter at the start of step S
 //   truncate-ckpt:step=S,then=kill|hang   the checkpoint of step S is left half-written (a .tmp directory with a
@@ -56,6 +58,7 @@ struct FaultSpec {
   double factor = 3;      // slow
   bool busy = false;      // slow: spin instead of sleeping
   int64_t steps = 1000000;
+  bool steps_set = false; // the spec names steps= (corrupt: persistent)
   bool then_kill = true;  // truncate-ckpt
   double mbit = 0, latency_ms = 0;  // link
   // random
@@ -83,7 +86,9 @@ class FaultInjector {
 
   // Hooks. Each returns whether it injected something.
   bool AfterMicroBatch(int64_t step);                          // crash / hang
-  bool CorruptGradient(int64_t step, float* grads, size_t n);  // nan
+  // nan / corrupt. `first`: this is the first gradient the worker sums in this step, the only one a one-shot
+  // fault hits (a persistent corrupt hits every gradient of its steps).
+  bool CorruptGradient(int64_t step, float* grads, size_t n, bool first = true);
   bool FlipParamBit(int64_t step, float* params, size_t n);    // bitflip
   double SlowFactor(int64_t step);                             // slow (1 = normal)
   // slow: waits (SlowFactor - 1) x compute_s, sleeping or (busy=1) spinning.

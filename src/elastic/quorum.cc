@@ -226,14 +226,28 @@ std::vector<MicroSet> AssignMicroBatches(int M, const std::vector<MicroSet>& hel
 }
 
 std::vector<VerifyTask> PickVerifications(uint64_t seed, int64_t step, int attempt, double fraction,
-                                          const std::vector<MicroSet>& assigned) {
+                                          const std::vector<MicroSet>& assigned, const MicroSet& disputed) {
   std::vector<VerifyTask> out;
   const int n = static_cast<int>(assigned.size());
-  if (n < 2 || !(fraction > 0)) return out;
-  for (int i = 0; i < 128 && static_cast<int>(out.size()) < kMaxVerify; ++i) {
+  if (n < 2) return out;
+  auto owner_of = [&](int i) {
     int owner = -1;
     for (int k = 0; k < n; ++k)
       if (assigned[static_cast<size_t>(k)].Has(i)) owner = k;
+    return owner;
+  };
+  // Third opinions first: a tie that is not broken would be redone forever.
+  for (int i = 0; i < 128; ++i) {
+    const int owner = disputed.Has(i) ? owner_of(i) : -1;
+    if (owner < 0) continue;
+    const int verifiers = std::min(2, n - 1);
+    if (static_cast<int>(out.size()) + verifiers > kMaxVerify) break;
+    for (int j = 1; j <= verifiers; ++j) out.push_back({i, owner, (owner + j) % n});
+  }
+  if (!(fraction > 0)) return out;
+  for (int i = 0; i < 128 && static_cast<int>(out.size()) < kMaxVerify; ++i) {
+    if (disputed.Has(i)) continue;
+    const int owner = owner_of(i);
     if (owner < 0) continue;
     const uint64_t h = MixKey(MixKey(seed ^ 0x5EC0DEull, static_cast<uint64_t>(step)),
                               static_cast<uint64_t>(i) * 131 + static_cast<uint64_t>(attempt));
@@ -454,6 +468,7 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
       const VoteRecord& r = votes[static_cast<size_t>(k)];
       for (int j = 0; j < r.n_verify && j < kMaxVerify; ++j) seen[r.verify_micro[j]].push_back({k, r.verify_hash[j]});
     }
+    std::vector<bool> struck(static_cast<size_t>(n), false);  // one strike per member and vote
     for (const auto& [mb, list] : seen) {
       if (list.size() < 2) continue;
       std::vector<uint64_t> h;
@@ -468,17 +483,23 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
           const VoteRecord& r = votes[static_cast<size_t>(k)];
           o.notes.push_back(Uid(r) + ": gradient of micro-batch " + std::to_string(mb) +
                             " differs from two other members' (silent data corruption)");
+          o.avoid.push_back({k, mb});
+          if (struck[static_cast<size_t>(k)]) continue;
+          struck[static_cast<size_t>(k)] = true;
           if (strikes->Add(r.uid, kStrikeCorrupt, step, c.strike_window) >= c.quarantine_after) {
             quarantine[static_cast<size_t>(k)] = true;
             o.notes.push_back(Uid(r) + ": repeated faults; quarantined");
           }
         }
       }
-      if (maj < 0)
-        o.notes.push_back("micro-batch " + std::to_string(mb) + ": recomputed gradients differ between members " +
-                          std::to_string(list[0].first) + " and " + std::to_string(list[1].first) +
-                          "; recomputing it on both (a third opinion breaks a repeated tie)");
-      o.avoid.push_back({-1, mb});  // marker: verify this micro-batch with a third member next attempt
+      if (maj < 0) {
+        std::string who;
+        for (const auto& e : list) who += (who.empty() ? "" : ", ") + Uid(votes[static_cast<size_t>(e.first)]);
+        o.notes.push_back("micro-batch " + std::to_string(mb) + ": recomputed gradients differ between " + who +
+                          "; recomputing it with a third opinion");
+        o.unresolved = true;
+      }
+      o.disputed.Set(mb);
     }
   }
   // 5. Every micro-batch is in the sum exactly once.

@@ -134,15 +134,19 @@ std::vector<MicroSet> AssignMicroBatches(int M, const std::vector<MicroSet>& hel
                                          const std::vector<MicroSet>& avoid);
 
 // Deterministic-mode cross-check: micro-batches whose gradient a second member recomputes (a pure function
-// of (seed, step, fraction)); at most 8 per step. Returns (micro-batch, verifier index) pairs for a group
-// whose compute assignment is `assigned` (the verifier is the next member after the one computing it).
+// of (seed, step, attempt, fraction)), for a group whose compute assignment is `assigned`; the verifier is
+// drawn among the other members. `disputed` micro-batches (their cross-check was a tie in the previous attempt:
+// two hashes that differ cannot say which one is wrong) come first and get a third opinion: two verifiers, the
+// two members after the owner, whatever the fraction (one verifier in a group of two). At most kMaxVerify
+// tasks in all; a micro-batch with two verifiers is two tasks with the same owner.
 struct VerifyTask {
   int micro = -1;
   int owner = -1;     // member computing it for the sum
   int verifier = -1;  // member recomputing it only to compare
 };
 std::vector<VerifyTask> PickVerifications(uint64_t seed, int64_t step, int attempt, double fraction,
-                                          const std::vector<MicroSet>& assigned);
+                                          const std::vector<MicroSet>& assigned,
+                                          const MicroSet& disputed = MicroSet{});
 
 // ---- the commit vote ----
 
@@ -212,6 +216,9 @@ struct VoteOutcome {
   std::vector<int> quarantine;        // members to remove for good
   std::vector<std::pair<int, int>> bad;  // (member, micro-batch) non-finite results, for the log
   std::vector<std::pair<int, int>> avoid;  // (member, micro-batch): do not give it back to that member
+  MicroSet disputed;                  // cross-checked micro-batches whose hashes differed: the next attempt
+                                      //   recomputes each on three members (PickVerifications' `disputed`)
+  bool unresolved = false;            // some cross-check differed without a majority to name the faulty member
   std::vector<std::string> notes;     // one line per finding, for the log / events
   double loss = 0;                    // mean loss over the step's micro-batches (when committed)
   bool stop = false, joiners = false, reform = false;

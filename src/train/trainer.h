@@ -49,8 +49,9 @@ struct TrainOptions {
   // Fault tolerance (docs/step-protocol.md).
   int64_t check_every = 10;   // every K steps: whole training state hashed and compared across members, and an
                               // in-memory snapshot kept for rollbacks (parameters are compared every step); 0: never
-  double verify_fraction = 0; // deterministic mode: this fraction of micro-batches is recomputed by a second
-                              // member and the gradients compared bit for bit
+  double verify_fraction = 0; // deterministic mode: this fraction of micro-batches (at most 8 per step) is
+                              // recomputed by a second member and the gradients compared bit for bit; a mismatch
+                              // is recomputed on three members, and the odd one out is struck
   double spike_factor = 0;    // loss > running mean + factor * running deviation: roll back and skip the data
                               // (0: off)
   int quarantine_after = 2;   // faults of one kind on one member (within 100 steps) before it is quarantined

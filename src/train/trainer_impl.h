@@ -45,6 +45,10 @@
 
 namespace keel::trainer_support {
 
+// Attempts of one step in a row whose cross-check differed without a majority before the job stops (a
+// transient fault resolves on the next attempt, which gets a third opinion).
+inline constexpr int kMaxUnresolvedVotes = 4;
+
 // ---------------------------------------------------------------------------------------------------------
 // Trainer: one worker's training, step by step.
 
@@ -182,6 +186,8 @@ class Trainer {
   double held_loss_[128] = {};
   std::vector<MicroSet> group_held_;   // every member's holdings (agreed)
   std::vector<MicroSet> avoid_;        // per member: micro-batches not to give it again this step
+  MicroSet disputed_;                  // cross-checks that differed in the last attempt: a third opinion next
+  int unresolved_votes_ = 0;           // attempts of this step in a row whose cross-check had no majority
   std::vector<int> last_counts_;       // the last full-step split (for the "shares" event)
   // This attempt.
   MicroSet bad_;

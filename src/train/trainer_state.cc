@@ -151,6 +151,8 @@ Status Trainer::SyncState(int depth) {
   if (!plan.receivers.empty()) KEEL_RETURN_IF_ERROR(TransferState(plan.source, plan.receivers, plan.state_hash, "sync"));
   group_held_ = plan.held;
   avoid_.assign(static_cast<size_t>(size_), MicroSet{});
+  disputed_ = MicroSet{};  // member indices changed: the next attempt's cross-check starts afresh
+  unresolved_votes_ = 0;
   if (receiver || group_held_[static_cast<size_t>(index_)].Empty()) {
     ClearHoldings();
     held_step_ = step_;

@@ -49,7 +49,7 @@ Trainer::Plan Trainer::MakePlan(int attempt) {
     }
   }
   if (o_.deterministic && o_.verify_fraction > 0)
-    p.verify = PickVerifications(o_.seed, step_, attempt, o_.verify_fraction, p.assigned);
+    p.verify = PickVerifications(o_.seed, step_, attempt, o_.verify_fraction, p.assigned, disputed_);
   return p;
 }
 
@@ -129,9 +129,9 @@ void Trainer::Compute(const Plan& plan) {
       model_->Backward([&](int group) {
         const auto [off, count] = GroupRange(model_->tensors(), group);
         float* g = host_grads(off, count);
-        if (inject_ && first_sum && !corrupt_tried) {
+        if (inject_ && !corrupt_tried) {
           corrupt_tried = true;
-          inject_->CorruptGradient(step, g, count);
+          inject_->CorruptGradient(step, g, count, first_sum);
         }
         if (o_.deterministic) {
           size_t sat = 0;
@@ -153,7 +153,7 @@ void Trainer::Compute(const Plan& plan) {
         nonfinite += r.ok() ? r.value() : 1;
       } else {
         float* g = host_grads(0, P_);
-        if (t.sum && inject_ && first_sum) inject_->CorruptGradient(step, g, P_);
+        if (inject_) inject_->CorruptGradient(step, g, P_, t.sum && first_sum);
         if (t.hash) verify_hashes_.push_back({t.micro, Hash64(g, P_ * sizeof(float))});
         if (t.sum) {
           size_t sat = 0;
@@ -386,6 +386,16 @@ Status Trainer::Abort(const VoteOutcome& v, const std::vector<VoteRecord>& recor
   if (static_cast<int>(avoid_.size()) != size_) avoid_.assign(static_cast<size_t>(size_), MicroSet{});
   for (const auto& [k, mb] : v.avoid)
     if (k >= 0 && k < size_) avoid_[static_cast<size_t>(k)].Set(mb);
+  disputed_ = v.disputed;
+  // A cross-check tie that keeps coming back (a group of two has no third opinion; or three different answers)
+  // cannot name the faulty member: stop, rather than redo the step forever.
+  unresolved_votes_ = v.unresolved && v.quarantine.empty() ? unresolved_votes_ + 1 : 0;
+  if (unresolved_votes_ >= kMaxUnresolvedVotes)
+    return Aborted("step " + std::to_string(step_ + 1) + ": cross-checked gradients (micro-batches " +
+                   v.disputed.ToString() + ") differed between members in " + std::to_string(unresolved_votes_) +
+                   " attempts in a row and no majority names the faulty member (" +
+                   (size_ == 2 ? "a group of two has no third opinion" : "no two of the results agree") +
+                   "); stopping instead of redoing the step forever");
   // Quarantine: the member leaves for good; the others re-form without it.
   if (!v.quarantine.empty()) {
     const bool me = std::find(v.quarantine.begin(), v.quarantine.end(), index_) != v.quarantine.end();
@@ -496,6 +506,8 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
   held_step_ = step_;
   group_held_.assign(static_cast<size_t>(size_), MicroSet{});
   avoid_.assign(static_cast<size_t>(size_), MicroSet{});
+  disputed_ = MicroSet{};
+  unresolved_votes_ = 0;
   data_bad_.clear();
   return gnorm;
 }

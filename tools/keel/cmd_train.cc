@@ -124,8 +124,8 @@ int RunTrain(int argc, char** argv) {
                  "snapshot for rollbacks (parameters are compared every step; 0: never)")
       ->capture_default_str();
   app.add_option("--verify-fraction", o.verify_fraction,
-                 "deterministic mode: fraction of micro-batches recomputed by a second worker, gradients compared "
-                 "bit for bit")
+                 "deterministic mode: fraction of micro-batches (at most 8 per step) recomputed by a second worker, "
+                 "gradients compared bit for bit; a mismatch is recomputed on three workers and the odd one struck")
       ->capture_default_str();
   app.add_option("--spike-factor", o.spike_factor,
                  "loss above running mean + F x running deviation: roll back to the snapshot and skip that data "
