@@ -27,10 +27,12 @@ if [ "${1:-}" = "--make-bundle" ]; then
   set -e
   BUILD=${BUILD_DIR:-build-cuda}
   cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKEEL_CUDA=ON -DKEEL_BENCH=OFF >/dev/null
-  ninja -C "$BUILD" -j"${JOBS:-2}" keel backend_conformance_test cuda_host_test
+  ninja -C "$BUILD" -j"${JOBS:-2}" keel keel_cuda_plugin backend_conformance_test cuda_host_test
   rm -rf "$BUNDLE"
   mkdir -p "$BUNDLE/bin" "$BUNDLE/lib"
-  for b in "$BUILD/keel" "$BUILD/tests/backend_conformance_test" "$BUILD/tests/cuda_host_test"; do
+  # The CUDA backend plugin goes beside the binaries: `--device cuda` loads it from there.
+  for b in "$BUILD/keel" "$BUILD/libkeel_cuda_backend.so" "$BUILD/tests/backend_conformance_test" \
+           "$BUILD/tests/cuda_host_test"; do
     cp "$b" "$BUNDLE/bin/"
     strip --strip-unneeded "$BUNDLE/bin/$(basename "$b")" || true
   done

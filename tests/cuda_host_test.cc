@@ -11,6 +11,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
 #include <string>
 #include <thread>
 #include <vector>
@@ -91,6 +92,32 @@ TEST(CudaHost, CliDeviceCudaWithoutDeviceFailsCleanly) {
 }
 
 #ifdef KEEL_HAVE_CUDA
+
+// keel links no CUDA library: the backend is a plugin loaded by `--device cuda` (cuBLAS and cuBLASLt cost every
+// command ~0.4 s and ~200 MB when keel linked them). A plugin that is not where it is looked for is a one-line
+// error naming the path.
+TEST(CudaHost, TheCudaLibrariesAreLoadedOnlyForDeviceCuda) {
+  auto v = testing::RunCommand("LD_DEBUG=libs " + std::string(KEEL_BINARY) + " --version");
+  ASSERT_EQ(v.exit_code, 0) << v.output;
+  EXPECT_NE(v.output.find("libopenblas"), std::string::npos) << "LD_DEBUG=libs should list the libraries: " << v.output;
+  EXPECT_EQ(v.output.find("libcublas"), std::string::npos) << v.output;
+  EXPECT_EQ(v.output.find("libcudart"), std::string::npos) << v.output;
+  TempDir t;
+  std::string text;
+  for (int i = 0; i < 200; ++i) text += "line " + std::to_string(i) + " of a small corpus\n";
+  WriteText(t / "c.txt", text);
+  ASSERT_EQ(RunKeel("prepare --input " + t / "c.txt" + " --out " + t / "data" + " --tokenizer byte").exit_code, 0);
+  auto r = testing::RunCommand("KEEL_CUDA_PLUGIN=" + t / "nowhere.so " + std::string(KEEL_BINARY) + " train --data " +
+                               t / "data" + " --out " + t / "run" + " --device cuda --layers 1 --heads 2 --dim 16 " +
+                               "--ctx 16 --batch 2 --steps 2 --no-progress");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  std::string out = r.output;
+  while (!out.empty() && out.back() == '\n') out.pop_back();
+  EXPECT_EQ(out.find('\n'), std::string::npos) << r.output;
+  EXPECT_NE(out.find("CUDA backend plugin"), std::string::npos) << out;
+  EXPECT_NE(out.find(t / "nowhere.so"), std::string::npos) << out;
+  EXPECT_FALSE(std::filesystem::exists(t / "run")) << "nothing is written when the device is missing";
+}
 
 TEST(CudaHost, OptionsFromEnvironment) {
   {

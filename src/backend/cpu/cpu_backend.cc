@@ -168,21 +168,13 @@ class CpuBackend final : public Backend {
 
 std::unique_ptr<Backend> MakeCpuBackend(int threads) { return std::make_unique<CpuBackend>(threads); }
 
-#ifdef KEEL_HAVE_CUDA
-Result<std::unique_ptr<Backend>> MakeCudaBackend();
-#endif
+Result<std::unique_ptr<Backend>> LoadCudaBackend();  // backend/cuda_plugin.cc
 
 Result<std::unique_ptr<Backend>> MakeBackend(const std::string& name, int threads) {
   if (threads < 0 || threads > kMaxThreads)
     return InvalidArgument("--threads must be in [0, " + std::to_string(kMaxThreads) + "]");
   if (name == "cpu") return MakeCpuBackend(threads);
-  if (name == "cuda") {
-#ifdef KEEL_HAVE_CUDA
-    return MakeCudaBackend();
-#else
-    return Unavailable("--device cuda: this keel was built without CUDA support");
-#endif
-  }
+  if (name == "cuda") return LoadCudaBackend();
   return InvalidArgument("--device: unknown device '" + name + "' (expected cpu or cuda)");
 }
 

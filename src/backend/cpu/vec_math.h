@@ -114,7 +114,9 @@ KEEL_VINLINE VecF VecTanh(VecF x) {
 // Lane-wise IEEE square root (correctly rounded, as std::sqrt).
 KEEL_VINLINE VecF VecSqrt(VecF x) {
 #if defined(__AVX512F__)
-  return reinterpret_cast<VecF>(_mm512_sqrt_ps(reinterpret_cast<__m512>(x)));
+  // The zero-masked form with every lane selected: the same vsqrtps, without _mm512_sqrt_ps's
+  // _mm512_undefined_ps() pass-through, which GCC 12 reports as maybe-uninitialized (GCC PR 105593).
+  return reinterpret_cast<VecF>(_mm512_maskz_sqrt_ps(static_cast<__mmask16>(0xFFFF), reinterpret_cast<__m512>(x)));
 #elif defined(__AVX__)
   return reinterpret_cast<VecF>(_mm256_sqrt_ps(reinterpret_cast<__m256>(x)));
 #else
