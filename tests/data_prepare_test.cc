@@ -188,6 +188,15 @@ TEST(DataPrepare, ReplacesExistingDataDirOnly) {
   o.out_dir = t / "afile";
   EXPECT_FALSE(Prepare(o).ok());
   EXPECT_EQ(ReadAll(t / "afile"), "x");
+  // Under a file: refused before any work, naming the file in the way.
+  int progress_lines = 0;
+  o.progress = [&](std::string_view) { ++progress_lines; };
+  o.out_dir = t / "afile/sub/data";
+  auto under = Prepare(o);
+  ASSERT_FALSE(under.ok());
+  EXPECT_EQ(under.status().message(),
+            "--out " + (t / "afile/sub/data") + ": cannot be created: " + (t / "afile") + " is not a directory");
+  EXPECT_EQ(progress_lines, 0);
 }
 
 TEST(DataPrepare, ValidatesOptions) {

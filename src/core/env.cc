@@ -286,6 +286,17 @@ std::string JoinPath(const std::string& a, const std::string& b) {
   return a + "/" + b;
 }
 
+Status CheckCanCreateDir(Env* env, const std::string& path, const std::string& what) {
+  if (env->Exists(path)) return Status::Ok();
+  for (std::string p = DirName(path);; p = DirName(p)) {
+    if (env->Exists(p)) {
+      if (!env->IsDir(p)) return InvalidArgument(what + ": cannot be created: " + p + " is not a directory");
+      return Status::Ok();
+    }
+    if (p == "/" || p == ".") return Status::Ok();
+  }
+}
+
 std::string DirName(const std::string& path) {
   auto pos = path.find_last_of('/');
   if (pos == std::string::npos) return ".";

@@ -69,6 +69,11 @@ void SetDefaultEnv(Env* env);
 // the temporary it created and nothing else; concurrent writers never share a temporary.
 Status WriteFileAtomic(const std::string& path, std::string_view data);
 
+// A directory that does not exist yet can be created at path (its nearest existing ancestor is a directory);
+// kInvalidArgument "<what>: cannot be created: ANCESTOR is not a directory" otherwise. Lets a command refuse an
+// impossible output path before its expensive work rather than at the end.
+Status CheckCanCreateDir(Env* env, const std::string& path, const std::string& what);
+
 std::string JoinPath(const std::string& a, const std::string& b);
 std::string DirName(const std::string& path);
 std::string BaseName(const std::string& path);

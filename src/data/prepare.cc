@@ -48,7 +48,7 @@ Status ValidateOptions(const PrepareOptions& o) {
 // OUT may be created or replaced if it does not exist, is an empty directory, or is a keel data directory.
 Status CheckOutDir(const std::string& out) {
   Env* env = DefaultEnv();
-  if (!env->Exists(out)) return Status::Ok();
+  if (!env->Exists(out)) return CheckCanCreateDir(env, out, "--out " + out);
   const Status not_data = InvalidArgument(out + " exists and is not a keel data directory");
   if (!env->IsDir(out)) return not_data;
   if (env->Exists(JoinPath(out, kMetaFile))) return Status::Ok();

@@ -33,31 +33,6 @@ const char* ExportDtypeName(ExportDtype d) {
   return "?";
 }
 
-Status CheckFiniteParams(const TrainingSnapshot& s, const std::string& where,
-                         const std::function<double(const ParamTensor&)>& largest_storable) {
-  const size_t n = s.params.size();
-  for (const auto& t : ParamLayout(s.config)) {
-    if (t.offset + t.size > n) break;  // the exporters report a mismatched buffer themselves
-    const float* x = s.params.data() + t.offset;
-    const double limit = largest_storable ? largest_storable(t) : HUGE_VAL;
-    for (size_t i = 0; i < t.size; ++i) {
-      if (std::isfinite(x[i])) {
-        if (std::fabs(static_cast<double>(x[i])) <= limit) continue;
-        char v[32], l[32];
-        std::snprintf(v, sizeof v, "%g", static_cast<double>(x[i]));
-        std::snprintf(l, sizeof l, "%g", limit);
-        return InvalidArgument(where + ": tensor '" + t.name + "' has a value beyond what its export type stores (" +
-                               v + " at element " + std::to_string(i) + "; at most +-" + l +
-                               " as f16 or q8_0): export with --dtype f32");
-      }
-      return InvalidArgument(where + ": tensor '" + t.name + "' has a non-finite value (" +
-                             (std::isnan(x[i]) ? "nan" : x[i] > 0 ? "inf" : "-inf") + " at element " +
-                             std::to_string(i) + "): the model is broken (a diverged run?)");
-    }
-  }
-  return Status::Ok();
-}
-
 Status ExportModel(const TrainingSnapshot& s, const std::string& out, const ExportOptions& o) {
   if (out.empty()) return InvalidArgument("--out must not be empty");
   if (o.format != "gguf" && o.format != "safetensors")

@@ -36,14 +36,6 @@ struct ExportOptions {
 // non-finite parameter (inf would turn a whole Q8_0 block into NaN, and NaN would quantize silently to 0).
 Status ExportModel(const TrainingSnapshot& s, const std::string& out, const ExportOptions& o);
 
-// kInvalidArgument "<where>: tensor 'NAME' has a non-finite value (...)" for the first parameter of s (laid out
-// as ParamLayout(s.config)) that is inf or NaN, or "... has a value beyond what its export type stores" for one
-// whose magnitude exceeds largest_storable(tensor) (the exporters pass 65504 for a tensor they write as f16, and
-// 65504 x 127 for Q8_0, whose block scale is an f16: beyond, the file would hold inf). Both exporters call it,
-// and `keel sample` / `keel serve` on load (without a bound: finiteness only).
-Status CheckFiniteParams(const TrainingSnapshot& s, const std::string& where,
-                         const std::function<double(const ParamTensor&)>& largest_storable = {});
-
 // The f16 and Q8_0 bounds above.
 inline constexpr double kF16Max = 65504.0;
 inline constexpr double kQ8_0Max = 65504.0 * 127.0;

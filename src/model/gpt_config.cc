@@ -2,6 +2,7 @@
 #include "model/gpt_config.h"
 
 #include <climits>
+#include <tuple>
 
 namespace keel {
 
@@ -17,8 +18,11 @@ Status GptConfig::Validate() const {
   KEEL_RETURN_IF_ERROR(positive("vocab size", vocab));
   if (dim % heads != 0)
     return InvalidArgument("--dim " + std::to_string(dim) + " is not divisible by --heads " + std::to_string(heads));
-  if (layers > 1024 || dim > 65536 || ctx > 1 << 20 || vocab > 1 << 24)
-    return InvalidArgument("model config is implausibly large (layers/dim/ctx/vocab)");
+  for (auto [name, v, most] : {std::tuple{"--layers", layers, 1024}, {"--dim", dim, 65536}, {"--ctx", ctx, 1 << 20},
+                                {"--vocab", vocab, 1 << 24}})
+    if (v > most)
+      return InvalidArgument(std::string(name) + " " + std::to_string(v) + " is implausibly large (at most " +
+                             std::to_string(most) + ")");
   return Status::Ok();
 }
 

@@ -1,6 +1,10 @@
 // checkpoint_io.cc: encoding and decoding of training snapshots to checkpoint files.
 #include "train/checkpoint_io.h"
 
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+
 #include <map>
 
 #include "core/env.h"
@@ -76,8 +80,9 @@ Result<TrainingSnapshot> LoadSnapshot(const std::string& path, bool with_optimiz
     if (!f.count(need)) return Corrupt(dir + ": checkpoint lacks " + need);
   KEEL_ASSIGN_OR_RETURN(TrainingSnapshot s, DecodeModelFile(dir + "/model.safetensors", std::move(f["model.safetensors"])));
   s.state = nlohmann::json::parse(f["state.json"], nullptr, false);
-  if (s.state.is_discarded() || !s.state.is_object() || !s.state.contains("step"))
-    return Corrupt(dir + "/state.json: not a valid training state");
+  if (s.state.is_discarded() || !s.state.is_object()) return Corrupt(dir + "/state.json: not a JSON object");
+  KEEL_RETURN_IF_ERROR(ValidateTrainingState(s.state, dir + "/state.json"));
+  if (Status fin = CheckFiniteParams(s, dir + "/model.safetensors"); !fin.ok()) return Corrupt(fin.message());
   s.tokenizer = std::move(f["tokenizer.model"]);
   if (with_optimizer) {
     if (!f.count("optim.safetensors")) return Corrupt(dir + ": checkpoint lacks optim.safetensors");
@@ -92,6 +97,9 @@ Result<TrainingSnapshot> LoadSnapshot(const std::string& path, bool with_optimiz
         return Corrupt(opath + ": tensor '" + name + "' has " + std::to_string(r->size()) + " elements, the model " +
                        std::to_string(s.params.size()) + " parameters");
       *out = std::move(r).value();
+      for (size_t i = 0; i < out->size(); ++i)
+        if (!std::isfinite((*out)[i]))
+          return Corrupt(opath + ": tensor '" + name + "' has a non-finite value at element " + std::to_string(i));
       return Status::Ok();
     };
     KEEL_RETURN_IF_ERROR(moment("adam.m", &s.adam_m));
@@ -100,6 +108,83 @@ Result<TrainingSnapshot> LoadSnapshot(const std::string& path, bool with_optimiz
   }
   if (loaded_dir) *loaded_dir = dir;
   return s;
+}
+
+Status ValidateTrainingState(const nlohmann::json& state, const std::string& where) {
+  if (!state.is_object()) return Corrupt(where + ": not a JSON object");
+  auto bad = [&](const std::string& key, const std::string& want) {
+    return Corrupt(where + ": '" + key + "' must be " + want + " (got " + state[key].dump() + ")");
+  };
+  // Integers keel writes: step (required), data_offset, epoch and the option echoes. 2^53: exact in a double and far
+  // beyond any run, so arithmetic on them cannot overflow.
+  constexpr int64_t kMaxCount = int64_t{1} << 53;
+  auto integer = [&](const char* key, int64_t lo, bool required) -> Status {
+    if (!state.contains(key)) return required ? Corrupt(where + ": '" + key + "' is missing") : Status::Ok();
+    const auto& v = state[key];
+    if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(kMaxCount)) ||
+        (!v.is_number_unsigned() && (v.get<int64_t>() < lo || v.get<int64_t>() > kMaxCount)))
+      return bad(key, "an integer in [" + std::to_string(lo) + ", 2^53]");
+    return Status::Ok();
+  };
+  KEEL_RETURN_IF_ERROR(integer("step", 0, true));
+  for (const char* key : {"data_offset", "epoch", "steps", "warmup"}) KEEL_RETURN_IF_ERROR(integer(key, 0, false));
+  for (const char* key : {"batch", "grad_accum"}) KEEL_RETURN_IF_ERROR(integer(key, 1, false));
+  if (state.contains("seed") && !state["seed"].is_number_unsigned() &&
+      !(state["seed"].is_number_integer() && state["seed"].get<int64_t>() >= 0))
+    return bad("seed", "a non-negative integer");
+  for (const char* key : {"data_fingerprint", "keel_version", "sync", "compress", "optimizer", "imported_from"})
+    if (state.contains(key) && !state[key].is_string()) return bad(key, "a string");
+  for (const auto& [key, allowed] : {std::pair<const char*, std::vector<std::string>>{"sync", {"ddp", "diloco"}},
+                                     {"compress", {"none", "bf16", "int8"}},
+                                     {"optimizer", {"adamw", "sgd"}}})
+    if (state.contains(key) && std::find(allowed.begin(), allowed.end(), state[key].get<std::string>()) == allowed.end())
+      return bad(key, "one of " + [&] {
+        std::string l;
+        for (const auto& a : allowed) l += (l.empty() ? "" : ", ") + a;
+        return l;
+      }());
+  if (state.contains("deterministic") && !state["deterministic"].is_boolean()) return bad("deterministic", "true or false");
+  if (state.contains("lr") && !(state["lr"].is_number() && std::isfinite(state["lr"].get<double>())))
+    return bad("lr", "a finite number");
+  for (const char* key : {"loss_stats", "diloco"}) {
+    if (!state.contains(key)) continue;
+    const auto& o = state[key];
+    if (!o.is_object()) return bad(key, "an object");
+    for (const auto& [k, v] : o.items()) {
+      const bool count = k == "loss_n" || k == "inner_steps";
+      const bool ok = count ? v.is_number_integer() && v.get<int64_t>() >= 0 && v.get<int64_t>() <= kMaxCount
+                            : v.is_number() && std::isfinite(v.get<double>());
+      if (!ok)
+        return Corrupt(where + ": '" + std::string(key) + "." + k + "' must be " +
+                       (count ? "a non-negative integer" : "a finite number") + " (got " + v.dump() + ")");
+    }
+  }
+  return Status::Ok();
+}
+
+Status CheckFiniteParams(const TrainingSnapshot& s, const std::string& where,
+                         const std::function<double(const ParamTensor&)>& largest_storable) {
+  const size_t n = s.params.size();
+  for (const auto& t : ParamLayout(s.config)) {
+    if (t.offset + t.size > n) break;  // the exporters report a mismatched buffer themselves
+    const float* x = s.params.data() + t.offset;
+    const double limit = largest_storable ? largest_storable(t) : HUGE_VAL;
+    for (size_t i = 0; i < t.size; ++i) {
+      if (std::isfinite(x[i])) {
+        if (std::fabs(static_cast<double>(x[i])) <= limit) continue;
+        char v[32], l[32];
+        std::snprintf(v, sizeof v, "%g", static_cast<double>(x[i]));
+        std::snprintf(l, sizeof l, "%g", limit);
+        return InvalidArgument(where + ": tensor '" + t.name + "' has a value beyond what its export type stores (" +
+                               v + " at element " + std::to_string(i) + "; at most +-" + l +
+                               " as f16 or q8_0): export with --dtype f32");
+      }
+      return InvalidArgument(where + ": tensor '" + t.name + "' has a non-finite value (" +
+                             (std::isnan(x[i]) ? "nan" : x[i] > 0 ? "inf" : "-inf") + " at element " +
+                             std::to_string(i) + "): the model is broken (a diverged run?)");
+    }
+  }
+  return Status::Ok();
 }
 
 }  // namespace keel

@@ -99,7 +99,11 @@ Status Trainer::InspectRunDir() {
     if (o_.resume && o_.launch_rank == 0) log_("--resume: " + why + ": starting a new run");
     return Status::Ok();
   };
-  if (!env_->Exists(o_.out_dir)) return fresh("--out " + o_.out_dir + " does not exist");
+  if (!env_->Exists(o_.out_dir)) {
+    // It is created at the first metrics line or checkpoint: say now, not then, if it cannot be.
+    KEEL_RETURN_IF_ERROR(CheckCanCreateDir(env_, o_.out_dir, "--out " + o_.out_dir));
+    return fresh("--out " + o_.out_dir + " does not exist");
+  }
   if (!env_->IsDir(o_.out_dir)) return InvalidArgument("--out " + o_.out_dir + ": exists and is not a directory");
   KEEL_ASSIGN_OR_RETURN(auto entries, env_->ListDir(o_.out_dir));
   bool is_run = env_->Exists(run_json_path_);
@@ -111,7 +115,8 @@ Status Trainer::InspectRunDir() {
   if (!is_run) return fresh("--out " + o_.out_dir + " is empty");
   KEEL_ASSIGN_OR_RETURN(std::string run_text, env_->ReadFile(run_json_path_));
   auto run_json = nlohmann::json::parse(run_text, nullptr, false);
-  if (run_json.is_discarded() || !run_json.is_object()) return Corrupt(run_json_path_ + ": not valid JSON");
+  if (run_json.is_discarded()) return Corrupt(run_json_path_ + ": not valid JSON");
+  if (!run_json.is_object()) return Corrupt(run_json_path_ + ": expected a JSON object");
   if (run_json.value("data_fingerprint", "") != data.fingerprint())
     return InvalidArgument("--out " + o_.out_dir + ": the run was trained on different data (fingerprint " +
                            run_json.value("data_fingerprint", "?") + ", --data has " + data.fingerprint() + ")");
@@ -125,14 +130,18 @@ Status Trainer::InspectRunDir() {
   if (resume_snap_.tokenizer != tokenizer_bytes_)
     return InvalidArgument("--data " + o_.data_dir + ": its tokenizer does not match the checkpoint's (" + dir + ")");
   const GptConfig& c = resume_snap_.config;
-  if (o_.model.layers != c.layers || o_.model.heads != c.heads || o_.model.dim != c.dim || o_.model.ctx != c.ctx) {
+  // --vocab 0 (the default) means "the data's"; a resume then takes the checkpoint's.
+  const bool vocab_differs = o_.model.vocab != 0 && o_.model.vocab != c.vocab;
+  if (o_.model.layers != c.layers || o_.model.heads != c.heads || o_.model.dim != c.dim || o_.model.ctx != c.ctx ||
+      vocab_differs) {
     const std::string why =
         o_.model.ctx > c.ctx ? "--ctx " + std::to_string(o_.model.ctx) + " is longer than the checkpoint's position table ("
                                    + std::to_string(c.ctx) + ")"
-                             : "model flags (--layers/--heads/--dim/--ctx) differ from the checkpoint's";
+                             : "model flags (--layers/--heads/--dim/--ctx/--vocab) differ from the checkpoint's";
     return InvalidArgument(why + ": resume with --layers " + std::to_string(c.layers) + " --heads " +
                            std::to_string(c.heads) + " --dim " + std::to_string(c.dim) + " --ctx " +
-                           std::to_string(c.ctx) + " (" + dir + ")");
+                           std::to_string(c.ctx) + (vocab_differs ? " --vocab " + std::to_string(c.vocab) : "") +
+                           " (" + dir + ")");
   }
   // The seed and the batch shape choose every micro-batch's data (dataset.h), so a resume with other values
   // would silently train on another data stream than the run it continues: refuse, naming the value to pass.

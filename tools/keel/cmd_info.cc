@@ -3,6 +3,7 @@
 
 #include "core/env.h"
 #include "data/dataset.h"
+#include "data/tokenizer.h"
 #include "formats/checkpoint.h"
 #include "model/gpt_config.h"
 #include "tools/keel/cli_util.h"
@@ -13,13 +14,23 @@ namespace keel::cli {
 
 namespace {
 
-int DescribeCheckpoint(const std::string& dir) {
-  Status v = VerifyCheckpoint(dir);
-  std::printf("checkpoint %s: %s\n", dir.c_str(), v.ok() ? "valid" : ("INVALID: " + v.message()).c_str());
-  if (!v.ok()) return 1;
+// Every file of a checkpoint: the checksums (VerifyCheckpoint), then what the checksums cannot vouch for (a
+// hand-edited file re-signed, or a run that diverged): the tensors, moments and state.json decode and hold finite
+// values of the right types (LoadSnapshot), and the tokenizer loads.
+Result<TrainingSnapshot> CheckCheckpoint(const std::string& dir) {
+  KEEL_RETURN_IF_ERROR(VerifyCheckpoint(dir));
   std::vector<std::string> warnings;
-  auto s = LoadSnapshot(dir, false, &warnings);
-  if (!s.ok()) return Fail("info", s.status());
+  KEEL_ASSIGN_OR_RETURN(TrainingSnapshot s, LoadSnapshot(dir, true, &warnings));
+  const bool byte_tok = s.tokenizer.rfind("keel-byte", 0) == 0;
+  auto tok = LoadTokenizer(byte_tok ? "byte" : "bpe", s.tokenizer);
+  if (!tok.ok()) return Corrupt(dir + "/tokenizer.model: " + tok.status().message());
+  return s;
+}
+
+int DescribeCheckpoint(const std::string& dir) {
+  auto s = CheckCheckpoint(dir);
+  std::printf("checkpoint %s: %s\n", dir.c_str(), s.ok() ? "valid" : ("INVALID: " + s.status().message()).c_str());
+  if (!s.ok()) return 1;
   std::printf("  model: %s, %.2fM parameters\n", s->config.ToJson().dump().c_str(), NumParams(s->config) / 1e6);
   std::printf("  state: %s\n", s->state.dump().c_str());
   std::printf("  tokenizer: %s, %zu bytes\n", s->tokenizer.rfind("keel-byte", 0) == 0 ? "byte" : "bpe",
@@ -60,7 +71,7 @@ int RunInfo(int argc, char** argv) {
     size_t invalid = 0;
     long long newest_valid = -1;
     for (const auto& c : *list) {
-      Status v = VerifyCheckpoint(c.dir);
+      Status v = CheckCheckpoint(c.dir).status();
       std::printf("  step %lld  %s  %s\n", static_cast<long long>(c.step), c.dir.c_str(),
                   v.ok() ? "valid" : ("INVALID: " + v.message()).c_str());
       if (!v.ok()) ++invalid;
