@@ -163,9 +163,61 @@ TEST_F(CliErrors, BadSyncAndCompressionFlags) {
   ExpectError(RunKeel("train " + Small(t / "r") + " --min-lr-frac 2"), "--min-lr-frac");
   // Launch flags are checked for a single worker too.
   ExpectError(RunKeel("train " + Small(t / "r") + " --nproc -1"), "--nproc");
+  // 0 means "not given" inside, but given it was accepted (and one process trained).
+  ExpectError(RunKeel("train " + Small(t / "r") + " --nproc 0"), "--nproc/--nproc-per-node must be >= 1");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --nproc-per-node 0"), "--nproc/--nproc-per-node must be >= 1");
   ExpectError(RunKeel("train " + Small(t / "r") + " --min-workers 5 --max-workers 2"), "--max-workers");
   ExpectError(RunKeel("train " + Small(t / "r") + " --rdzv-timeout nan"), "--rdzv-timeout");
   EXPECT_FALSE(fs::exists(t / "r"));
+}
+
+// A seed is a decimal integer in [0, 2^64-1]: -1 used to wrap to 2^64-1, a larger value to saturate, 0x10 to be
+// read as hex, each training or sampling silently with another seed.
+TEST_F(CliErrors, SeedOutOfRange) {
+  TempDir t;
+  for (const char* seed : {"-1", "99999999999999999999", "0x10", "+5", "''"})
+    ExpectError(RunKeel("train " + Small(t / "r") + " --steps 2 --seed " + seed),
+                "--seed: must be a decimal integer in [0, 18446744073709551615]");
+  ExpectError(RunKeel("sample --ckpt " + Run() + " -n 2 --seed -1"), "--seed: must be a decimal integer");
+  ExpectError(RunKeel("sample --ckpt " + Run() + " -n 2 -s 18446744073709551616"), "--seed: must be a decimal integer");
+  // The same check covers a config file's value, and the error names the file.
+  WriteText(t / "seed.json", "{\"seed\": -1}");
+  ExpectError(RunKeel("train --config " + t / "seed.json" + " " + Small(t / "r") + " --steps 2"),
+              "--config " + t / "seed.json" + ": --seed: must be a decimal integer");
+  EXPECT_FALSE(fs::exists(t / "r"));
+  auto r = RunKeel("sample --ckpt " + Run() + " -n 2 --threads 1 --seed 18446744073709551615");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+}
+
+// An explicitly empty value (an unset shell variable) for a flag whose default is "not given" used to mean the
+// default silently: serve --host "" bound [::1] and announced "http://:PORT".
+TEST_F(CliErrors, EmptyFlagValues) {
+  TempDir t;
+  // serve checks its flags before it opens the checkpoint (a nonexistent one here: the test cannot start a server).
+  ExpectError(RunKeel("serve /nonexistent/run --host ''"), "--host must not be empty");
+  ExpectError(RunKeel("serve /nonexistent/run --model-name ''"), "--model-name must not be empty");
+  ExpectError(RunKeel("serve /nonexistent/run --api-key ''"), "--api-key must not be empty");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --steps 2 --rdzv ''"), "--rdzv must not be empty");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --steps 2 --host ''"), "--host must not be empty");
+  EXPECT_FALSE(fs::exists(t / "r"));
+  ExpectError(RunKeel("export " + Run() + " --format gguf --out " + t / "m.gguf" + " --name ''"),
+              "--name must not be empty");
+  EXPECT_FALSE(fs::exists(t / "m.gguf"));
+}
+
+// The byte tokenizer's vocabulary is fixed (256 ids): --vocab-size with it was silently ignored.
+TEST_F(CliErrors, VocabSizeWithByteTokenizer) {
+  TempDir t;
+  ExpectError(RunKeel("prepare --input " + *dir_ / "corpus.txt" + " --out " + t / "d --tokenizer byte --vocab-size 5"),
+              "--vocab-size applies only to --tokenizer bpe");
+  EXPECT_FALSE(fs::exists(t / "d"));
+}
+
+// An unknown command: one line naming it and `keel --help` (the full usage used to follow it), exit status 2.
+TEST_F(CliErrors, UnknownCommand) {
+  auto r = RunKeel("bogus");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(r.output, "keel: unknown command 'bogus' (run 'keel --help' for the commands)\n");
 }
 
 TEST_F(CliErrors, ContextLongerThanPositionTableOnResume) {
@@ -294,6 +346,54 @@ TEST_F(CliErrors, InvalidConfigFile) {
   ExpectError(RunKeel("train --config " + t / "kind.json" + " --data " + Data() + " --out " + t / "r"), "kind.json");
   WriteText(t / "bad.json", "{not json");
   ExpectError(RunKeel("train --config " + t / "bad.json" + " --data " + Data() + " --out " + t / "r"), "bad.json");
+  // A value the flag cannot take names the file (it used to read "Could not convert: --layers = 1.5", as if typed),
+  // also when a flag overrides it.
+  WriteText(t / "frac.json", "{\"layers\": 1.5}");
+  ExpectError(RunKeel("train --config " + t / "frac.json" + " --data " + Data() + " --out " + t / "r"),
+              "--config " + t / "frac.json" + ": Could not convert: --layers = 1.5");
+  ExpectError(RunKeel("train --config " + t / "frac.json" + " " + Small(t / "r") + " --layers 1"),
+              "--config " + t / "frac.json" + ": Could not convert: --layers = 1.5");
+  EXPECT_FALSE(fs::exists(t / "r"));
+}
+
+// Of two configs the later one wins (the earlier one used to), and a flag wins over both.
+TEST_F(CliErrors, ALaterConfigOverridesAnEarlierOne) {
+  TempDir t;
+  WriteText(t / "a.json", "{\"steps\": 3, \"checkpoint_every\": 1}");
+  WriteText(t / "b.json", "{\"steps\": 2}");
+  auto r = RunKeel("train --config " + t / "a.json" + " --config " + t / "b.json" + " " + Small(t / "r"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(fs::exists(t / "r/ckpt-00000002")) << r.output;
+  EXPECT_FALSE(fs::exists(t / "r/ckpt-00000003")) << r.output;
+}
+
+// An --out that cannot be created is refused before anything runs (train used to fail at its first metrics line
+// with "metrics.jsonl: cannot open for appending").
+TEST_F(CliErrors, OutputUnderAFileIsRefusedFirst) {
+  TempDir t;
+  WriteText(t / "f", "x");
+  auto r = RunKeel("train " + Small(t / "f/run") + " --steps 2");
+  ExpectError(r, "--out " + t / "f/run" + ": cannot be created: " + t / "f" + " is not a directory");
+  EXPECT_EQ(r.output.find('\n'), r.output.size() - 1) << "one line: " << r.output;
+  r = RunKeel("prepare --input " + *dir_ / "corpus.txt" + " --out " + t / "f/d" + " --tokenizer byte");
+  ExpectError(r, "--out " + t / "f/d" + ": cannot be created: " + t / "f" + " is not a directory");
+  EXPECT_EQ(r.output.find('\n'), r.output.size() - 1) << "one line: " << r.output;
+}
+
+// --resume keeps the checkpoint's model: a different --vocab is refused like --layers (it was silently ignored).
+TEST_F(CliErrors, ResumeWithAnotherVocab) {
+  TempDir t;
+  fs::copy(Run(), t / "run", fs::copy_options::recursive);
+  ExpectError(RunKeel("train " + Small(t / "run") + " --steps 6 --resume --vocab 300"), "--vocab 256");
+  EXPECT_FALSE(fs::exists(t / "run/ckpt-00000006"));
+}
+
+// Half a Hugging Face export is named for the file it lacks (it read "no checkpoints").
+TEST_F(CliErrors, HalfAHuggingFaceExport) {
+  TempDir t;
+  ASSERT_EQ(RunKeel("export " + Run() + " --format safetensors --out " + t / "hf").exit_code, 0);
+  fs::remove(t / "hf/config.json");
+  ExpectError(RunKeel("sample --ckpt " + t / "hf" + " -n 2"), "config.json is missing");
 }
 
 }  // namespace

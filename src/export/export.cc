@@ -98,6 +98,13 @@ Result<TrainingSnapshot> LoadModelForInference(const std::string& path, std::vec
   if (!DetectExportFormat(path).empty()) return LoadExportedModel(path, warnings);
   Env* env = DefaultEnv();
   if (env->Exists(path) && !env->IsDir(path)) return NotAModelFile(path);
+  // Half a Hugging Face export (one of its two files): say which is missing, not "no checkpoints".
+  if (env->IsDir(path) && !IsCheckpointDir(path)) {
+    const bool cfg = env->Exists(JoinPath(path, "config.json")), st = env->Exists(JoinPath(path, "model.safetensors"));
+    if (cfg != st)
+      return InvalidArgument(path + ": a Hugging Face export needs config.json and model.safetensors; " +
+                             (cfg ? "model.safetensors" : "config.json") + " is missing");
+  }
   return LoadSnapshot(path, false, warnings);
 }
 

@@ -134,6 +134,7 @@ struct HttpServer::Impl {
   KeelHttplibServer svr;
   std::thread thread;
   std::atomic<bool> draining{false};
+  bool Draining() const { return draining.load() || (opts.drain_flag && opts.drain_flag->load()); }
   std::atomic<bool> serving{false};
   int port = -1;
   std::mutex mu;
@@ -234,7 +235,7 @@ bool StreamNext(StreamState* st, bool chat, httplib::DataSink& sink) {
 
 void HttpServer::Impl::HandleCompletion(const httplib::Request& req, httplib::Response& res, ApiEndpoint ep) {
   const Clock::time_point start = Clock::now();
-  if (draining) {
+  if (Draining()) {
     metrics->CountRejected("shutting_down");
     return SetError(res, 503, "the server is shutting down", "", "shutting_down");
   }
@@ -355,7 +356,7 @@ void HttpServer::Impl::Routes() {
     res.set_content(WebPageHtml(), "text/html; charset=utf-8");
   });
   svr.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
-    if (draining) {
+    if (Draining()) {
       res.status = 503;
       res.set_content(R"({"status":"draining"})", "application/json");
       return;

@@ -18,6 +18,7 @@
 // responses in flight to be written; Stop() closes the listener and joins the worker threads.
 // Thread safety: BeginDrain/WaitIdle/Stop may be called from any thread; handlers run on the server's pool.
 #pragma once
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <memory>
@@ -41,6 +42,10 @@ struct ServerOptions {
   size_t max_body_bytes = 1 << 20;
   int http_threads = 32;         // worker threads (each streaming or waiting request holds one)
   nlohmann::json model_meta;     // extra fields for /v1/models ("meta")
+  // Set by a signal handler (SIGTERM): the server drains from the moment it is set, as after BeginDrain. Without
+  // it, a request arriving between the signal and the caller's BeginDrain was queued behind the in-flight ones
+  // and served, instead of refused with 503.
+  const std::atomic<bool>* drain_flag = nullptr;
 };
 
 class HttpServer {

@@ -23,8 +23,10 @@
 namespace keel::cli {
 
 void DistFlags::AddTo(CLI::App& app) {
-  app.add_option("--nproc", nproc, "worker processes on this machine (data-parallel; default 1)");
-  app.add_option("--nproc-per-node", nproc_per_node, "same as --nproc, for multi-machine jobs");
+  app.add_option("--nproc", nproc, "worker processes on this machine (data-parallel; default 1)")
+      ->each([this](const std::string&) { nproc_given = true; });
+  app.add_option("--nproc-per-node", nproc_per_node, "same as --nproc, for multi-machine jobs")
+      ->each([this](const std::string&) { nproc_per_node_given = true; });
   app.add_option("--rdzv", rdzv,
                  "rendezvous store: redis://[:PASSWORD@]HOST:PORT/JOB_ID (many machines; or the password in "
                  "$KEEL_RDZV_PASSWORD) or file:///DIR (a directory every worker sees); one job id per run");
@@ -244,7 +246,9 @@ Result<std::pair<int, int>> ParseNnodes(const std::string& s) {
 // The launch flags' own ranges, checked in every mode (a single worker ignores most of them, but a value it
 // ignores is still a mistake to report).
 Status ValidateDistFlags(const DistFlags& d) {
-  if (d.nproc < 0 || d.nproc_per_node < 0) return InvalidArgument("--nproc/--nproc-per-node must be >= 1");
+  if (d.nproc < 0 || d.nproc_per_node < 0 || (d.nproc_given && d.nproc == 0) ||
+      (d.nproc_per_node_given && d.nproc_per_node == 0))
+    return InvalidArgument("--nproc/--nproc-per-node must be >= 1");
   if (d.nproc > 0 && d.nproc_per_node > 0 && d.nproc != d.nproc_per_node)
     return InvalidArgument("--nproc and --nproc-per-node differ");
   if (std::max(d.nproc, d.nproc_per_node) > 1024)

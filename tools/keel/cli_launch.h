@@ -40,6 +40,8 @@ struct DistFlags {
   int max_restarts = 0;       // --max-restarts (launcher: restarts of failed workers on this machine)
   double hang_timeout_s = 2;  // --hang-timeout: the one timeout of elastic jobs (see ElasticTimeouts)
   bool comm_timeout_given = false;
+  bool nproc_given = false;   // --nproc / --nproc-per-node given (0 means "not given" above, but 0 given is wrong)
+  bool nproc_per_node_given = false;
   bool Elastic() const { return elastic || min_workers > 0 || max_workers > 0 || max_restarts > 0; }
   void AddTo(CLI::App& app);
 };

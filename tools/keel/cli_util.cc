@@ -1,6 +1,7 @@
 // cli_util.cc: implementation of the CLI helpers.
 #include "tools/keel/cli_util.h"
 
+#include <charconv>
 #include <csignal>
 
 #include "core/env.h"
@@ -27,6 +28,29 @@ int Parse(CLI::App& app, int argc, char** argv) {
 int Fail(const std::string& cmd, const Status& s) {
   std::fprintf(stderr, "keel %s: error: %s\n", cmd.c_str(), s.message().c_str());
   return 1;
+}
+
+CLI::Validator SeedValidator() {
+  return CLI::Validator(
+      [](std::string& v) -> std::string {
+        uint64_t seed = 0;
+        // from_chars takes digits only for an unsigned type (no sign, space or base prefix) and reports overflow.
+        auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), seed, 10);
+        if (v.empty() || ec != std::errc() || end != v.data() + v.size())
+          return "must be a decimal integer in [0, 18446744073709551615], got '" + v + "'";
+        return "";
+      },
+      "");
+}
+
+Status CheckNotEmpty(const CLI::App& app, std::initializer_list<const char*> flags) {
+  for (const char* flag : flags) {
+    const CLI::Option* opt = app.get_option(flag);
+    // results(): every value given, in order; the last one is the flag's value (Parse: the last one wins).
+    if (opt->count() > 0 && opt->results().back().empty())
+      return InvalidArgument(std::string(flag) + " must not be empty");
+  }
+  return Status::Ok();
 }
 
 std::atomic<bool>& StopFlag() {

@@ -3,6 +3,7 @@
 #pragma once
 #include <atomic>
 #include <cstdio>
+#include <initializer_list>
 #include <string>
 
 #include <CLI/CLI.hpp>
@@ -18,6 +19,14 @@ int Parse(CLI::App& app, int argc, char** argv);
 
 // Prints "keel <cmd>: <message>" to stderr and returns 1.
 int Fail(const std::string& cmd, const Status& s);
+
+// Validator for --seed: a decimal integer in [0, 2^64-1]. CLI11's own conversion to uint64_t wraps -1 to
+// 2^64-1, saturates 99999999999999999999 and takes 0x/0b forms: each would silently run another seed.
+CLI::Validator SeedValidator();
+
+// kInvalidArgument "FLAG must not be empty" for the first of flags given with an empty last value: an empty
+// value (an unset shell variable in --host "$HOST") would otherwise silently mean the flag's default.
+Status CheckNotEmpty(const CLI::App& app, std::initializer_list<const char*> flags);
 
 // Stop flag set by SIGINT/SIGTERM once InstallStopHandlers() ran (second signal: default action).
 std::atomic<bool>& StopFlag();

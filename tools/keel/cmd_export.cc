@@ -23,6 +23,8 @@ int RunExport(int argc, char** argv) {
   app.add_option("--dtype", dtype, "f32, f16 or q8_0 (q8_0: gguf only)")->capture_default_str();
   app.add_option("--name", o.name, "general.name in the GGUF metadata (default keel-gpt2)");
   if (int rc = Parse(app, argc, argv); rc >= 0) return rc;
+  // An empty --name would silently write the default name.
+  if (Status s = CheckNotEmpty(app, {"--name"}); !s.ok()) return Fail("export", s);
   auto d = ParseExportDtype(dtype);
   if (!d.ok()) return Fail("export", d.status());
   o.dtype = d.value();

@@ -16,6 +16,10 @@ int RunPrepare(int argc, char** argv) {
   app.add_option("--vocab-size", o.vocab_size, "BPE vocabulary size")->capture_default_str();
   app.add_option("--val-fraction", o.val_fraction, "fraction of tokens held out for validation")->capture_default_str();
   if (int rc = Parse(app, argc, argv); rc >= 0) return rc;
+  // The byte tokenizer's vocabulary is fixed: a --vocab-size given with it was silently ignored.
+  if (o.tokenizer == "byte" && app.count("--vocab-size"))
+    return Fail("prepare",
+                InvalidArgument("--vocab-size applies only to --tokenizer bpe (the byte tokenizer has 256 ids)"));
   o.progress = [](std::string_view m) { std::fprintf(stderr, "%.*s\n", static_cast<int>(m.size()), m.data()); };
   auto r = Prepare(o);
   if (!r.ok()) return Fail("prepare", r.status());

@@ -29,7 +29,7 @@ int RunSample(int argc, char** argv) {
   app.add_option("--temperature,--temp", g.sampling.temperature, "0 = greedy")->capture_default_str();
   app.add_option("--top-k", g.sampling.top_k, "0 = off")->capture_default_str();
   app.add_option("--top-p", g.sampling.top_p, "1 = off")->capture_default_str();
-  app.add_option("--seed,-s", g.sampling.seed)->capture_default_str();
+  app.add_option("--seed,-s", g.sampling.seed)->check(SeedValidator())->capture_default_str();
   app.add_option("--samples", num_samples, "independent samples (seeds seed, seed+1, ...)")->capture_default_str();
   app.add_option("--threads,-t", threads, "CPU threads (0: all cores)");
   app.add_option("--device", device)->capture_default_str();

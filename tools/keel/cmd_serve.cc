@@ -64,9 +64,9 @@ int RunServe(int argc, char** argv) {
   if (so.port < 0 || so.port > 65535) return Fail("serve", InvalidArgument("--port must be in [0, 65535]"));
   if (threads < 0 || threads > kMaxThreads)
     return Fail("serve", InvalidArgument("--threads must be in [0, " + std::to_string(kMaxThreads) + "]"));
-  // An empty key (an unset shell variable in --api-key "$KEY") would silently turn authentication off.
-  if (app.count("--api-key") && so.api_key.empty())
-    return Fail("serve", InvalidArgument("--api-key must not be empty"));
+  // An empty key (an unset shell variable in --api-key "$KEY") would silently turn authentication off; an empty
+  // --host bound [::1] and announced "http://:PORT", an empty --model-name fell back to the file name.
+  if (Status s = CheckNotEmpty(app, {"--api-key", "--host", "--model-name"}); !s.ok()) return Fail("serve", s);
   // Upper bounds keep the sums below (slots + queue + threads) far from int overflow. Every waiting or streaming
   // request holds one HTTP worker thread (at most kMaxHttpThreads), so a queue longer than the workers left
   // over would not answer 429: the extra requests would wait unseen in the thread pool's own queue.
@@ -115,6 +115,7 @@ int RunServe(int argc, char** argv) {
 
   so.model_name = model_name.empty() ? BaseName(ckpt) : model_name;
   if (so.model_name.empty()) so.model_name = "keel";
+  so.drain_flag = &StopFlag();
   so.http_threads = std::clamp(eo.parallel + eo.queue + kSpareThreads, kSpareThreads, kMaxHttpThreads);
   nlohmann::json meta = snap->config.ToJson();
   meta["serve_ctx"] = (*engine)->context();

@@ -16,8 +16,9 @@ namespace {
 
 // A config field, checked against the flags once they are declared (CheckConfigFields).
 struct ConfigField {
-  std::string key, flag;
+  std::string path, key, flag;
   bool boolean = false;
+  std::string value;  // the flag's value (not for booleans)
 };
 
 // Turns {"grad_accum": 4, "resume": true, ...} into ["--grad-accum", "4", "--resume"].
@@ -29,12 +30,13 @@ Result<std::vector<std::string>> ConfigArgs(const std::string& path, std::vector
     for (auto& ch : flag)
       if (ch == '_') ch = '-';
     if (flag == "--config") return InvalidArgument(path + ": a config file cannot name another config");
-    fields->push_back({key, flag, value.is_boolean()});
     if (value.is_boolean()) {
+      fields->push_back({path, key, flag, true, ""});
       if (value.get<bool>()) args.push_back(flag);
     } else if (value.is_number() || value.is_string()) {
+      fields->push_back({path, key, flag, false, value.is_string() ? value.get<std::string>() : value.dump()});
       args.push_back(flag);
-      args.push_back(value.is_string() ? value.get<std::string>() : value.dump());
+      args.push_back(fields->back().value);
     } else {
       return InvalidArgument(path + ": field '" + key + "' must be a number, string or boolean");
     }
@@ -42,17 +44,29 @@ Result<std::vector<std::string>> ConfigArgs(const std::string& path, std::vector
   return args;
 }
 
-// Unknown fields and fields of the wrong kind, named with the config file (CLI11 would report them as stray
-// command-line arguments).
-Status CheckConfigFields(const CLI::App& app, const std::string& path, const std::vector<ConfigField>& fields) {
+// Unknown fields, fields of the wrong kind and values the flag refuses, named with the config file (CLI11 would
+// report the first as stray command-line arguments, and a bad value as if it had been typed on the command line).
+Status CheckConfigFields(CLI::App& app, const std::vector<ConfigField>& fields) {
   for (const ConfigField& f : fields) {
-    const CLI::Option* opt = app.get_option_no_throw(f.flag);
+    const std::string& path = f.path;
+    CLI::Option* opt = app.get_option_no_throw(f.flag);
     if (!opt) return InvalidArgument("--config " + path + ": unknown field '" + f.key + "' (no flag " + f.flag + ")");
     const bool is_flag = opt->get_items_expected_max() == 0;
     if (is_flag && !f.boolean)
       return InvalidArgument("--config " + path + ": field '" + f.key + "' must be true or false");
     if (!is_flag && f.boolean)
       return InvalidArgument("--config " + path + ": field '" + f.key + "' takes a value, not true/false");
+    if (is_flag) continue;
+    // The value alone through the flag's validators and conversion (it lands in the flag's variable, as the full
+    // parse will put it there again); then the option is reset, so the full parse sees each value once.
+    try {
+      opt->add_result(f.value);
+      opt->run_callback();
+    } catch (const CLI::ParseError& e) {
+      opt->clear();
+      return InvalidArgument("--config " + path + ": " + e.what());
+    }
+    opt->clear();
   }
   return Status::Ok();
 }
@@ -60,10 +74,11 @@ Status CheckConfigFields(const CLI::App& app, const std::string& path, const std
 }  // namespace
 
 int RunTrain(int argc, char** argv) {
-  // A JSON --config supplies defaults: its fields go first, so flags given later win (TakeLast).
+  // A JSON --config supplies defaults: its fields go first, so flags given later win (TakeLast); of several
+  // configs, a later one wins over an earlier one.
   std::vector<std::string> args;
   std::vector<ConfigField> config_fields;
-  std::string config_path;
+  size_t config_end = 0;  // where the configs' arguments end in args
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     std::string path;
@@ -73,10 +88,10 @@ int RunTrain(int argc, char** argv) {
       args.push_back(a);
       continue;
     }
-    config_path = path;
     auto cfg = ConfigArgs(path, &config_fields);
     if (!cfg.ok()) return Fail("train", InvalidArgument("--config " + cfg.status().message()));
-    args.insert(args.begin(), cfg->begin(), cfg->end());
+    args.insert(args.begin() + static_cast<std::ptrdiff_t>(config_end), cfg->begin(), cfg->end());
+    config_end += cfg->size();
   }
   std::vector<char*> av = {argv[0]};
   for (auto& a : args) av.push_back(a.data());
@@ -102,7 +117,7 @@ int RunTrain(int argc, char** argv) {
   app.add_option("--warmup", o.optim.warmup, "linear warmup steps")->capture_default_str();
   app.add_option("--weight-decay", o.optim.weight_decay)->capture_default_str();
   app.add_option("--grad-clip", o.optim.grad_clip, "global gradient-norm clip (0: off)")->capture_default_str();
-  app.add_option("--seed", o.seed)->capture_default_str();
+  app.add_option("--seed", o.seed)->check(SeedValidator())->capture_default_str();
   app.add_option("--threads", o.threads, "CPU threads per worker (0: all cores)")->capture_default_str();
   app.add_option("--peak-gflops", o.peak_gflops,
                  "GEMM peak per worker for the MFU shown (0: measure the backend's own GEMM at start; e.g. 989000 "
@@ -162,8 +177,10 @@ int RunTrain(int argc, char** argv) {
       ->capture_default_str();
   DistFlags dist;
   dist.AddTo(app);
-  if (Status s = CheckConfigFields(app, config_path, config_fields); !s.ok()) return Fail("train", s);
+  if (Status s = CheckConfigFields(app, config_fields); !s.ok()) return Fail("train", s);
   if (int rc = Parse(app, static_cast<int>(av.size()), av.data()); rc >= 0) return rc;
+  // Empty means "not given" for these (a single process; the hostname): an explicit "" is a mistake.
+  if (Status s = CheckNotEmpty(app, {"--rdzv", "--nnodes", "--host", "--iface"}); !s.ok()) return Fail("train", s);
   for (const auto& spec : injects) o.inject += (o.inject.empty() ? "" : ";") + spec;
   if (fast && deterministic_flag) return Fail("train", InvalidArgument("--fast and --deterministic exclude each other"));
   o.deterministic = !fast;

@@ -33,7 +33,7 @@ int main(int argc, char** argv) {
   for (const auto& c : keel::cli::Commands()) {
     if (cmd == c.name) return c.run(argc - 1, argv + 1);
   }
-  std::fprintf(stderr, "keel: unknown command '%s'\n", cmd.c_str());
-  Usage();
+  // One line (the usage would bury it); `keel --help` lists the commands.
+  std::fprintf(stderr, "keel: unknown command '%s' (run 'keel --help' for the commands)\n", cmd.c_str());
   return 2;
 }
