@@ -63,6 +63,16 @@ TEST_F(CliErrors, EmptyCorpus) {
   EXPECT_FALSE(fs::exists(t / "d"));
 }
 
+// A BPE tokenizer cannot be trained on a few bytes: say so (it read "SentencePiece model does not reproduce text
+// exactly (it normalizes text; ...)").
+TEST_F(CliErrors, CorpusTooSmallForBpe) {
+  TempDir t;
+  WriteText(t / "tiny.txt", "ab");
+  auto r = RunKeel("prepare --input " + t / "tiny.txt" + " --out " + t / "d");
+  ExpectError(r, "too small to train a BPE tokenizer: use more text, or --tokenizer byte");
+  EXPECT_FALSE(fs::exists(t / "d"));
+}
+
 TEST_F(CliErrors, DirectoryWithoutTextFiles) {
   TempDir t;
   fs::create_directory(t / "bin");

@@ -310,7 +310,13 @@ Result<std::unique_ptr<Tokenizer>> TrainBpeTokenizer(const std::string& text, in
     if (!st.ok()) return Internal(std::string("BPE tokenizer training failed: ") + st.message());
   }
   auto loaded = SentencePieceTokenizer::Load(model);
-  if (!loaded.ok()) return Internal("BPE tokenizer training produced an unusable model: " + loaded.status().message());
+  if (!loaded.ok()) {
+    // SentencePiece trained on a handful of bytes yields such a model; the corpus, not keel, is the problem then.
+    if (text.size() < 1024)
+      return InvalidArgument("the corpus (" + std::to_string(text.size()) +
+                             " bytes) is too small to train a BPE tokenizer: use more text, or --tokenizer byte");
+    return Internal("BPE tokenizer training produced an unusable model: " + loaded.status().message());
+  }
   return std::unique_ptr<Tokenizer>(std::move(loaded).value());
 }
 
