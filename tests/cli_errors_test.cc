@@ -5,7 +5,9 @@
 #include <filesystem>
 #include <fstream>
 
+#include "formats/checkpoint.h"
 #include "test_util.h"
+#include "train/checkpoint_io.h"
 
 namespace keel::testing {
 namespace {
@@ -103,9 +105,11 @@ TEST_F(CliErrors, UnwritableOutputNamesTheFlag) {
   EXPECT_EQ(DirEntries(t.path()), (std::vector<std::string>{"d", "d.tmp", "link"}));
 }
 
+// (--ctx 2000 overruns the 1094-token val split; --ctx 100000 used to, but its micro-batch needs 320 GB of
+// attention activations, which the up-front memory check refuses first on most machines.)
 TEST_F(CliErrors, CorpusTooShortForContext) {
   TempDir t;
-  auto r = RunKeel("train " + Small(t / "r") + " --ctx 100000 --steps 1");
+  auto r = RunKeel("train " + Small(t / "r") + " --ctx 2000 --steps 1");
   ExpectError(r, "context");
   EXPECT_FALSE(fs::exists(t / "r/ckpt-00000001"));
 }
@@ -396,6 +400,98 @@ TEST_F(CliErrors, ResumeWithAnotherVocab) {
   fs::copy(Run(), t / "run", fs::copy_options::recursive);
   ExpectError(RunKeel("train " + Small(t / "run") + " --steps 6 --resume --vocab 300"), "--vocab 256");
   EXPECT_FALSE(fs::exists(t / "run/ckpt-00000006"));
+}
+
+// --resume keeps the run's optimizer: AdamW's moments continued by SGD (or SGD's zero moments taken for AdamW's)
+// used to be accepted without a word.
+TEST_F(CliErrors, ResumeWithAnotherOptimizer) {
+  TempDir t;
+  fs::copy(Run(), t / "run", fs::copy_options::recursive);
+  auto r = RunKeel("train " + Small(t / "run") + " --steps 6 --resume --optimizer sgd");
+  ExpectError(r, "--optimizer sgd differs from the run's adamw (" + t / "run/ckpt-00000004" +
+                     "): pass --optimizer adamw to continue it");
+  EXPECT_EQ(r.output.find('\n'), r.output.size() - 1) << "one line: " << r.output;
+  EXPECT_FALSE(fs::exists(t / "run/ckpt-00000006"));
+  // The reverse, through the launcher of two workers (each refuses it), and with the default.
+  ASSERT_EQ(RunKeel("train " + Small(t / "sgd") + " --steps 2 --optimizer sgd").exit_code, 0);
+  ExpectError(RunKeel("train " + Small(t / "sgd") + " --steps 4 --resume --optimizer adamw --nproc 2"),
+              "--optimizer adamw differs from the run's sgd");
+  ExpectError(RunKeel("train " + Small(t / "sgd") + " --steps 4 --resume"), "pass --optimizer sgd");
+  EXPECT_FALSE(fs::exists(t / "sgd/ckpt-00000004"));
+  r = RunKeel("train " + Small(t / "sgd") + " --steps 4 --resume --optimizer sgd");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(fs::exists(t / "sgd/ckpt-00000004")) << r.output;
+}
+
+// A model config read from a file names the file and its own keys: a checkpoint with heads 0 was reported as
+// "--heads must be positive", a flag the user never passed.
+TEST_F(CliErrors, BadModelConfigInAFileNamesTheFile) {
+  TempDir t;
+  auto snap = LoadSnapshot(Run(), true, nullptr);
+  ASSERT_TRUE(snap.ok()) << snap.status().message();
+  SnapshotView v;
+  v.config = snap->config;
+  v.config.heads = 0;  // the parameter layout does not depend on it: only the config is wrong
+  v.params = snap->params.data();
+  v.adam_m = snap->adam_m.data();
+  v.adam_v = snap->adam_v.data();
+  v.state = snap->state;
+  v.tokenizer = snap->tokenizer;
+  auto files = EncodeSnapshot(v);
+  ASSERT_TRUE(files.ok()) << files.status().message();
+  ASSERT_TRUE(WriteCheckpoint(t / "bad", 4, *files, 0).ok());
+  const std::string ckpt = t / "bad/ckpt-00000004";
+  auto r = RunKeel("sample --ckpt " + ckpt + " -n 2");
+  ExpectError(r, ckpt + "/model.safetensors: model config: heads must be positive (got 0)");
+  EXPECT_EQ(r.output.find("--heads"), std::string::npos) << r.output;
+  ExpectError(RunKeel("export " + ckpt + " --format gguf --out " + t / "m.gguf"), "heads must be positive");
+  EXPECT_FALSE(fs::exists(t / "m.gguf"));
+  // A Hugging Face config.json: named with its own keys (it read "--dim 16 is not divisible by --heads 3").
+  ASSERT_EQ(RunKeel("export " + Run() + " --format safetensors --out " + t / "hf").exit_code, 0);
+  std::string cfg;
+  {
+    std::ifstream in(t / "hf/config.json");
+    cfg.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  const std::string two = "\"n_head\": 2";
+  const auto at = cfg.find(two);
+  ASSERT_NE(at, std::string::npos) << cfg;
+  cfg.replace(at, two.size(), "\"n_head\": 3");
+  WriteText(t / "hf/config.json", cfg);
+  ExpectError(RunKeel("sample --ckpt " + t / "hf" + " -n 2"),
+              t / "hf/config.json" + ": n_embd 16 is not divisible by n_head 3");
+  // A --config file's value names the file (unless a flag overrides it, which is then the one named).
+  WriteText(t / "c.json", "{\"heads\": 0}");
+  ExpectError(RunKeel("train --config " + t / "c.json" + " --data " + Data() + " --out " + t / "r"),
+              "--config " + t / "c.json" + ": --heads must be positive (got 0)");
+  r = RunKeel("train --config " + t / "c.json" + " --data " + Data() + " --out " + t / "r --heads -1");
+  ExpectError(r, "--heads must be positive (got -1)");
+  EXPECT_EQ(r.output.find("c.json"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(t / "r"));
+}
+
+// An --iface this machine does not have is refused up front: one process used to ignore it and train, a job's
+// workers each to fail at their first connection in Gloo's words.
+TEST_F(CliErrors, UnknownNetworkInterface) {
+  TempDir t;
+  ExpectError(RunKeel("train " + Small(t / "r") + " --steps 2 --iface no-such-iface0"),
+              "--iface no-such-iface0: no such network interface on this machine");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --steps 2 --iface no-such-iface0 --nproc 2"),
+              "--iface no-such-iface0: no such network interface on this machine");
+  EXPECT_FALSE(fs::exists(t / "r"));
+}
+
+// A micro-batch that cannot fit in this machine's memory is refused up front, naming --batch and the sizes (it
+// used to fail at the allocation with "cpu: out of memory allocating N bytes").
+TEST_F(CliErrors, ImplausibleBatchSize) {
+  TempDir t;
+  for (const char* launch : {"", " --nproc 2"}) {
+    auto r = RunKeel("train " + Small(t / "r") + " --steps 1 --batch 1000000000" + launch);
+    ExpectError(r, "--batch 1000000000 x --ctx 16: one micro-batch needs at least ");
+    EXPECT_NE(LastLine(r.output).find("of activation memory, more than this machine's"), std::string::npos) << r.output;
+    EXPECT_EQ(r.output.find('\n'), r.output.size() - 1) << "one line: " << r.output;
+  }
+  EXPECT_FALSE(fs::exists(t / "r"));
 }
 
 // Half a Hugging Face export is named for the file it lacks (it read "no checkpoints").

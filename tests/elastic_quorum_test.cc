@@ -353,6 +353,53 @@ TEST(Vote, NonFiniteAbortsBlamesTheMemberThenQuarantinesOnRepeat) {
   EXPECT_EQ(o.quarantine, std::vector<int>{1});
 }
 
+// Quarantine never leaves fewer than --quarantine-floor (default 2) members: a lone member cannot detect silent
+// corruption, so a repeatedly faulty second member is kept (its faults are still caught) unless the floor is 1.
+TEST(Vote, QuarantineKeepsTwoMembersUnlessTheFloorIsOne) {
+  for (int floor : {2, 1}) {
+    VoteConfig c;
+    c.M = 4;
+    c.quarantine_floor = floor;
+    StrikeBook strikes;
+    std::vector<std::pair<int, int64_t>> bad;
+    auto v = Votes(2, 4);
+    v[1].held.Clear(1);
+    v[1].bad.Set(1);
+    EXPECT_TRUE(DecideCommit(v, c, &strikes, &bad).quarantine.empty());
+    bad.clear();
+    for (auto& r : v) r.step = 60;
+    auto o = DecideCommit(v, c, &strikes, &bad);
+    EXPECT_FALSE(o.commit);
+    EXPECT_EQ(o.clear_holdings, std::vector<int>{1});  // its result is still dropped and recomputed
+    if (floor == 2) {
+      EXPECT_TRUE(o.quarantine.empty());
+      bool kept = false;
+      for (const auto& note : o.notes) kept |= note.find("member 11: repeated faults, but kept") != std::string::npos;
+      EXPECT_TRUE(kept) << o.reason;
+    } else {
+      EXPECT_EQ(o.quarantine, std::vector<int>{1});
+    }
+  }
+  // Three members, two of them faulty again in the same vote: only one goes; the higher-indexed one stays.
+  VoteConfig c;
+  c.M = 6;
+  StrikeBook strikes;
+  std::vector<std::pair<int, int64_t>> bad;
+  for (int64_t step : {42, 70}) {
+    auto v = Votes(3, 6);
+    for (int k : {0, 2}) {
+      v[static_cast<size_t>(k)].held.Clear(k);
+      v[static_cast<size_t>(k)].bad.Set(k);
+      v[static_cast<size_t>(k)].step = step;
+    }
+    v[1].step = step;
+    bad.clear();
+    auto o = DecideCommit(v, c, &strikes, &bad);
+    if (step == 42) EXPECT_TRUE(o.quarantine.empty());
+    else EXPECT_EQ(o.quarantine, std::vector<int>{0});
+  }
+}
+
 TEST(Vote, TheSameMicroBatchNonFiniteOnTwoMembersIsTheData) {
   VoteConfig c;
   c.M = 4;

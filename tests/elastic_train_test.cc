@@ -9,6 +9,7 @@
 #include <chrono>
 #include <filesystem>
 #include <regex>
+#include <map>
 #include <set>
 
 #include <nlohmann/json.hpp>
@@ -172,6 +173,33 @@ TEST_F(ElasticTrain, SigstopOfAWorkerIsDetectedEvictedAndItRejoinsOnWaking) {
   EXPECT_EQ(FinalHashes(log).size(), 1u) << log;
 }
 
+// A worker stopped just after its heartbeat thread read its clock (`freeze`) must not, on waking, take its live
+// peer for dead: it used to stamp the peer's fresh heartbeat with that pre-stop time, see the peer "silent for"
+// the length of its own stop, form a generation alone and commit the steps the peer was committing too (a fork;
+// chaos run G, 2026-11-27). Now it waits to be admitted: every step is committed once, by one lineage.
+TEST_F(ElasticTrain, AWorkerWokenFromAStopDoesNotTakeItsLivePeerForDead) {
+  TempDir t;
+  const std::string out = t / "run";
+  // Rank 0, alone while rank 1 is stopped, is slowed to ~0.5 s steps: the job still runs when rank 1 wakes
+  // (this small model trains 200 steps in 2 s), and its status changes only with its heartbeats (every 0.2 s),
+  // as a large model's would: a stale stamp then stays stale until the woken member decides.
+  Background job(Split(Args(out) + " --nproc 2 --elastic --inject freeze:rank=1,step=15,secs=3;"
+                                   "slow:rank=0,step=14,factor=100,steps=14"),
+                 t / "log", InjectEnv());
+  const int code = job.Wait(180);
+  ASSERT_EQ(code, 0) << job.Output();
+  const std::string log = job.Output();
+  ExpectSameAsStraight(out);
+  EXPECT_NE(log.find("[rank 1] evicted: generation"), std::string::npos) << log;
+  EXPECT_NE(log.find("[rank 1] received the training state"), std::string::npos) << log;
+  std::map<int64_t, int> commits;
+  for (const auto& e : Events(out))
+    if (e.value("event", "") == "commit") ++commits[e.value("step", int64_t{-1})];
+  EXPECT_EQ(commits.size(), static_cast<size_t>(kSteps)) << log;
+  for (const auto& [step, n] : commits) EXPECT_EQ(n, 1) << "step " << step << " committed " << n << " times\n" << log;
+  EXPECT_EQ(FinalHashes(log).size(), 1u) << log;
+}
+
 // A collective that never returns while every process keeps heartbeating (injected: a member enters the reduce
 // but sends nothing): the watchdogs see every member blocked in the same collective for longer than the
 // allowance (H + payload / 100 MB/s), abort it, and the step is redone.
@@ -280,6 +308,24 @@ TEST_F(ElasticTrain, RepeatedNanQuarantinesTheWorker) {
   EXPECT_NE(log.find("worker rank 0"), std::string::npos) << log;
   EXPECT_NE(log.find("quarantined after repeated faults; not restarted"), std::string::npos) << log;
   EXPECT_GE(CountEvents(Events(out), "quarantine"), 1);
+}
+
+// In a group of two the same fault twice does not quarantine the worker (--quarantine-floor 2): one member alone
+// could not detect silent corruption. Both faults are caught and recomputed, and both workers finish.
+TEST_F(ElasticTrain, RepeatedNanInAGroupOfTwoKeepsTheWorker) {
+  TempDir t;
+  const std::string out = t / "run";
+  Background job(Split(Args(out) + " --nproc 2 --max-restarts 2 --inject nan:rank=0,step=15;nan:rank=0,step=25"),
+                 t / "log", InjectEnv());
+  const int code = job.Wait(180);
+  ASSERT_EQ(code, 0) << job.Output();
+  const std::string log = job.Output();
+  ExpectSameAsStraight(out);
+  EXPECT_NE(log.find("repeated faults, but kept"), std::string::npos) << log;
+  EXPECT_EQ(log.find("this worker is quarantined"), std::string::npos) << log;
+  EXPECT_EQ(CountEvents(Events(out), "quarantine"), 0);
+  EXPECT_GE(CountEvents(Events(out), "nan"), 2);
+  EXPECT_EQ(FinalHashes(log).size(), 1u) << log;
 }
 
 // Below --min-workers the job waits (it does not fail); a worker started by hand joins through the same

@@ -31,6 +31,7 @@ const char* FaultKindName(FaultSpec::Kind k) {
     case FaultSpec::kCorrupt: return "corrupt";
     case FaultSpec::kSpike: return "spike";
     case FaultSpec::kDeaf: return "deaf";
+    case FaultSpec::kFreeze: return "freeze";
     case FaultSpec::kLink: return "link";
   }
   return "?";
@@ -63,7 +64,8 @@ std::string Trim(std::string s) {
 bool KindFromName(const std::string& n, FaultSpec::Kind* k) {
   const FaultSpec::Kind all[] = {FaultSpec::kCrash, FaultSpec::kHang,         FaultSpec::kSlow,   FaultSpec::kNan,
                                  FaultSpec::kBitflip, FaultSpec::kTruncateCkpt, FaultSpec::kRandom, FaultSpec::kStall,
-                                 FaultSpec::kCorrupt, FaultSpec::kSpike, FaultSpec::kDeaf, FaultSpec::kLink};
+                                 FaultSpec::kCorrupt, FaultSpec::kSpike, FaultSpec::kDeaf, FaultSpec::kLink,
+                                 FaultSpec::kFreeze};
   for (auto x : all)
     if (n == FaultKindName(x)) {
       *k = x;
@@ -91,7 +93,7 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
     size_t colon = item.find(':');
     FaultSpec f;
     if (!KindFromName(Trim(item.substr(0, colon)), &f.kind))
-      return InvalidArgument(bad + "unknown fault kind (crash, hang, slow, stall, deaf, nan, corrupt, spike, "
+      return InvalidArgument(bad + "unknown fault kind (crash, hang, freeze, slow, stall, deaf, nan, corrupt, spike, "
                                    "bitflip, truncate-ckpt, link, random)");
     if (colon != std::string::npos) {
       for (std::string kv : SplitOn(item.substr(colon + 1), ',')) {
@@ -106,7 +108,7 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
             FaultSpec::Kind kk;
             if (!KindFromName(Trim(name), &kk) || kk == FaultSpec::kRandom || kk == FaultSpec::kTruncateCkpt ||
                 kk == FaultSpec::kSlow || kk == FaultSpec::kStall || kk == FaultSpec::kCorrupt ||
-                kk == FaultSpec::kSpike || kk == FaultSpec::kDeaf || kk == FaultSpec::kLink)
+                kk == FaultSpec::kSpike || kk == FaultSpec::kDeaf || kk == FaultSpec::kLink || kk == FaultSpec::kFreeze)
               return InvalidArgument(bad + "kinds: '" + name + "' is not one of crash, hang, nan, bitflip");
             f.kinds.push_back(kk);
           }
@@ -375,6 +377,21 @@ bool FaultInjector::DeafCollective(int64_t step, double* secs) {
     if (!Claim(id)) continue;
     *secs = f.secs == 5 ? 30 : f.secs;  // 5 is the parser's default (hang)
     Record(f.kind, step, id, "the communication thread blocks for " + std::to_string(*secs) + " s, deaf to Abort");
+    return true;
+  }
+  return false;
+}
+
+bool FaultInjector::FreezeHeartbeat(int64_t step, double* secs) {
+  std::lock_guard<std::mutex> l(mu_);
+  for (size_t s = 0; s < specs_.size(); ++s) {
+    const FaultSpec& f = specs_[s];
+    if (f.kind != FaultSpec::kFreeze || f.rank != rank_ || f.step != step) continue;
+    const std::string id = "freeze/" + std::to_string(s);
+    if (!Claim(id)) continue;
+    *secs = f.secs;
+    Record(f.kind, step, id, "SIGSTOP for " + std::to_string(f.secs) + " s, raised by the heartbeat thread between "
+                             "its clock reading and its reads of the peers");
     return true;
   }
   return false;

@@ -14,6 +14,10 @@
 //                                     keeps heartbeating
 //   deaf:rank=R,step=S,secs=X         at step S, its communication thread blocks for X seconds (default 30) in a
 //                                     way Communicator::Abort cannot wake (as a stuck collective once did)
+//   freeze:rank=R,step=S,secs=X       at step S the whole process stops (SIGSTOP) for X seconds (default 5), the
+//                                     stop raised by its heartbeat thread just after that thread read its clock
+//                                     and before it reads its peers' heartbeats: the worst moment for its view
+//                                     of the others (a plain `hang` stops it at a random point of that thread)
 //   nan:rank=R,step=S                 a NaN in the gradient of its first micro-batch of step S
 //   corrupt:rank=R,step=S,steps=N     one flipped mantissa bit in that gradient (finite: only a cross-check,
 //                                     --verify-fraction, can see it); with steps=N, in every gradient this worker
@@ -50,7 +54,7 @@ class EventLog;
 
 struct FaultSpec {
   enum Kind {
-    kCrash, kHang, kSlow, kNan, kBitflip, kTruncateCkpt, kRandom, kStall, kCorrupt, kSpike, kDeaf, kLink
+    kCrash, kHang, kSlow, kNan, kBitflip, kTruncateCkpt, kRandom, kStall, kCorrupt, kSpike, kDeaf, kLink, kFreeze
   } kind = kCrash;
   int rank = -1;          // -1: any (truncate-ckpt: whoever writes the checkpoint)
   int64_t step = -1;
@@ -95,6 +99,7 @@ class FaultInjector {
   void SlowDown(int64_t step, double compute_s);
   bool StallCollective(int64_t step, double* secs);            // stall: for how long
   bool DeafCollective(int64_t step, double* secs);             // deaf: for how long
+  bool FreezeHeartbeat(int64_t step, double* secs);            // freeze: for how long
   double LossFactor(int64_t step);                             // spike (1 = normal)
   bool LinkLimit(double* mbit, double* latency_ms);            // link: this worker's emulated link
   // truncate-ckpt: true if the checkpoint of `step` must be left half-written; *then_kill says what follows.

@@ -10,6 +10,7 @@
 #include <fstream>
 
 #include "dist/gloo_communicator.h"
+#include "elastic/fault_inject.h"
 #include "dist/rendezvous.h"
 
 namespace keel {
@@ -209,10 +210,17 @@ void ElasticGroup::HeartbeatLoop() {
     }
     if (write) (void)WriteStatus(*hb_store_);
     const double now = Now();
+    const double freeze = freeze_s_.exchange(0);
+    if (freeze > 0) HangProcessFor(freeze);  // injected: `now` is now stale
     Watch(now);
-    if (now >= next_scan) {
+    if (now >= next_scan || freeze > 0) {
       ScanJoiners(now);
       next_scan = now + o_.t.heartbeat_s;
+    }
+    if (freeze > 0) {
+      std::lock_guard<std::mutex> l(mu_);
+      freezing_ = false;
+      freeze_cv_.notify_all();
     }
     std::unique_lock<std::mutex> l(mu_);
     const double wake = std::min(next_beat, Now() + o_.t.watch_tick_s);
@@ -228,6 +236,12 @@ nlohmann::json ElasticGroup::Observe(Store& s, int64_t uid, double now) {
   auto rec = nlohmann::json::parse(**v, nullptr, false);
   if (!rec.is_object()) return nlohmann::json();
   const int64_t seq = IntOr(rec, "seq", -1);
+  // The change was seen now, after the read, not at the caller's `now`: that was taken before the store reads,
+  // and a process stopped in between (SIGSTOP, a long store call) stamped a fresh heartbeat with a time from
+  // before its own pause. A member woken from a stop then took its live peer for dead ("silent" for the length
+  // of its own stop), formed a generation alone and committed steps the peer committed too: a fork (chaos run
+  // G; reproduced by the `freeze` fault, AWorkerWokenFromAStopDoesNotTakeItsLivePeerForDead).
+  const double seen = std::max(now, Now());
   std::lock_guard<std::mutex> l(peers_mu_);
   Peer& p = peers_[uid];
   if (p.seq != seq) {
@@ -235,9 +249,9 @@ nlohmann::json ElasticGroup::Observe(Store& s, int64_t uid, double now) {
       // First sight: trust the record's age (same clock on one machine; clamped for skewed remote clocks).
       double age = 0;
       if (rec.contains("t") && rec["t"].is_number()) age = std::max(0.0, EventLog::Now() - rec["t"].get<double>());
-      p.last_seen = now - age;
+      p.last_seen = seen - age;
     } else {
-      p.last_seen = now;
+      p.last_seen = seen;
     }
     p.seq = seq;
   }
@@ -493,7 +507,18 @@ Status ElasticGroup::NewIncarnation(const std::string& why) {
   return WriteStatus(*store_);
 }
 
+void ElasticGroup::FreezeOnce(double secs) {
+  std::lock_guard<std::mutex> l(mu_);
+  freezing_ = true;
+  freeze_s_ = secs;
+}
+
 Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, bool voluntary) {
+  {
+    // An injected freeze: its heartbeat round after waking goes first (bounded, should that thread be gone).
+    std::unique_lock<std::mutex> l(mu_);
+    freeze_cv_.wait_for(l, std::chrono::seconds(30), [&] { return !freezing_ || stop_; });
+  }
   Unwatch();
   {
     std::lock_guard<std::mutex> l(mu_);

@@ -95,6 +95,11 @@ class ElasticGroup {
   Result<Generation> NextGeneration(const std::atomic<bool>* stop, bool voluntary = false);
   // Forget the current generation's communicator (before destroying it).
   void Unwatch();
+  // Fault injection (`freeze`): the heartbeat thread stops the whole process for `secs` at its next round, just
+  // after it has read its clock (see fault_inject.h). NextGeneration waits until that thread has finished its
+  // first round after waking: the adversarial order — the heartbeat thread's view of the peers is updated
+  // first, then at once the next generation is decided — is forced, where a plain stop leaves it to chance.
+  void FreezeOnce(double secs);
   // The communicator the watchdog aborts from now on, in place of the generation's own: a wrapper around it
   // (the trainer's byte meter and link emulation), so that an abort also cuts the wrapper's own waits short.
   // The wrapper must forward Abort() to the generation's communicator; the caller keeps it alive until Unwatch().
@@ -164,6 +169,9 @@ class ElasticGroup {
   std::string waiting_;
   double waiting_since_ = 0;  // steady clock
   std::atomic<double> payload_bytes_{0};
+  std::atomic<double> freeze_s_{0};
+  bool freezing_ = false;  // guarded by mu_: a `freeze` is pending or its round after waking is not over
+  std::condition_variable freeze_cv_;
   std::map<int64_t, std::pair<std::string, double>> wait_seen_;  // watchdog: uid -> (key, first seen)
   std::string state_ = "joining";
 

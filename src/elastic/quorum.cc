@@ -403,7 +403,6 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
       if (r.bad.Empty()) continue;
       if (strikes->Add(r.uid, kStrikeNonFinite, step, c.strike_window) >= c.quarantine_after) {
         quarantine[static_cast<size_t>(k)] = true;
-        o.notes.push_back(Uid(r) + ": repeated faults; quarantined");
       }
     }
     data_bad->push_back({-1, -1});  // end of this vote's entries (see the refund above)
@@ -450,7 +449,6 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
                         Uid(votes[static_cast<size_t>(maj)]));
       if (strikes->Add(r.uid, kStrikeCorrupt, step, c.strike_window) >= c.quarantine_after) {
         quarantine[static_cast<size_t>(k)] = true;
-        o.notes.push_back(Uid(r) + ": repeated faults; quarantined");
       }
     }
   };
@@ -488,7 +486,6 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
           struck[static_cast<size_t>(k)] = true;
           if (strikes->Add(r.uid, kStrikeCorrupt, step, c.strike_window) >= c.quarantine_after) {
             quarantine[static_cast<size_t>(k)] = true;
-            o.notes.push_back(Uid(r) + ": repeated faults; quarantined");
           }
         }
       }
@@ -510,8 +507,27 @@ VoteOutcome DecideCommit(const std::vector<VoteRecord>& votes, const VoteConfig&
     all |= r.held;
   }
   const bool covered = c.partial ? !all.Empty() : all == MicroSet::All(c.M);
+  // Quarantine never leaves fewer than `quarantine_floor` members. One member alone has nothing to compare its
+  // parameters or gradients with, so a silent corruption would go into the model unseen; a faulty second member
+  // whose faults are still detected and recovered from (at some cost in throughput) is the safer choice.
+  // Deterministic: the highest-indexed flagged members are kept first.
+  {
+    int left = n;
+    for (int k = 0; k < n; ++k) left -= quarantine[static_cast<size_t>(k)] ? 1 : 0;
+    for (int k = n - 1; k >= 0 && left < std::min(c.quarantine_floor, n); --k) {
+      if (!quarantine[static_cast<size_t>(k)]) continue;
+      quarantine[static_cast<size_t>(k)] = false;
+      ++left;
+      o.notes.push_back(Uid(votes[static_cast<size_t>(k)]) + ": repeated faults, but kept: quarantining it would leave " +
+                        std::to_string(left - 1) + " member" + (left - 1 == 1 ? "" : "s") + " (--quarantine-floor " +
+                        std::to_string(c.quarantine_floor) + ")");
+    }
+  }
   for (int k = 0; k < n; ++k) {
-    if (quarantine[static_cast<size_t>(k)]) o.quarantine.push_back(k);
+    if (quarantine[static_cast<size_t>(k)]) {
+      o.quarantine.push_back(k);
+      o.notes.push_back(Uid(votes[static_cast<size_t>(k)]) + ": repeated faults; quarantined");
+    }
     if (clear[static_cast<size_t>(k)]) o.clear_holdings.push_back(k);
   }
   if (!o.notes.empty() || o.rollback || !o.quarantine.empty()) {

@@ -182,6 +182,8 @@ struct VoteConfig {
   int quarantine_after = 2;   // faults of one kind (non-finite results; corrupted state or gradients) on one
                               // member before it is quarantined
   int64_t strike_window = 100;  // ... counted over this many steps (older strikes expire)
+  int quarantine_floor = 2;     // ... unless fewer than this many members would be left (a lone member cannot
+                                //   detect silent corruption): then it is kept, its faults still caught one by one
   bool partial = false;         // diloco: the step commits with the micro-batches held (at least one), not
                                 //   necessarily all of them (a lost member's inner work is not redone)
 };

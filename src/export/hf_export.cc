@@ -286,7 +286,9 @@ Result<TrainingSnapshot> ImportHfSafetensors(const std::string& dir, std::vector
     if (std::fabs(eps - kLayerNormEps) > 1e-3 * kLayerNormEps && warnings)
       warnings->push_back(cfg_path + ": layer_norm_epsilon is " + std::to_string(eps) + "; keel always uses 1e-5");
   }
-  if (Status v = c.Validate(); !v.ok()) return bad(cfg_path, v.message());
+  // Named by config.json's keys: the user passed no --heads/--dim (it read "--dim 16 is not divisible by --heads 3").
+  if (Status v = c.Validate({"n_layer", "n_head", "n_embd", "n_positions", "vocab_size"}); !v.ok())
+    return bad(cfg_path, v.message());
 
   const std::string st_path = JoinPath(dir, "model.safetensors");
   auto st = SafetensorsFile::Open(st_path);

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cassert>
 #include <cmath>
+#include <cstdio>
 
 #include "core/hash.h"
 #include "formats/half.h"
@@ -30,21 +31,48 @@ Result<std::unique_ptr<GptModel>> GptModel::Create(const GptConfig& config, Back
   if (max_T > config.ctx)
     return InvalidArgument("sequence length " + std::to_string(max_T) + " exceeds the model context " +
                            std::to_string(config.ctx));
+  // Beyond this, Allocate's size_t products would wrap (and no memory holds it anyway).
+  if (const double need = ActivationBytes(config, max_B, max_T); need > 0x1p62) {
+    char gb[32];
+    std::snprintf(gb, sizeof gb, "%.3g GB", need / 1e9);
+    return InvalidArgument("a micro-batch of --batch " + std::to_string(max_B) + " sequences x " +
+                           std::to_string(max_T) + " tokens is implausibly large (" + gb + " of activations)");
+  }
   std::unique_ptr<GptModel> m(new GptModel(config, backend, max_B, max_T));
   KEEL_RETURN_IF_ERROR(m->Allocate());
   return m;
 }
 
+// Keep in step with Allocate() (which fails with kInternal when the two disagree).
+double GptModel::ActivationBytes(const GptConfig& c, int64_t B, int64_t T) {
+  const double BT = static_cast<double>(B) * static_cast<double>(T), C = c.dim, V = c.vocab;
+  const double att = static_cast<double>(B) * c.heads * static_cast<double>(T) * static_cast<double>(T);
+  const double per_layer = 18 * BT * C + 4 * BT + att;             // LayerActs
+  const double rest = 16 * BT * C + 3 * BT + BT * V + att;         // final LN, probs, losses, backward scratch
+  return (c.layers * per_layer + rest) * sizeof(float) + 2 * BT * sizeof(int32_t);  // + tokens, targets
+}
+
 Status GptModel::Allocate() {
+  double act_bytes = 0;  // the activations' share, checked against ActivationBytes
   auto alloc = [&](size_t n, float** out) -> Status {
     auto r = backend_->Alloc(n);
     if (!r.ok()) return r.status();
     *out = r.value();
     owned_.push_back(*out);
+    act_bytes += static_cast<double>(n) * sizeof(float);
     return Status::Ok();
   };
   KEEL_RETURN_IF_ERROR(alloc(num_params_, &params_));
   KEEL_RETURN_IF_ERROR(alloc(num_params_, &grads_));
+  act_bytes = 0;
+  // The backend's out-of-memory error alone does not say that the micro-batch is what is too large.
+  const double need = ActivationBytes(config_, max_B_, max_T_);
+  auto too_large = [&](const Status& s) {
+    char gb[32];
+    std::snprintf(gb, sizeof gb, "%.1f GB", need / 1e9);
+    return s.Wrap("a micro-batch of --batch " + std::to_string(max_B_) + " sequences x " + std::to_string(max_T_) +
+                  " tokens needs " + gb + " of activations");
+  };
   const size_t BT = static_cast<size_t>(max_B_) * max_T_, C = config_.dim, NH = config_.heads;
   const size_t att = static_cast<size_t>(max_B_) * NH * max_T_ * max_T_;
   acts_.resize(config_.layers);
@@ -53,19 +81,24 @@ Status GptModel::Allocate() {
                         {&a.atty, BT * C}, {&a.att, att}, {&a.attproj, BT * C}, {&a.res2, BT * C}, {&a.ln2, BT * C},
                         {&a.ln2_mean, BT}, {&a.ln2_rstd, BT}, {&a.fch, 4 * BT * C}, {&a.fch_gelu, 4 * BT * C},
                         {&a.fcproj, BT * C}, {&a.res3, BT * C}})
-      KEEL_RETURN_IF_ERROR(alloc(n, p));
+      if (Status s = alloc(n, p); !s.ok()) return too_large(s);
   }
   for (auto [p, n] : {std::pair{&encoded_, BT * C}, {&lnf_, BT * C}, {&lnf_mean_, BT}, {&lnf_rstd_, BT},
                       {&probs_, BT * config_.vocab}, {&losses_, BT}, {&dres_, BT * C}, {&dln_, BT * C},
                       {&dqkv_, 3 * BT * C}, {&datty_, BT * C}, {&datt_, att}, {&dfch_, 4 * BT * C},
                       {&dfch_gelu_, 4 * BT * C}})
-    KEEL_RETURN_IF_ERROR(alloc(n, p));
+    if (Status s = alloc(n, p); !s.ok()) return too_large(s);
   auto ti = backend_->AllocInt(BT);
-  if (!ti.ok()) return ti.status();
+  if (!ti.ok()) return too_large(ti.status());
   tokens_ = ti.value();
   auto tt = backend_->AllocInt(BT);
-  if (!tt.ok()) return tt.status();
+  if (!tt.ok()) return too_large(tt.status());
   targets_ = tt.value();
+  act_bytes += 2.0 * static_cast<double>(BT) * sizeof(int32_t);
+  // Checked in every build (RelWithDebInfo drops asserts): every model creation in the tests compares them.
+  if (act_bytes != need)
+    return Internal("GptModel::ActivationBytes (" + std::to_string(need) + ") is out of step with Allocate (" +
+                    std::to_string(act_bytes) + ")");
   return Status::Ok();
 }
 

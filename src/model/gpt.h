@@ -19,6 +19,11 @@ class GptModel {
  public:
   // Allocates parameters and gradients (zeroed) and activations for micro-batches up to B x T.
   static Result<std::unique_ptr<GptModel>> Create(const GptConfig& config, Backend* backend, int max_B, int max_T);
+  // Bytes Create() allocates for the activations of a B x T micro-batch (kept for backward, plus backward's
+  // scratch), without parameters and gradients. A lower bound on a training step's memory (parameters, gradients,
+  // optimizer state and the backend's workspaces come on top), so a check against it never refuses a step that
+  // fits. A double: it must not overflow for absurd B.
+  static double ActivationBytes(const GptConfig& config, int64_t B, int64_t T);
   ~GptModel();
 
   const GptConfig& config() const { return config_; }

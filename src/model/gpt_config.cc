@@ -6,20 +6,21 @@
 
 namespace keel {
 
-Status GptConfig::Validate() const {
-  auto positive = [](const char* flag, int v) -> Status {
-    if (v <= 0) return InvalidArgument(std::string(flag) + " must be positive (got " + std::to_string(v) + ")");
+Status GptConfig::Validate(const GptConfigNames& names) const {
+  auto positive = [](const char* name, int v) -> Status {
+    if (v <= 0) return InvalidArgument(std::string(name) + " must be positive (got " + std::to_string(v) + ")");
     return Status::Ok();
   };
-  KEEL_RETURN_IF_ERROR(positive("--layers", layers));
-  KEEL_RETURN_IF_ERROR(positive("--heads", heads));
-  KEEL_RETURN_IF_ERROR(positive("--dim", dim));
-  KEEL_RETURN_IF_ERROR(positive("--ctx", ctx));
-  KEEL_RETURN_IF_ERROR(positive("vocab size", vocab));
+  KEEL_RETURN_IF_ERROR(positive(names.layers, layers));
+  KEEL_RETURN_IF_ERROR(positive(names.heads, heads));
+  KEEL_RETURN_IF_ERROR(positive(names.dim, dim));
+  KEEL_RETURN_IF_ERROR(positive(names.ctx, ctx));
+  KEEL_RETURN_IF_ERROR(positive(names.vocab, vocab));
   if (dim % heads != 0)
-    return InvalidArgument("--dim " + std::to_string(dim) + " is not divisible by --heads " + std::to_string(heads));
-  for (auto [name, v, most] : {std::tuple{"--layers", layers, 1024}, {"--dim", dim, 65536}, {"--ctx", ctx, 1 << 20},
-                                {"--vocab", vocab, 1 << 24}})
+    return InvalidArgument(std::string(names.dim) + " " + std::to_string(dim) + " is not divisible by " + names.heads +
+                           " " + std::to_string(heads));
+  for (auto [name, v, most] : {std::tuple{names.layers, layers, 1024}, {names.dim, dim, 65536},
+                                {names.ctx, ctx, 1 << 20}, {names.vocab, vocab, 1 << 24}})
     if (v > most)
       return InvalidArgument(std::string(name) + " " + std::to_string(v) + " is implausibly large (at most " +
                              std::to_string(most) + ")");
@@ -45,7 +46,8 @@ Result<GptConfig> GptConfig::FromJson(const nlohmann::json& j) {
       return InvalidArgument(std::string("model config: field '") + key + "' is out of range (" + v.dump() + ")");
     *field = v.get<int>();
   }
-  KEEL_RETURN_IF_ERROR(c.Validate());
+  // A file's config: its own keys, not the flags (which the user may never have passed).
+  KEEL_RETURN_IF_ERROR(c.Validate(kGptConfigJsonNames).Wrap("model config"));
   return c;
 }
 

@@ -12,6 +12,19 @@
 
 namespace keel {
 
+// What GptConfig::Validate calls each field in its errors: the flags by default, or the keys of the file the
+// config was read from (a checkpoint's metadata, an import's config.json or GGUF keys), so that a bad file is
+// not reported as a flag the user never passed.
+struct GptConfigNames {
+  const char* layers = "--layers";
+  const char* heads = "--heads";
+  const char* dim = "--dim";
+  const char* ctx = "--ctx";
+  const char* vocab = "--vocab";
+};
+// The keys of keel's own model config JSON (ToJson / FromJson).
+inline constexpr GptConfigNames kGptConfigJsonNames{"layers", "heads", "dim", "ctx", "vocab"};
+
 struct GptConfig {
   int layers = 4;
   int heads = 4;
@@ -19,9 +32,11 @@ struct GptConfig {
   int ctx = 256;     // context length = rows of the position table
   int vocab = 4096;
 
-  // Errors name the offending field, e.g. "--dim 100 is not divisible by --heads 3".
-  Status Validate() const;
+  // Errors name the offending field as `names` says, e.g. "--dim 100 is not divisible by --heads 3" (flags) or
+  // "heads must be positive (got 0)" (kGptConfigJsonNames); callers with a file prefix its path.
+  Status Validate(const GptConfigNames& names = {}) const;
   nlohmann::json ToJson() const;
+  // Errors name the JSON keys ("model config: heads must be positive (got 0)"), never flags.
   static Result<GptConfig> FromJson(const nlohmann::json& j);
   bool operator==(const GptConfig&) const = default;
 };

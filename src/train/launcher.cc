@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <set>
 
 extern char** environ;
@@ -134,11 +135,21 @@ class Relay {
   // A line of the launcher's own.
   void Own(const std::string& line) { Emit(line); }
 
+  // The last "error: ..." a worker printed (without its prefix), or "": what the launcher's own failure line
+  // repeats, so that its last line says why and not only that a worker exited.
+  std::string LastError(int rank) const {
+    auto it = last_error_.find(rank);
+    return it == last_error_.end() ? std::string() : it->second;
+  }
+
   void Finish() { SetProgress(""); }
 
  private:
   std::string Tag(int rank) const { return prefix_ ? "[rank " + std::to_string(rank) + "] " : ""; }
-  void Line(int rank, const std::string& s) { Emit(Tag(rank) + s); }
+  void Line(int rank, const std::string& s) {
+    if (const size_t e = s.find(": error: "); e != std::string::npos) last_error_[rank] = s.substr(e + 9);
+    Emit(Tag(rank) + s);
+  }
   void Emit(const std::string& line) {
     std::string out;
     if (shown_) out += "\r\033[K";
@@ -162,6 +173,7 @@ class Relay {
   std::vector<std::string> bufs_;
   std::string progress_;
   bool shown_ = false;
+  std::map<int, std::string> last_error_;
 };
 
 struct Worker {
@@ -410,8 +422,17 @@ class Attempt {
           continue;
         }
         if (!ok && first_failure.empty()) {
+          // What it wrote before exiting first: its error line, if it printed one, goes into the message.
+          for (; w.out_fd >= 0;) {
+            pollfd pf = {w.out_fd, POLLIN, 0};
+            if (::poll(&pf, 1, 0) <= 0 || !(pf.revents & POLLIN)) break;
+            ssize_t n = ::read(w.out_fd, buf.data(), buf.size());
+            if (n <= 0) break;
+            relay_->OnData(w.local, w.rank, buf.data(), static_cast<size_t>(n));
+          }
+          const std::string why = relay_->LastError(w.rank);
           first_failure = "worker rank " + std::to_string(w.rank) + " (pid " + std::to_string(w.pid) + ") " +
-                          DescribeStatus(st);
+                          DescribeStatus(st) + (why.empty() ? "" : " (" + why + ")");
           relay_->Own("launcher: " + first_failure + "; stopping the other workers");
           for (auto& other : workers_)
             if (other.running) ::kill(other.pid, SIGTERM);

@@ -45,6 +45,7 @@ Status ValidateTrainOptions(const TrainOptions& o) {
     return InvalidArgument("--verify-fraction compares gradients bit for bit: it needs deterministic mode (not --fast)");
   if (!(o.spike_factor >= 0)) return InvalidArgument("--spike-factor must be >= 0");
   if (o.quarantine_after < 1) return InvalidArgument("--quarantine-after must be >= 1");
+  if (o.quarantine_floor < 1) return InvalidArgument("--quarantine-floor must be >= 1");
   if (!(o.straggler_evict == 0 || o.straggler_evict > 1)) return InvalidArgument("--straggler-evict must be 0 or > 1");
   KEEL_RETURN_IF_ERROR(ValidateSyncOptions(o));
   return Status::Ok();
@@ -148,11 +149,15 @@ Status Trainer::InspectRunDir() {
   // (Checkpoints from before these fields were stored have none to compare.)
   for (const auto& [flag, key, mine] : {std::tuple<std::string, std::string, nlohmann::json>{"--seed", "seed", o_.seed},
                                         {"--batch", "batch", o_.batch},
-                                        {"--grad-accum", "grad_accum", o_.grad_accum}}) {
+                                        {"--grad-accum", "grad_accum", o_.grad_accum},
+                                        // The other optimizer would silently take over these moments (AdamW's,
+                                        // or SGD's zeros).
+                                        {"--optimizer", "optimizer", o_.optimizer}}) {
     const nlohmann::json& theirs = resume_snap_.state.value(key, nlohmann::json());
-    if (theirs.is_number_integer() && theirs != mine)
-      return InvalidArgument(flag + " " + mine.dump() + " differs from the run's " + theirs.dump() + " (" + dir +
-                             "): pass " + flag + " " + theirs.dump() + " to continue it, or choose another --out");
+    auto show = [](const nlohmann::json& v) { return v.is_string() ? v.get<std::string>() : v.dump(); };
+    if ((theirs.is_number_integer() || theirs.is_string()) && theirs != mine)
+      return InvalidArgument(flag + " " + show(mine) + " differs from the run's " + show(theirs) + " (" + dir +
+                             "): pass " + flag + " " + show(theirs) + " to continue it, or choose another --out");
   }
   start_step_ = resume_snap_.state["step"].get<int64_t>();
   if (resume_snap_.state.contains("data_offset") && resume_snap_.state["data_offset"].is_number_integer())

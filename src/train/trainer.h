@@ -55,6 +55,8 @@ struct TrainOptions {
   double spike_factor = 0;    // loss > running mean + factor * running deviation: roll back and skip the data
                               // (0: off)
   int quarantine_after = 2;   // faults of one kind on one member (within 100 steps) before it is quarantined
+  int quarantine_floor = 2;   // ... unless that would leave fewer members than this (one alone cannot detect
+                              //   silent corruption)
   double straggler_evict = 0; // evict a member persistently slower than this multiple of the median (0: never)
   bool even_shares = false;   // split micro-batches evenly whatever the measured speeds (no speed-aware shares)
   std::string inject;         // fault-injection spec (elastic/fault_inject.h; needs KEEL_ALLOW_FAULT_INJECTION=1)

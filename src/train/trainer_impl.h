@@ -216,6 +216,7 @@ class Trainer {
   bool need_group_ = true, voluntary_ = false, need_sync_ = true, finished_ = false;
   std::unique_ptr<BucketReducer> reducer_;
   std::unique_ptr<FaultInjector> inject_;
+  double freeze_s_ = 0;  // an injected `freeze` armed for this step's reduce
   EventLog own_events_;
   EventLog* events_ = &own_events_;  // the membership's when elastic (one identity, one file)
   int64_t faults_pending_since_step_ = -1;  // a fault is being recovered from (for the "recovered" event)

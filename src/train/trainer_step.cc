@@ -4,6 +4,8 @@
 // after a commit: validation, metrics, checkpoints.
 #include "train/trainer_impl.h"
 
+#include <utility>
+
 namespace keel::trainer_support {
 
 // ---- (2) compute -------------------------------------------------------------------------------------------
@@ -99,6 +101,9 @@ void Trainer::Compute(const Plan& plan) {
   };
   bool first_sum = true;
   if (!o_.deterministic && held_.Empty()) model_->ZeroGrads();
+  // Injected freeze: armed here, raised once this member waits in the step's reduce (FinishReduce), so that on
+  // waking its training thread meets the failure at once, not after finishing its micro-batches.
+  if (inject_ && elastic_ && !inject_->FreezeHeartbeat(step, &freeze_s_)) freeze_s_ = 0;
   // Injected deaf collective: the communication thread blocks where Abort cannot reach it; the training thread
   // must give up waiting once the watchdog has aborted the group.
   double deaf_s = 0;
@@ -302,6 +307,7 @@ void Trainer::ClearHoldings() {
 
 Status Trainer::FinishReduce() {
   if (size_ <= 1) return Status::Ok();
+  if (freeze_s_ > 0) elastic_->FreezeOnce(std::exchange(freeze_s_, 0.0));
   return reducer_->Wait(GiveUp());
 }
 
@@ -348,6 +354,7 @@ Result<VoteOutcome> Trainer::VoteOnStep(std::vector<VoteRecord>* records) {
   VoteConfig c;
   c.M = M_;
   c.quarantine_after = o_.quarantine_after;
+  c.quarantine_floor = o_.quarantine_floor;
   c.partial = diloco_ != nullptr;
   return DecideCommit(*records, c, &strikes_, &data_bad_);
 }

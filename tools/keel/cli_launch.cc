@@ -1,6 +1,8 @@
 // cli_launch.cc: `keel train` as one process, as the launcher of local workers, or as one worker of a job.
 #include "tools/keel/cli_launch.h"
 
+#include <net/if.h>
+#include <sys/sysinfo.h>
 #include <unistd.h>
 
 #include <climits>
@@ -18,6 +20,7 @@
 #include "elastic/events.h"
 #include "elastic/fault_inject.h"
 #include "elastic/membership.h"
+#include "model/gpt.h"
 #include "train/launcher.h"
 
 namespace keel::cli {
@@ -119,6 +122,7 @@ Result<nlohmann::json> Descriptor(const TrainOptions& o) {
                              {"verify_fraction", o.verify_fraction},
                              {"spike_factor", o.spike_factor},
                              {"quarantine_after", o.quarantine_after},
+                             {"quarantine_floor", o.quarantine_floor},
                              {"straggler_evict", o.straggler_evict}};
   int64_t resume_step = 0;
   if (o.resume) {
@@ -265,6 +269,47 @@ Status ValidateDistFlags(const DistFlags& d) {
   if (d.max_workers > 0 && d.min_workers > d.max_workers)
     return InvalidArgument("--min-workers " + std::to_string(d.min_workers) + " is above --max-workers " +
                            std::to_string(d.max_workers));
+  // A misspelt interface used to be ignored by one process and to fail every worker of a job at its first
+  // connection, in words of Gloo's ("ifa != nullptr. Unable to find address for: ...").
+  if (!d.iface.empty() && if_nametoindex(d.iface.c_str()) == 0)
+    return InvalidArgument("--iface " + d.iface + ": no such network interface on this machine");
+  return Status::Ok();
+}
+
+std::string Gigabytes(double bytes) {
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%.1f GB", bytes / 1e9);
+  return buf;
+}
+
+// A --batch whose micro-batch cannot fit in this machine's memory is refused before anything is allocated (it
+// used to end in "cpu: out of memory allocating N bytes", naming neither --batch nor the size). The estimate is
+// a lower bound (one micro-batch's activations, without parameters, optimizer state or workspaces; without the
+// logits when the vocabulary is the data's, not yet known here), compared with RAM + swap, so a step that fits
+// is never refused. CPU only: another device's activations live in its own memory, and GptModel::Create names
+// --batch when they do not fit there.
+Status CheckMicroBatchMemory(const TrainOptions& o) {
+  if (o.device != "cpu" || o.batch <= 0 || o.model.ctx <= 0) return Status::Ok();
+  GptConfig c = o.model;
+  c.vocab = std::max(c.vocab, 0);
+  const double need = GptModel::ActivationBytes(c, o.batch, o.model.ctx);
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  if (pages <= 0 || page <= 0) return Status::Ok();  // unknown: nothing to compare with
+  double have = static_cast<double>(pages) * static_cast<double>(page);
+  struct sysinfo si {};
+  if (sysinfo(&si) == 0) have += static_cast<double>(si.totalswap) * si.mem_unit;
+  if (need <= have) return Status::Ok();
+  return InvalidArgument("--batch " + std::to_string(o.batch) + " x --ctx " + std::to_string(o.model.ctx) +
+                         ": one micro-batch needs at least " + Gigabytes(need) + " of activation memory, more than "
+                         "this machine's " + Gigabytes(have) + " (RAM + swap): lower --batch (a larger --grad-accum "
+                         "keeps the global batch) or --ctx");
+}
+
+// Checks made once before any worker starts: the options' own ranges first, then what they ask of this machine
+// and of the run being resumed.
+Status Preflight(const TrainOptions& o) {
+  KEEL_RETURN_IF_ERROR(ValidateTrainOptions(o));
+  KEEL_RETURN_IF_ERROR(CheckMicroBatchMemory(o));
   return Status::Ok();
 }
 
@@ -371,6 +416,10 @@ int RunTrainAnyMode(TrainOptions o, const DistFlags& d, const std::vector<std::s
   auto placement = PlacementFromEnv();
   if (!placement.ok()) return Fail("train", placement.status());
   if (Status s = ValidateDistFlags(d); !s.ok()) return Fail("train", s);
+  // Workers started by keel's own launcher skip what their launcher checked (each would re-read the checkpoint).
+  const bool keel_worker = placement->has_value() && (*placement)->source == "KEEL_RANK";
+  if (!keel_worker)
+    if (Status s = Preflight(o); !s.ok()) return Fail("train", s);
   if (placement->has_value()) return RunWorker(std::move(o), d, **placement);
   if (d.nproc > 1 || d.nproc_per_node > 1 || !d.rdzv.empty() || !d.nnodes.empty()) return RunLauncher(o, d, args);
   return RunSingle(o);

@@ -71,6 +71,20 @@ Status CheckConfigFields(CLI::App& app, const std::vector<ConfigField>& fields) 
   return Status::Ok();
 }
 
+// An option error whose flag got its value from a --config file (and from no flag on the command line after
+// the configs) names that file: "--heads must be positive" blamed a flag the user never typed.
+Status NameConfigSource(const Status& s, const std::vector<std::string>& args, size_t config_end,
+                        const std::vector<ConfigField>& fields) {
+  const std::string& m = s.message();
+  if (m.rfind("--", 0) != 0) return s;
+  const std::string flag = m.substr(0, m.find_first_of(" :=/,"));
+  for (size_t i = config_end; i < args.size(); ++i)
+    if (args[i] == flag || args[i].rfind(flag + "=", 0) == 0) return s;
+  for (auto f = fields.rbegin(); f != fields.rend(); ++f)  // the last config to give it wins
+    if (f->flag == flag) return s.Wrap("--config " + f->path);
+  return s;
+}
+
 }  // namespace
 
 int RunTrain(int argc, char** argv) {
@@ -150,6 +164,10 @@ int RunTrain(int argc, char** argv) {
                  "faults of one kind (non-finite results; corrupted state) on one worker within 100 steps before it is "
                  "quarantined")
       ->capture_default_str();
+  app.add_option("--quarantine-floor", o.quarantine_floor,
+                 "never quarantine a worker when fewer than this many would be left (one worker alone cannot "
+                 "detect silent corruption; a faulty one kept has each fault caught and recomputed)")
+      ->capture_default_str();
   app.add_flag("--even-shares", o.even_shares,
                "split each step's micro-batches evenly whatever the workers' measured speeds (diloco results then "
                "do not depend on timing; slower workers are waited for)");
@@ -185,6 +203,8 @@ int RunTrain(int argc, char** argv) {
   if (fast && deterministic_flag) return Fail("train", InvalidArgument("--fast and --deterministic exclude each other"));
   o.deterministic = !fast;
   if (o.eval_every == 0) o.eval_every = o.steps;
+  if (Status s = ValidateTrainOptions(o); !s.ok())
+    return Fail("train", NameConfigSource(s, args, config_end, config_fields));
 
   // One process, a launcher of workers, or one worker of a job (cli_launch.h); workers re-run these arguments.
   return RunTrainAnyMode(o, dist, std::vector<std::string>(argv, argv + argc));
