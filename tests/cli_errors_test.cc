@@ -417,6 +417,9 @@ TEST_F(CliErrors, ResumeWithAnotherOptimizer) {
   ExpectError(RunKeel("train " + Small(t / "sgd") + " --steps 4 --resume --optimizer adamw --nproc 2"),
               "--optimizer adamw differs from the run's sgd");
   ExpectError(RunKeel("train " + Small(t / "sgd") + " --steps 4 --resume"), "pass --optimizer sgd");
+  // An elastic job's launcher also ends on the workers' reason, not only on "exited with status 1".
+  ExpectError(RunKeel("train " + Small(t / "sgd") + " --steps 4 --resume --optimizer adamw --nproc 2 --elastic"),
+              "--optimizer adamw differs from the run's sgd");
   EXPECT_FALSE(fs::exists(t / "sgd/ckpt-00000004"));
   r = RunKeel("train " + Small(t / "sgd") + " --steps 4 --resume --optimizer sgd");
   EXPECT_EQ(r.exit_code, 0) << r.output;

@@ -17,7 +17,8 @@
 //   freeze:rank=R,step=S,secs=X       at step S the whole process stops (SIGSTOP) for X seconds (default 5), the
 //                                     stop raised by its heartbeat thread just after that thread read its clock
 //                                     and before it reads its peers' heartbeats: the worst moment for its view
-//                                     of the others (a plain `hang` stops it at a random point of that thread)
+//                                     of the others (a plain `hang` stops it at a random point of that thread).
+//                                     Elastic jobs only, raised in the step's reduce (2 or more members)
 //   nan:rank=R,step=S                 a NaN in the gradient of its first micro-batch of step S
 //   corrupt:rank=R,step=S,steps=N     one flipped mantissa bit in that gradient (finite: only a cross-check,
 //                                     --verify-fraction, can see it); with steps=N, in every gradient this worker

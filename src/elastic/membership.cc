@@ -337,7 +337,7 @@ void ElasticGroup::Watch(double now) {
         if (it != peers_.end()) key = StrOr(it->second.rec, "wait", "");
       }
       auto& seen = wait_seen_[u];  // when this observer first saw the member blocked in `key`
-      if (seen.first != key) seen = {key, now};
+      if (seen.first != key) seen = {key, Now()};  // not `now`: that predates the reads (see Observe)
       all = all && key == my_key && now - seen.second > allowance;
     }
     if (all && members.size() > 1) {
@@ -508,9 +508,13 @@ Status ElasticGroup::NewIncarnation(const std::string& why) {
 }
 
 void ElasticGroup::FreezeOnce(double secs) {
-  std::lock_guard<std::mutex> l(mu_);
-  freezing_ = true;
-  freeze_s_ = secs;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    freezing_ = true;
+    freeze_s_ = secs;
+    dirty_ = true;  // the heartbeat thread's next round now, while this member waits in the reduce
+  }
+  cv_.notify_all();
 }
 
 Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, bool voluntary) {

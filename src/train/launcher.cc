@@ -141,13 +141,16 @@ class Relay {
     auto it = last_error_.find(rank);
     return it == last_error_.end() ? std::string() : it->second;
   }
+  void ForgetError(int rank) { last_error_.erase(rank); }  // a restarted worker's new life
 
   void Finish() { SetProgress(""); }
 
  private:
   std::string Tag(int rank) const { return prefix_ ? "[rank " + std::to_string(rank) + "] " : ""; }
   void Line(int rank, const std::string& s) {
-    if (const size_t e = s.find(": error: "); e != std::string::npos) last_error_[rank] = s.substr(e + 9);
+    // keel's own error lines ("keel train: error: ..."), not any line that happens to hold the words.
+    if (const size_t e = s.find(": error: "); s.rfind("keel ", 0) == 0 && e != std::string::npos)
+      last_error_[rank] = s.substr(e + 9, 300);
     Emit(Tag(rank) + s);
   }
   void Emit(const std::string& line) {
@@ -386,10 +389,25 @@ class Attempt {
         const bool ok = WIFEXITED(st) && WEXITSTATUS(st) == 0;
         if (ok) any_ok = true;
         if (o_.on_exit) o_.on_exit(w.rank, w.pid, st);
+        // What it wrote before exiting, first: its error line, if it printed one, goes into the message.
+        auto drain = [&] {
+          for (; w.out_fd >= 0;) {
+            pollfd pf = {w.out_fd, POLLIN, 0};
+            if (::poll(&pf, 1, 0) <= 0 || !(pf.revents & POLLIN)) break;
+            ssize_t n = ::read(w.out_fd, buf.data(), buf.size());
+            if (n <= 0) break;
+            relay_->OnData(w.local, w.rank, buf.data(), static_cast<size_t>(n));
+          }
+        };
+        auto describe = [&] {
+          const std::string why = relay_->LastError(w.rank);
+          return "worker rank " + std::to_string(w.rank) + " (pid " + std::to_string(w.pid) + ") " +
+                 DescribeStatus(st) + (why.empty() ? "" : " (" + why + ")");
+        };
+        if (!ok) drain();
         if (!ok && o_.elastic) {
           // Elastic: the others carry on (they re-form without it); this one is restarted if allowed.
-          const std::string what = "worker rank " + std::to_string(w.rank) + " (pid " + std::to_string(w.pid) + ") " +
-                                   DescribeStatus(st);
+          const std::string what = describe();
           if (first_failure.empty()) first_failure = what;
           const bool quarantined = WIFEXITED(st) && WEXITSTATUS(st) == kExitQuarantined;
           if (quarantined) {
@@ -398,14 +416,8 @@ class Attempt {
             relay_->Own("launcher: " + what + " while stopping; not restarted");
           } else if (restarts_used_ < o_.max_restarts) {
             ++restarts_used_;
-            if (w.out_fd >= 0) {  // what it wrote before dying, then its new incarnation's stream
-              for (;;) {
-                pollfd pf = {w.out_fd, POLLIN, 0};
-                if (::poll(&pf, 1, 0) <= 0 || !(pf.revents & POLLIN)) break;
-                ssize_t n = ::read(w.out_fd, buf.data(), buf.size());
-                if (n <= 0) break;
-                relay_->OnData(w.local, w.rank, buf.data(), static_cast<size_t>(n));
-              }
+            relay_->ForgetError(w.rank);
+            if (w.out_fd >= 0) {  // what it wrote before dying (drained above), then its new incarnation's stream
               relay_->OnEof(w.local, w.rank);
               ::close(w.out_fd);
               w.out_fd = -1;
@@ -422,17 +434,7 @@ class Attempt {
           continue;
         }
         if (!ok && first_failure.empty()) {
-          // What it wrote before exiting first: its error line, if it printed one, goes into the message.
-          for (; w.out_fd >= 0;) {
-            pollfd pf = {w.out_fd, POLLIN, 0};
-            if (::poll(&pf, 1, 0) <= 0 || !(pf.revents & POLLIN)) break;
-            ssize_t n = ::read(w.out_fd, buf.data(), buf.size());
-            if (n <= 0) break;
-            relay_->OnData(w.local, w.rank, buf.data(), static_cast<size_t>(n));
-          }
-          const std::string why = relay_->LastError(w.rank);
-          first_failure = "worker rank " + std::to_string(w.rank) + " (pid " + std::to_string(w.pid) + ") " +
-                          DescribeStatus(st) + (why.empty() ? "" : " (" + why + ")");
+          first_failure = describe();
           relay_->Own("launcher: " + first_failure + "; stopping the other workers");
           for (auto& other : workers_)
             if (other.running) ::kill(other.pid, SIGTERM);

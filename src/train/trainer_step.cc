@@ -354,7 +354,8 @@ Result<VoteOutcome> Trainer::VoteOnStep(std::vector<VoteRecord>* records) {
   VoteConfig c;
   c.M = M_;
   c.quarantine_after = o_.quarantine_after;
-  c.quarantine_floor = o_.quarantine_floor;
+  // Below --min-workers the job waits for workers, and a quarantined one is never restarted: never go there.
+  c.quarantine_floor = std::max(o_.quarantine_floor, elastic_ ? elastic_->options().min_workers : 1);
   c.partial = diloco_ != nullptr;
   return DecideCommit(*records, c, &strikes_, &data_bad_);
 }
