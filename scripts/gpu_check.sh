@@ -16,7 +16,7 @@
 #                                              .git/info/exclude) — for GPU machines without keel's build
 #                                              dependencies (Gloo, sentencepiece, hiredis, httplib, OpenBLAS, GTest).
 # Device tool: run(command="bash scripts/gpu_check.sh", carry=["gpu_bundle"], timeout_s=570).
-# Env: SKIP_BENCH=1 skips stage 4; TRAIN_STEPS (300), SAMPLE_TOKENS (200), BENCH_TIMEOUT (420 s); the bench's own
+# Env: SKIP_BENCH=1 skips stage 4; PROFILE=1 adds stage 5 (KEEL_CUDA_PROFILE tables, PROFILE_MATMUL='bf16 fp32'); CONF_TIMEOUT (300 s), TRAIN_TIMEOUT (240 s), TRAIN_STEPS (300), SAMPLE_TOKENS (200), BENCH_TIMEOUT (420 s); the bench's own
 # variables (B, STEPS, TORCH_SDPA, ...) pass through.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +26,9 @@ BUNDLE=$ROOT/gpu_bundle
 if [ "${1:-}" = "--make-bundle" ]; then
   set -e
   BUILD=${BUILD_DIR:-build-cuda}
-  cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKEEL_CUDA=ON -DKEEL_BENCH=OFF >/dev/null
+  # An existing build dir configured with the CUDA backend (e.g. build/) is used as it is.
+  grep -q '^KEEL_CUDA:BOOL=ON' "$BUILD/CMakeCache.txt" 2>/dev/null ||
+    cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKEEL_CUDA=ON -DKEEL_BENCH=OFF >/dev/null
   ninja -C "$BUILD" -j"${JOBS:-2}" keel keel_cuda_plugin backend_conformance_test cuda_host_test
   rm -rf "$BUNDLE"
   mkdir -p "$BUNDLE/bin" "$BUNDLE/lib"
@@ -86,6 +88,7 @@ if [ -x "$BUNDLE/bin/keel" ]; then
   BIN=$BUNDLE/bin
   export LD_LIBRARY_PATH=$BUNDLE/lib:$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   KEEL=$BIN/keel
+  export KEEL_TEST_BINARY=$KEEL  # the tests' compiled-in path to keel is the build machine's
   CONF=$BIN/backend_conformance_test
   HOST=$BIN/cuda_host_test
   stage "1 build" PASS "prebuilt gpu_bundle"
@@ -106,7 +109,7 @@ else
 fi
 
 # ---- 2. conformance ----------------------------------------------------------------------------------------------
-if timeout 300 "$CONF" >"$OUTDIR/conformance.log" 2>&1; then
+if timeout "${CONF_TIMEOUT:-300}" "$CONF" >"$OUTDIR/conformance.log" 2>&1; then
   if grep -q "SKIPPED" "$OUTDIR/conformance.log"; then
     stage "2 conformance" FAIL "CUDA cases skipped: $(grep -m1 'no CUDA device' "$OUTDIR/conformance.log")"
   else
@@ -130,7 +133,7 @@ PORT_STEPS=${TRAIN_STEPS:-300}
 SMALL="--layers 4 --heads 4 --dim 128 --ctx 128 --batch 16 --steps $PORT_STEPS --lr 1e-3 --warmup 20 --seed 7 \
   --no-progress --eval-every 100 --eval-batches 4 --checkpoint-every $PORT_STEPS --keep 1"
 if "$KEEL" prepare --input "$WORK/corpus3.txt" --out "$WORK/data" --tokenizer byte >"$OUTDIR/prepare.log" 2>&1 &&
-   timeout 240 "$KEEL" train --device cuda --data "$WORK/data" --out "$WORK/gpu-run" $SMALL >"$OUTDIR/train_gpu.log" 2>&1; then
+   timeout "${TRAIN_TIMEOUT:-240}" "$KEEL" train --device cuda --data "$WORK/data" --out "$WORK/gpu-run" $SMALL >"$OUTDIR/train_gpu.log" 2>&1; then
   cp "$WORK/gpu-run/metrics.jsonl" "$OUTDIR/train_gpu_metrics.jsonl" 2>/dev/null
   stage "3 train --device cuda (fp32, $PORT_STEPS steps)" PASS "$(python3 - "$WORK/gpu-run/metrics.jsonl" <<'PY'
 import json, math, sys
@@ -196,6 +199,19 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     stage "4 bench (GPT-2 124M)" INFO "did not finish; see bench.md"
   fi
   tee -a "$SUMMARY" < "$OUTDIR/bench.md"
+fi
+
+# ---- 5. profile (PROFILE=1): where a GPT-2 124M training step's device time goes, per op ----------------------
+if [ "${PROFILE:-0}" = 1 ]; then
+  printf 'the quick brown fox jumps over the lazy dog %s\n' $(seq 1 60000) > "$WORK/pcorpus.txt"
+  "$KEEL" prepare --input "$WORK/pcorpus.txt" --out "$WORK/pdata" --tokenizer byte >/dev/null 2>&1
+  for m in ${PROFILE_MATMUL:-bf16}; do
+    KEEL_CUDA_PROFILE=1 KEEL_CUDA_MATMUL=$m timeout 120 "$KEEL" train --device cuda --data "$WORK/pdata" \
+      --out "$WORK/prof-$m" --layers 12 --heads 12 --dim 768 --ctx 1024 --vocab 50304 --batch "${B:-16}" --steps 4 \
+      --no-progress --eval-every 0 --eval-batches 1 --checkpoint-every 0 --keep 1 >"$OUTDIR/profile_$m.log" 2>&1
+    stage "5 profile ($m GEMMs, 4 steps of GPT-2 124M)" INFO "profile_$m.log"
+    sed -n '/KEEL_CUDA_PROFILE/,$p' "$OUTDIR/profile_$m.log" | head -n 60 | tee -a "$SUMMARY"
+  done
 fi
 
 note ""

@@ -97,7 +97,7 @@ TEST(CudaHost, CliDeviceCudaWithoutDeviceFailsCleanly) {
 // command ~0.4 s and ~200 MB when keel linked them). A plugin that is not where it is looked for is a one-line
 // error naming the path.
 TEST(CudaHost, TheCudaLibrariesAreLoadedOnlyForDeviceCuda) {
-  auto v = testing::RunCommand("LD_DEBUG=libs " + std::string(KEEL_BINARY) + " --version");
+  auto v = testing::RunCommand("LD_DEBUG=libs " + testing::KeelBinary() + " --version");
   ASSERT_EQ(v.exit_code, 0) << v.output;
   EXPECT_NE(v.output.find("libopenblas"), std::string::npos) << "LD_DEBUG=libs should list the libraries: " << v.output;
   EXPECT_EQ(v.output.find("libcublas"), std::string::npos) << v.output;
@@ -107,7 +107,7 @@ TEST(CudaHost, TheCudaLibrariesAreLoadedOnlyForDeviceCuda) {
   for (int i = 0; i < 200; ++i) text += "line " + std::to_string(i) + " of a small corpus\n";
   WriteText(t / "c.txt", text);
   ASSERT_EQ(RunKeel("prepare --input " + t / "c.txt" + " --out " + t / "data" + " --tokenizer byte").exit_code, 0);
-  auto r = testing::RunCommand("KEEL_CUDA_PLUGIN=" + t / "nowhere.so " + std::string(KEEL_BINARY) + " train --data " +
+  auto r = testing::RunCommand("KEEL_CUDA_PLUGIN=" + t / "nowhere.so " + testing::KeelBinary() + " train --data " +
                                t / "data" + " --out " + t / "run" + " --device cuda --layers 1 --heads 2 --dim 16 " +
                                "--ctx 16 --batch 2 --steps 2 --no-progress");
   EXPECT_EQ(r.exit_code, 1) << r.output;

@@ -37,7 +37,12 @@ CommandResult RunCommand(const std::string& cmdline) {
   return r;
 }
 
-CommandResult RunKeel(const std::string& args) { return RunCommand(std::string(KEEL_BINARY) + " " + args); }
+std::string KeelBinary() {
+  const char* env = std::getenv("KEEL_TEST_BINARY");
+  return env && *env ? env : KEEL_BINARY;
+}
+
+CommandResult RunKeel(const std::string& args) { return RunCommand(KeelBinary() + " " + args); }
 
 void WriteText(const std::string& path, const std::string& text) {
   std::ofstream f(path, std::ios::binary);

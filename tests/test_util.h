@@ -23,7 +23,10 @@ struct CommandResult {
 };
 // Runs a shell command line, capturing its output.
 CommandResult RunCommand(const std::string& cmdline);
-// Runs the keel binary built alongside the tests with the given arguments (shell-quoted by the caller).
+// The keel binary built alongside the tests, or $KEEL_TEST_BINARY when set (scripts/gpu_check.sh runs the tests from
+// a bundle copied to another machine, where the build path does not exist).
+std::string KeelBinary();
+// Runs KeelBinary() with the given arguments (shell-quoted by the caller).
 CommandResult RunKeel(const std::string& args);
 void WriteText(const std::string& path, const std::string& text);
 // The names of dir's entries, sorted (to assert that no temporary was left behind).
