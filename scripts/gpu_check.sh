@@ -16,7 +16,7 @@
 #                                              .git/info/exclude) — for GPU machines without keel's build
 #                                              dependencies (Gloo, sentencepiece, hiredis, httplib, OpenBLAS, GTest).
 # Device tool: run(command="bash scripts/gpu_check.sh", carry=["gpu_bundle"], timeout_s=570).
-# Env: SKIP_BENCH=1 skips stage 4; PROFILE=1 adds stage 5 (KEEL_CUDA_PROFILE tables, PROFILE_MATMUL='bf16 fp32'); CONF_TIMEOUT (300 s), TRAIN_TIMEOUT (240 s), TRAIN_STEPS (300), SAMPLE_TOKENS (200), BENCH_TIMEOUT (420 s); the bench's own
+# Env: SKIP_BENCH=1 skips stage 4 (per-op profile: scripts/gpu_profile.sh); CONF_TIMEOUT (300 s), TRAIN_TIMEOUT (240 s), TRAIN_STEPS (300), SAMPLE_TOKENS (200), BENCH_TIMEOUT (420 s); the bench's own
 # variables (B, STEPS, TORCH_SDPA, ...) pass through.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -199,19 +199,6 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     stage "4 bench (GPT-2 124M)" INFO "did not finish; see bench.md"
   fi
   tee -a "$SUMMARY" < "$OUTDIR/bench.md"
-fi
-
-# ---- 5. profile (PROFILE=1): where a GPT-2 124M training step's device time goes, per op ----------------------
-if [ "${PROFILE:-0}" = 1 ]; then
-  printf 'the quick brown fox jumps over the lazy dog %s\n' $(seq 1 60000) > "$WORK/pcorpus.txt"
-  "$KEEL" prepare --input "$WORK/pcorpus.txt" --out "$WORK/pdata" --tokenizer byte >/dev/null 2>&1
-  for m in ${PROFILE_MATMUL:-bf16}; do
-    KEEL_CUDA_PROFILE=1 KEEL_CUDA_MATMUL=$m timeout 120 "$KEEL" train --device cuda --data "$WORK/pdata" \
-      --out "$WORK/prof-$m" --layers 12 --heads 12 --dim 768 --ctx 1024 --vocab 50304 --batch "${B:-16}" --steps 4 \
-      --no-progress --eval-every 0 --eval-batches 1 --checkpoint-every 0 --keep 1 >"$OUTDIR/profile_$m.log" 2>&1
-    stage "5 profile ($m GEMMs, 4 steps of GPT-2 124M)" INFO "profile_$m.log"
-    sed -n '/KEEL_CUDA_PROFILE/,$p' "$OUTDIR/profile_$m.log" | head -n 60 | tee -a "$SUMMARY"
-  done
 fi
 
 note ""
