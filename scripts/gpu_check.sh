@@ -5,7 +5,8 @@
 #      cuda_host_test (incl. a one-member NCCL group) on the GPU;
 #   3. portability: train a small model with --device cuda (fp32) for 300 steps; train the same run for 20 steps on
 #      the CPU and compare the losses step by step; then sample greedily from the GPU run's checkpoint on the GPU
-#      and on the CPU and compare the token ids;
+#      and on the CPU and compare the token ids; serve it with `keel serve --device cuda` (4 concurrent requests)
+#      against CPU sampling; two elastic workers on the GPU, one SIGKILLed, against one process bit for bit;
 #   4. bench/gpu_train_bench.sh (GPT-2 124M, ctx 1024: keel fp32, keel bf16 GEMMs, PyTorch torch.compile bf16).
 # Every stage is logged under $OUT (the device tool's folder) or ./gpu_check_out; summary.md says PASS/FAIL per
 # stage. Exit status: 0 only if stages 1-3 pass (the bench is informational).
@@ -190,6 +191,82 @@ else:
 PY
 )
 stage "3 greedy sampling GPU vs CPU" "${res%% *}" "${res#* }"
+
+# ---- 3b. serving on the GPU: `keel serve --device cuda` with continuous batching, against CPU greedy sampling ------
+# Four requests at once (different prompt lengths, so they join and leave the batch at different steps); each
+# completion's text must equal `keel sample --device cpu --temperature 0` for the same prompt (byte tokenizer: text
+# is tokens). Then SIGTERM: the server must exit 0.
+if [ -d "$WORK/gpu-run" ]; then
+  res=$(timeout 180 python3 - "$KEEL" "$WORK/gpu-run" "$OUTDIR/serve_gpu.log" <<'PY'
+import json, re, signal, subprocess, sys, threading, time, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+keel, ckpt, logpath = sys.argv[1:4]
+log = open(logpath, "w")
+srv = subprocess.Popen([keel, "serve", ckpt, "--device", "cuda", "--port", "0", "--parallel", "4"],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+port = []
+def drain():
+    for line in srv.stdout:
+        log.write(line); log.flush()
+        m = re.search(r"listening on http://[^:]+:([0-9]+)", line)
+        if m: port.append(int(m.group(1)))
+threading.Thread(target=drain, daemon=True).start()
+t0 = time.time()
+while not port and time.time() - t0 < 90 and srv.poll() is None: time.sleep(0.1)
+if not port:
+    print("FAIL the server did not start (see serve_gpu.log)"); sys.exit(0)
+base = f"http://127.0.0.1:{port[0]}"
+model = json.load(urllib.request.urlopen(base + "/v1/models"))["data"][0]["id"]
+prompts = ["The ", "keel trains", "A checkpoint from any keel run is ", "Tests: "]
+N = 48
+def complete(p):
+    body = json.dumps({"model": model, "prompt": p, "max_tokens": N, "temperature": 0}).encode()
+    req = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(req, timeout=60))["choices"][0]["text"]
+with ThreadPoolExecutor(4) as ex: got = list(ex.map(complete, prompts))
+srv.send_signal(signal.SIGTERM)
+try: code = srv.wait(30)
+except subprocess.TimeoutExpired: code = "none (killed after 30 s)"; srv.kill()
+bad = []
+for p, g in zip(prompts, got):
+    r = subprocess.run([keel, "sample", "--ckpt", ckpt, "--device", "cpu", "--prompt", p, "-n", str(N),
+                        "--temperature", "0"], capture_output=True, text=True, errors="replace")
+    want = r.stdout[len(p):].rstrip("\n") if r.stdout.startswith(p) else None
+    log.write(f"prompt {p!r}\n  gpu serve: {g!r}\n  cpu sample: {want!r}\n")
+    if want != g: bad.append(p)
+ok = not bad and code == 0
+print(("PASS" if ok else "FAIL") + f" {len(prompts)} concurrent completions on the GPU, {len(prompts) - len(bad)} equal to"
+      f" CPU greedy sampling ({N} tokens each); exit status after SIGTERM: {code}")
+PY
+)
+  [ -n "$res" ] || res="FAIL no result (timeout?)"
+  stage "3b keel serve --device cuda vs CPU sampling" "${res%% *}" "${res#* }"
+fi
+
+# ---- 3c. fault tolerance on the GPU: two elastic workers sharing the GPU, one SIGKILLed mid-run -----------------
+# The job must finish with weights and optimizer state bit-identical to one process computing the same 4
+# micro-batches per step (keel's fixed-point reduction makes the result independent of the worker count). The
+# survivor is slowed 20x after the kill so that the restarted worker (CUDA start-up: seconds) rejoins the running
+# job and receives the state from it, rather than finding the job finished.
+EL="--device cuda --data $WORK/data --layers 2 --heads 2 --dim 64 --ctx 64 --batch 4 --grad-accum 4 --steps 80 \
+  --lr 1e-3 --warmup 5 --seed 3 --no-progress --checkpoint-every 80 --eval-every 0 --keep 1"
+if timeout 120 "$KEEL" train $EL --out "$WORK/el-one" >"$OUTDIR/elastic_one.log" 2>&1 &&
+   KEEL_ALLOW_FAULT_INJECTION=1 timeout 240 "$KEEL" train $EL --out "$WORK/el-two" --nproc 2 --elastic --max-restarts 2 \
+     --inject "crash:rank=1,step=25;slow:rank=0,step=26,factor=20" >"$OUTDIR/elastic_two.log" 2>&1; then
+  same=1
+  for f in model.safetensors optim.safetensors; do
+    cmp -s "$WORK/el-one/ckpt-00000080/$f" "$WORK/el-two/ckpt-00000080/$f" || same=0
+  done
+  restarted=$(grep -c "restarting" "$OUTDIR/elastic_two.log")
+  rejoined=$(grep -c "received the training state" "$OUTDIR/elastic_two.log")
+  if [ $same = 1 ] && [ "$restarted" -ge 1 ] && [ "$rejoined" -ge 1 ]; then
+    stage "3c elastic on the GPU, worker killed at step 25" PASS "restarted, rejoined with the state from its peer; step 80 bit-identical to one process"
+  else
+    stage "3c elastic on the GPU, worker killed at step 25" FAIL "bit-identical: $same, restart lines: $restarted, state received: $rejoined"
+  fi
+else
+  stage "3c elastic on the GPU, worker killed at step 25" FAIL "$(tail -n 2 "$OUTDIR/elastic_two.log" "$OUTDIR/elastic_one.log" 2>/dev/null | tr '\n' ' ')"
+fi
 
 # ---- 4. benchmark -------------------------------------------------------------------------------------------------
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
