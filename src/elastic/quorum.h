@@ -247,6 +247,8 @@ struct SyncRecord {
   int64_t held_epoch = -1;
   int64_t held_step = -1;
   double peak_gflops = 0;     // this member's GEMM peak measurement (0: none), for MFU on whoever leads
+  int64_t snap_epoch = -1;    // this member's rollback snapshot: (epoch, step) of the state it holds; -1: none
+  int64_t snap_step = -1;
 };
 
 struct SyncPlan {

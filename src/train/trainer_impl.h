@@ -202,6 +202,10 @@ class Trainer {
     std::vector<float> p, m, v;
     nlohmann::json aux;
   } snap_;
+  // Whether the group holds a rollback snapshot (the same verified step for every member that has one; a member that
+  // joined after it was taken has none and receives the restored state): every member must take the same spike
+  // decision, so it rests on this, not on snap_.valid.
+  bool group_snapshot_ = false;
 
   // The group.
   Communicator* static_comm_ = nullptr;

@@ -88,6 +88,7 @@ void Trainer::TakeSnapshot() {
   snap_.step = step_;
   snap_.epoch = epoch_;
   snap_.valid = true;
+  group_snapshot_ = true;
 }
 
 // Back to the snapshot (with a new epoch, so the restored state outranks newer ones). False when this member
@@ -129,6 +130,10 @@ Status Trainer::SyncState(int depth) {
   mine.held_epoch = held_epoch_;
   mine.held_step = held_step_;
   mine.peak_gflops = peak_;
+  if (snap_.valid) {
+    mine.snap_epoch = snap_.epoch;
+    mine.snap_step = snap_.step;
+  }
   std::vector<SyncRecord> all(static_cast<size_t>(size_));
   if (size_ > 1) {
     auto in = std::make_shared<SyncRecord>(mine);
@@ -163,7 +168,15 @@ Status Trainer::SyncState(int depth) {
   if (receiver) data_bad_.clear();
   need_sync_ = false;
   EnsureRunDir();
-  if (!snap_.valid) TakeSnapshot();  // a verified state (every member's hash agrees with the source's)
+  // One rollback point for the whole group: the source's snapshot. A member holding another one (of an older
+  // lineage) drops it, and a member that has none (a receiver: it joined after the snapshot was taken) does not take
+  // one at its own step, or a spike would send it back to another step than the others (and, being the newest
+  // state, its choice would win the sync that follows); on a rollback it receives the state of those that restored.
+  // If the source has none, every member takes one now: the state all hold is verified (hashes agree).
+  const SyncRecord& src = all[static_cast<size_t>(plan.source)];
+  if (src.snap_step < 0) TakeSnapshot();
+  else if (snap_.valid && (snap_.step != src.snap_step || snap_.epoch != src.snap_epoch)) snap_.valid = false;
+  group_snapshot_ = snap_.valid || src.snap_step >= 0;
   if (elastic_ && has_state_) committed_hash_ = ParamsHash();  // agreed state: what the next vote must find
   return Status::Ok();
 }

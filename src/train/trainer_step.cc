@@ -443,22 +443,25 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
   double gnorm = 0;
   // Loss spike: instead of this update, return to the snapshot and skip the data window that led here.
   const double dev = std::sqrt(std::max(0.0, loss_var_));
-  const bool spike = o_.spike_factor > 0 && loss_n_ >= 20 && snap_.valid && !v.skip_update &&
+  const bool spike = o_.spike_factor > 0 && loss_n_ >= 20 && group_snapshot_ && !v.skip_update &&
                      v.loss > loss_mean_ + o_.spike_factor * std::max(dev, 1e-3);
   if (spike) {
     const int64_t spike_step = step_;
-    const int64_t skip = step_ + 1 - snap_.step;
-    const int64_t old_offset = data_offset_;
-    // Every member takes the same decision (agreed state); one without a snapshot receives the state of one
-    // that restored (the new epoch outranks it) in the sync that follows.
+    const int64_t skip = step_ + 1 - snap_.step;  // meaningful where this member holds the snapshot
+    const std::string what = "step " + std::to_string(spike_step + 1) + ": loss spike (" + Fmt("%.4f", v.loss) +
+                             " vs running mean " + Fmt("%.4f", loss_mean_) + "): ";
+    // Every member takes the same decision (agreed state and group_snapshot_); one without a snapshot receives the
+    // state of those that restored (the new epoch outranks it) in the sync that follows.
     const bool restored = RestoreSnapshot();  // step_, epoch_ (bumped), data_offset_, statistics
     if (restored) data_offset_ += skip;
-    (void)old_offset;
     need_sync_ = true;
-    log_("step " + std::to_string(spike_step + 1) + ": loss spike (" + Fmt("%.4f", v.loss) + " vs running mean " +
-         Fmt("%.4f", loss_mean_) + "): rolled back to step " + std::to_string(step_) + " and skipping " +
-         std::to_string(skip) + " step(s) of data");
-    if (leader()) Emit("spike", {{"step", spike_step}, {"loss", v.loss}, {"rollback_to", step_}, {"skip", skip}});
+    log_(what + (restored ? "rolled back to step " + std::to_string(step_) + " and skipping " + std::to_string(skip) +
+                                " step(s) of data"
+                          : std::string("the group rolls back to its snapshot, which this member does not hold (it "
+                                        "joined later): it will receive the restored state")));
+    if (leader())
+      Emit("spike", {{"step", spike_step}, {"loss", v.loss}, {"rollback_to", restored ? step_ : int64_t{-1}},
+                     {"skip", restored ? skip : int64_t{0}}});
     return -1;
   }
   if (v.skip_update) {
