@@ -586,6 +586,57 @@ TEST_F(ElasticTrain, LossSpikeSoonAfterARejoinRollsEveryMemberBackToTheSameSnaps
   EXPECT_EQ(FinalHashes(log).size(), 1u) << log;
 }
 
+// A run that rolled back for a loss spike, stopped with a checkpoint and resumed with another worker count ends
+// where the uninterrupted one-process run does: the data position after the skipped window and the loss
+// statistics travel in the checkpoint.
+TEST_F(ElasticTrain, ResumeAfterALossSpikeRollbackWithAnotherWorkerCountIsExact) {
+  TempDir t;
+  const int steps = 70;
+  const std::string spike = " --spike-factor 4 --check-every 10 --inject spike:rank=0,step=45";
+  auto one = RunCommand("KEEL_ALLOW_FAULT_INJECTION=1 " + std::string(KEEL_BINARY) + " " + Args(t / "one", steps) +
+                        spike);
+  ASSERT_EQ(one.exit_code, 0) << one.output;
+  ASSERT_NE(one.output.find("rolled back to step 40 and skipping 6 step(s) of data"), std::string::npos) << one.output;
+  const std::string out = t / "two";
+  Background first(Split(Args(out, steps) + " --nproc 2 --elastic --stop-after 55" + spike), t / "log1", InjectEnv());
+  ASSERT_EQ(first.Wait(180), 0) << first.Output();
+  ASSERT_NE(first.Output().find("rolled back to step 40"), std::string::npos) << first.Output();
+  ASSERT_FALSE(std::filesystem::exists(out + "/ckpt-00000070")) << first.Output();
+  Background second(Split(Args(out, steps) + " --nproc 3 --resume --spike-factor 4 --check-every 10"), t / "log2");
+  ASSERT_EQ(second.Wait(180), 0) << second.Output();
+  const std::string f = "/ckpt-00000070/model.safetensors";
+  EXPECT_TRUE(ReadFileText(t / "one" + f) == ReadFileText(out + f)) << first.Output() << "\n----\n" << second.Output();
+}
+
+// The leader (member 0 of the group: it writes checkpoints and metrics) is SIGKILLed in the middle of writing the
+// checkpoint of step 100. The survivors go on under a new leader, which writes the later checkpoints and metrics;
+// the half-written directory is never taken for a checkpoint, every step has exactly one metrics line, and the
+// weights end bit-identical. A --resume after losing the later checkpoints falls back past the half-written one.
+TEST_F(ElasticTrain, LeaderKilledWhileWritingACheckpointIsReplacedAndNothingIsLost) {
+  TempDir t;
+  const std::string out = t / "run";
+  Background job(Split(Args(out) + " --nproc 3 --elastic --max-restarts 1 --inject truncate-ckpt:step=100,then=kill"),
+                 t / "log", InjectEnv());
+  ASSERT_EQ(job.Wait(180), 0) << job.Output();
+  const std::string log = job.Output();
+  // The writer is the leader (member 0 of the group, whichever launch rank that is); it killed itself mid-write.
+  EXPECT_NE(log.find("truncate-ckpt of the checkpoint of step 100"), std::string::npos) << log;
+  EXPECT_NE(log.find("was killed by signal 9 (SIGKILL); restarting"), std::string::npos) << log;
+  ExpectSameAsStraight(out);
+  EXPECT_TRUE(std::filesystem::exists(out + "/ckpt-00000150/COMMITTED")) << log;
+  EXPECT_FALSE(std::filesystem::exists(out + "/ckpt-00000100/COMMITTED")) << log;
+  std::map<int64_t, int> steps;
+  for (const auto& m : JsonLines(out + "/metrics.jsonl")) ++steps[m.value("step", int64_t{-1})];
+  EXPECT_EQ(steps.size(), static_cast<size_t>(kSteps)) << ReadFileText(out + "/metrics.jsonl");
+  for (const auto& [step, n] : steps) EXPECT_EQ(n, 1) << "step " << step << " has " << n << " metrics lines";
+  std::filesystem::remove_all(out + "/ckpt-00000200");
+  std::filesystem::remove_all(out + "/ckpt-00000150");
+  auto r = RunKeel(Args(out) + " --nproc 2 --resume");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("resuming from " + out + "/ckpt-00000050 at step 50"), std::string::npos) << r.output;
+  ExpectSameAsStraight(out);
+}
+
 // Fault injection cannot be switched on by accident.
 TEST_F(ElasticTrain, InjectionNeedsTheEnvironmentSwitch) {
   TempDir t;
