@@ -233,6 +233,28 @@ TEST_F(DilocoTrain, AWorkerRestartedDuringTheRoundJoinsTheRedoneRound) {
   EXPECT_EQ(finished, 3) << log;
 }
 
+// A worker frozen (SIGSTOP, 4 s) in the middle of an inner phase: the others reach the round's exchange, the watchdog
+// evicts the silent member (--hang-timeout 2 s) and the survivors commit the round with their own pseudo-gradients.
+// When it wakes it finds itself evicted, rejoins as a new member, receives the outer state and trains on; every
+// member ends with the same state.
+TEST_F(DilocoTrain, AWorkerFrozenDuringTheInnerPhaseIsEvictedAndRejoins) {
+  TempDir t;
+  Background job(Split(Args(t / "run", 120) + " --nproc 3 --elastic --sync diloco --inner-steps 5 --compress int8 "
+                       "--inject hang:rank=1,step=7,secs=4;link:rank=0,mbit=1000,latency_ms=60"),
+                 t / "log", InjectEnv());
+  ASSERT_EQ(job.Wait(150), 0) << job.Output();
+  const std::string log = job.Output();
+  EXPECT_NE(log.find("[rank 1] evicted: generation"), std::string::npos) << log;
+  EXPECT_NE(log.find("reuses this member's pseudo-gradient (inner steps not redone)"), std::string::npos) << log;
+  EXPECT_NE(log.find("[rank 1] received the training state"), std::string::npos) << log;
+  EXPECT_EQ(log.find("restarting it"), std::string::npos) << "a frozen worker is not restarted: " << log;
+  EXPECT_EQ(FinalHashes(log).size(), 1u) << log;
+  int finished = 0;
+  for (size_t p = log.find("final state: step 120"); p != std::string::npos; p = log.find("final state: step 120", p + 1))
+    ++finished;
+  EXPECT_EQ(finished, 3) << log;
+}
+
 // A NaN in one worker's inner phase fails the vote (non-finite pseudo-gradient); the round is redone with the
 // other worker's pseudo-gradient only (no inner steps redone), and the run ends finite on both, in step.
 TEST_F(DilocoTrain, ANonFinitePseudoGradientIsNotApplied) {
