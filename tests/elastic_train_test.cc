@@ -386,6 +386,11 @@ TEST_F(ElasticTrain, AJoinerWithDifferentProtocolOptionsIsRefused) {
   EXPECT_NE(joiner.Output().find("training options differ: compress: job has none, this worker has int8"),
             std::string::npos)
       << joiner.Output();
+  // --min-workers sets the quarantine floor's lower bound, a decision every member takes: it must agree too.
+  Background joiner2(Split(Args(out) + " --elastic --min-workers 2 --rdzv " + rdzv + " --host 127.0.0.1"),
+                     t / "joiner2.log", {"KEEL_RANK=2", "KEEL_WORLD_SIZE=3"});
+  EXPECT_NE(joiner2.Wait(120), 0) << joiner2.Output();
+  EXPECT_NE(joiner2.Output().find("min_workers: job has 1, this worker has 2"), std::string::npos) << joiner2.Output();
   ASSERT_EQ(job.Wait(180), 0) << job.Output() << "\n----\n" << joiner.Output();
   ExpectSameAsStraight(out);
 }
@@ -584,6 +589,33 @@ TEST_F(ElasticTrain, LossSpikeSoonAfterARejoinRollsEveryMemberBackToTheSameSnaps
   const std::string f = "/ckpt-00000070/model.safetensors";
   EXPECT_TRUE(ReadFileText(t / "one" + f) == ReadFileText(t / "three" + f)) << log;
   EXPECT_EQ(FinalHashes(log).size(), 1u) << log;
+}
+
+// The same after a repair: worker 1 rejoins after the snapshot of step 50 (it holds none), then a bit flip in worker
+// 0's parameters is repaired from worker 1. The repaired member keeps its snapshot (a repair stays in the group's
+// lineage), so the spike at step 57 still rolls the group back to step 50, as in one process. (Before, the repair
+// dropped the group's only snapshot: the rollback found none and the state was reloaded from disk instead.)
+TEST_F(ElasticTrain, ARepairedMemberKeepsTheGroupSnapshotForALaterSpike) {
+  TempDir t;
+  const int steps = 70;
+  const std::string spike = " --spike-factor 4 --check-every 10 --inject spike:rank=";
+  auto one = RunCommand("KEEL_ALLOW_FAULT_INJECTION=1 " + std::string(KEEL_BINARY) + " " + Args(t / "one", steps) +
+                        spike + "0,step=57");
+  ASSERT_EQ(one.exit_code, 0) << one.output;
+  ASSERT_NE(one.output.find("rolled back to step 50 and skipping 8 step(s) of data"), std::string::npos) << one.output;
+  Background two(Split(Args(t / "two", steps) + " --nproc 2 --elastic --max-restarts 1" + spike +
+                       "1,step=57;crash:rank=1,step=51;slow:rank=0,step=52,factor=60,steps=3;bitflip:rank=0,step=55"),
+                 t / "log", InjectEnv());
+  ASSERT_EQ(two.Wait(180), 0) << two.Output();
+  const std::string log = two.Output();
+  const size_t received = log.find("[rank 1] received the training state");
+  ASSERT_NE(received, std::string::npos) << log;
+  const size_t repaired = log.find("[rank 0] received the training state", received);
+  ASSERT_NE(repaired, std::string::npos) << "the bit flip was repaired from the rejoined member: " << log;
+  EXPECT_NE(log.find("[rank 0] step 58: loss spike", repaired), std::string::npos) << log;
+  EXPECT_NE(log.find("rolled back to step 50 and skipping 8", repaired), std::string::npos) << log;
+  const std::string f = "/ckpt-00000070/model.safetensors";
+  EXPECT_TRUE(ReadFileText(t / "one" + f) == ReadFileText(t / "two" + f)) << log;
 }
 
 // A run that rolled back for a loss spike, stopped with a checkpoint and resumed with another worker count ends

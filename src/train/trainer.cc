@@ -392,18 +392,25 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
 // Returns false when training ends (finished, stopped, or the job is done) instead of committing a step.
 Result<bool> Trainer::RunStep() {
   const auto t0 = Clock::now();
+  // attempt counts this member's attempts at the step (reported); gen_attempt counts the group's attempts in the
+  // current generation, which every member agrees on (a joiner admitted mid-step starts at 0 with the others), for
+  // what must be identical across members: the cross-check plan and the keys of the collectives they wait in.
+  int gen_attempt = 0;
+  int64_t attempt_gen = -1;
   for (int attempt = 0;; ++attempt) {
     // (1) Quorum: the members agree on the generation (a new one first synchronises the training state, so
     //     they also agree on the step: the newest state wins, joiners receive it here).
     KEEL_ASSIGN_OR_RETURN(bool have_group, Quorum());
     if (!have_group) return false;
     if (step_ >= o_.steps) return false;
+    gen_attempt = gen_no_ == attempt_gen ? gen_attempt + 1 : 0;
+    attempt_gen = gen_no_;
     if (elastic_ && elastic_->generation_dead()) {
       KEEL_RETURN_IF_ERROR(GroupFailed(Aborted(elastic_->dead_reason())));
       continue;
     }
     // (2) Compute this member's share: the micro-batches of the step that no member holds yet.
-    const Plan plan = MakePlan(attempt);
+    const Plan plan = MakePlan(gen_attempt);
     const auto t_compute = Clock::now();
     Compute(plan);
     const auto t_reduce = Clock::now();
@@ -411,7 +418,7 @@ Result<bool> Trainer::RunStep() {
     //     it at once, a hung one via the heartbeat watchdog's Abort, a collective every member is stuck in via
     //     the same watchdog, anything else at the collective backstop.
     std::string wait_key = "g";  // (appended, not "g" + ...: GCC 12 warns falsely (-Wrestrict) on that form)
-    wait_key += std::to_string(gen_no_) + "/s" + std::to_string(step_) + "/a" + std::to_string(attempt);
+    wait_key += std::to_string(gen_no_) + "/s" + std::to_string(step_) + "/a" + std::to_string(gen_attempt);
     if (elastic_) elastic_->SetWaiting(wait_key + "/reduce");
     Status reduced = FinishReduce();
     if (elastic_) elastic_->SetWaiting("");

@@ -232,6 +232,7 @@ class Trainer {
   std::unique_ptr<std::ofstream> metrics_;
   bool run_dir_ready_ = false;
   double peak_ = 1;
+  int peak_remeasured_ = 0;  // times the GEMM peak was measured again because MFU came out above 100 %
   double flops_per_token_ = 0;
   int64_t tokens_per_step_ = 0;
   TrainResult result_;

@@ -96,6 +96,7 @@ void Trainer::TakeSnapshot() {
 bool Trainer::RestoreSnapshot() {
   const int64_t new_epoch = epoch_ + 1;
   ClearHoldings();
+  data_bad_.clear();  // the replayed steps start without this step's non-finite records
   held_step_ = -1;
   if (!snap_.valid) {
     has_state_ = false;
@@ -165,18 +166,26 @@ Status Trainer::SyncState(int depth) {
   } else {
     held_ = group_held_[static_cast<size_t>(index_)];
   }
-  if (receiver) data_bad_.clear();
+  // This step's record of non-finite micro-batches is local (not transferred): every member starts it afresh, or
+  // a survivor would call a micro-batch the data's fault where a joiner blames the member that computed it.
+  data_bad_.clear();
   need_sync_ = false;
   EnsureRunDir();
-  // One rollback point for the whole group: the source's snapshot. A member holding another one (of an older
-  // lineage) drops it, and a member that has none (a receiver: it joined after the snapshot was taken) does not take
-  // one at its own step, or a spike would send it back to another step than the others (and, being the newest
-  // state, its choice would win the sync that follows); on a rollback it receives the state of those that restored.
-  // If the source has none, every member takes one now: the state all hold is verified (hashes agree).
-  const SyncRecord& src = all[static_cast<size_t>(plan.source)];
-  if (src.snap_step < 0) TakeSnapshot();
-  else if (snap_.valid && (snap_.step != src.snap_step || snap_.epoch != src.snap_epoch)) snap_.valid = false;
-  group_snapshot_ = snap_.valid || src.snap_step >= 0;
+  // One rollback point for the whole group: the newest snapshot any member holds of the agreed state's lineage
+  // (taken in the same epoch, at or before its step: the one every member present at the last check step took). A
+  // member holding another one (older, or of an abandoned lineage) drops it, and a member that has none (it joined
+  // after that snapshot was taken) does not take one at its own step, or a spike would send it back to another step
+  // than the others (and, being the newest state, its choice would win the sync that follows); on a rollback it
+  // receives the state of those that restored. If no member holds one, every member takes one now: the state all
+  // hold is verified (hashes agree). That is the one case where a later rollback returns to another step than a
+  // one-process run's (every member present at the last check step was lost): docs/step-protocol.md.
+  int64_t group_snap_step = -1;
+  for (const auto& r : all)
+    if (r.snap_step >= 0 && r.snap_epoch == plan.epoch && r.snap_step <= plan.step)
+      group_snap_step = std::max(group_snap_step, r.snap_step);
+  if (group_snap_step < 0) TakeSnapshot();
+  else if (snap_.valid && (snap_.step != group_snap_step || snap_.epoch != plan.epoch)) snap_.valid = false;
+  group_snapshot_ = snap_.valid || group_snap_step >= 0;
   if (elastic_ && has_state_) committed_hash_ = ParamsHash();  // agreed state: what the next vote must find
   return Status::Ok();
 }
@@ -268,8 +277,9 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
     ClearHoldings();
     held_step_ = step_;
     held_epoch_ = epoch_;
-    ef_->Reset();         // error feedback starts over with the received state
-    snap_.valid = false;  // this member's snapshot (if any) is of an older lineage
+    ef_->Reset();  // error feedback starts over with the received state
+    // The snapshot is left alone: a repair stays in the group's lineage (the repaired member's snapshot is the
+    // group's), and after a sync SyncState keeps or drops it by comparing it with the group's.
     log_("received the training state (step " + std::to_string(step_) + ") from member " +
          std::to_string(members_[static_cast<size_t>(source)]) + " (" + why + ", " +
          Fmt("%.1f MB", (3.0 * P_ * sizeof(float) + aux.size()) / 1e6) + ", checksum " + HashHex(got) + " verified, " +

@@ -148,6 +148,8 @@ int RunElasticWorker(TrainOptions o, const DistFlags& d, const WorkerPlacement& 
   auto desc = Descriptor(o);
   if (!desc.ok()) return Fail("train", desc.status());
   desc->erase("resume");  // a restarted worker sees newer checkpoints than the job started from
+  // The quarantine floor is never below --min-workers (trainer_step.cc): members must agree on it.
+  (*desc)["training"]["min_workers"] = std::max(1, d.min_workers);
   auto url = RdzvUrl(url_text);
   if (!url.ok()) return Fail("train", url.status());
   auto store = OpenStore(*url, std::min(5.0, d.rdzv_timeout_s));
