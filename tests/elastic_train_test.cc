@@ -640,6 +640,33 @@ TEST_F(ElasticTrain, ResumeAfterALossSpikeRollbackWithAnotherWorkerCountIsExact)
   EXPECT_TRUE(ReadFileText(t / "one" + f) == ReadFileText(out + f)) << first.Output() << "\n----\n" << second.Output();
 }
 
+// A spike right after the checkpoint of step 50 rolls back to the snapshot of step 40: ckpt-00000050 now holds the
+// abandoned trajectory and is deleted, so a run stopped a few steps later resumes from its own stop checkpoint
+// (not from the newer-numbered stale one, which would redo the spike and skip another window) and ends exactly
+// where the uninterrupted run does.
+TEST_F(ElasticTrain, CheckpointsAfterARollbackPointAreDroppedSoResumeIsExact) {
+  TempDir t;
+  const int steps = 70;
+  const std::string spike = " --spike-factor 4 --check-every 10 --inject spike:rank=0,step=50";
+  auto one = RunCommand("KEEL_ALLOW_FAULT_INJECTION=1 " + std::string(KEEL_BINARY) + " " + Args(t / "one", steps) +
+                        spike);
+  ASSERT_EQ(one.exit_code, 0) << one.output;
+  ASSERT_NE(one.output.find("rolled back to step 40 and skipping 11 step(s) of data"), std::string::npos) << one.output;
+  const std::string out = t / "two";
+  auto first = RunCommand("KEEL_ALLOW_FAULT_INJECTION=1 " + std::string(KEEL_BINARY) + " " + Args(out, steps) + spike +
+                          " --stop-after 55");
+  ASSERT_EQ(first.exit_code, 0) << first.output;
+  ASSERT_NE(first.output.find("rolled back to step 40"), std::string::npos) << first.output;
+  EXPECT_FALSE(std::filesystem::exists(out + "/ckpt-00000050")) << "the abandoned trajectory's checkpoint is gone";
+  ASSERT_TRUE(std::filesystem::exists(out + "/ckpt-00000045/COMMITTED")) << first.output;
+  Background second(Split(Args(out, steps) + " --nproc 2 --resume --spike-factor 4 --check-every 10"), t / "log2");
+  ASSERT_EQ(second.Wait(180), 0) << second.Output();
+  EXPECT_NE(second.Output().find("resuming from " + out + "/ckpt-00000045 at step 45"), std::string::npos)
+      << second.Output();
+  const std::string f = "/ckpt-00000070/model.safetensors";
+  EXPECT_TRUE(ReadFileText(t / "one" + f) == ReadFileText(out + f)) << first.output << "\n----\n" << second.Output();
+}
+
 // The leader (member 0 of the group: it writes checkpoints and metrics) is SIGKILLed in the middle of writing the
 // checkpoint of step 100. The survivors go on under a new leader, which writes the later checkpoints and metrics;
 // the half-written directory is never taken for a checkpoint, every step has exactly one metrics line, and the

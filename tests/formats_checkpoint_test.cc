@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <thread>
 
 #include "core/env.h"
@@ -542,6 +543,58 @@ TEST(CheckpointModelFileTest, ErrorsNameTheFile) {
   EXPECT_EQ(s.status().message(), tmp / "ckpt-00000001/optim.safetensors: tensor 'adam.v' has " +
                                       std::to_string(n - 1) + " elements, the model " + std::to_string(n) +
                                       " parameters");
+}
+
+// A model file whose config claims a model far larger than its tensors (hand-edited, re-signed) fails on the first
+// missing tensor before anything of the claimed size is allocated (it used to throw std::bad_alloc out of keel).
+TEST(CheckpointModelFileTest, AHugeClaimedConfigFailsBeforeAllocating) {
+  nlohmann::json cfg = {{"layers", 1024}, {"heads", 1}, {"dim", 65536}, {"ctx", 1 << 20}, {"vocab", 1 << 24}};
+  ASSERT_TRUE(GptConfig::FromJson(cfg).ok()) << "the claim must pass the config's own range checks";
+  float x = 1.0f;
+  auto bytes = EncodeSafetensors({{"wte", "F32", {1}, &x, sizeof x}}, {{"config", cfg.dump()}});
+  ASSERT_TRUE(bytes.ok());
+  auto r = DecodeModelFile("m.safetensors", *bytes);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kCorrupt);
+  EXPECT_EQ(r.status().message().rfind("m.safetensors: ", 0), 0u) << r.status().message();
+}
+
+// The newest checkpoint passes its checksums but not the content checks (a non-finite optimizer moment): loading
+// the run falls back to the older one with a warning, as for a checksum failure, instead of failing the resume.
+TEST(CheckpointModelFileTest, ANewestCheckpointWithBadContentFallsBackToAnOlderOne) {
+  GptConfig c;
+  c.layers = 1;
+  c.heads = 1;
+  c.dim = 4;
+  c.ctx = 2;
+  c.vocab = 8;
+  std::vector<float> p(NumParams(c), 0.5f), bad_v(NumParams(c), 0.5f);
+  bad_v[3] = std::numeric_limits<float>::infinity();
+  TempDir tmp;
+  for (int step : {1, 2}) {
+    SnapshotView view;
+    view.config = c;
+    view.params = p.data();
+    view.adam_m = p.data();
+    view.adam_v = step == 2 ? bad_v.data() : p.data();
+    view.state = {{"step", step}};
+    view.tokenizer = "keel-byte-tokenizer v1\n";
+    auto files = EncodeSnapshot(view);
+    ASSERT_TRUE(files.ok());
+    ASSERT_TRUE(WriteCheckpoint(tmp.path(), step, *files, 0).ok());
+  }
+  std::vector<std::string> warnings;
+  std::string dir;
+  auto s = LoadSnapshot(tmp.path(), true, &warnings, &dir);
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  EXPECT_EQ(dir, tmp / "ckpt-00000001");
+  ASSERT_EQ(warnings.size(), 1u);
+  EXPECT_EQ(warnings[0], "skipping " + tmp / "ckpt-00000002/optim.safetensors: tensor 'adam.v' has a non-finite "
+                                           "value at element 3");
+  // Without the optimizer (sampling, export) the newest one is fine.
+  auto m = LoadSnapshot(tmp.path(), false, nullptr, &dir);
+  ASSERT_TRUE(m.ok());
+  EXPECT_EQ(dir, tmp / "ckpt-00000002");
 }
 
 // Config fields are range-checked as 64-bit integers before narrowing to int.

@@ -293,7 +293,8 @@ Result<TrainingSnapshot> DecodeModelGguf(const GgufFile& f, std::vector<std::str
   if (f.FindKey("gpt2.feed_forward_length")) {
     int ff = 0;
     KEEL_RETURN_IF_ERROR(get_u("gpt2.feed_forward_length", &ff));
-    if (ff != 4 * c.dim) return bad("feed_forward_length " + std::to_string(ff) + " is not 4 x embedding_length");
+    if (ff != 4 * static_cast<int64_t>(c.dim))  // 64-bit: dim may be up to 2^30 here (Validate comes later)
+      return bad("feed_forward_length " + std::to_string(ff) + " is not 4 x embedding_length");
   }
   if (const GgufValue* eps = f.FindKey("gpt2.attention.layer_norm_epsilon")) {
     if (!eps->AsFloat()) return bad("gpt2.attention.layer_norm_epsilon is not a float");

@@ -217,7 +217,7 @@ std::string CheckpointDirName(int64_t step) {
 }
 
 Status WriteCheckpoint(const std::string& run_dir, int64_t step, const std::vector<CheckpointFile>& files,
-                       int keep_last) {
+                       int keep_last, std::string* cleanup_error) {
   Env* env = DefaultEnv();
   const std::string final_dir = JoinPath(run_dir, CheckpointDirName(step));
   if (step < 0) return InvalidArgument(final_dir + ": negative step " + std::to_string(step));
@@ -289,7 +289,11 @@ Status WriteCheckpoint(const std::string& run_dir, int64_t step, const std::vect
 
   // 6: the checkpoint is durable and valid; the rest is housekeeping.
   Status s = Cleanup(env, run_dir, final_dir, keep_last);
-  if (!s.ok()) return Status(s.code(), final_dir + ": committed, but cleanup failed: " + s.message());
+  if (!s.ok()) {
+    const std::string why = final_dir + ": committed, but cleanup failed: " + s.message();
+    if (!cleanup_error) return Status(s.code(), why);
+    *cleanup_error = why;
+  }
   return Status::Ok();
 }
 
@@ -329,6 +333,24 @@ Result<std::map<std::string, std::string>> ReadCheckpoint(const std::string& ckp
   std::map<std::string, std::string> out;
   KEEL_RETURN_IF_ERROR(VerifyImpl(ckpt_dir, &out));
   return out;
+}
+
+Status DeleteCheckpointsAfter(const std::string& run_dir, int64_t step) {
+  Env* env = DefaultEnv();
+  KEEL_ASSIGN_OR_RETURN(std::vector<CheckpointInfo> list, ListCheckpoints(run_dir));
+  Status first;
+  bool deleted = false;
+  for (const CheckpointInfo& c : list) {
+    if (c.step <= step) continue;
+    Status s = DeleteDir(env, c.dir);
+    if (first.ok() && !s.ok()) first = s;
+    deleted |= s.ok();
+  }
+  if (deleted) {
+    Status s = env->SyncDir(run_dir);
+    if (first.ok()) first = s;
+  }
+  return first;
 }
 
 Result<CheckpointInfo> FindLatestValidCheckpoint(const std::string& run_dir, std::vector<std::string>* warnings) {

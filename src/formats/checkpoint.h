@@ -50,11 +50,12 @@ std::string CheckpointDirName(int64_t step);
 // deleted, except the checkpoint just written, which is never deleted. A .old copy whose plain
 // same-step checkpoint is valid is deleted. keep_last <= 0 keeps all. Pruning verifies (reads and hashes)
 // the checkpoints it walks past before the cut. If the checkpoint was committed but cleanup failed, the
-// error says so ("<dir>: committed, but cleanup failed: ...") and the checkpoint is valid.
+// error says so ("<dir>: committed, but cleanup failed: ...") and the checkpoint is valid; with cleanup_error
+// non-null that message goes there instead and the call returns Ok (a trainer warns and goes on).
 // On error the previous checkpoints are untouched (a replaced same-step copy is restored or left as .old)
 // and no new valid checkpoint exists.
 Status WriteCheckpoint(const std::string& run_dir, int64_t step, const std::vector<CheckpointFile>& files,
-                       int keep_last);
+                       int keep_last, std::string* cleanup_error = nullptr);
 
 // All ckpt-<digits> and ckpt-<digits>.old directories of run_dir (never .tmp), newest step first, a
 // plain name before the .old of the same step. Does not verify. An absent run_dir gives an empty list.
@@ -72,6 +73,12 @@ Result<std::map<std::string, std::string>> ReadCheckpoint(const std::string& ckp
 // The newest valid checkpoint. For each newer invalid one skipped, appends "skipping <reason>" (reason
 // starts with the path) to *warnings when warnings is non-null. kNotFound if none is valid.
 Result<CheckpointInfo> FindLatestValidCheckpoint(const std::string& run_dir, std::vector<std::string>* warnings);
+
+// Deletes every checkpoint of run_dir (plain and .old) of a step above `step`, each through a .del.tmp name (a
+// crash midway leaves no half-deleted directory under a checkpoint's name). After training rolled back to `step`
+// they hold an abandoned trajectory that --resume would otherwise take for the newest state. Returns the first
+// error; the directories it could not delete stay.
+Status DeleteCheckpointsAfter(const std::string& run_dir, int64_t step);
 
 // True if path contains MANIFEST.json or COMMITTED.
 bool IsCheckpointDir(const std::string& path);

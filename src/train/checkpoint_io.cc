@@ -49,11 +49,16 @@ Result<TrainingSnapshot> DecodeModelFile(const std::string& source_name, std::st
   if (!cfg.ok()) return cfg.status().Wrap(source_name);
   TrainingSnapshot s;
   s.config = cfg.value();
-  s.params.assign(NumParams(s.config), 0.0f);
-  for (const auto& t : ParamLayout(s.config)) {
+  // Every tensor present with its shape before anything is allocated: a (hand-edited, re-signed) config that claims
+  // a huge model must fail here, not in a multi-terabyte allocation.
+  const auto layout = ParamLayout(s.config);
+  for (const auto& t : layout) {
     const TensorView* v = st->Find(t.name);
     if (!v) return Corrupt(source_name + ": missing tensor '" + t.name + "'");
     if (v->shape != t.shape) return Corrupt(source_name + ": tensor '" + t.name + "' has the wrong shape");
+  }
+  s.params.assign(NumParams(s.config), 0.0f);
+  for (const auto& t : layout) {
     auto data = st->ReadF32(t.name);
     if (!data.ok()) return data.status();
     std::copy(data->begin(), data->end(), s.params.begin() + static_cast<std::ptrdiff_t>(t.offset));
@@ -61,18 +66,10 @@ Result<TrainingSnapshot> DecodeModelFile(const std::string& source_name, std::st
   return s;
 }
 
-Result<TrainingSnapshot> LoadSnapshot(const std::string& path, bool with_optimizer, std::vector<std::string>* warnings,
-                                      std::string* loaded_dir) {
-  std::string dir = path;
-  if (!IsCheckpointDir(path)) {
-    if (!DefaultEnv()->IsDir(path)) {
-      if (DefaultEnv()->Exists(path)) return InvalidArgument(path + ": is a file, not a checkpoint or run directory");
-      return NotFound(path + ": no such checkpoint or run directory");
-    }
-    auto latest = FindLatestValidCheckpoint(path, warnings);
-    if (!latest.ok()) return latest.status();
-    dir = latest->dir;
-  }
+namespace {
+
+// One checkpoint directory, read (checksums verified), decoded and checked for content.
+Result<TrainingSnapshot> LoadCheckpointDir(const std::string& dir, bool with_optimizer) {
   auto files = ReadCheckpoint(dir);
   if (!files.ok()) return files.status();
   auto& f = files.value();
@@ -106,8 +103,40 @@ Result<TrainingSnapshot> LoadSnapshot(const std::string& path, bool with_optimiz
     KEEL_RETURN_IF_ERROR(moment("adam.v", &s.adam_v));
     if (o->Find("outer.momentum")) KEEL_RETURN_IF_ERROR(moment("outer.momentum", &s.outer_momentum));
   }
-  if (loaded_dir) *loaded_dir = dir;
   return s;
+}
+
+}  // namespace
+
+Result<TrainingSnapshot> LoadSnapshot(const std::string& path, bool with_optimizer, std::vector<std::string>* warnings,
+                                      std::string* loaded_dir) {
+  if (IsCheckpointDir(path)) {
+    KEEL_ASSIGN_OR_RETURN(TrainingSnapshot s, LoadCheckpointDir(path, with_optimizer));
+    if (loaded_dir) *loaded_dir = path;
+    return s;
+  }
+  if (!DefaultEnv()->IsDir(path)) {
+    if (DefaultEnv()->Exists(path)) return InvalidArgument(path + ": is a file, not a checkpoint or run directory");
+    return NotFound(path + ": no such checkpoint or run directory");
+  }
+  // A run directory: the newest checkpoint that passes its checksums AND its content checks (non-finite values,
+  // a malformed state, a missing optimizer file); each one skipped is a warning, as for a checksum failure.
+  KEEL_ASSIGN_OR_RETURN(std::vector<CheckpointInfo> list, ListCheckpoints(path));
+  std::map<std::string, Status> failed;
+  for (const CheckpointInfo& c : list) {
+    auto s = LoadCheckpointDir(c.dir, with_optimizer);
+    if (s.ok()) {
+      if (loaded_dir) *loaded_dir = c.dir;
+      return s;
+    }
+    if (warnings) warnings->push_back("skipping " + s.status().message());
+    failed[c.dir] = s.status();
+  }
+  // None usable. If none passes its checksums either: FindLatestValidCheckpoint's error (no checkpoints, a data
+  // directory, all invalid); else the content error of the newest one that does (it says what is wrong).
+  auto latest = FindLatestValidCheckpoint(path, nullptr);
+  if (!latest.ok()) return latest.status();
+  return failed.count(latest->dir) ? failed[latest->dir] : Internal(latest->dir + ": verified but not loaded");
 }
 
 Status ValidateTrainingState(const nlohmann::json& state, const std::string& where) {

@@ -200,7 +200,7 @@ Status Trainer::Open() {
   in_place_ = !elastic_ && static_comm_->size() == 1 && M_ == 1 && o_.deterministic && !diloco_ &&
               codec_ == Codec::kNone;
   if (o_.deterministic && !in_place_ && !diloco_) acc_.assign(P_, 0);  // (diloco sums in its own buffer)
-  ckpt_ = std::make_unique<AsyncCheckpointer>(o_.out_dir, o_.keep);
+  ckpt_ = std::make_unique<AsyncCheckpointer>(o_.out_dir, o_.keep, [this](const std::string& w) { log_(w); });
   flops_per_token_ = TrainFlopsPerToken(o_.model, T_);
   tokens_per_step_ = static_cast<int64_t>(B_) * T_ * M_;
   tty_ = isatty(STDERR_FILENO);
@@ -297,6 +297,16 @@ void Trainer::EnsureRunDir() {
     (void)WriteFileAtomic(run_json_path_, run.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
   }
   if (env_->IsDir(o_.out_dir)) run_dir_ready_ = true;
+}
+
+// After a rollback to the snapshot (now step_), checkpoints of later steps hold the abandoned trajectory; --resume
+// would take the newest of them and redo the spike without the skip. The leader deletes them (after the write in
+// flight, which may be one of them). A failure is a warning: the run goes on and rewrites those steps.
+void Trainer::DropAbandonedCheckpoints() {
+  if (!leader() || !env_->IsDir(o_.out_dir)) return;
+  Status s = ckpt_->Wait();
+  if (s.ok()) s = DeleteCheckpointsAfter(o_.out_dir, step_);
+  if (!s.ok()) log_("warning: checkpoints after the rollback to step " + std::to_string(step_) + " are left: " + s.message());
 }
 
 void Trainer::Emit(const std::string& event, nlohmann::json fields) {
@@ -410,7 +420,7 @@ Result<bool> Trainer::RunStep() {
       continue;
     }
     // (2) Compute this member's share: the micro-batches of the step that no member holds yet.
-    const Plan plan = MakePlan(gen_attempt);
+    const Plan plan = MakePlan(gen_attempt, attempt);
     const auto t_compute = Clock::now();
     Compute(plan);
     const auto t_reduce = Clock::now();

@@ -66,17 +66,19 @@ class Trainer {
   Status LoadInitialState();
   Status LoadStateFromDisk();
   void EnsureRunDir();
+  void DropAbandonedCheckpoints();
 
   // The step protocol.
   Result<bool> RunStep();
   Result<bool> Quorum();
   struct Plan {
-    int attempt = 0;
+    int attempt = 0;         // the group's attempt number in this generation (agreed by every member)
+    int member_attempt = 0;  // this member's attempts at the step so far (for its log)
     MicroSet mine;
     std::vector<VerifyTask> verify;
     std::vector<MicroSet> assigned;
   };
-  Plan MakePlan(int attempt);
+  Plan MakePlan(int attempt, int member_attempt);
   void Compute(const Plan& plan);
   void ComputeRound(const Plan& plan);  // diloco: the inner phase (train/diloco.h)
   void SubmitCompressed(size_t off, size_t count, const float* g);

@@ -10,9 +10,10 @@ namespace keel::trainer_support {
 
 // ---- (2) compute -------------------------------------------------------------------------------------------
 
-Trainer::Plan Trainer::MakePlan(int attempt) {
+Trainer::Plan Trainer::MakePlan(int attempt, int member_attempt) {
   Plan p;
   p.attempt = attempt;
+  p.member_attempt = member_attempt;
   if (static_cast<int>(group_held_.size()) != size_) group_held_.assign(static_cast<size_t>(size_), MicroSet{});
   if (static_cast<int>(avoid_.size()) != size_) avoid_.assign(static_cast<size_t>(size_), MicroSet{});
   group_held_[static_cast<size_t>(index_)] = held_;
@@ -261,8 +262,8 @@ void Trainer::ComputeRound(const Plan& plan) {
       }
     }
   }
-  if (micros.empty() && !held_.Empty() && plan.attempt > 0)
-    log_("round at step " + std::to_string(step_ + 1) + ": attempt " + std::to_string(plan.attempt + 1) +
+  if (micros.empty() && !held_.Empty() && plan.member_attempt > 0)
+    log_("round at step " + std::to_string(step_ + 1) + ": attempt " + std::to_string(plan.member_attempt + 1) +
          " reuses this member's pseudo-gradient (inner steps not redone)");
   if (size_ > 1) reducer_->Submit(diloco_->MakeExchange(!held_.Empty()));
   compute_s_ = computed_ > 0 ? micro_s : Since(t0);  // the straggler statistic: seconds per micro-batch
@@ -428,6 +429,7 @@ Status Trainer::Abort(const VoteOutcome& v, const std::vector<VoteRecord>& recor
   }
   if (v.rollback) {
     const bool restored = RestoreSnapshot();
+    if (restored) DropAbandonedCheckpoints();
     log_("step " + std::to_string(step_ + 1) + ": rolled back to the verified snapshot of step " +
          std::to_string(restored ? step_ : snap_.step) + (restored ? "" : " (this member has none: it will receive it)"));
     need_sync_ = true;
@@ -454,6 +456,7 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
     // state of those that restored (the new epoch outranks it) in the sync that follows.
     const bool restored = RestoreSnapshot();  // step_, epoch_ (bumped), data_offset_, statistics
     if (restored) data_offset_ += skip;
+    if (restored) DropAbandonedCheckpoints();
     need_sync_ = true;
     log_(what + (restored ? "rolled back to step " + std::to_string(step_) + " and skipping " + std::to_string(skip) +
                                 " step(s) of data"

@@ -28,8 +28,13 @@ inline double Since(Clock::time_point t) { return std::chrono::duration<double>(
 // flight; Wait() joins it.
 class AsyncCheckpointer {
  public:
-  AsyncCheckpointer(std::string run_dir, int keep) : run_dir_(std::move(run_dir)), keep_(keep) {}
-  ~AsyncCheckpointer() { (void)Wait(); }
+  // warn: where a failed cleanup after a committed checkpoint (pruning, stale temporaries) is reported, from the
+  // thread that calls Wait(); the checkpoint is valid, so it is not an error.
+  AsyncCheckpointer(std::string run_dir, int keep, std::function<void(const std::string&)> warn = nullptr)
+      : run_dir_(std::move(run_dir)), keep_(keep), warn_(std::move(warn)) {}
+  ~AsyncCheckpointer() {  // no warning from here: warn_ may refer to an owner being destroyed
+    if (thread_.joinable()) thread_.join();
+  }
   // before_write (may be empty) runs on the writer thread with the encoded files first (fault injection).
   Status Start(SnapshotView view, int64_t step,
                std::function<void(const std::vector<CheckpointFile>&)> before_write = nullptr) {
@@ -50,7 +55,7 @@ class AsyncCheckpointer {
         return;
       }
       if (before_write) before_write(*files);
-      result_ = WriteCheckpoint(run_dir_, step, *files, keep_);
+      result_ = WriteCheckpoint(run_dir_, step, *files, keep_, &cleanup_error_);
     });
     return Status::Ok();
   }
@@ -63,12 +68,16 @@ class AsyncCheckpointer {
     if (thread_.joinable()) thread_.join();
     Status s = result_;
     result_ = Status::Ok();
+    if (!cleanup_error_.empty() && warn_) warn_("warning: " + cleanup_error_);
+    cleanup_error_.clear();
     return s;
   }
 
  private:
   std::string run_dir_;
   int keep_;
+  std::function<void(const std::string&)> warn_;
+  std::string cleanup_error_;  // written by the writer thread, read after join
   std::thread thread_;
   std::mutex mu_;
   std::condition_variable cv_;
