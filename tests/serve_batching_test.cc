@@ -6,9 +6,11 @@
 #include <sys/socket.h>
 #include <netinet/in.h>
 #include <arpa/inet.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <future>
+#include <thread>
 
 #include "serve_test_util.h"
 
@@ -221,6 +223,42 @@ TEST(ServeBatching, SigtermDeadlineCancelsAndExitsZero) {
   json err = json::parse(ra.events[ra.events.size() - 2]);
   EXPECT_TRUE(err.contains("error")) << ra.raw;
   EXPECT_EQ(rb.first, 503) << rb.second;
+}
+
+// A client that sends its request one byte a second (each byte restarts the server's read timeout) holds an HTTP
+// worker that Stop() would wait for without bound; after SIGTERM the server still exits 0, a few seconds after the
+// drain, and says why.
+TEST(ServeBatching, SigtermExitsDespiteAClientDrippingItsRequest) {
+  ServerProcess s;
+  ASSERT_TRUE(s.Start("--drain-timeout 0.5")) << s.log();
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(s.port()));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  const std::string head =
+      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{";
+  ASSERT_EQ(::send(fd, head.data(), head.size(), MSG_NOSIGNAL), static_cast<ssize_t>(head.size()));
+  std::atomic<bool> stop{false};
+  std::thread drip([&] {
+    while (!stop.load()) {
+      (void)::send(fd, " ", 1, MSG_NOSIGNAL);
+      for (int i = 0; i < 10 && !stop.load(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const auto t0 = std::chrono::steady_clock::now();
+  s.Signal(SIGTERM);
+  const int code = s.Wait(std::chrono::seconds(30));
+  const auto took = std::chrono::steady_clock::now() - t0;
+  stop = true;
+  drip.join();
+  ::close(fd);
+  EXPECT_EQ(code, 0) << s.log();
+  EXPECT_LT(took, std::chrono::seconds(15)) << s.log();
+  EXPECT_NE(s.log().find("still open after the drain"), std::string::npos) << s.log();
 }
 
 }  // namespace

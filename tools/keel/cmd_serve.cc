@@ -2,6 +2,8 @@
 // (src/serve/engine.h, src/serve/server.h; docs/serving.md).
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
+#include <future>
 #include <thread>
 
 #include "backend/backend.h"
@@ -144,7 +146,22 @@ int RunServe(int argc, char** argv) {
   (*engine)->Shutdown(deadline);
   // Give handlers a moment to write the final bytes of what the engine finished (or cancelled).
   server.WaitIdle(std::max(deadline, std::chrono::steady_clock::now()) + std::chrono::seconds(2));
-  server.Stop();
+  // Stop() joins the HTTP workers. One still reading a request a client sends a byte at a time (each byte restarts
+  // the read timeout), or writing to a client that never reads, would hold it without bound: after a few more
+  // seconds keel exits without it (the engine is shut down; nothing is left to flush but that socket).
+  std::promise<void> stopped;
+  auto stopped_f = stopped.get_future();
+  std::thread stopper([&] {
+    server.Stop();
+    stopped.set_value();
+  });
+  if (stopped_f.wait_for(std::chrono::seconds(5)) != std::future_status::ready) {
+    std::fprintf(stderr, "keel serve: a connection is still open after the drain (a client that neither finishes "
+                         "sending its request nor reads the response); exiting without it\n");
+    std::fflush(nullptr);
+    std::_Exit(failed ? 1 : 0);
+  }
+  stopper.join();
   std::fprintf(stderr, "keel serve: stopped\n");
   return failed ? 1 : 0;
 }
