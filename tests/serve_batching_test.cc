@@ -111,6 +111,8 @@ TEST(ServeBatching, FullQueueAnswers429) {
   json e = json::parse(c->body);
   EXPECT_EQ(e["error"]["type"], "rate_limit_error");
   EXPECT_EQ(e["error"]["code"], "queue_full");
+  // A refused client is asked to close its connection (kept alive it would hold an HTTP worker).
+  EXPECT_EQ(c->get_header_value("Connection"), "close");
   auto ra = a.get();
   auto rb = b.get();
   ASSERT_TRUE(ra && rb);

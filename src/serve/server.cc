@@ -120,6 +120,9 @@ void SetError(httplib::Response& res, int status, const std::string& message, co
   ErrorKind k = ErrorKindForStatus(status);
   res.status = status;
   res.set_content(DumpJson(ErrorJson(message, k.type, param, code.empty() ? k.code : code)), "application/json");
+  // A refused client (queue full, shutting down) is asked to close its connection: kept alive, it would hold an HTTP
+  // worker for the keep-alive timeout, and enough of them would starve /health and the requests behind them.
+  if (status == 429 || status == 503) res.set_header("Connection", "close");
 }
 
 std::string SseEvent(const json& j) { return "data: " + DumpJson(j) + "\n\n"; }
