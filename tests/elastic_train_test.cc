@@ -173,6 +173,21 @@ TEST_F(ElasticTrain, SigstopOfAWorkerIsDetectedEvictedAndItRejoinsOnWaking) {
   EXPECT_EQ(FinalHashes(log).size(), 1u) << log;
 }
 
+// A worker stopped and never woken: the others evict it and finish the job. The launcher then wakes it (SIGCONT;
+// it finds the job finished and exits) instead of waiting for it forever, and exits 0 itself.
+TEST_F(ElasticTrain, AWorkerLeftStoppedDoesNotKeepTheLauncherFromExiting) {
+  TempDir t;
+  const std::string out = t / "run";
+  Background job(Split(Args(out) + " --nproc 2 --elastic"), t / "log");
+  ASSERT_TRUE(WaitUntil([&] { return MetricsLines(out) >= 20; }, 120)) << job.Output();
+  const pid_t victim = PidOf(job.Output(), 1);
+  ASSERT_GT(victim, 0);
+  ASSERT_EQ(kill(victim, SIGSTOP), 0);
+  ASSERT_EQ(job.Wait(120), 0) << job.Output();
+  ExpectSameAsStraight(out);
+  EXPECT_NE(kill(victim, 0), 0) << "the stopped worker is gone (reaped)";
+}
+
 // A worker stopped just after its heartbeat thread read its clock (`freeze`) must not, on waking, take its live
 // peer for dead: it used to stamp the peer's fresh heartbeat with that pre-stop time, see the peer "silent for"
 // the length of its own stop, form a generation alone and commit the steps the peer was committing too (a fork;

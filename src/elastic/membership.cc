@@ -246,9 +246,13 @@ nlohmann::json ElasticGroup::Observe(Store& s, int64_t uid, double now) {
   Peer& p = peers_[uid];
   if (p.seq != seq) {
     if (p.seq == -1) {
-      // First sight: trust the record's age (same clock on one machine; clamped for skewed remote clocks).
+      // First sight: trust the record's age only when it was written on this machine (the same clock). Another
+      // machine's clock may run behind ours: a joiner whose clock ran ahead took every live peer for long silent
+      // and formed a generation without them. A remote peer seen for the first time counts as just heard from;
+      // if it is dead, it is found silent --hang-timeout later.
       double age = 0;
-      if (rec.contains("t") && rec["t"].is_number()) age = std::max(0.0, EventLog::Now() - rec["t"].get<double>());
+      if (rec.contains("t") && rec["t"].is_number() && StrOr(rec, "machine", "") == machine_)
+        age = std::max(0.0, EventLog::Now() - rec["t"].get<double>());
       p.last_seen = seen - age;
     } else {
       p.last_seen = seen;

@@ -8,6 +8,7 @@
 #include <termios.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -322,9 +323,12 @@ class Attempt {
   LaunchResult Wait() {
     LaunchResult res;
     bool any_ok = false;
-    int handled_signals = g_signals;
+    // 0, not g_signals: a signal that arrived while the workers were being started (after g_signals was reset)
+    // must be forwarded too.
+    int handled_signals = 0;
     std::string first_failure;
     auto kill_at = Clock::time_point::max();
+    bool finish_armed = false;
     auto drain_until = Clock::time_point::max();
     std::vector<char> buf(1 << 16);
     for (;;) {
@@ -374,16 +378,23 @@ class Attempt {
         res.stopped_by_signal = true;
         relay_->Own("launcher: stop requested; forwarding SIGTERM to the workers (they stop at the next step "
                     "boundary with a checkpoint; signal again to kill them)");
+        // SIGCONT too: a stopped worker (SIGSTOP, a debugger detached) leaves SIGTERM pending forever.
         for (auto& w : workers_)
-          if (w.running) ::kill(w.pid, SIGTERM);
+          if (w.running) ::kill(w.pid, SIGTERM), ::kill(w.pid, SIGCONT);
       }
 
-      // Reap.
+      // Reap: every worker that has exited, those killed by a signal first. When one is SIGKILLed (the OOM
+      // killer, a user), its peers fail on the broken connection a moment later, and both are often found in the
+      // same sweep: the root cause is the killed one, not the first rank that reported the lost peer.
+      std::vector<std::pair<Worker*, int>> exited;
       for (auto& w : workers_) {
         if (!w.running) continue;
         int st = 0;
-        pid_t r = ::waitpid(w.pid, &st, WNOHANG);
-        if (r != w.pid) continue;
+        if (::waitpid(w.pid, &st, WNOHANG) == w.pid) exited.push_back({&w, st});
+      }
+      std::stable_partition(exited.begin(), exited.end(), [](const auto& e) { return WIFSIGNALED(e.second); });
+      for (auto& [wp, st] : exited) {
+        Worker& w = *wp;
         w.running = false;
         w.status = st;
         const bool ok = WIFEXITED(st) && WEXITSTATUS(st) == 0;
@@ -414,6 +425,8 @@ class Attempt {
             relay_->Own("launcher: " + what + ": quarantined after repeated faults; not restarted");
           } else if (res.stopped_by_signal) {
             relay_->Own("launcher: " + what + " while stopping; not restarted");
+          } else if (any_ok) {
+            relay_->Own("launcher: " + what + " after the job finished; not restarted");
           } else if (restarts_used_ < o_.max_restarts) {
             ++restarts_used_;
             relay_->ForgetError(w.rank);
@@ -437,10 +450,20 @@ class Attempt {
           first_failure = describe();
           relay_->Own("launcher: " + first_failure + "; stopping the other workers");
           for (auto& other : workers_)
-            if (other.running) ::kill(other.pid, SIGTERM);
+            if (other.running) ::kill(other.pid, SIGTERM), ::kill(other.pid, SIGCONT);
           kill_at = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                        std::chrono::duration<double>(o_.kill_grace_s));
         }
+      }
+      // Elastic: once a worker has finished the job, the others finish within moments (they see it is done). One
+      // that does not is stopped (SIGSTOP: evicted long ago) or stuck: woken, then killed after a grace period,
+      // so that the launcher exits rather than wait for it forever.
+      if (o_.elastic && any_ok && !finish_armed) {
+        finish_armed = true;
+        for (auto& w : workers_)
+          if (w.running) ::kill(w.pid, SIGCONT);
+        kill_at = std::min(kill_at, Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                                      std::chrono::duration<double>(o_.kill_grace_s + 10)));
       }
       if (Clock::now() >= kill_at) {
         for (auto& w : workers_)
