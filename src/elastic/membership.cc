@@ -548,10 +548,37 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
   std::vector<int64_t> unreachable;  // UnreachableJoiners, recomputed now and then (below)
   int64_t unreachable_after = -2;
   double unreachable_t = 0;
+  // A store that does not answer (a Redis restart or fail-over, a network blip) while the group re-forms is
+  // waited out for up to kStoreOutageS, polling as usual, instead of failing every re-forming member at once (in
+  // steady training the heartbeats already ride such outages out). Every step of the loop may be redone: a
+  // proposal whose reply was lost is found on the next pass as the generation record it wrote.
+  constexpr double kStoreOutageS = 30;
+  double outage_since = -1;
+  auto retry = [&](const Status& st) {
+    if (st.code() != Code::kUnavailable) return false;
+    const double t = Now();
+    if (outage_since < 0) {
+      outage_since = t;
+      if (log_) log_("rendezvous store unavailable while forming a generation (" + st.message() + "); retrying for up to " +
+                     std::to_string(static_cast<int>(kStoreOutageS)) + " s");
+    }
+    if (t - outage_since > kStoreOutageS) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    return true;
+  };
+#define KEEL_STORE_OR_RETRY(var, expr)                          \
+  auto var = (expr);                                            \
+  if (!var.ok()) {                                              \
+    if (retry(var.status())) continue;                          \
+    return var.status();                                        \
+  }
   for (;;) {
     if (stop && stop->load()) return Aborted("stopped while waiting for a generation to form");
     const double now = Now();
-    KEEL_ASSIGN_OR_RETURN(auto done, s.TryGet("done"));
+    KEEL_STORE_OR_RETRY(done_r, s.TryGet("done"));
+    if (outage_since >= 0 && log_) log_("rendezvous store answers again");
+    outage_since = -1;
+    const auto& done = *done_r;
     if (done) {
       Generation g;
       g.done = true;
@@ -562,7 +589,8 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
       std::lock_guard<std::mutex> l(mu_);
       after = after_;
     }
-    KEEL_ASSIGN_OR_RETURN(auto latest_text, s.TryGet("latest"));
+    KEEL_STORE_OR_RETRY(latest_r, s.TryGet("latest"));
+    const auto& latest_text = *latest_r;
     const int64_t latest = latest_text ? std::atoll(latest_text->c_str()) : -1;
     if (latest > after + 1) {
       // Generations were formed without this member: only the newest one matters.
@@ -580,6 +608,7 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
       v.next_exists = true;
       v.next_members = *next;
     } else if (next.status().code() != Code::kNotFound) {
+      if (retry(next.status())) continue;
       return next.status();
     }
     if (after >= 0) {
@@ -587,7 +616,8 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
       if (prev.ok()) v.prev_members = *prev;
     }
     if (!v.next_exists) {
-      KEEL_ASSIGN_OR_RETURN(int64_t n, s.Counter("uids"));
+      KEEL_STORE_OR_RETRY(n_r, s.Counter("uids"));
+      const int64_t n = *n_r;
       for (int64_t u = 0; u < n; ++u) {
         if (u == v.my_uid) continue;
         {
@@ -686,9 +716,11 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
       }
       case QuorumDecision::kPropose: {
         nlohmann::json rec = {{"members", d.members}, {"by", v.my_uid}, {"t", EventLog::Now()}};
-        KEEL_ASSIGN_OR_RETURN(bool won, s.SetIfAbsent("g/" + std::to_string(d.gen), Dump(rec)));
-        if (won) {
-          KEEL_RETURN_IF_ERROR(s.Set("latest", std::to_string(d.gen)));
+        KEEL_STORE_OR_RETRY(won, s.SetIfAbsent("g/" + std::to_string(d.gen), Dump(rec)));
+        if (*won) {
+          // "latest" only lets late members skip ahead; the record itself is what counts (the next pass finds it
+          // and returns the generation), so a failure to write it is not an error here.
+          (void)s.Set("latest", std::to_string(d.gen));
           if (events_) events_->Emit("propose", {{"gen", d.gen}, {"members", d.members}, {"why", d.reason}});
         }
         continue;
@@ -703,6 +735,8 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
     }
   }
 }
+
+#undef KEEL_STORE_OR_RETRY
 
 std::vector<int64_t> ElasticGroup::Unreachable(Store& s, int64_t after, std::vector<PeerInfo> peers) {
   PeerInfo me;
