@@ -182,6 +182,10 @@ TEST_F(CliErrors, BadSyncAndCompressionFlags) {
   ExpectError(RunKeel("train " + Small(t / "r") + " --nproc-per-node 0"), "--nproc/--nproc-per-node must be >= 1");
   ExpectError(RunKeel("train " + Small(t / "r") + " --min-workers 5 --max-workers 2"), "--max-workers");
   ExpectError(RunKeel("train " + Small(t / "r") + " --rdzv-timeout nan"), "--rdzv-timeout");
+  // Huge timeouts overflowed the millisecond and deadline arithmetic (undefined behaviour): refused above a week.
+  ExpectError(RunKeel("train " + Small(t / "r") + " --hang-timeout 1e16 --elastic"),
+              "--hang-timeout must be a positive number of seconds, at most 604800 (a week)");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --comm-timeout 1e300 --nproc 2"), "--comm-timeout must be");
   EXPECT_FALSE(fs::exists(t / "r"));
 }
 

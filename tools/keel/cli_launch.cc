@@ -259,10 +259,14 @@ Status ValidateDistFlags(const DistFlags& d) {
     return InvalidArgument("--nproc and --nproc-per-node differ");
   if (std::max(d.nproc, d.nproc_per_node) > 1024)
     return InvalidArgument("--nproc " + std::to_string(std::max(d.nproc, d.nproc_per_node)) + " is too many");
-  auto seconds = [](double s) { return s > 0 && std::isfinite(s); };
-  if (!seconds(d.rdzv_timeout_s)) return InvalidArgument("--rdzv-timeout must be a positive number of seconds");
-  if (!seconds(d.comm_timeout_s)) return InvalidArgument("--comm-timeout must be a positive number of seconds");
-  if (!seconds(d.hang_timeout_s)) return InvalidArgument("--hang-timeout must be a positive number of seconds");
+  // At most a week: the timeouts become integer milliseconds and steady-clock deadlines (30x for the collective
+  // backstop), which a value like 1e16 would overflow.
+  constexpr double kMaxTimeoutS = 7 * 24 * 3600;
+  auto seconds = [](double s) { return s > 0 && s <= kMaxTimeoutS; };
+  const std::string range = " must be a positive number of seconds, at most 604800 (a week)";
+  if (!seconds(d.rdzv_timeout_s)) return InvalidArgument("--rdzv-timeout" + range);
+  if (!seconds(d.comm_timeout_s)) return InvalidArgument("--comm-timeout" + range);
+  if (!seconds(d.hang_timeout_s)) return InvalidArgument("--hang-timeout" + range);
   if (d.Elastic() && d.comm_timeout_given)
     return InvalidArgument("--comm-timeout does not apply to elastic jobs: --hang-timeout is their one "
                            "timeout (collectives are backstopped at 30x it)");
