@@ -656,7 +656,8 @@ TEST_F(ElasticTrain, ResumeAfterALossSpikeRollbackWithAnotherWorkerCountIsExact)
 }
 
 // A spike right after the checkpoint of step 50 rolls back to the snapshot of step 40: ckpt-00000050 now holds the
-// abandoned trajectory and is deleted, so a run stopped a few steps later resumes from its own stop checkpoint
+// abandoned trajectory. There is no older checkpoint, so the leader first writes one of the restored state (step
+// 40), then deletes ckpt-00000050; a run stopped a few steps later resumes from its own stop checkpoint
 // (not from the newer-numbered stale one, which would redo the spike and skip another window) and ends exactly
 // where the uninterrupted run does.
 TEST_F(ElasticTrain, CheckpointsAfterARollbackPointAreDroppedSoResumeIsExact) {

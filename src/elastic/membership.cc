@@ -554,6 +554,12 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
   // proposal whose reply was lost is found on the next pass as the generation record it wrote.
   constexpr double kStoreOutageS = 30;
   double outage_since = -1;
+  // The outage ends with a pass whose reads and writes all succeeded (reads alone may work on a Redis replica that
+  // refuses writes after a fail-over: that must still time out).
+  auto answered = [&] {
+    if (outage_since >= 0 && log_) log_("rendezvous store answers again");
+    outage_since = -1;
+  };
   auto retry = [&](const Status& st) {
     if (st.code() != Code::kUnavailable) return false;
     const double t = Now();
@@ -576,8 +582,6 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
     if (stop && stop->load()) return Aborted("stopped while waiting for a generation to form");
     const double now = Now();
     KEEL_STORE_OR_RETRY(done_r, s.TryGet("done"));
-    if (outage_since >= 0 && log_) log_("rendezvous store answers again");
-    outage_since = -1;
     const auto& done = *done_r;
     if (done) {
       Generation g;
@@ -658,6 +662,7 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
     QuorumDecision d = Decide(now, v, cfg);
     switch (d.kind) {
       case QuorumDecision::kJoin: {
+        answered();
         const int index = static_cast<int>(std::find(d.members.begin(), d.members.end(), v.my_uid) - d.members.begin());
         auto comm = Form(d.gen, d.members, index);
         if (!comm.ok()) {
@@ -712,11 +717,13 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
         }
         Publish();
         ready_since = Now();
+        answered();
         continue;
       }
       case QuorumDecision::kPropose: {
         nlohmann::json rec = {{"members", d.members}, {"by", v.my_uid}, {"t", EventLog::Now()}};
         KEEL_STORE_OR_RETRY(won, s.SetIfAbsent("g/" + std::to_string(d.gen), Dump(rec)));
+        answered();
         if (*won) {
           // "latest" only lets late members skip ahead; the record itself is what counts (the next pass finds it
           // and returns the generation), so a failure to write it is not an error here.
@@ -726,6 +733,7 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
         continue;
       }
       case QuorumDecision::kWait:
+        answered();
         if (now - last_log >= 5) {
           if (log_) log_("waiting for a generation: " + d.reason);
           last_log = now;

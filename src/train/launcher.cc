@@ -393,6 +393,8 @@ class Attempt {
         if (::waitpid(w.pid, &st, WNOHANG) == w.pid) exited.push_back({&w, st});
       }
       std::stable_partition(exited.begin(), exited.end(), [](const auto& e) { return WIFSIGNALED(e.second); });
+      // Whether the job finished counts for the whole sweep (a worker that crashed in the same sweep is not restarted).
+      for (const auto& e : exited) any_ok |= WIFEXITED(e.second) && WEXITSTATUS(e.second) == 0;
       for (auto& [wp, st] : exited) {
         Worker& w = *wp;
         w.running = false;
@@ -455,15 +457,13 @@ class Attempt {
                                        std::chrono::duration<double>(o_.kill_grace_s));
         }
       }
-      // Elastic: once a worker has finished the job, the others finish within moments (they see it is done). One
-      // that does not is stopped (SIGSTOP: evicted long ago) or stuck: woken, then killed after a grace period,
-      // so that the launcher exits rather than wait for it forever.
+      // Elastic: once a worker has finished the job, the others finish too (they find it done), except one left
+      // stopped (SIGSTOP, evicted long ago), which would keep the launcher waiting forever: it is woken. Nothing is
+      // killed on a timer here: the leader may still be writing the final checkpoint (large models, slow disks).
       if (o_.elastic && any_ok && !finish_armed) {
         finish_armed = true;
         for (auto& w : workers_)
           if (w.running) ::kill(w.pid, SIGCONT);
-        kill_at = std::min(kill_at, Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                                      std::chrono::duration<double>(o_.kill_grace_s + 10)));
       }
       if (Clock::now() >= kill_at) {
         for (auto& w : workers_)

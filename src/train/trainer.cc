@@ -299,14 +299,45 @@ void Trainer::EnsureRunDir() {
   if (env_->IsDir(o_.out_dir)) run_dir_ready_ = true;
 }
 
-// After a rollback to the snapshot (now step_), checkpoints of later steps hold the abandoned trajectory; --resume
-// would take the newest of them and redo the spike without the skip. The leader deletes them (after the write in
-// flight, which may be one of them). A failure is a warning: the run goes on and rewrites those steps.
-void Trainer::DropAbandonedCheckpoints() {
-  if (!leader() || !env_->IsDir(o_.out_dir)) return;
-  Status s = ckpt_->Wait();
-  if (s.ok()) s = DeleteCheckpointsAfter(o_.out_dir, step_);
-  if (!s.ok()) log_("warning: checkpoints after the rollback to step " + std::to_string(step_) + " are left: " + s.message());
+// After a rollback to the group's snapshot (rollback_step), checkpoints of later steps hold the abandoned trajectory;
+// --resume would take the newest of them and redo the spike without the skip. The leader deletes them (whether or
+// not it holds the snapshot itself), after the write in flight, which may be one of them. When no checkpoint at or
+// below rollback_step exists (--keep 1, say), a leader holding the restored state writes one first; one that does
+// not keeps them (a stale checkpoint is better than none). A failed
+// write found here ends training at the next checkpoint boundary, as it would have without the rollback; a failed
+// deletion is a warning (the run goes on and rewrites those steps).
+void Trainer::DropAbandonedCheckpoints(int64_t rollback_step) {
+  if (!leader() || rollback_step < 0 || !env_->IsDir(o_.out_dir)) return;
+  if (Status w = ckpt_->Wait(); !w.ok()) {
+    if (deferred_ckpt_error_.ok()) deferred_ckpt_error_ = w;
+    return;
+  }
+  auto list = ListCheckpoints(o_.out_dir);
+  if (!list.ok()) return;
+  bool newer = false, older = false;
+  for (const auto& c : *list) (c.step > rollback_step ? newer : older) = true;
+  if (!newer) return;
+  if (!older && snap_.valid && has_state_ && step_ == rollback_step) {
+    // None to fall back to (--keep 1, or the rollback goes back past the first checkpoint): first write one of
+    // the restored state, synchronously (rare: a spike right after the only checkpoint).
+    EnsureRunDir();
+    if (!host_) StateToHost(&ckpt_p_, &ckpt_m_, &ckpt_v_);
+    Status w = ckpt_->Start(CheckpointView(step_), step_);
+    if (w.ok()) w = ckpt_->Wait();
+    if (!w.ok()) {
+      if (deferred_ckpt_error_.ok()) deferred_ckpt_error_ = w;
+      return;
+    }
+    older = true;
+  }
+  if (!older) {
+    log_("warning: the checkpoints after step " + std::to_string(rollback_step) + " hold the trajectory the rollback "
+         "abandoned, but no older one exists: they are kept until this run writes newer ones");
+    return;
+  }
+  Status s = DeleteCheckpointsAfter(o_.out_dir, rollback_step);
+  if (!s.ok())
+    log_("warning: checkpoints after the rollback to step " + std::to_string(rollback_step) + " are left: " + s.message());
 }
 
 void Trainer::Emit(const std::string& event, nlohmann::json fields) {
@@ -380,6 +411,7 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
   }
   if (leader() && o_.progress && tty_) std::fprintf(stderr, "\n");
   KEEL_RETURN_IF_ERROR(ckpt_->Wait());
+  KEEL_RETURN_IF_ERROR(deferred_ckpt_error_);
   result_.wire_bytes = wire_->bytes_sent.load();
   result_.steps_this_run = steps_this_run_;
   log_("wire: " + Fmt("%.3f MB", result_.wire_bytes / 1e6) + " sent by this worker in " +

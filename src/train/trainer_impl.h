@@ -66,7 +66,7 @@ class Trainer {
   Status LoadInitialState();
   Status LoadStateFromDisk();
   void EnsureRunDir();
-  void DropAbandonedCheckpoints();
+  void DropAbandonedCheckpoints(int64_t rollback_step);
 
   // The step protocol.
   Result<bool> RunStep();
@@ -208,6 +208,8 @@ class Trainer {
   // joined after it was taken has none and receives the restored state): every member must take the same spike
   // decision, so it rests on this, not on snap_.valid.
   bool group_snapshot_ = false;
+  int64_t group_snap_step_ = -1;  // its step (what a rollback returns to), known to members that hold none too
+  Status deferred_ckpt_error_;     // a checkpoint write that failed, found by DropAbandonedCheckpoints
 
   // The group.
   Communicator* static_comm_ = nullptr;

@@ -89,6 +89,7 @@ void Trainer::TakeSnapshot() {
   snap_.epoch = epoch_;
   snap_.valid = true;
   group_snapshot_ = true;
+  group_snap_step_ = step_;
 }
 
 // Back to the snapshot (with a new epoch, so the restored state outranks newer ones). False when this member
@@ -186,6 +187,7 @@ Status Trainer::SyncState(int depth) {
   if (group_snap_step < 0) TakeSnapshot();
   else if (snap_.valid && (snap_.step != group_snap_step || snap_.epoch != plan.epoch)) snap_.valid = false;
   group_snapshot_ = snap_.valid || group_snap_step >= 0;
+  if (group_snap_step >= 0) group_snap_step_ = group_snap_step;
   if (elastic_ && has_state_) committed_hash_ = ParamsHash();  // agreed state: what the next vote must find
   return Status::Ok();
 }

@@ -429,7 +429,7 @@ Status Trainer::Abort(const VoteOutcome& v, const std::vector<VoteRecord>& recor
   }
   if (v.rollback) {
     const bool restored = RestoreSnapshot();
-    if (restored) DropAbandonedCheckpoints();
+    DropAbandonedCheckpoints(group_snap_step_);
     log_("step " + std::to_string(step_ + 1) + ": rolled back to the verified snapshot of step " +
          std::to_string(restored ? step_ : snap_.step) + (restored ? "" : " (this member has none: it will receive it)"));
     need_sync_ = true;
@@ -456,7 +456,7 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
     // state of those that restored (the new epoch outranks it) in the sync that follows.
     const bool restored = RestoreSnapshot();  // step_, epoch_ (bumped), data_offset_, statistics
     if (restored) data_offset_ += skip;
-    if (restored) DropAbandonedCheckpoints();
+    DropAbandonedCheckpoints(group_snap_step_);
     need_sync_ = true;
     log_(what + (restored ? "rolled back to step " + std::to_string(step_) + " and skipping " + std::to_string(skip) +
                                 " step(s) of data"
@@ -569,6 +569,7 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
     EnsureRunDir();
     const auto t_ckpt = Clock::now();
     KEEL_RETURN_IF_ERROR(ckpt_->Wait());  // the previous write (normally finished long ago)
+    KEEL_RETURN_IF_ERROR(deferred_ckpt_error_);  // or one found failed at a rollback
     if (!host_) StateToHost(&ckpt_p_, &ckpt_m_, &ckpt_v_);  // host memory: encoded from the live buffers
     std::function<void(const std::vector<CheckpointFile>&)> before_write;
     bool then_kill = true;
