@@ -61,11 +61,13 @@ run() {  # name, steps, flags...
   local args=" $* " mb ga  # sequences per step = --batch x --grad-accum
   mb=$(sed -n 's/.* --batch \([0-9]*\) .*/\1/p' <<<"$args")
   ga=$(sed -n 's/.* --grad-accum \([0-9]*\) .*/\1/p' <<<"$args")
-  /usr/bin/python3 - "$out/metrics.jsonl" "$t0" "$t1" "$name" "$((${mb:-8} * ${ga:-1}))" <<'PY' >>"$WORK/results"
+  /usr/bin/python3 - "$out/metrics.jsonl" "$t0" "$t1" "$name" "$((${mb:-8} * ${ga:-1}))" "${FROM_STEP:-0}" <<'PY' >>"$WORK/results"
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
+# FROM_STEP: a run resumed there (WARM_STEPS) counts only its own steps
+start = int(sys.argv[6])
+rows = [r for r in map(json.loads, open(sys.argv[1])) if r.get("step", 0) >= start]
 t0, t1 = float(sys.argv[2]), float(sys.argv[3])
-steps = rows[-1]["step"] + 1
+steps = rows[-1]["step"] + 1 - start
 per_step = 256 * int(sys.argv[5])
 rows = [r for r in rows if "elapsed_s" in r]
 # tokens/s over the training loop (elapsed_s of the last commit: start-up excluded), and from the 4th committed
@@ -86,9 +88,24 @@ echo "slow-link bench: config (a), 4 workers x 1 thread, $STEPS steps x 4 x 2 x 
 BATCH=${BATCH:-"--batch 2 --grad-accum 4"}
 # LOSS_STEPS=n: only compare validation loss, ddp vs diloco + int8 without the link limit, over a longer token
 # budget (the link changes speed, not loss: the same steps see the same data either way).
-if [ "${LOSS_STEPS:-0}" -gt 0 ]; then
+# WARM_STEPS=w (with LOSS_STEPS=n): the DiLoCo paper's protocol. Both runs continue one ddp run's checkpoint at
+# step w (trained with the schedule of w + n steps, stopped there) to step w + n: the comparison is over the last
+# n steps' token budget, from a shared starting point, instead of from random weights.
+if [ "${LOSS_STEPS:-0}" -gt 0 ] && [ "${WARM_STEPS:-0}" -gt 0 ]; then
+  total=$((WARM_STEPS + LOSS_STEPS))
+  $KEEL train --data "$WORK/data" --out "$WORK/warm" $MODEL --steps "$total" --stop-after "$WARM_STEPS" --nproc 4 \
+    --threads 1 --no-progress --eval-every "$WARM_STEPS" --eval-batches 8 --checkpoint-every "$WARM_STEPS" \
+    --lr 1e-3 --warmup 10 $BATCH >"$WORK/warm.log" 2>&1 || { tail -30 "$WORK/warm.log"; exit 1; }
+  echo "  warm start: $WARM_STEPS ddp steps, val loss $(/usr/bin/python3 -c "import json,sys; print([json.loads(l) for l in open(sys.argv[1])][-1].get('val_loss'))" "$WORK/warm/metrics.jsonl")" >&2
+  cp -r "$WORK/warm" "$WORK/ddp_loss"
+  cp -r "$WORK/warm" "$WORK/diloco_int8_loss"
+  FROM_STEP=$WARM_STEPS run ddp_loss "$total" $BATCH --resume
+  FROM_STEP=$WARM_STEPS run diloco_int8_loss "$total" $BATCH --resume --sync diloco --inner-steps "$H" --compress int8
+elif [ "${LOSS_STEPS:-0}" -gt 0 ]; then
   run ddp_loss "$LOSS_STEPS" $BATCH
   run diloco_int8_loss "$LOSS_STEPS" $BATCH --sync diloco --inner-steps "$H" --compress int8
+fi
+if [ "${LOSS_STEPS:-0}" -gt 0 ]; then
   /usr/bin/python3 - "$WORK/results" "$LOSS_STEPS" "$H" <<'PY'
 import json, sys
 r = {j["name"]: j for j in map(json.loads, open(sys.argv[1]))}

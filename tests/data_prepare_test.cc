@@ -199,6 +199,58 @@ TEST(DataPrepare, ReplacesExistingDataDirOnly) {
   EXPECT_EQ(progress_lines, 0);
 }
 
+// A directory that merely holds a meta.json (a project, a corpus, someone else's format) is not replaced:
+// replacing it deletes everything in it.
+TEST(DataPrepare, NeverReplacesADirectoryThatIsNotKeelData) {
+  TempDir t;
+  const std::string corpus = MakeCorpusDir(t, 5000);
+  PrepareOptions o;
+  o.inputs = {corpus};
+  o.tokenizer = "byte";
+  fs::create_directories(t / "project");
+  WriteText(t / "project/meta.json", "{\"name\": \"my project\"}\n");
+  WriteText(t / "project/notes.txt", "do not delete");
+  o.out_dir = t / "project";
+  auto r = Prepare(o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().message(), (t / "project") + " exists and is not a keel data directory (its meta.json is not keel's)");
+  EXPECT_EQ(ReadAll(t / "project/notes.txt"), "do not delete");
+  // keel's meta.json next to a file keel does not write: refused too, naming the file.
+  o.out_dir = t / "data";
+  ASSERT_TRUE(Prepare(o).ok());
+  WriteText(t / "data/mine.txt", "do not delete");
+  auto r2 = Prepare(o);
+  ASSERT_FALSE(r2.ok());
+  EXPECT_EQ(r2.status().message(),
+            (t / "data") + " exists and is not a keel data directory (it holds mine.txt, which keel prepare does not write)");
+  EXPECT_EQ(ReadAll(t / "data/mine.txt"), "do not delete");
+  // A leftover atomic-write temporary does not make it someone else's.
+  fs::remove(t / "data/mine.txt");
+  WriteText(t / "data/meta.json.tmp.Ab12Cd", "{");
+  EXPECT_TRUE(Prepare(o).ok());
+}
+
+// --out inside an input directory: the walk would read the previous output as corpus text, so the same inputs
+// would give other data each time. Refused before any work.
+TEST(DataPrepare, RefusesAnOutputInsideAnInput) {
+  TempDir t;
+  const std::string corpus = MakeCorpusDir(t, 5000);
+  PrepareOptions o;
+  o.inputs = {t.path()};
+  o.tokenizer = "byte";
+  o.out_dir = corpus + "/data";
+  int progress_lines = 0;
+  o.progress = [&](std::string_view) { ++progress_lines; };
+  auto r = Prepare(o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().message(), "--out " + corpus + "/data lies inside --input " + t.path() +
+                                      ": its files would be read as corpus text (put --out outside the inputs)");
+  EXPECT_FALSE(fs::exists(corpus + "/data"));
+  EXPECT_EQ(progress_lines, 0);
+  o.inputs = {corpus + "/a.txt"};  // a file input: fine
+  EXPECT_TRUE(Prepare(o).ok());
+}
+
 TEST(DataPrepare, ValidatesOptions) {
   TempDir t;
   const std::string corpus = MakeCorpusDir(t, 2000);

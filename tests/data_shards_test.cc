@@ -194,6 +194,25 @@ TEST_F(CorruptShardTest, HugeTokenCountDoesNotOverflow) {
   EXPECT_TRUE(Contains(OpenError(bad), "truncated"));
 }
 
+// A 4-byte id of 2^31 or more (written by another tool: 0xFFFFFFFF, or -100 as an "ignore" id) is a large id,
+// which Dataset::Open's vocabulary check must see; as an int32 it would be negative and pass.
+TEST(DataShards, MaxTokenSeesFourByteIdsAboveInt32) {
+  TempDir t;
+  ASSERT_TRUE(WriteShard(t / "w.bin", {5, 65536, 7}, 65537).ok());
+  std::string b = ReadAll(t / "w.bin");
+  ASSERT_EQ(b.size(), 64u + 12u);
+  const uint32_t huge = 0xFFFFFFFFu;
+  std::memcpy(b.data() + 64 + 4, &huge, 4);
+  const uint64_t data_hash = Hash64(b.data() + 64, 12);  // re-signed, as a converter would
+  std::memcpy(b.data() + 24, &data_hash, 8);
+  const uint64_t header_hash = Hash64(b.data(), 32);
+  std::memcpy(b.data() + 32, &header_hash, 8);
+  WriteText(t / "w.bin", b);
+  auto r = ShardReader::Open(t / "w.bin");
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->MaxToken(), int64_t{0xFFFFFFFFu});
+}
+
 TEST(DataShards, MissingFile) {
   TempDir t;
   auto r = ShardReader::Open(t / "nope.bin");

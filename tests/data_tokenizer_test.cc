@@ -245,6 +245,19 @@ TEST(DataTokenizer, OversizedBpeModelIsRefusedBeforeLoading) {
   EXPECT_TRUE(Contains(r.status().message(), "implausibly large")) << r.status().message();
 }
 
+// A tokenizer file's size is checked before it is read: a sparse 200 GB file is refused without reading it.
+TEST(DataTokenizer, HugeTokenizerFileIsRefusedWithoutReadingIt) {
+  keel::testing::TempDir t;
+  const std::string path = t / "tokenizer.model";
+  keel::testing::WriteText(path, "x");
+  std::filesystem::resize_file(path, uint64_t{200} << 30);
+  auto r = LoadTokenizerFile(path);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kCorrupt);
+  EXPECT_EQ(r.status().message().rfind(path + ": tokenizer file of 214748364800 bytes is implausibly large", 0), 0u)
+      << r.status().message();
+}
+
 TEST(DataTokenizer, BpeTrainingIsDeterministic) {
   const std::string text = SyntheticCorpus(100 << 10);
   auto a = TrainBpeTokenizer(text, 400);

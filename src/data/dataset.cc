@@ -72,7 +72,7 @@ Result<Dataset> Dataset::Open(const std::string& data_dir) {
   KEEL_ASSIGN_OR_RETURN(std::string fingerprint, GetString(meta, "fingerprint", meta_path));
 
   const std::string tok_path = JoinPath(data_dir, kTokenizerFileName);
-  KEEL_ASSIGN_OR_RETURN(std::string tok_bytes, env->ReadFile(tok_path));
+  KEEL_ASSIGN_OR_RETURN(std::string tok_bytes, ReadTokenizerBytes(tok_path));
   if (HashHex(Hash64(tok_bytes.data(), tok_bytes.size())) != tok_hash) {
     return Corrupt(tok_path + ": checksum mismatch with meta.json (file corrupt or replaced)");
   }

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
 
@@ -45,15 +46,51 @@ Status ValidateOptions(const PrepareOptions& o) {
   return Status::Ok();
 }
 
-// OUT may be created or replaced if it does not exist, is an empty directory, or is a keel data directory.
+// OUT may be created or replaced if it does not exist, is an empty directory, or is a keel data directory: a
+// meta.json that says so, and nothing but the files Prepare writes (and their atomic-write temporaries). A
+// directory that merely holds some meta.json (a project, a corpus) is never replaced: replacing deletes it.
 Status CheckOutDir(const std::string& out) {
   Env* env = DefaultEnv();
   if (!env->Exists(out)) return CheckCanCreateDir(env, out, "--out " + out);
-  const Status not_data = InvalidArgument(out + " exists and is not a keel data directory");
-  if (!env->IsDir(out)) return not_data;
-  if (env->Exists(JoinPath(out, kMetaFile))) return Status::Ok();
+  const std::string not_data = out + " exists and is not a keel data directory";
+  if (!env->IsDir(out)) return InvalidArgument(not_data);
   KEEL_ASSIGN_OR_RETURN(std::vector<std::string> names, env->ListDir(out));
-  return names.empty() ? Status::Ok() : not_data;
+  if (names.empty()) return Status::Ok();
+  const std::string meta_path = JoinPath(out, kMetaFile);
+  if (!env->Exists(meta_path)) return InvalidArgument(not_data);
+  KEEL_ASSIGN_OR_RETURN(const uint64_t meta_size, env->FileSize(meta_path));
+  if (meta_size > (uint64_t{1} << 20)) return InvalidArgument(not_data + " (its meta.json is not keel's)");
+  KEEL_ASSIGN_OR_RETURN(const std::string meta_text, env->ReadFile(meta_path));
+  const nlohmann::json meta = nlohmann::json::parse(meta_text, nullptr, /*allow_exceptions=*/false);
+  if (!meta.is_object() || meta.value("format", nlohmann::json()) != "keel-data")
+    return InvalidArgument(not_data + " (its meta.json is not keel's)");
+  for (const std::string& name : names) {
+    bool ours = false;
+    for (const char* f : {kMetaFile, kTrainShardFile, kValShardFile, kTokenizerFileName})
+      ours |= name == f || name.rfind(std::string(f) + ".tmp.", 0) == 0;
+    if (!ours) return InvalidArgument(not_data + " (it holds " + name + ", which keel prepare does not write)");
+  }
+  return Status::Ok();
+}
+
+// OUT, and the OUT.tmp.* / OUT.old.* directories made next to it, must not lie inside an input directory: the
+// walk would read an earlier run's output (meta.json, a byte tokenizer's file, a killed run's leftovers) as
+// corpus text, and the same inputs would no longer give the same data.
+Status CheckOutOutsideInputs(const std::string& out, const std::vector<std::string>& inputs) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path parent = fs::weakly_canonical(fs::absolute(fs::path(out), ec).parent_path(), ec);
+  if (ec) return Status::Ok();  // CheckOutDir vetted OUT; the walk reports unreadable inputs itself
+  for (const std::string& in : inputs) {
+    std::error_code e;
+    if (!fs::is_directory(in, e)) continue;
+    const fs::path dir = fs::canonical(in, e);
+    if (e) continue;
+    if (std::mismatch(dir.begin(), dir.end(), parent.begin(), parent.end()).first == dir.end())
+      return InvalidArgument("--out " + out + " lies inside --input " + in +
+                             ": its files would be read as corpus text (put --out outside the inputs)");
+  }
+  return Status::Ok();
 }
 
 // Encodes text in newline-aligned chunks, in parallel; the output does not depend on the thread count.
@@ -156,6 +193,7 @@ Result<PrepareSummary> Prepare(const PrepareOptions& opt) {
   };
   const std::string out = StripTrailingSlashes(opt.out_dir);
   KEEL_RETURN_IF_ERROR(CheckOutDir(out));  // fail before the expensive work
+  KEEL_RETURN_IF_ERROR(CheckOutOutsideInputs(out, opt.inputs));
 
   PrepareSummary sum;
   sum.out_dir = out;

@@ -5,8 +5,9 @@
 //    corpus (in parallel chunks cut after newlines; the result does not depend on the thread count) and
 //    splits the token stream: the last floor(val_fraction * N) tokens are validation, the rest training.
 //  - The output is built in a new OUT.tmp.XXXXXX next to OUT and renamed into place, so OUT is never left half
-//    written. An existing OUT that is a keel data directory (has meta.json) is replaced; an empty
-//    directory is replaced; anything else is an error ("OUT exists and is not a keel data directory").
+//    written. An existing OUT that is a keel data directory (a meta.json of format keel-data, and only the
+//    files listed below) is replaced; an empty directory is replaced; anything else is an error ("OUT exists
+//    and is not a keel data directory"). OUT inside an input directory is an error.
 //  - meta.json records format, keel version, tokenizer type, vocab size, split sizes, source file count
 //    and bytes, the hashes of the three data files, and `fingerprint` (DataFingerprint below), which
 //    identifies the data for checkpoints.

@@ -118,8 +118,12 @@ void ShardReader::Copy(size_t start, size_t n, int32_t* out) const {
 }
 
 int64_t ShardReader::MaxToken() const {
+  // Unsigned: a 4-byte id of 2^31 or more (0xFFFFFFFF, a converter's -100 "ignore" id) must count as large, not
+  // as the negative int32 that operator[] would make of it.
   int64_t m = -1;
-  for (size_t i = 0; i < count_; ++i) m = std::max<int64_t>(m, (*this)[i]);
+  const uint8_t* p = tokens();
+  for (size_t i = 0; i < count_; ++i)
+    m = std::max<int64_t>(m, dtype_bytes_ == 2 ? int64_t{Get<uint16_t>(p, 2 * i)} : int64_t{Get<uint32_t>(p, 4 * i)});
   return m;
 }
 

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <exception>
+#include <mutex>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -32,14 +33,21 @@ constexpr size_t kMaxTrainBytes = size_t{16} << 20;
 
 // Silences SentencePiece's logging (0 INFO, 1 WARNING, 2 ERROR, 3 FATAL) for a scope; errors reach the
 // caller as Status instead.
+// SentencePiece's log level is process-wide: the lock keeps concurrent loads (a server, tests) from leaving it
+// stuck at the quiet level.
 class ScopedSpLogLevel {
  public:
-  explicit ScopedSpLogLevel(int level) : old_(sentencepiece::logging::GetMinLogLevel()) {
+  explicit ScopedSpLogLevel(int level) : lock_(Mutex()), old_(sentencepiece::logging::GetMinLogLevel()) {
     sentencepiece::logging::SetMinLogLevel(level);
   }
   ~ScopedSpLogLevel() { sentencepiece::logging::SetMinLogLevel(old_); }
 
  private:
+  static std::mutex& Mutex() {
+    static std::mutex m;
+    return m;
+  }
+  std::lock_guard<std::mutex> lock_;
   int old_;
 };
 
@@ -104,7 +112,10 @@ class VectorSentenceIterator final : public sentencepiece::SentenceIterator {
 // A probe with double spaces, leading/trailing space, tabs, newlines, compatibility characters and
 // non-ASCII text: a model with any normalization (NFKC, whitespace folding, dummy prefix) changes it.
 constexpr char kProbe[] =
-    "  Two  spaces,\ttab\r\nnew\n\nlines \xEF\xAC\x81 \xE2\x91\xA0 \xC3\x85ngstr\xC3\xB6m \xE6\x97\xA5\xE6\x9C\xAC ";
+    "  Two  spaces,\ttab\r\nnew\n\nlines \xEF\xAC\x81 \xE2\x91\xA0 \xC3\x85ngstr\xC3\xB6m \xE6\x97\xA5\xE6\x9C\xAC "
+    // U+10FFFD (private use): in no trained vocabulary, so it round-trips only through byte fallback. A model
+    // that has the <0xNN> pieces but byte_fallback switched off turns it into unk (" \u2047 ").
+    "\xF4\x8F\xBF\xBD ";
 
 }  // namespace
 
@@ -339,8 +350,17 @@ Result<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& type, const 
   return InvalidArgument("unknown tokenizer type \"" + type + "\" (expected bpe or byte)");
 }
 
+Result<std::string> ReadTokenizerBytes(const std::string& path) {
+  // Size first: a huge file (or a sparse one) must not be read into memory only to be refused.
+  KEEL_ASSIGN_OR_RETURN(const uint64_t size, DefaultEnv()->FileSize(path));
+  if (size > kMaxTokenizerFileBytes)
+    return Corrupt(path + ": tokenizer file of " + std::to_string(size) + " bytes is implausibly large (limit " +
+                   std::to_string(kMaxTokenizerFileBytes) + ")");
+  return DefaultEnv()->ReadFile(path);
+}
+
 Result<std::unique_ptr<Tokenizer>> LoadTokenizerFile(const std::string& path) {
-  KEEL_ASSIGN_OR_RETURN(std::string bytes, DefaultEnv()->ReadFile(path));
+  KEEL_ASSIGN_OR_RETURN(std::string bytes, ReadTokenizerBytes(path));
   const bool looks_byte = bytes.compare(0, sizeof(kBytePrefix) - 1, kBytePrefix) == 0;
   auto t = LoadTokenizer(looks_byte ? "byte" : "bpe", bytes);
   if (!t.ok()) return t.status().Wrap(path);

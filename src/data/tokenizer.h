@@ -122,5 +122,7 @@ Result<std::unique_ptr<Tokenizer>> TrainBpeTokenizer(const std::string& text, in
 Result<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& type, const std::string& bytes);
 // Reads a tokenizer file, detecting its type from the content. Errors name the file.
 Result<std::unique_ptr<Tokenizer>> LoadTokenizerFile(const std::string& path);
+// A tokenizer file's bytes; Corrupt (naming the file) above kMaxTokenizerFileBytes, checked before reading.
+Result<std::string> ReadTokenizerBytes(const std::string& path);
 
 }  // namespace keel
