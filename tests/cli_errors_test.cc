@@ -495,10 +495,38 @@ TEST_F(CliErrors, ImplausibleBatchSize) {
   for (const char* launch : {"", " --nproc 2"}) {
     auto r = RunKeel("train " + Small(t / "r") + " --steps 1 --batch 1000000000" + launch);
     ExpectError(r, "--batch 1000000000 x --ctx 16: one micro-batch needs at least ");
-    EXPECT_NE(LastLine(r.output).find("of activation memory, more than this machine's"), std::string::npos) << r.output;
+    EXPECT_NE(LastLine(r.output).find("of parameters and optimizer state), more than this machine's"),
+              std::string::npos) << r.output;
     EXPECT_EQ(r.output.find('\n'), r.output.size() - 1) << "one line: " << r.output;
   }
   EXPECT_FALSE(fs::exists(t / "r"));
+}
+
+// A model whose parameters and optimizer state alone exceed the machine's memory is refused up front, naming the
+// model flags (it used to end in "cpu: out of memory allocating N bytes", or the OOM killer).
+TEST_F(CliErrors, ImplausibleModelSize) {
+  TempDir t;
+  for (const char* launch : {"", " --nproc 2"}) {
+    auto r = RunKeel("train " + Small(t / "r") + " --steps 1 --dim 65536 --heads 64 --vocab 16777216" + launch);
+    ExpectError(r, "--layers ");
+    EXPECT_NE(LastLine(r.output).find("the model's parameters, gradients and optimizer state need"), std::string::npos)
+        << r.output;
+    EXPECT_EQ(r.output.find('\n'), r.output.size() - 1) << "one line: " << r.output;
+  }
+  EXPECT_FALSE(fs::exists(t / "r"));
+}
+
+// Integer flags are decimal: CLI11 alone reads "0100" as octal (64 steps) and saturates a huge int64 silently.
+TEST_F(CliErrors, IntegerFlagsAreDecimal) {
+  TempDir t;
+  ExpectError(RunKeel("train " + Small(t / "r") + " --steps 0x10"), "--steps");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --steps 99999999999999999999"), "--steps");
+  ExpectError(RunKeel("train " + Small(t / "r") + " --no-progress=x"), "--no-progress");
+  EXPECT_FALSE(fs::exists(t / "r"));
+  auto r = RunKeel("train " + Small(t / "r") + " --steps 03 --no-progress");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto info = RunKeel("info " + t / "r");
+  EXPECT_NE(info.output.find("step 3"), std::string::npos) << info.output;
 }
 
 // Half a Hugging Face export is named for the file it lacks (it read "no checkpoints").

@@ -70,6 +70,19 @@ TEST(Codec, Int8ErrorIsAtMostHalfAStepOfItsChunk) {
       ASSERT_LE(std::fabs(y[i] - x[i]), 0.5f * step * 1.0001f + 1e-30f) << i;
   }
   for (size_t i = 768; i < 1000; ++i) EXPECT_EQ(y[i], 0.0f);
+  {  // A chunk of tiny values (a subnormal scale, 1/scale = inf): zeros stay zeros, nothing exceeds the chunk's max.
+    std::vector<float> tiny(kInt8Chunk, 0.0f);
+    tiny[1] = 1e-38f;
+    tiny[2] = -5e-39f;
+    const auto t = RoundTrip(Codec::kInt8, tiny);
+    for (size_t i = 0; i < tiny.size(); ++i) {
+      ASSERT_TRUE(std::isfinite(t[i])) << i;
+      ASSERT_LE(std::fabs(t[i]), 1e-38f) << i;
+      if (tiny[i] == 0.0f) {
+        ASSERT_EQ(t[i], 0.0f) << i;
+      }
+    }
+  }
   // A non-finite value shows up after decoding (the receiver must not see a finite lie).
   x[3] = NAN;
   EXPECT_TRUE(std::isnan(RoundTrip(Codec::kInt8, x)[5]));
@@ -323,6 +336,26 @@ TEST(DilocoOuter, NesterovMomentum) {
   d.ApplyOuter(p.data(), false);
   EXPECT_FLOAT_EQ(d.momentum()[0], 0.25f * 1.5f);
   EXPECT_FLOAT_EQ(p[0], p1 - 0.5f * (0.25f + 0.5f * 0.375f));
+}
+
+// An outer update that would overflow float is not applied: parameters and momentum stay as they were, and NaN
+// is returned (the trainer then skips the round, on every member alike).
+TEST(DilocoOuter, AnOverflowingUpdateIsNotApplied) {
+  const size_t P = 4;
+  DilocoConfig c;
+  c.inner_steps = 1;
+  c.outer_lr = 0.7;
+  c.outer_momentum = 0.9;
+  Diloco d(c, P);
+  std::vector<float> p(P, 1.0f), grads(P);
+  Diloco::InnerFns f;
+  f.micro_batch = [&](int64_t, int) { return 1.0f; };
+  f.update = [&](int64_t) { p[2] = -3e38f; };  // Δ = 1 + 3e38; lr (Δ + μ m) overflows float
+  d.RunInner(p.data(), grads.data(), false, 0, 1, {0}, f);
+  ASSERT_EQ(p, std::vector<float>(P, 1.0f));
+  EXPECT_TRUE(std::isnan(d.ApplyOuter(p.data(), false)));
+  EXPECT_EQ(p, std::vector<float>(P, 1.0f));
+  for (size_t i = 0; i < P; ++i) EXPECT_EQ(d.momentum()[i], 0.0f);
 }
 
 }  // namespace

@@ -71,6 +71,16 @@ TEST(DataCorpus, FollowsSymlinksButIncludesEachFileOnce) {
   EXPECT_EQ(stats.skipped_other, 1u);
 }
 
+// An input inside an earlier one is walked once; its parent, whose only text is in it, is not "without text files".
+TEST(DataCorpus, AParentWhoseOnlyTextIsInAnEarlierInputIsNotEmpty) {
+  TempDir t;
+  std::filesystem::create_directories(t / "corpus/sub");
+  WriteText(t / "corpus/sub/a.txt", "some text\n");
+  auto files = CollectTextFiles({t / "corpus/sub", t / "corpus"});
+  ASSERT_TRUE(files.ok()) << files.status().ToString();
+  EXPECT_EQ(*files, (std::vector<std::string>{t / "corpus/sub/a.txt"}));
+}
+
 TEST(DataCorpus, ErrorsNameThePath) {
   TempDir t;
   auto missing = CollectTextFiles({t / "nope"});

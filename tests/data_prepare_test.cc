@@ -265,8 +265,8 @@ TEST(DataPrepare, ValidatesOptions) {
     EXPECT_FALSE(fs::exists(t / "data"));
   };
   check([](PrepareOptions& o) { o.tokenizer = "wordpiece"; }, "unknown tokenizer");
-  check([](PrepareOptions& o) { o.vocab_size = 100; }, "vocab_size must be in");
-  check([](PrepareOptions& o) { o.vocab_size = (1 << 20) + 1; }, "vocab_size must be in");
+  check([](PrepareOptions& o) { o.vocab_size = 100; }, "--vocab-size must be in");
+  check([](PrepareOptions& o) { o.vocab_size = (1 << 20) + 1; }, "--vocab-size must be in");
   check([](PrepareOptions& o) { o.val_fraction = 0; }, "--val-fraction");
   check([](PrepareOptions& o) { o.val_fraction = 0.6; }, "--val-fraction");
   check([](PrepareOptions& o) { o.val_fraction = std::nan(""); }, "--val-fraction");

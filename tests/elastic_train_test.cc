@@ -454,6 +454,20 @@ TEST_F(ElasticTrain, KillNineOfAllWorkersDuringACheckpointWriteThenResume) {
   ExpectSameAsStraight(out);
 }
 
+// Elastic flags with one process (--max-restarts alone, no --nproc): the launcher runs it and restarts it after a
+// crash, and it resumes from the last checkpoint (it used to run as a plain process: a crash ended the job).
+TEST_F(ElasticTrain, OneElasticWorkerIsRestartedAndResumes) {
+  TempDir t;
+  const std::string out = t / "run";
+  auto r = RunCommand("KEEL_ALLOW_FAULT_INJECTION=1 " + KeelBinary() + " " + Args(out) +
+                      " --max-restarts 1 --inject crash:rank=0,step=90");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("restarting it (restart 1 of 1"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("no live member holds the training state: loading " + out + "/ckpt-00000050"),
+            std::string::npos) << r.output;
+  ExpectSameAsStraight(out);
+}
+
 // A finite, silent corruption of one gradient (a flipped mantissa bit) passes every other check; with
 // --verify-fraction 1 each micro-batch is recomputed by a second member, the gradient hashes differ, and the step
 // is redone. Without the cross-check the same fault changes the final weights (it would have gone unnoticed).

@@ -9,6 +9,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <functional>
+#include <memory>
 #include <new>
 #include <random>
 #include <set>
@@ -451,6 +453,82 @@ TEST(GgufModel, ReencodedByAnotherToolWarnsInsteadOfFailing) {
   ASSERT_TRUE(m.ok()) << m.status().ToString();
   ASSERT_EQ(warnings.size(), 1u);
   EXPECT_NE(warnings[0].find("rewritten by another tool"), std::string::npos) << warnings[0];
+}
+
+// Rewrites an f32 export with edited metadata and/or tensors (keel.checksum copied as it was), then imports it.
+Result<TrainingSnapshot> ImportEdited(const std::function<void(GgufMetadata*)>& edit_md,
+                                      const std::function<void(std::vector<GgufTensorIn>*)>& edit_tensors,
+                                      std::vector<std::string>* warnings) {
+  auto s = MakeSnapshot("byte", Tiny(3, 2, 32, 8), 0, 7);
+  auto bytes = std::make_shared<std::string>(EncodeModelGguf(s, ExportDtype::kF32, "").value());
+  auto f = GgufFile::FromBytes(*bytes, "e.gguf");
+  if (!f.ok()) return f.status();
+  GgufMetadata md = f->metadata();
+  std::vector<GgufTensorIn> ts;
+  for (const auto& t : f->tensors()) ts.push_back({t.name, t.ne, t.type, t.data, t.nbytes});
+  edit_md(&md);
+  edit_tensors(&ts);
+  auto out = EncodeGguf(md, ts);
+  if (!out.ok()) return out.status();
+  auto g = GgufFile::FromBytes(*out, "e.gguf");
+  if (!g.ok()) return g.status();
+  return DecodeModelGguf(*g, warnings);
+}
+
+// A flipped bit in a gpt2.* key (block_count 3 -> 2, not covered by keel.checksum) must not load as another,
+// smaller model: keel.config (covered) disagrees, and the extra tensors give it away too.
+TEST(GgufModel, AConfigKeyThatDisagreesWithKeelConfigIsAnError) {
+  std::vector<std::string> warnings;
+  auto m = ImportEdited(
+      [](GgufMetadata* md) {
+        for (auto& [k, v] : *md)
+          if (k == "gpt2.block_count") v = GgufValue::U32(2);
+      },
+      [](std::vector<GgufTensorIn>*) {}, &warnings);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), Code::kCorrupt);
+  EXPECT_NE(m.status().message().find("disagree with keel.config"), std::string::npos) << m.status().message();
+  // Without keel.config and keel.checksum (another tool dropped keel's keys), the third block's tensors are
+  // unexpected.
+  auto n = ImportEdited(
+      [](GgufMetadata* md) {
+        for (auto& [k, v] : *md)
+          if (k == "gpt2.block_count") v = GgufValue::U32(2);
+        md->erase(std::remove_if(md->begin(), md->end(),
+                                 [](const auto& kv) { return kv.first == "keel.config" || kv.first == "keel.checksum"; }),
+                  md->end());
+      },
+      [](std::vector<GgufTensorIn>*) {}, &warnings);
+  ASSERT_FALSE(n.ok());
+  EXPECT_NE(n.status().message().find("unexpected tensor 'blk.2."), std::string::npos) << n.status().message();
+  // A newer format version is refused with what to do.
+  auto v = ImportEdited(
+      [](GgufMetadata* md) {
+        for (auto& [k, val] : *md)
+          if (k == "keel.format_version") val = GgufValue::U32(2);
+      },
+      [](std::vector<GgufTensorIn>*) {}, &warnings);
+  ASSERT_FALSE(v.ok());
+  EXPECT_NE(v.status().message().find("keel.format_version 2 is newer"), std::string::npos) << v.status().message();
+}
+
+// A flipped type byte (F32 -> F16) on a vector halves its size and keeps it aligned and in bounds: its F32 bytes
+// would be decoded as F16 garbage, all finite. Vectors are always F32, so it is an error.
+TEST(GgufModel, AVectorStoredAsF16IsAnError) {
+  std::vector<std::string> warnings;
+  auto m = ImportEdited([](GgufMetadata*) {},
+                        [](std::vector<GgufTensorIn>* ts) {
+                          for (auto& t : *ts)
+                            if (t.name == "blk.0.attn_norm.weight") {
+                              t.type = GgmlType::kF16;
+                              t.nbytes /= 2;
+                            }
+                        },
+                        &warnings);
+  ASSERT_FALSE(m.ok());
+  EXPECT_NE(m.status().message().find("tensor 'blk.0.attn_norm.weight' is a vector stored as type 1"),
+            std::string::npos)
+      << m.status().message();
 }
 
 TEST(GgufModel, ExportErrorsLeaveNoFile) {

@@ -126,7 +126,7 @@ TEST(HfExport, ErrorsAndRefusals) {
   ASSERT_TRUE(ExportModel(s, tmp / "mine", {"safetensors", ExportDtype::kF32, ""}).ok());
   testing::WriteText(tmp / "mine/README.md", "my notes");
   st = ExportModel(s, tmp / "mine", {"safetensors", ExportDtype::kF32, ""});
-  EXPECT_EQ(st.message(), tmp / "mine" + ": holds README.md, which keel's export does not write; not overwriting it");
+  EXPECT_EQ(st.message(), tmp / "mine" + ": holds 'README.md', which keel's export does not write; not overwriting it");
   EXPECT_EQ(DefaultEnv()->ReadFile(tmp / "mine/README.md").value(), "my notes");
 
   // GGUF: a directory or a file that is not GGUF is never replaced; an earlier GGUF file is.
@@ -193,7 +193,16 @@ TEST(HfExport, ErrorsAndRefusals) {
   testing::WriteText(dir + "/config.json", cfg2.dump());
   expect_error("config.json", "activation_function");
   cfg2 = cfg;
-  cfg2["n_embd"] = 64;  // shapes no longer match
+  cfg2["n_embd"] = 64;  // keel's own copy of the config disagrees (config.json has no checksum)
+  testing::WriteText(dir + "/config.json", cfg2.dump());
+  expect_error("config.json", "disagree with keel_config");
+  cfg2 = cfg;
+  cfg2["n_layer"] = cfg["n_layer"].get<int>() + 1;
+  testing::WriteText(dir + "/config.json", cfg2.dump());
+  expect_error("config.json", "disagree with keel_config");
+  cfg2 = cfg;
+  cfg2["n_embd"] = 64;  // without keel_config (another tool's config.json): the shapes no longer match
+  cfg2.erase("keel_config");
   testing::WriteText(dir + "/config.json", cfg2.dump());
   expect_error("model.safetensors", "has shape");
   cfg2 = cfg;

@@ -182,6 +182,30 @@ TEST(Engine, ContextLimitAndStopStrings) {
   Collected cut = Collect(*(*eng)->Submit(r, &ss, nullptr));
   EXPECT_EQ(cut.last.reason, FinishReason::kStop);
   EXPECT_EQ(cut.text, full.text.substr(0, full.text.find(stop)));
+  {  // Generate() (keel sample's loop) cuts at the same place: what precedes the stop string is emitted, across
+     // the token boundary the stop string spans, and nothing of the stop string.
+    auto st = DecodeState::Create(tm.model.get(), 1, 24);
+    ASSERT_TRUE(st.ok());
+    GenerateOptions o;
+    o.sampling = r.sampling;
+    o.max_new_tokens = 1000;
+    o.stop = {stop};
+    std::string streamed;
+    auto out = Generate(**st, tok, r.prompt, o, [&](const std::string& piece) {
+      streamed += piece;
+      return true;
+    });
+    ASSERT_TRUE(out.ok());
+    EXPECT_EQ(streamed, full.text.substr(0, full.text.find(stop)));
+  }
+  // Invalid sampling parameters are refused by the engine itself (library callers have no HTTP parser).
+  {
+    GenerationRequest bad = r;
+    bad.stop.clear();
+    bad.sampling.temperature = std::nanf("");
+    EXPECT_EQ((*eng)->Submit(bad, &ss, nullptr), nullptr);
+    EXPECT_EQ(ss, SubmitStatus::kInvalid);
+  }
   // Too long a prompt, or an empty one, is refused.
   r.prompt.assign(24, 'a');
   EXPECT_EQ((*eng)->Submit(r, &ss, nullptr), nullptr);
@@ -403,6 +427,25 @@ TEST(Sampling, FrequenciesFollowTheTruncatedSoftmax) {
   EXPECT_EQ(nucleus[2] + nucleus[3], 0.0);
   auto top1 = freq(SamplingParams{1.0f, 1, 1.0f, 0});
   EXPECT_NEAR(top1[0], 1.0, 1e-9);  // a sum of 40000 x 1/40000
+}
+
+// Non-finite logits (a diverged model; f16 weights out of range): NaN is never drawn (and must not reach the sorts,
+// where it is undefined behaviour), +inf wins, and with nothing finite there is nothing to sample (-1).
+TEST(Sampling, NonFiniteLogits) {
+  const float nan = std::nanf(""), inf = HUGE_VALF;
+  for (SamplingParams p : {SamplingParams{0.0f, 0, 1.0f, 0}, SamplingParams{1.0f, 0, 1.0f, 0},
+                           SamplingParams{1.0f, 2, 1.0f, 0}, SamplingParams{1.0f, 0, 0.9f, 0}}) {
+    Rng rng(3);
+    std::vector<float> a = {nan, 0.5f, nan, 0.2f, nan};
+    for (int i = 0; i < 200; ++i) {
+      const int32_t t = SampleToken(a.data(), 5, p, rng);
+      ASSERT_TRUE(t == 1 || t == 3) << t;
+    }
+    std::vector<float> b = {0.1f, inf, nan, 3.0f};
+    for (int i = 0; i < 50; ++i) ASSERT_EQ(SampleToken(b.data(), 4, p, rng), 1);
+    std::vector<float> c = {nan, -inf, nan};
+    EXPECT_EQ(SampleToken(c.data(), 3, p, rng), -1);
+  }
 }
 
 }  // namespace

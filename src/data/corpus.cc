@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <map>
 #include <set>
 
 #include "core/env.h"
@@ -66,7 +67,10 @@ class Walker {
  private:
   Result<size_t> Dir(const std::string& dir) {
     KEEL_ASSIGN_OR_RETURN(std::string real, Canonical(dir));
-    if (!seen_dirs_.insert(real).second) return size_t{0};  // a symlink cycle or a repeated input
+    // A symlink cycle or a directory already walked (a repeated input, or an input inside an earlier one): its
+    // files are collected already; what it contained counts, so that its parent is not "without text files".
+    if (auto it = seen_dirs_.find(real); it != seen_dirs_.end()) return it->second;
+    seen_dirs_[real] = 0;
     KEEL_ASSIGN_OR_RETURN(std::vector<std::string> names, DefaultEnv()->ListDir(dir));
     size_t found = 0;
     for (const std::string& name : names) {
@@ -96,6 +100,7 @@ class Walker {
         Count(&CollectStats::skipped_other);
       }
     }
+    seen_dirs_[real] = found;
     return found;
   }
 
@@ -120,7 +125,8 @@ class Walker {
   }
 
   CollectStats* stats_;
-  std::set<std::string> seen_files_, seen_dirs_;
+  std::set<std::string> seen_files_;
+  std::map<std::string, size_t> seen_dirs_;  // canonical directory -> text files found in it (0 while walking)
   std::vector<std::string> files_;
 };
 

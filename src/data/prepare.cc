@@ -1,11 +1,14 @@
 // prepare.cc: builds a keel data directory from raw text (collect, tokenize, split, write, swap into place).
 #include "data/prepare.h"
 
+#include <fcntl.h>
+#include <stdio.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 
@@ -35,7 +38,7 @@ Status ValidateOptions(const PrepareOptions& o) {
       return InvalidArgument("unknown tokenizer \"" + o.tokenizer + "\" (expected bpe or byte)");
     }
     if (o.tokenizer == "bpe" && (o.vocab_size < kMinBpeVocabSize || o.vocab_size > kMaxBpeVocabSize)) {
-      return InvalidArgument("vocab_size must be in [" + std::to_string(kMinBpeVocabSize) + ", " +
+      return InvalidArgument("--vocab-size must be in [" + std::to_string(kMinBpeVocabSize) + ", " +
                              std::to_string(kMaxBpeVocabSize) + "] for the bpe tokenizer, got " +
                              std::to_string(o.vocab_size));
     }
@@ -123,9 +126,17 @@ std::vector<int32_t> EncodeCorpus(const Tokenizer& tok, std::string_view text) {
 }
 
 // Moves the finished tmp directory to out, replacing an existing (already checked) out.
-Status Install(const std::string& tmp, const std::string& out) {
+Status Install(const std::string& tmp, const std::string& out, const std::function<void(const std::string&)>& warn) {
   Env* env = DefaultEnv();
   if (env->Exists(out)) {
+    // One atomic exchange where the filesystem has it (Linux renameat2): OUT is never missing, not even for the
+    // moment between two renames, during which a training job that starts would find no data directory.
+    if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, out.c_str(), RENAME_EXCHANGE) == 0) {
+      // tmp now holds the previous data (or the symlink that OUT was). The new data is in place either way.
+      if (Status rm = env->RemoveAll(tmp); !rm.ok())
+        warn("warning: the previous data is left in " + tmp + " (" + rm.message() + ")");
+      return env->SyncDir(DirName(out));
+    }
     // A fresh unique name (never a user's entry): reserved by creating it, then freed again so that the rename
     // also works for an OUT that is a symlink (rename() replaces an empty directory only with a directory).
     KEEL_ASSIGN_OR_RETURN(const std::string old, env->CreateUniqueDir(out + ".old."));
@@ -136,7 +147,8 @@ Status Install(const std::string& tmp, const std::string& out) {
       (void)env->Rename(old, out);  // best effort: put the previous data back
       return st;
     }
-    KEEL_RETURN_IF_ERROR(env->RemoveAll(old));
+    if (Status rm = env->RemoveAll(old); !rm.ok())
+      warn("warning: the previous data is left in " + old + " (" + rm.message() + ")");
   } else {
     KEEL_RETURN_IF_ERROR(env->Rename(tmp, out));
   }
@@ -256,7 +268,7 @@ Result<PrepareSummary> Prepare(const PrepareOptions& opt) {
   const std::string tmp = *staged;
   Status st = WriteDataDir(tmp, opt, *tok, tokens, n_train, &sum);
   if (st.ok()) st = CheckOutDir(out);  // re-check: OUT may have appeared meanwhile
-  if (st.ok()) st = Install(tmp, out).Wrap("cannot write --out " + out);
+  if (st.ok()) st = Install(tmp, out, progress).Wrap("cannot write --out " + out);
   if (!st.ok()) {
     (void)env->RemoveAll(tmp);
     return st;

@@ -2,6 +2,7 @@
 #include "dist/compress.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -62,7 +63,9 @@ void Encode(Codec c, const float* x, size_t n, uint8_t* out) {
         const float scale = amax > 0 || std::isnan(amax) ? amax / 127.0f : 0.0f;
         std::memcpy(out, &scale, 4);
         out += 4;
-        const float inv = scale > 0 ? 1.0f / scale : 0.0f;
+        // A subnormal scale (amax below ~3.7e-37) would make 1/scale infinite, and 0 * inf a NaN that clamps to
+        // +127: such a chunk is sent as zeros (error feedback carries the tiny remainder).
+        const float inv = scale >= FLT_MIN ? 1.0f / scale : 0.0f;
         for (size_t i = 0; i < m; ++i) {
           float q = std::nearbyint(x[c0 + i] * inv);
           q = std::max(-127.0f, std::min(127.0f, q));

@@ -69,17 +69,20 @@ class MeteredCommunicator final : public Communicator {
  private:
   Status Reduce(Status s, uint64_t payload) { return After(s, AllreduceSentBytes(size(), payload), 2 * (size() - 1)); }
   Status After(Status s, uint64_t sent, int rounds) {
-    if (size() <= 1) return s;
+    // A failed collective is not counted: how much of it went out before the peer was lost is unknown.
+    if (size() <= 1 || !s.ok()) return s;
     stats_->bytes_sent += sent;
     stats_->collectives += 1;
-    if (!s.ok() || !link_.active()) return s;
+    if (!link_.active()) return s;
     const double delay = LinkDelaySeconds(link_, sent, rounds);
-    const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(delay);
+    const auto start = std::chrono::steady_clock::now();
+    const auto until = start + std::chrono::duration<double>(delay);
     // Sliced, so Abort() ends it within ~5 ms.
     while (!aborted_.load() && std::chrono::steady_clock::now() < until)
       std::this_thread::sleep_for(std::min(std::chrono::duration<double>(0.005),
                                            std::chrono::duration<double>(until - std::chrono::steady_clock::now())));
-    stats_->emulated_us += static_cast<uint64_t>(delay * 1e6);
+    const double slept = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    stats_->emulated_us += static_cast<uint64_t>(std::min(delay, slept) * 1e6);
     if (aborted_.load()) return Aborted("collective: the communicator was aborted");
     return s;
   }

@@ -88,6 +88,10 @@ void PutScalar(std::string* out, const GgufValue& v) {
 }
 
 // A bounds-checked read position over the input. Every read checks what is left first.
+// The largest metadata value (a string, or an array's bytes) a reader accepts: keel's largest is the embedded
+// tokenizer (at most kMaxTokenizerFileBytes, 128 MiB).
+constexpr uint64_t kMaxValueBytes = uint64_t{256} << 20;
+
 class Cursor {
  public:
   Cursor(const uint8_t* p, size_t n) : p_(p), n_(n) {}
@@ -107,9 +111,11 @@ class Cursor {
     return true;
   }
   // A GGUF string: u64 length (at most what is left), then the bytes.
+  // Strings longer than kMaxValueBytes fail too: a sparse file can claim (and hold) a 100 GB string, whose
+  // copy would end in bad_alloc.
   bool String(std::string* s) {
     uint64_t len;
-    if (!Read(&len) || len > left()) return false;
+    if (!Read(&len) || len > left() || len > kMaxValueBytes) return false;
     s->assign(reinterpret_cast<const char*>(p_ + pos_), static_cast<size_t>(len));
     pos_ += static_cast<size_t>(len);
     return true;
@@ -121,7 +127,11 @@ class Cursor {
   size_t pos_ = 0;
 };
 
-std::string Quote(const std::string& s) {
+std::string Quote(const std::string& s) { return GgufQuote(s); }
+
+}  // namespace
+
+std::string GgufQuote(const std::string& s) {
   // Names come from hostile files: keep error lines printable and short.
   std::string out = "'";
   for (size_t i = 0; i < s.size() && i < 64; ++i) {
@@ -137,6 +147,8 @@ std::string Quote(const std::string& s) {
   if (s.size() > 64) out += "...";
   return out + "'";
 }
+
+namespace {
 
 Status ParseValue(Cursor& c, GgufType type, GgufValue* v, const std::string& key) {
   auto truncated = [&] { return Corrupt("truncated value of key " + Quote(key)); };
@@ -160,14 +172,22 @@ Status ParseValue(Cursor& c, GgufType type, GgufValue* v, const std::string& key
       // Each element takes at least its 8-byte length.
       if (count > c.left() / 8)
         return Corrupt("key " + Quote(key) + ": array of " + std::to_string(count) + " strings does not fit in the file");
+      if (count > kMaxValueBytes / 8)
+        return Corrupt("key " + Quote(key) + ": array of " + std::to_string(count) + " strings is implausibly large");
       v->strs.resize(static_cast<size_t>(count));
-      for (auto& s : v->strs)
+      uint64_t total = 0;
+      for (auto& s : v->strs) {
         if (!c.String(&s)) return truncated();
+        if ((total += s.size()) > kMaxValueBytes)
+          return Corrupt("key " + Quote(key) + ": array of strings is implausibly large");
+      }
       return Status::Ok();
     }
     const size_t es = ScalarSize(elem);
     if (count > c.left() / es)
       return Corrupt("key " + Quote(key) + ": array of " + std::to_string(count) + " elements does not fit in the file");
+    if (count > kMaxValueBytes / es)
+      return Corrupt("key " + Quote(key) + ": array of " + std::to_string(count) + " elements is implausibly large");
     const uint8_t* q = nullptr;
     c.Take(static_cast<size_t>(count) * es, &q);
     v->raw.assign(reinterpret_cast<const char*>(q), static_cast<size_t>(count) * es);

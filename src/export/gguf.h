@@ -121,6 +121,10 @@ Result<std::string> EncodeGguf(const GgufMetadata& metadata, const std::vector<G
 Status WriteGgufFile(const std::string& path, const GgufMetadata& metadata, const std::vector<GgufTensorIn>& tensors,
                      uint32_t alignment = kGgufDefaultAlignment);
 
+// s in single quotes, printable and at most 64 characters (names and strings come from hostile files; error
+// messages stay one line).
+std::string GgufQuote(const std::string& s);
+
 struct GgufTensorInfo {
   std::string name;
   std::vector<uint64_t> ne;

@@ -277,7 +277,13 @@ Result<TrainingSnapshot> DecodeModelGguf(const GgufFile& f, std::vector<std::str
   const GgufValue* arch = f.FindKey("general.architecture");
   if (!arch || !arch->AsString()) return bad("no general.architecture");
   if (*arch->AsString() != "gpt2")
-    return bad("architecture '" + *arch->AsString() + "' is not supported (keel imports gpt2 only)");
+    return bad("architecture " + GgufQuote(*arch->AsString()) + " is not supported (keel imports gpt2 only)");
+  if (const GgufValue* fv = f.FindKey("keel.format_version")) {
+    if (!fv->AsUint()) return bad("keel.format_version is not an integer");
+    if (*fv->AsUint() > 1)
+      return bad("keel.format_version " + std::to_string(*fv->AsUint()) +
+                 " is newer than this keel reads (1): export it again with this keel, or update keel");
+  }
   auto get_u = [&](const std::string& key, int* out) -> Status {
     const GgufValue* v = f.FindKey(key);
     if (!v || !v->AsUint()) return Corrupt(src + ": missing or non-integer " + key);
@@ -312,15 +318,37 @@ Result<TrainingSnapshot> DecodeModelGguf(const GgufFile& f, std::vector<std::str
       !v.ok())
     return bad("model config: " + v.message());
 
-  // Every tensor must be present with its shape before anything is allocated (the config comes from the file).
+  // keel's own copy of the config (covered by keel.checksum, unlike the gpt2.* keys) must agree: a flipped bit
+  // in gpt2.block_count (6 -> 2) would otherwise load as a smaller, different model without a word.
+  if (const GgufValue* kc = f.FindKey("keel.config")) {
+    const nlohmann::json j = kc->AsString() ? nlohmann::json::parse(*kc->AsString(), nullptr, false) : nlohmann::json();
+    auto mine = j.is_object() ? GptConfig::FromJson(j) : Result<GptConfig>(Corrupt("not a JSON object"));
+    if (!mine.ok()) return bad("keel.config is malformed (" + mine.status().message() + ")");
+    if (mine->layers != c.layers || mine->heads != c.heads || mine->dim != c.dim || mine->ctx != c.ctx ||
+        mine->vocab != c.vocab)
+      return bad("the gpt2.* keys (" + c.ToJson().dump() + ") disagree with keel.config (" + mine->ToJson().dump() +
+                 "): the file is corrupt");
+  }
+
+  // Every tensor must be present with its shape before anything is allocated (the config comes from the file),
+  // and no other tensor may be there: one outside the layout (blk.7.* in a 6-layer model) means the keys lie.
   const auto layout = ParamLayout(c);
+  std::set<std::string> expected = {"output.weight"};
   for (const auto& t : layout) {
     const std::string g = GgufTensorName(t.name);
+    expected.insert(g);
     const GgufTensorInfo* ti = f.FindTensor(g);
     if (!ti) return bad("missing tensor '" + g + "'");
     if (ti->ne != GgufNe(t.shape))
       return bad("tensor '" + g + "' has shape " + ToStr(ti->ne) + ", expected " + ToStr(GgufNe(t.shape)));
+    // Vectors (biases, LayerNorm) stay F32 in keel's exports and in llama-quantize's output: another type there
+    // is a flipped type byte, whose data would be decoded as garbage.
+    if (ti->ne.size() == 1 && ti->type != GgmlType::kF32)
+      return bad("tensor '" + g + "' is a vector stored as type " + std::to_string(static_cast<int>(ti->type)) +
+                 " (vectors are F32): the file is corrupt");
   }
+  for (const auto& t : f.tensors())
+    if (!expected.count(t.name)) return bad("unexpected tensor " + GgufQuote(t.name) + " for this model config");
   TrainingSnapshot s;
   s.config = c;
   s.params.assign(NumParams(c), 0.0f);

@@ -6,10 +6,12 @@
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <set>
 
 #include "core/env.h"
 #include "core/hash.h"
 #include "data/tokenizer.h"
+#include "export/gguf.h"
 #include "formats/half.h"
 #include "formats/safetensors.h"
 
@@ -79,7 +81,8 @@ Status CheckReplaceable(const std::string& dir, const std::vector<std::pair<std:
   for (const auto& e : entries) {
     bool ours = false;
     for (const auto& f : files) ours |= f.first == e;
-    if (!ours) return InvalidArgument(dir + ": holds " + e + ", which keel's export does not write; not overwriting it");
+    if (!ours)
+      return InvalidArgument(dir + ": holds " + GgufQuote(e) + ", which keel's export does not write; not overwriting it");
   }
   return Status::Ok();
 }
@@ -103,7 +106,12 @@ Status WriteDirAtomic(const std::string& dir, const std::vector<std::pair<std::s
     if (Status r = env->Rename(dir, old); !r.ok()) return fail(r);
   }
   if (Status r = env->Rename(fresh, dir); !r.ok()) {
-    if (had_old) (void)env->Rename(old, dir);
+    // Put the earlier export back; if even that fails, it is still in the staging directory, which must then
+    // not be removed: the error says where it is.
+    if (had_old) {
+      if (Status back = env->Rename(old, dir); !back.ok())
+        return Status(r.code(), r.message() + "; the earlier export could not be put back and is in " + old);
+    }
     return fail(r);
   }
   const Status synced = env->SyncDir(DirName(dir));
@@ -249,6 +257,10 @@ Result<TrainingSnapshot> ImportHfSafetensors(const std::string& dir, std::vector
   Env* env = DefaultEnv();
   const std::string cfg_path = JoinPath(dir, "config.json");
   auto bad = [](const std::string& file, const std::string& what) { return Corrupt(file + ": " + what); };
+  // Size first: a config.json is a few hundred bytes, and a huge (or sparse) one must not be read into memory.
+  auto cfg_size = env->FileSize(cfg_path);
+  if (!cfg_size.ok()) return cfg_size.status();
+  if (*cfg_size > (uint64_t{16} << 20)) return bad(cfg_path, "implausibly large (" + std::to_string(*cfg_size) + " bytes)");
   auto text = env->ReadFile(cfg_path);
   if (!text.ok()) return text.status();
   auto j = nlohmann::json::parse(*text, nullptr, false);
@@ -279,7 +291,7 @@ Result<TrainingSnapshot> ImportHfSafetensors(const std::string& dir, std::vector
     return bad(cfg_path, "n_inner must be null or 4 * n_embd");
   const std::string act = str_field("activation_function", "gelu_new");
   if (act != "gelu_new" && act != "gelu_pytorch_tanh")
-    return bad(cfg_path, "activation_function \"" + act + "\" is not GELU-tanh (gelu_new)");
+    return bad(cfg_path, "activation_function " + GgufQuote(act) + " is not GELU-tanh (gelu_new)");
   if (j.contains("layer_norm_epsilon")) {
     if (!j["layer_norm_epsilon"].is_number()) return bad(cfg_path, "layer_norm_epsilon is not a number");
     const double eps = j["layer_norm_epsilon"].get<double>();
@@ -289,6 +301,18 @@ Result<TrainingSnapshot> ImportHfSafetensors(const std::string& dir, std::vector
   // Named by config.json's keys: the user passed no --heads/--dim (it read "--dim 16 is not divisible by --heads 3").
   if (Status v = c.Validate({"n_layer", "n_head", "n_embd", "n_positions", "vocab_size"}); !v.ok())
     return bad(cfg_path, v.message());
+  // keel's own export also carries keel_config: the GPT-2 keys must agree with it ("n_layer": 6 -> 2 is one
+  // flipped bit, and config.json has no checksum).
+  const bool keel_export = j.contains("keel_config");
+  if (keel_export) {
+    auto mine = j["keel_config"].is_object() ? GptConfig::FromJson(j["keel_config"])
+                                             : Result<GptConfig>(Corrupt("not a JSON object"));
+    if (!mine.ok()) return bad(cfg_path, "keel_config is malformed (" + mine.status().message() + ")");
+    if (mine->layers != c.layers || mine->heads != c.heads || mine->dim != c.dim || mine->ctx != c.ctx ||
+        mine->vocab != c.vocab)
+      return bad(cfg_path, "the GPT-2 keys (" + c.ToJson().dump() + ") disagree with keel_config (" +
+                               mine->ToJson().dump() + "): the file is corrupt");
+  }
 
   const std::string st_path = JoinPath(dir, "model.safetensors");
   auto st = SafetensorsFile::Open(st_path);
@@ -312,6 +336,13 @@ Result<TrainingSnapshot> ImportHfSafetensors(const std::string& dir, std::vector
     if (v->shape != want)
       return bad(st_path, "tensor '" + name + "' has shape " + ToStr(v->shape) + ", expected " + ToStr(want));
     names.push_back(name);
+  }
+  if (keel_export) {  // keel writes exactly these (Hugging Face's own files may hold buffers such as attn.bias)
+    std::set<std::string> expected(names.begin(), names.end());
+    expected.insert("lm_head.weight");
+    for (const TensorView& t : st->tensors())
+      if (!expected.count(t.name))
+        return bad(st_path, "unexpected tensor " + GgufQuote(t.name) + " for the model config in config.json");
   }
   TrainingSnapshot s;
   s.config = c;
@@ -346,7 +377,7 @@ Result<TrainingSnapshot> ImportHfSafetensors(const std::string& dir, std::vector
   }
 
   const std::string tok_path = JoinPath(dir, kTokenizerFileName);
-  auto tb = env->ReadFile(tok_path);
+  auto tb = ReadTokenizerBytes(tok_path);
   if (!tb.ok()) return tb.status();
   s.tokenizer = std::move(tb).value();
   if (j.contains(kHfTokenizerChecksumKey) &&

@@ -132,6 +132,7 @@ std::shared_ptr<Generation> Engine::Submit(GenerationRequest request, SubmitStat
   for (int32_t t : request.prompt)
     if (t < 0 || t >= model_->config().vocab) return fail(SubmitStatus::kInvalid, "prompt token out of range");
   if (request.max_tokens < 0) return fail(SubmitStatus::kInvalid, "max_tokens must be >= 0");
+  if (Status v = ValidateSampling(request.sampling); !v.ok()) return fail(SubmitStatus::kInvalid, v.message());
   // An empty stop string would match at once (and StopPrefixTail assumes at least one byte).
   for (const auto& st : request.stop)
     if (st.empty()) return fail(SubmitStatus::kInvalid, "stop strings must not be empty");
@@ -381,6 +382,11 @@ void Engine::Loop() {
     for (size_t r = 0; r < logit_slot.size(); ++r) {
       Slot& s = slots_[static_cast<size_t>(logit_slot[r])];
       int32_t next = SampleToken(logits.data() + r * V, vocab_, s.req.sampling, s.rng);
+      if (next < 0) {  // this sequence only: the others' rows are independent (batch-invariant kernels)
+        FinishSlot(s, FinishReason::kCancelled,
+                   Internal("the model produced no finite logit for this sequence (its weights are not usable)"));
+        continue;
+      }
       OnToken(s, next);
       ++window_tokens;
     }

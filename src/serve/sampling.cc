@@ -2,6 +2,7 @@
 #include "serve/sampling.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <numeric>
 
@@ -22,7 +23,25 @@ Status ValidateSampling(const SamplingParams& p) {
 // took 21 ms per token, longer than a decode step, on the engine thread that serves every sequence. So: top-k
 // selects only its k; without top-k, top-p sorts a growing prefix (64, 256, ... tokens) until it holds the
 // nucleus; with neither, no sort at all (the draw walks the tokens in id order): 1.4 ms, the exps.
-int32_t SampleToken(const float* logits, int V, const SamplingParams& p, Rng& rng) {
+int32_t SampleToken(const float* logits_in, int V, const SamplingParams& p, Rng& rng) {
+  // Non-finite logits (a diverged model, f16 weights out of range): NaN would make the sorts below undefined
+  // behaviour (NaN is "equal" to everything) and every weight NaN. NaN counts as -inf (never drawn), +inf as the
+  // largest float (drawn before anything finite); with no finite logit at all there is nothing to sample.
+  std::vector<float> clean;
+  const float* logits = logits_in;
+  bool all_finite = true;
+  for (int i = 0; i < V; ++i) all_finite &= std::isfinite(logits_in[i]);
+  if (!all_finite) {
+    clean.assign(logits_in, logits_in + V);
+    bool any_usable = false;
+    for (float& x : clean) {
+      if (std::isnan(x) || x == -HUGE_VALF) x = -FLT_MAX;
+      else if (x == HUGE_VALF) x = FLT_MAX, any_usable = true;
+      else any_usable = true;
+    }
+    if (!any_usable) return -1;
+    logits = clean.data();
+  }
   if (p.temperature <= 0.0f) {
     int32_t best = 0;
     for (int i = 1; i < V; ++i)
@@ -32,15 +51,20 @@ int32_t SampleToken(const float* logits, int V, const SamplingParams& p, Rng& rn
   const double u = static_cast<double>(rng.Next() >> 11) * (1.0 / 9007199254740992.0);  // [0, 1)
   float mx = logits[0];
   for (int i = 1; i < V; ++i) mx = logits[i] > mx ? logits[i] : mx;
-  auto weight = [&](int32_t i) { return std::exp(static_cast<double>(logits[i] - mx) / p.temperature); };
+  // In double: with -FLT_MAX stand-ins the float difference would overflow to -inf (whose exp is 0 anyway).
+  auto weight = [&](int32_t i) {
+    return std::exp((static_cast<double>(logits[i]) - static_cast<double>(mx)) / p.temperature);
+  };
   // Draws token i with probability w_i / sum(w) from `cand` (in order): the first where the running sum passes u.
   auto draw = [&](const std::vector<int32_t>& cand, const std::vector<double>& w, double sum) {
     double r = u * sum;
+    int32_t last = cand.front();  // rounding can leave r >= 0 at the end: the last candidate with weight
     for (size_t i = 0; i < cand.size(); ++i) {
       r -= w[i];
       if (r < 0) return cand[i];
+      if (w[i] > 0) last = cand[i];
     }
-    return cand.back();
+    return last;
   };
   const bool top_k = p.top_k > 0 && p.top_k < V;
   if (!top_k && p.top_p >= 1.0f) {  // the full distribution: no order needed
@@ -112,24 +136,46 @@ Result<std::vector<int32_t>> Generate(DecodeState& state, const Tokenizer& tok, 
   const int V = std::min(static_cast<int>(logits->size()), tok.vocab_size());
   std::vector<int32_t> out;
   std::string text;
-  while (static_cast<int>(out.size()) < o.max_new_tokens && pos < maxT) {
+  size_t emitted = 0;  // text[0, emitted) went to on_piece; the rest may still turn out to start a stop string
+  bool go_on = true;
+  while (go_on && static_cast<int>(out.size()) < o.max_new_tokens && pos < maxT) {
     int32_t next = SampleToken(logits->data(), V, o.sampling, rng);
+    if (next < 0) return Internal("the model produced no finite logit (its weights are not usable)");
     if (next == tok.eos_id() && !o.ignore_eos) break;
     out.push_back(next);
-    std::string piece = tok.DecodePiece(next);
-    text += piece;
-    bool stopped = false;
+    const size_t before = text.size();
+    text += tok.DecodePiece(next);
+    // The earliest stop string that ends in the new text: generation ends before it (what precedes it is
+    // emitted, the stop string itself is not).
+    size_t cut = std::string::npos;
     for (const auto& s : o.stop) {
-      // Only a match that ends inside the new piece is new; search from just before it.
-      size_t from = text.size() > piece.size() + s.size() ? text.size() - piece.size() - s.size() : 0;
-      if (!s.empty() && text.find(s, from) != std::string::npos) stopped = true;
+      if (s.empty()) continue;
+      const size_t from = before >= s.size() ? before - s.size() + 1 : 0;
+      const size_t at = text.find(s, from);
+      if (at != std::string::npos) cut = std::min(cut, at);
     }
-    if (stopped) break;
-    if (on_piece && !on_piece(piece)) break;
-    if (pos >= maxT) break;
+    if (cut != std::string::npos) {
+      if (on_piece && cut > emitted) on_piece(text.substr(emitted, cut - emitted));
+      emitted = text.size();
+      break;
+    }
+    // Hold back the longest tail that could be the start of a stop string.
+    size_t hold = 0;
+    for (const auto& s : o.stop)
+      for (size_t k = s.empty() ? 0 : std::min(s.size() - 1, text.size() - emitted); k > hold; --k)
+        if (text.compare(text.size() - k, k, s, 0, k) == 0) {
+          hold = k;
+          break;
+        }
+    if (on_piece && text.size() - hold > emitted) {
+      go_on = on_piece(text.substr(emitted, text.size() - hold - emitted));
+      emitted = text.size() - hold;
+    }
+    if (!go_on || pos >= maxT) break;
     logits = &state.Step(&next, &pos, 1);
     ++pos;
   }
+  if (on_piece && go_on && emitted < text.size()) on_piece(text.substr(emitted));  // a held tail that never stopped
   return out;
 }
 

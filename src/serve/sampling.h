@@ -23,7 +23,9 @@ struct SamplingParams {
 };
 Status ValidateSampling(const SamplingParams& p);
 
-// Samples one token id from logits[0..V). Greedy ties resolve to the lowest id.
+// Samples one token id from logits[0..V). Greedy ties resolve to the lowest id. NaN logits are never drawn,
+// +inf ones before any finite one; -1 when no logit is finite or +inf (nothing can be sampled). Top-p is taken
+// over the temperature-scaled distribution (Hugging Face's order; llama.cpp applies the temperature last).
 int32_t SampleToken(const float* logits, int V, const SamplingParams& p, Rng& rng);
 
 struct GenerateOptions {

@@ -212,9 +212,10 @@ bool StreamNext(StreamState* st, bool chat, httplib::DataSink& sink) {
     std::string tail;
     if (u.reason == FinishReason::kCancelled) {
       if (ClientGone(st->fd)) return false;
-      ErrorKind k = ErrorKindForStatus(503);
+      const bool internal = u.error.code() == Code::kInternal;  // not a shutdown: the model failed this sequence
+      ErrorKind k = ErrorKindForStatus(internal ? 500 : 503);
       tail += SseEvent(ErrorJson(u.error.ok() ? "the generation was cancelled" : u.error.message(), k.type,
-                                 "", "shutting_down"));
+                                 "", internal ? k.code : "shutting_down"));
     } else {
       tail += SseEvent(StreamChunk(st->req, st->id, st->created, st->model, "", false,
                                    FinishReasonName(u.reason)));
@@ -310,7 +311,8 @@ void HttpServer::Impl::HandleCompletion(const httplib::Request& req, httplib::Re
     }
     if (chat && !text.empty() && text[0] == ' ') text.erase(0, 1);
     if (u.reason == FinishReason::kCancelled) {
-      if (!u.error.ok()) SetError(res, 503, u.error.message(), "", "shutting_down");
+      if (u.error.code() == Code::kInternal) SetError(res, 500, u.error.message());
+      else if (!u.error.ok()) SetError(res, 503, u.error.message(), "", "shutting_down");
       else SetError(res, 499, "the client closed the connection");
     } else {
       json body = CompletionResponse(r, id, created, opts.model_name, text, FinishReasonName(u.reason),

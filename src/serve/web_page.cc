@@ -50,14 +50,15 @@ function setStatus(state, text) {
 }
 
 function requestBody() {
-  return {
-    prompt: $("prompt").value,
-    stream: true,
-    temperature: Number($("temperature").value),
-    top_k: parseInt($("top_k").value, 10) || 0,
-    top_p: Number($("top_p").value),
-    max_tokens: parseInt($("max_tokens").value, 10) || 0,
-  };
+  // An empty box is left out (the server's default applies) rather than sent as 0, which would mean greedy
+  // sampling or no tokens at all.
+  const body = { prompt: $("prompt").value, stream: true };
+  const put = (id, parse) => { const v = $(id).value.trim(); if (v !== "") body[id] = parse(v); };
+  put("temperature", Number);
+  put("top_k", (v) => parseInt(v, 10));
+  put("top_p", Number);
+  put("max_tokens", (v) => parseInt(v, 10));
+  return body;
 }
 
 async function run() {

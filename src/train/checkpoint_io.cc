@@ -206,7 +206,7 @@ Status CheckFiniteParams(const TrainingSnapshot& s, const std::string& where,
         std::snprintf(l, sizeof l, "%g", limit);
         return InvalidArgument(where + ": tensor '" + t.name + "' has a value beyond what its export type stores (" +
                                v + " at element " + std::to_string(i) + "; at most +-" + l +
-                               " as f16 or q8_0): export with --dtype f32");
+                               " as f16 or q8_0): use --dtype f32");
       }
       return InvalidArgument(where + ": tensor '" + t.name + "' has a non-finite value (" +
                              (std::isnan(x[i]) ? "nan" : x[i] > 0 ? "inf" : "-inf") + " at element " +

@@ -2,8 +2,10 @@
 #include "train/diloco.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "core/hash.h"
 #include "train/exact_sum.h"
@@ -147,6 +149,19 @@ double Diloco::ApplyOuter(float* params, bool group) {
   double ss = 0;
   if (total > 0) {
     const double inv = use_sum ? 1.0 / total : 1.0;
+    // First check that the whole update is finite (every member computes the same g, so every member decides
+    // alike): an overflow in the sum, or bf16 rounding a huge value to inf, must not put inf or NaN into the
+    // outer parameters or momentum, from where every later round would be non-finite.
+    for (size_t i = 0; i < P_; ++i) {
+      const double g = use_sum ? sum_->v[i] * inv : delta_[i];
+      const double m = mu * momentum_[i] + g;
+      const double p = static_cast<double>(params[i]) - lr * (mu != 0 ? g + mu * m : g);
+      if (!(std::fabs(m) <= FLT_MAX && std::fabs(p) <= FLT_MAX)) {
+        weight_ = 0;  // nothing applied; the error-feedback residual stays the one before this exchange
+        sum_.reset();
+        return std::numeric_limits<double>::quiet_NaN();
+      }
+    }
     for (size_t i = 0; i < P_; ++i) {
       const double g = use_sum ? sum_->v[i] * inv : delta_[i];
       ss += g * g;

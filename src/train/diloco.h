@@ -85,7 +85,9 @@ class Diloco {
   // contributes its holding, or zeros with w = 0 when `have_holding` is false).
   std::function<Status(Communicator*)> MakeExchange(bool have_holding);
   // (5) The outer step on params (host). group: whether the exchange ran (else this member's own Δ is used, in
-  // double). Returns the L2 norm of the averaged pseudo-gradient. Commits the error-feedback residual.
+  // double). Returns the L2 norm of the averaged pseudo-gradient. Commits the error-feedback residual. An update
+  // that would make a parameter or the momentum non-finite (or exceed float's range) is not applied at all: NaN
+  // is returned, and the residual is not committed.
   double ApplyOuter(float* params, bool group);
 
   float* momentum() { return momentum_.data(); }

@@ -88,6 +88,22 @@ double MeasureGemmPeakGflops(Backend* device) {
   return best;
 }
 
+Status CheckOutDirForNewOrResumedRun(Env* env, const std::string& out_dir, bool resume) {
+  if (!env->Exists(out_dir)) {
+    // It is created at the first metrics line or checkpoint: say now, not then, if it cannot be.
+    return CheckCanCreateDir(env, out_dir, "--out " + out_dir);
+  }
+  if (!env->IsDir(out_dir)) return InvalidArgument("--out " + out_dir + ": exists and is not a directory");
+  KEEL_ASSIGN_OR_RETURN(auto entries, env->ListDir(out_dir));
+  const bool is_run = env->Exists(JoinPath(out_dir, "run.json"));
+  if (!entries.empty() && !is_run)
+    return InvalidArgument("--out " + out_dir + ": exists, is not empty and is not a keel run directory");
+  if (is_run && !resume)
+    return InvalidArgument("--out " + out_dir + ": already holds a training run (pass --resume to continue it, "
+                           "or choose another --out)");
+  return Status::Ok();
+}
+
 namespace trainer_support {
 
 // ---- set-up ---------------------------------------------------------------------------------------------
@@ -100,27 +116,20 @@ Status Trainer::InspectRunDir() {
     if (o_.resume && o_.launch_rank == 0) log_("--resume: " + why + ": starting a new run");
     return Status::Ok();
   };
-  if (!env_->Exists(o_.out_dir)) {
-    // It is created at the first metrics line or checkpoint: say now, not then, if it cannot be.
-    KEEL_RETURN_IF_ERROR(CheckCanCreateDir(env_, o_.out_dir, "--out " + o_.out_dir));
-    return fresh("--out " + o_.out_dir + " does not exist");
-  }
-  if (!env_->IsDir(o_.out_dir)) return InvalidArgument("--out " + o_.out_dir + ": exists and is not a directory");
-  KEEL_ASSIGN_OR_RETURN(auto entries, env_->ListDir(o_.out_dir));
-  bool is_run = env_->Exists(run_json_path_);
-  if (!entries.empty() && !is_run)
-    return InvalidArgument("--out " + o_.out_dir + ": exists, is not empty and is not a keel run directory");
-  if (is_run && !o_.resume)
-    return InvalidArgument("--out " + o_.out_dir + ": already holds a training run (pass --resume to continue it, "
-                           "or choose another --out)");
-  if (!is_run) return fresh("--out " + o_.out_dir + " is empty");
+  KEEL_RETURN_IF_ERROR(CheckOutDirForNewOrResumedRun(env_, o_.out_dir, o_.resume));
+  if (!env_->Exists(o_.out_dir)) return fresh("--out " + o_.out_dir + " does not exist");
+  if (!env_->Exists(run_json_path_)) return fresh("--out " + o_.out_dir + " is empty");
   KEEL_ASSIGN_OR_RETURN(std::string run_text, env_->ReadFile(run_json_path_));
   auto run_json = nlohmann::json::parse(run_text, nullptr, false);
   if (run_json.is_discarded()) return Corrupt(run_json_path_ + ": not valid JSON");
   if (!run_json.is_object()) return Corrupt(run_json_path_ + ": expected a JSON object");
-  if (run_json.value("data_fingerprint", "") != data.fingerprint())
-    return InvalidArgument("--out " + o_.out_dir + ": the run was trained on different data (fingerprint " +
-                           run_json.value("data_fingerprint", "?") + ", --data has " + data.fingerprint() + ")");
+  // A hand-edited run.json: a number or null here made nlohmann's value() throw out of keel.
+  if (!run_json.contains("data_fingerprint") || !run_json["data_fingerprint"].is_string())
+    return Corrupt(run_json_path_ + ": data_fingerprint is missing or not a string");
+  const std::string run_fp = run_json["data_fingerprint"].get<std::string>();
+  if (run_fp != data.fingerprint())
+    return InvalidArgument("--out " + o_.out_dir + ": the run was trained on different data (fingerprint " + run_fp +
+                           ", --data has " + data.fingerprint() + ")");
   KEEL_ASSIGN_OR_RETURN(auto ckpts, ListCheckpoints(o_.out_dir));
   if (ckpts.empty()) return fresh("--out " + o_.out_dir + " holds no checkpoint yet");
   std::vector<std::string> warnings;
@@ -249,6 +258,11 @@ Status Trainer::LoadInitialState() {
   }
   epoch_ = 0;
   has_state_ = true;
+  ++moments_version_;
+  // Not part of a checkpoint (docs/step-protocol.md): a group reloaded from disk measures speeds and counts
+  // strikes afresh, the same on members that survived and members that restarted.
+  speed_.clear();
+  strikes_.v.clear();
   // A spike right after a resume rolls back to the checkpoint's state (a verified state: every file's checksum
   // was checked): the snapshot of the uninterrupted run, taken at a --check-every step before the checkpoint,
   // is not in the checkpoint. From the next --check-every step on, snapshots are the same in both runs.

@@ -74,6 +74,11 @@ struct TrainOptions {
 // Validates options that do not need the data (sizes, ranges). Errors name the flag.
 Status ValidateTrainOptions(const TrainOptions& o);
 
+class Env;
+// Whether --out can take a run: absent (and creatable), empty, or a keel run directory when resume is set.
+// kInvalidArgument naming --out otherwise (someone else's directory; a run without --resume).
+Status CheckOutDirForNewOrResumedRun(Env* env, const std::string& out_dir, bool resume);
+
 struct TrainResult {
   int64_t final_step = 0;     // steps completed in total
   float last_loss = 0;

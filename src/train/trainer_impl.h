@@ -103,6 +103,7 @@ class Trainer {
   void InstallAux(const nlohmann::json& a);
   uint64_t ParamsHash();
   uint64_t StateHash();
+  uint64_t MomentsHash();  // the AdamW moments alone (diloco transfers check them: StateHash leaves them out)
   void TakeSnapshot();
   bool RestoreSnapshot();
   void ClearHoldings();
@@ -204,6 +205,18 @@ class Trainer {
     std::vector<float> p, m, v;
     nlohmann::json aux;
   } snap_;
+  // diloco: this member's inner AdamW moments as they were when the current round's inner steps began (the inner
+  // steps move them in place). A snapshot taken at the round's vote takes these, not the moved ones, so a rollback
+  // does not count the round's gradients twice; inner steps run again in the same round start from them too.
+  // Valid for (step, epoch) while no state was installed (moments_version_ counts installs).
+  struct RoundStart {
+    std::vector<float> m, v;
+    int64_t step = -1, epoch = -1, version = -1;
+  } round_start_;
+  int64_t moments_version_ = 0;
+  bool RoundStartValid() const {
+    return round_start_.step == step_ && round_start_.epoch == epoch_ && round_start_.version == moments_version_;
+  }
   // Whether the group holds a rollback snapshot (the same verified step for every member that has one; a member that
   // joined after it was taken has none and receives the restored state): every member must take the same spike
   // decision, so it rests on this, not on snap_.valid.

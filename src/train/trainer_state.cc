@@ -53,6 +53,7 @@ void Trainer::StateFromHost(const float* p, const float* m, const float* v) {
   }
   backend_->Upload(adam_->m(), m, P_);
   backend_->Upload(adam_->v(), v, P_);
+  ++moments_version_;
 }
 
 uint64_t Trainer::ParamsHash() {
@@ -78,11 +79,22 @@ uint64_t Trainer::StateHash() {
   return Hash64(aux.data(), aux.size(), h);
 }
 
+uint64_t Trainer::MomentsHash() {
+  std::vector<float> m(P_), v(P_);
+  backend_->Download(m.data(), adam_->m(), P_);
+  backend_->Download(v.data(), adam_->v(), P_);
+  return Hash64(v.data(), P_ * sizeof(float), Hash64(m.data(), P_ * sizeof(float), 3));
+}
+
 void Trainer::TakeSnapshot() {
   // Nothing restores it for one static worker without spike detection (a rollback needs members that disagree):
   // skip the host copy of parameters and Adam moments (1.5 GB at GPT-2 small, more than the rest of the run).
   if (!elastic_ && size_ <= 1 && o_.spike_factor <= 0) return;
   StateToHost(&snap_.p, &snap_.m, &snap_.v);
+  if (diloco_ && RoundStartValid()) {  // the moments before this round's inner steps (see round_start_)
+    snap_.m = round_start_.m;
+    snap_.v = round_start_.v;
+  }
   if (diloco_) diloco_->Snapshot();
   snap_.aux = AuxJson();
   snap_.step = step_;
@@ -205,12 +217,14 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
     uint64_t aux_len;
     uint64_t hash;
     uint64_t params;
-  } h{0x4B45454C53594E43ull, 0, 0, P_};
+    uint64_t moments_hash;  // diloco: the inner moments, which StateHash leaves out (they are per member)
+  } h{0x4B45454C53594E43ull, 0, 0, P_, 0};
   std::string aux;
   if (me_src) {
     aux = AuxJson().dump();
     h.aux_len = aux.size();
     h.hash = StateHash();
+    if (diloco_) h.moments_hash = MomentsHash();
   }
   {
     auto hb = std::make_shared<Header>(h);
@@ -248,6 +262,7 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
   if (me_recv) {
     has_state_ = false;
     ClearHoldings();
+    ++moments_version_;  // the moments are overwritten in place (host memory): a round-start copy is stale
   }
   for (float* b : bufs)
     KEEL_RETURN_IF_ERROR(Collective([b, this, source](Communicator* c) { return c->Broadcast(b, P_ * sizeof(float), source); }));
@@ -270,6 +285,11 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
     }
     has_state_ = true;
     const uint64_t got = StateHash();
+    if (diloco_ && MomentsHash() != h.moments_hash) {
+      has_state_ = false;
+      return Corrupt("state transfer from member " + std::to_string(members_[static_cast<size_t>(source)]) +
+                     ": checksum mismatch in the inner optimizer moments");
+    }
     if (got != h.hash || (expect_hash != 0 && got != expect_hash)) {
       has_state_ = false;
       return Corrupt("state transfer from member " + std::to_string(members_[static_cast<size_t>(source)]) +
@@ -284,13 +304,13 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
     // group's), and after a sync SyncState keeps or drops it by comparing it with the group's.
     log_("received the training state (step " + std::to_string(step_) + ") from member " +
          std::to_string(members_[static_cast<size_t>(source)]) + " (" + why + ", " +
-         Fmt("%.1f MB", (3.0 * P_ * sizeof(float) + aux.size()) / 1e6) + ", checksum " + HashHex(got) + " verified, " +
+         Fmt("%.1f MB", ((diloco_ ? 4.0 : 3.0) * P_ * sizeof(float) + aux.size()) / 1e6) + ", checksum " + HashHex(got) + " verified, " +
          Fmt("%.0f ms", Since(t0) * 1e3) + ")");
   }
   if (me_src) {
     std::vector<int64_t> to;
     for (int k : receivers) to.push_back(members_[static_cast<size_t>(k)]);
-    Emit("state_transfer", {{"why", why}, {"step", step_}, {"to", to}, {"bytes", 3.0 * P_ * sizeof(float) + aux.size()},
+    Emit("state_transfer", {{"why", why}, {"step", step_}, {"to", to}, {"bytes", (diloco_ ? 4.0 : 3.0) * P_ * sizeof(float) + aux.size()},
                             {"ms", Since(t0) * 1e3}, {"hash", HashHex(h.hash)}});
   }
   return Status::Ok();

@@ -248,6 +248,18 @@ void Trainer::ComputeRound(const Plan& plan) {
     f.update = [&](int64_t s) {
       (void)OptimizerStep(optim_kind_, adam_.get(), Params(), grads_host_, model_->tensors(), s, o_.optim);
     };
+    if (RoundStartValid()) {  // this round's inner steps run again (the holding was dropped): same start
+      backend_->Upload(adam_->m(), round_start_.m.data(), P_);
+      backend_->Upload(adam_->v(), round_start_.v.data(), P_);
+    } else {
+      round_start_.m.resize(P_);
+      round_start_.v.resize(P_);
+      backend_->Download(round_start_.m.data(), adam_->m(), P_);
+      backend_->Download(round_start_.v.data(), adam_->v(), P_);
+      round_start_.step = step_;
+      round_start_.epoch = epoch_;
+      round_start_.version = moments_version_;
+    }
     const auto r = diloco_->RunInner(Params(), grads_host_, o_.deterministic, step_,
                                      diloco_->RoundSteps(step_, o_.steps), micros, f);
     computed_ = r.micro_batches;
@@ -358,6 +370,9 @@ Result<VoteOutcome> Trainer::VoteOnStep(std::vector<VoteRecord>* records) {
   // Below --min-workers the job waits for workers, and a quarantined one is never restarted: never go there.
   c.quarantine_floor = std::max(o_.quarantine_floor, elastic_ ? elastic_->options().min_workers : 1);
   c.partial = diloco_ != nullptr;
+  // Strikes expire after 100 exchanges: 100 steps in ddp, 100 outer rounds in diloco (a round moves the step
+  // counter H at once: counted in steps, a member faulty every round would never collect two strikes for H > 100).
+  if (diloco_) c.strike_window = c.strike_window * std::max<int64_t>(1, o_.inner_steps);
   return DecideCommit(*records, c, &strikes_, &data_bad_);
 }
 
@@ -477,6 +492,14 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
     const int64_t* sum = size_ > 1 ? red_->data() : acc_.data();
     if (diloco_) {
       gnorm = diloco_->ApplyOuter(Params(), size_ > 1);
+      if (std::isnan(gnorm)) {  // the same decision on every member (the same averaged pseudo-gradient)
+        gnorm = 0;
+        if (leader()) {
+          log_("warning: round at step " + std::to_string(step_ + 1) +
+               ": the outer update is not finite (an overflow in the pseudo-gradients); update skipped");
+          Emit("data_fault", {{"step", step_}, {"outer", true}});
+        }
+      }
     } else if (codec_ != Codec::kNone && size_ > 1) {
       const float inv = 1.0f / static_cast<float>(M_);
       for (size_t j = 0; j < P_; ++j) grads_host_[j] = (*cred_)[j] * inv;
@@ -505,12 +528,29 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
     ++loss_n_;
   }
   // Straggler statistics: running seconds per micro-batch of every member that computed this attempt.
+  bool anyone_computed = false;
   for (const auto& r : records) {
     if (r.computed <= 0) continue;
+    anyone_computed = true;
     const double x = r.compute_s / r.computed;
     auto it = speed_.find(r.uid);
     if (it == speed_.end()) speed_[r.uid] = x;
     else it->second = 0.8 * it->second + 0.2 * x;
+  }
+  // A member whose share rounded to no micro-batch is never measured again: its figure would stay the slow one
+  // for good, long after it recovered. It drifts towards the fastest member's instead, so after a few steps it
+  // gets work again and is measured afresh (agreed state: the records are the same on every member).
+  if (anyone_computed) {
+    double fastest = 0;
+    for (const auto& r : records)
+      if (r.computed > 0) {
+        const double x = speed_[r.uid];
+        fastest = fastest > 0 ? std::min(fastest, x) : x;
+      }
+    for (const auto& r : records) {
+      auto it = speed_.find(r.uid);
+      if (r.computed <= 0 && it != speed_.end()) it->second = 0.8 * it->second + 0.2 * fastest;
+    }
   }
   for (auto it = speed_.begin(); it != speed_.end();)
     it = std::find(members_.begin(), members_.end(), it->first) == members_.end() ? speed_.erase(it) : std::next(it);
@@ -609,7 +649,7 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
       }
     }
     const double avg_tok_s = tokens_done_ / loop_seconds_;
-    const double eta = (o_.steps - step_) * tokens_per_step_ / avg_tok_s;
+    const double eta = static_cast<double>(o_.steps - step_) * static_cast<double>(tokens_per_step_) / avg_tok_s;
     nlohmann::json m = {{"step", step}, {"loss", v.loss}, {"lr", LearningRate(o_.optim, step)}, {"grad_norm", gnorm},
                         {"tokens_per_s", tok_s}, {"mfu", mfu}, {"step_ms", dt * 1e3}, {"workers", size_},
                         {"elapsed_s", Since(t_start_)}};

@@ -33,6 +33,7 @@ std::string Fmt(const char* fmt, double a) {
 
 std::string FormatDuration(double s) {
   if (!std::isfinite(s) || s < 0) return "?";
+  if (s >= 3.6e8) return ">99999h";  // beyond int's seconds, and beyond any use
   int t = static_cast<int>(s + 0.5);
   char buf[32];
   if (t >= 3600) std::snprintf(buf, sizeof(buf), "%dh%02dm", t / 3600, (t / 60) % 60);

@@ -193,7 +193,7 @@ int RunWorker(TrainOptions o, const DistFlags& d, const WorkerPlacement& p) {
   if (!from_keel && (d.nproc > 1 || d.nproc_per_node > 1 || !d.nnodes.empty()))
     return Fail("train", InvalidArgument(p.source + " is set: this process is one worker started by another "
                                          "launcher; --nproc/--nproc-per-node/--nnodes do not apply"));
-  if (p.world == 1) return RunSingle(o);
+  if (p.world == 1 && !(from_keel && d.Elastic())) return RunSingle(o);
   std::string url_text = from_keel && !p.rdzv.empty() ? p.rdzv : d.rdzv;
   if (url_text.empty()) {
     std::string why = p.source + "=" + std::to_string(p.rank) + " makes this process one of " +
@@ -267,6 +267,10 @@ Status ValidateDistFlags(const DistFlags& d) {
   if (!seconds(d.rdzv_timeout_s)) return InvalidArgument("--rdzv-timeout" + range);
   if (!seconds(d.comm_timeout_s)) return InvalidArgument("--comm-timeout" + range);
   if (!seconds(d.hang_timeout_s)) return InvalidArgument("--hang-timeout" + range);
+  // Gloo takes whole milliseconds, and 0 ms is its "no timeout": a value below 1 ms would turn the fail-fast
+  // off (and a heartbeat every microsecond would flood the store).
+  if (d.comm_timeout_s < 0.01) return InvalidArgument("--comm-timeout must be at least 0.01 s");
+  if (d.hang_timeout_s < 0.1) return InvalidArgument("--hang-timeout must be at least 0.1 s");
   if (d.Elastic() && d.comm_timeout_given)
     return InvalidArgument("--comm-timeout does not apply to elastic jobs: --hang-timeout is their one "
                            "timeout (collectives are backstopped at 30x it)");
@@ -275,6 +279,12 @@ Status ValidateDistFlags(const DistFlags& d) {
   if (d.max_workers > 0 && d.min_workers > d.max_workers)
     return InvalidArgument("--min-workers " + std::to_string(d.min_workers) + " is above --max-workers " +
                            std::to_string(d.max_workers));
+  // Without --rdzv the store is this launcher's own: no other machine can ever join, so the job would wait for
+  // ever below its minimum.
+  const int local = std::max({1, d.nproc, d.nproc_per_node});
+  if (d.rdzv.empty() && d.nnodes.empty() && d.min_workers > local)
+    return InvalidArgument("--min-workers " + std::to_string(d.min_workers) + " exceeds --nproc " +
+                           std::to_string(local) + " (without --rdzv no other machine can join)");
   // A misspelt interface used to be ignored by one process and to fail every worker of a job at its first
   // connection, in words of Gloo's ("ifa != nullptr. Unable to find address for: ...").
   if (!d.iface.empty() && if_nametoindex(d.iface.c_str()) == 0)
@@ -304,18 +314,31 @@ Status CheckMicroBatchMemory(const TrainOptions& o) {
   double have = static_cast<double>(pages) * static_cast<double>(page);
   struct sysinfo si {};
   if (sysinfo(&si) == 0) have += static_cast<double>(si.totalswap) * si.mem_unit;
-  if (need <= have) return Status::Ok();
+  // Parameters, gradients and AdamW's two moments: 16 bytes a parameter, whatever the batch.
+  const double state = 16.0 * static_cast<double>(NumParams(c));
+  if (state > have)
+    return InvalidArgument("--layers " + std::to_string(c.layers) + " --dim " + std::to_string(c.dim) + " --vocab " +
+                           std::to_string(c.vocab) + ": the model's parameters, gradients and optimizer state need " +
+                           Gigabytes(state) + ", more than this machine's " + Gigabytes(have) + " (RAM + swap)");
+  if (need + state <= have) return Status::Ok();
   return InvalidArgument("--batch " + std::to_string(o.batch) + " x --ctx " + std::to_string(o.model.ctx) +
-                         ": one micro-batch needs at least " + Gigabytes(need) + " of activation memory, more than "
-                         "this machine's " + Gigabytes(have) + " (RAM + swap): lower --batch (a larger --grad-accum "
-                         "keeps the global batch) or --ctx");
+                         ": one micro-batch needs at least " + Gigabytes(need) + " of activation memory (besides " +
+                         Gigabytes(state) + " of parameters and optimizer state), more than this machine's " +
+                         Gigabytes(have) + " (RAM + swap): lower --batch (a larger --grad-accum keeps the global "
+                         "batch) or --ctx");
 }
 
 // Checks made once before any worker starts: the options' own ranges first, then what they ask of this machine
 // and of the run being resumed.
-Status Preflight(const TrainOptions& o) {
+Status Preflight(const TrainOptions& o, const DistFlags& d, bool launching) {
   KEEL_RETURN_IF_ERROR(ValidateTrainOptions(o));
   KEEL_RETURN_IF_ERROR(CheckMicroBatchMemory(o));
+  if (!launching) return Status::Ok();  // one process: the trainer checks --data and --out itself, at once
+  // --data and --out once, here: otherwise every worker prints its own copy of the error (and an elastic launcher
+  // restarts workers that fail on it). An elastic worker may be joining a running job, whose --out holds the run:
+  // the workers judge that themselves.
+  KEEL_RETURN_IF_ERROR(Dataset::Open(o.data_dir).status());
+  if (!d.Elastic()) KEEL_RETURN_IF_ERROR(CheckOutDirForNewOrResumedRun(DefaultEnv(), o.out_dir, o.resume));
   return Status::Ok();
 }
 
@@ -424,10 +447,13 @@ int RunTrainAnyMode(TrainOptions o, const DistFlags& d, const std::vector<std::s
   if (Status s = ValidateDistFlags(d); !s.ok()) return Fail("train", s);
   // Workers started by keel's own launcher skip what their launcher checked (each would re-read the checkpoint).
   const bool keel_worker = placement->has_value() && (*placement)->source == "KEEL_RANK";
+  // Elastic flags with one process (--max-restarts 5 alone): the launcher restarts it, and it resumes.
+  const bool launching = !placement->has_value() && (d.nproc > 1 || d.nproc_per_node > 1 || !d.rdzv.empty() ||
+                                                     !d.nnodes.empty() || d.Elastic());
   if (!keel_worker)
-    if (Status s = Preflight(o); !s.ok()) return Fail("train", s);
+    if (Status s = Preflight(o, d, launching); !s.ok()) return Fail("train", s);
   if (placement->has_value()) return RunWorker(std::move(o), d, **placement);
-  if (d.nproc > 1 || d.nproc_per_node > 1 || !d.rdzv.empty() || !d.nnodes.empty()) return RunLauncher(o, d, args);
+  if (launching) return RunLauncher(o, d, args);
   return RunSingle(o);
 }
 

@@ -8,12 +8,48 @@
 
 namespace keel::cli {
 
+namespace {
+
+// Integer option values are decimal: CLI11 reads them with strtoll(..., 0), so "0100" was 64 (octal) and "0x10"
+// 16, and a value beyond int64 saturated silently. Leading zeros are stripped (0100 is 100); anything but digits
+// (with a leading '-' for signed options), or a value outside int64 (uint64 for unsigned options), is refused.
+CLI::Validator DecimalInteger(bool is_unsigned) {
+  return CLI::Validator(
+      [is_unsigned](std::string& v) -> std::string {
+        const std::string range =
+            is_unsigned ? "[0, 18446744073709551615]" : "[-9223372036854775808, 9223372036854775807]";
+        const std::string bad = "must be a decimal integer in " + range + ", got '" + v + "'";
+        const bool negative = !is_unsigned && !v.empty() && v[0] == '-';
+        size_t i = negative ? 1 : 0;
+        if (i == v.size() || v.find_first_not_of("0123456789", i) != std::string::npos) return bad;
+        while (i + 1 < v.size() && v[i] == '0') ++i;
+        const std::string digits = (negative ? "-" : "") + v.substr(i);
+        std::errc ec;
+        if (is_unsigned) {
+          uint64_t x = 0;
+          ec = std::from_chars(digits.data(), digits.data() + digits.size(), x).ec;
+        } else {
+          int64_t x = 0;
+          ec = std::from_chars(digits.data(), digits.data() + digits.size(), x).ec;
+        }
+        if (ec != std::errc()) return bad;
+        v = digits == "-0" ? "0" : digits;
+        return "";
+      },
+      "");
+}
+
+}  // namespace
+
 int Parse(CLI::App& app, int argc, char** argv) {
   // A flag given twice: the last one wins, in every subcommand (train's --config fields rely on it, and scripts
   // append overrides to a base command line). Options declared to take every value (--inject) keep that.
-  for (CLI::Option* opt : app.get_options())
+  for (CLI::Option* opt : app.get_options()) {
     if (opt->get_multi_option_policy() == CLI::MultiOptionPolicy::Throw)
       opt->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+    const std::string type = opt->get_type_name();
+    if (opt->get_expected_min() > 0 && (type == "INT" || type == "UINT")) opt->transform(DecimalInteger(type == "UINT"));
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

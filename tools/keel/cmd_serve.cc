@@ -1,6 +1,7 @@
 // cmd_serve.cc: `keel serve CKPT` — an OpenAI-compatible HTTP inference server with continuous batching
 // (src/serve/engine.h, src/serve/server.h; docs/serving.md).
 #include <csignal>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <future>
@@ -93,7 +94,11 @@ int RunServe(int argc, char** argv) {
   auto snap = LoadModelForInference(ckpt, &warnings);
   for (const auto& w : warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
   if (!snap.ok()) return Fail("serve", snap.status());
-  if (Status s = CheckFiniteParams(*snap, ckpt); !s.ok()) return Fail("serve", s);
+  // --dtype f16 stores the matrices as f16: a value beyond its range would become inf, and the logits NaN.
+  const bool half = dtype == "f16";
+  auto limit = [half](const ParamTensor& t) { return half && t.shape.size() >= 2 ? kF16Max : HUGE_VAL; };
+  if (Status s = CheckFiniteParams(*snap, ckpt, limit); !s.ok())
+    return Fail("serve", s);
   const bool byte_tok = snap->tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
   auto tok = LoadTokenizer(byte_tok ? "byte" : "bpe", snap->tokenizer);
   if (!tok.ok()) return Fail("serve", tok.status().Wrap(ckpt + ": tokenizer"));

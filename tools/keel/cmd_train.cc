@@ -147,7 +147,8 @@ int RunTrain(int argc, char** argv) {
   app.add_flag("--fast", fast, "trade bit-exact reproducibility across worker counts for speed");
   bool deterministic_flag = false;
   app.add_flag("--deterministic", deterministic_flag, "bit-exact across worker counts and resumes (default)");
-  app.add_flag("--no-progress", [&](int64_t) { o.progress = false; }, "no live progress line");
+  bool no_progress = false;  // a plain flag: a callback flag let "--no-progress=x" throw out of CLI11
+  app.add_flag("--no-progress", no_progress, "no live progress line");
   app.add_option("--check-every", o.check_every,
                  "every K steps compare a hash of the whole training state across workers and keep an in-memory "
                  "snapshot for rollbacks (parameters are compared every step; 0: never)")
@@ -202,6 +203,7 @@ int RunTrain(int argc, char** argv) {
   for (const auto& spec : injects) o.inject += (o.inject.empty() ? "" : ";") + spec;
   if (fast && deterministic_flag) return Fail("train", InvalidArgument("--fast and --deterministic exclude each other"));
   o.deterministic = !fast;
+  if (no_progress) o.progress = false;
   if (o.eval_every == 0) o.eval_every = o.steps;
   if (Status s = ValidateTrainOptions(o); !s.ok())
     return Fail("train", NameConfigSource(s, args, config_end, config_fields));
