@@ -6,8 +6,8 @@
 //                 after an eviction gets a new one)
 //   desc          the job descriptor (set once by the first member; every later one must match it)
 //   m/<uid>       the member's status, rewritten by its heartbeat thread every --hang-timeout/10 and at once
-//                 when it changes: {"seq","t","pid","host","rank","gen","after"?,"step","epoch",
-//                 "has_state","state"}; "after": G means "ready for a generation after G"
+//                 when it changes: {"seq","t","pid","host","machine","rank","gen","after"?,"why"?,"wait"?,
+//                 "step","epoch","has_state","state"}; "after": G means "ready for a generation after G"
 //   g/<G>         generation G's member list {"members":[uids],"by","t"}, created once (SetIfAbsent) by the
 //                 leader, i.e. the lowest live uid ready for it (quorum.h Decide)
 //   latest        the newest G (a hint for joiners)

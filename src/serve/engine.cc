@@ -319,14 +319,22 @@ void Engine::Loop() {
       if (--busy_ == 0) idle_cv_.notify_all();
     }
     // Cancelled sequences free their slots before the step.
+    bool freed = false;
     for (auto& s : slots_) {
       if (!s.gen) continue;
       if (cancel_all) s.gen->Cancel();
-      if (s.gen->cancel_requested())
+      if (s.gen->cancel_requested()) {
         FinishSlot(s, FinishReason::kCancelled,
                    cancel_all ? Unavailable("the server is shutting down") : Status::Ok());
-      else if (s.req.max_tokens == 0)
+        freed = true;
+      } else if (s.req.max_tokens == 0) {
         FinishSlot(s, FinishReason::kLength);
+        freed = true;
+      }
+    }
+    if (freed && !cancel_all) {  // a queued request takes the freed slot now, not a step later
+      std::lock_guard<std::mutex> l(mu_);
+      if (!queue_.empty()) continue;
     }
     // One batch: decode rows first (one per sequence past its prompt), then prompt chunks, oldest first.
     toks.clear();

@@ -54,7 +54,7 @@ struct TrainOptions {
                               // is recomputed on three members, and the odd one out is struck
   double spike_factor = 0;    // loss > running mean + factor * running deviation: roll back and skip the data
                               // (0: off)
-  int quarantine_after = 2;   // faults of one kind on one member (within 100 steps) before it is quarantined
+  int quarantine_after = 2;   // faults of one kind on one member (within 100 steps; diloco: rounds) before quarantine
   int quarantine_floor = 2;   // ... unless that would leave fewer members than this (one alone cannot detect
                               //   silent corruption)
   double straggler_evict = 0; // evict a member persistently slower than this multiple of the median (0: never)

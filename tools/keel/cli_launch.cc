@@ -51,8 +51,8 @@ void DistFlags::AddTo(CLI::App& app) {
   app.add_option("--max-workers", max_workers, "elastic: most workers in a group (more wait as spares)");
   app.add_option("--max-restarts", max_restarts, "elastic: restarts of failed workers allowed (per machine)");
   app.add_option("--hang-timeout", hang_timeout_s,
-                 "elastic: the one timeout: a worker silent this long is declared hung and evicted (heartbeats "
-                 "every 1/10 of it); also bounds forming a group; collectives are backstopped at 30x")
+                 "elastic: the one timeout: a worker silent this long has been declared hung and evicted (after 0.75x "
+                 "of it; heartbeats every 1/10 of it); also bounds forming a group; collectives are backstopped at 30x")
       ->capture_default_str();
 }
 

@@ -132,7 +132,7 @@ int RunTrain(int argc, char** argv) {
   app.add_option("--weight-decay", o.optim.weight_decay)->capture_default_str();
   app.add_option("--grad-clip", o.optim.grad_clip, "global gradient-norm clip (0: off)")->capture_default_str();
   app.add_option("--seed", o.seed)->check(SeedValidator())->capture_default_str();
-  app.add_option("--threads", o.threads, "CPU threads per worker (0: all cores)")->capture_default_str();
+  app.add_option("--threads", o.threads, "CPU threads per worker (0: all cores, divided among this machine's workers)")->capture_default_str();
   app.add_option("--peak-gflops", o.peak_gflops,
                  "GEMM peak per worker for the MFU shown (0: measure the backend's own GEMM at start; e.g. 989000 "
                  "for an H100's bf16 datasheet peak)")
@@ -162,8 +162,8 @@ int RunTrain(int argc, char** argv) {
                  "(0: off)")
       ->capture_default_str();
   app.add_option("--quarantine-after", o.quarantine_after,
-                 "faults of one kind (non-finite results; corrupted state) on one worker within 100 steps before it is "
-                 "quarantined")
+                 "faults of one kind (non-finite results; corrupted state) on one worker within 100 steps (diloco: 100 "
+                 "outer rounds) before it is quarantined")
       ->capture_default_str();
   app.add_option("--quarantine-floor", o.quarantine_floor,
                  "never quarantine a worker when fewer than this many would be left (one worker alone cannot "
@@ -189,7 +189,7 @@ int RunTrain(int argc, char** argv) {
   app.add_option("--inner-steps", o.inner_steps, "diloco: inner steps per outer round (H)")->capture_default_str();
   app.add_option("--outer-lr", o.outer_lr, "diloco: outer learning rate")->capture_default_str();
   app.add_option("--outer-momentum", o.outer_momentum, "diloco: outer Nesterov momentum")->capture_default_str();
-  app.add_option("--optimizer", o.optimizer, "adamw or sgd (ddp's optimizer, diloco's inner one)")->capture_default_str();
+  app.add_option("--optimizer", o.optimizer, "adamw or sgd (ddp's optimizer, diloco's inner one; sgd: CPU only)")->capture_default_str();
   app.add_option("--compress", o.compress,
                  "none, bf16 or int8 (per-256-value scales, error feedback): gradients (ddp) / pseudo-gradients "
                  "(diloco) on the wire")
