@@ -37,13 +37,22 @@ TEST(StoreUrl, ParsesFileAndRedis) {
   EXPECT_EQ(d->port, 6379);
   EXPECT_TRUE(d->password.empty());
 
+  // A password may hold '/'; IPv6 in brackets.
+  auto slashed = ParseStoreUrl("redis://:ab/cd@[::1]:7000/j");
+  ASSERT_TRUE(slashed.ok()) << slashed.status().message();
+  EXPECT_EQ(slashed->password, "ab/cd");
+  EXPECT_EQ(slashed->host, "::1");
+  EXPECT_EQ(slashed->Redacted(), "redis://:***@[::1]:7000/j");
+
   for (const char* bad : {"redis://host:1", "redis://host:99999/j", "redis://:pw@/j", "redis://h:1/bad job",
-                          "http://x/y", "file://", "tcp://h:1"}) {
+                          "http://x/y", "file://", "tcp://h:1", "redis://host:/j", "redis://[::1]junk/j",
+                          "redis://::1/j", "redis://h:+80/j", "redis://:s3cret@host", "redis://:s3/cret@h:1/bad job"}) {
     auto b = ParseStoreUrl(bad);
     EXPECT_FALSE(b.ok()) << bad;
     if (!b.ok()) {
       EXPECT_EQ(b.status().code(), Code::kInvalidArgument) << bad;
       EXPECT_EQ(b.status().message().find('\n'), std::string::npos);
+      EXPECT_EQ(b.status().message().find("s3"), std::string::npos) << "the password shows: " << b.status().message();
     }
   }
 }

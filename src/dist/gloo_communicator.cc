@@ -320,7 +320,9 @@ Result<std::unique_ptr<Communicator>> ConnectGlooCommunicator(std::shared_ptr<St
                                                               const std::atomic<bool>* abort) {
   if (size < 1 || rank < 0 || rank >= size)
     return InvalidArgument("rank " + std::to_string(rank) + " of " + std::to_string(size) + " is out of range");
-  if (!(options.timeout_s > 0)) return InvalidArgument("--comm-timeout must be positive");
+  // Whole milliseconds, at least 1 (0 ms is Gloo's "no timeout"), and small enough for the int64 conversions.
+  if (!(options.timeout_s >= 0.001 && options.timeout_s <= 1e9))
+    return InvalidArgument("--comm-timeout must be in [0.001, 1e9] seconds");
   IgnoreSigpipe();  // a write to a dead peer must fail the collective, not kill this member (sigpipe.h)
   KEEL_ASSIGN_OR_RETURN(auto dev, MakeDevice(options));
   const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(options.timeout_s * 1000));

@@ -65,8 +65,12 @@ class FileStore final : public Store {
     const std::string path = Path(key);
     int rv = ::link(tmp.c_str(), path.c_str());
     int e = errno;
+    // NFS: a lost reply to link() is retried by the client and answered EEXIST although this call made the link.
+    // The temporary's link count tells (the open(2) man page's recipe): 2 means the key is this call's.
+    struct stat st;
+    const bool ours = rv != 0 && e == EEXIST && ::stat(tmp.c_str(), &st) == 0 && st.st_nlink == 2;
     ::unlink(tmp.c_str());
-    if (rv == 0) return true;
+    if (rv == 0 || ours) return true;
     if (e == EEXIST) return false;
     return IoError("rendezvous store " + path + ": link: " + Errno(e));
   }
@@ -75,7 +79,8 @@ class FileStore final : public Store {
     const std::string path = Path(key);
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-      if (errno == ENOENT) return std::optional<std::string>();
+      // ESTALE: another machine replaced the file (NFS) while this one held its old handle: as absent for now.
+      if (errno == ENOENT || errno == ESTALE) return std::optional<std::string>();
       return IoError("rendezvous store " + path + ": open: " + Errno(errno));
     }
     std::string out;
@@ -353,12 +358,18 @@ std::shared_ptr<Store> MakePrefixStore(std::shared_ptr<Store> base, const std::s
 
 std::string StoreUrl::Redacted() const {
   if (kind == kFile) return "file://" + path;
-  return "redis://" + std::string(password.empty() ? "" : ":***@") + host + ":" + std::to_string(port) + "/" + job;
+  const std::string h = host.find(':') != std::string::npos ? "[" + host + "]" : host;  // IPv6
+  return "redis://" + std::string(password.empty() ? "" : ":***@") + h + ":" + std::to_string(port) + "/" + job;
 }
 
 Result<StoreUrl> ParseStoreUrl(const std::string& url) {
   StoreUrl u;
-  const std::string usage = "--rdzv " + url + ": expected file://PATH or redis://[:PASSWORD@]HOST[:PORT]/JOB_ID";
+  // Error messages never show a password: everything up to the userinfo's '@' is replaced. (A job id and a host
+  // hold no '@', so the last one ends the userinfo; the password itself may hold '/'.)
+  std::string shown = url;
+  if (url.rfind("redis://", 0) == 0 && url.rfind('@') != std::string::npos)
+    shown = "redis://:***@" + url.substr(url.rfind('@') + 1);
+  const std::string usage = "--rdzv " + shown + ": expected file://PATH or redis://[:PASSWORD@]HOST[:PORT]/JOB_ID";
   if (url.rfind("file:", 0) == 0) {
     u.kind = StoreUrl::kFile;
     std::string rest = url.substr(5);
@@ -372,7 +383,8 @@ Result<StoreUrl> ParseStoreUrl(const std::string& url) {
   if (url.rfind("redis://", 0) != 0) return InvalidArgument(usage);
   u.kind = StoreUrl::kRedis;
   std::string rest = url.substr(8);
-  size_t slash = rest.find('/');
+  const size_t last_at = rest.rfind('@');
+  size_t slash = rest.find('/', last_at == std::string::npos ? 0 : last_at + 1);
   if (slash == std::string::npos) return InvalidArgument(usage + " (the JOB_ID is missing)");
   std::string authority = rest.substr(0, slash);
   u.job = rest.substr(slash + 1);
@@ -393,12 +405,18 @@ Result<StoreUrl> ParseStoreUrl(const std::string& url) {
     size_t close = authority.find(']');
     if (close == std::string::npos) return InvalidArgument(usage);
     host = authority.substr(1, close - 1);
-    if (close + 1 < authority.size() && authority[close + 1] == ':') port = authority.substr(close + 2);
+    if (close + 1 < authority.size()) {
+      if (authority[close + 1] != ':') return InvalidArgument(usage);
+      port = authority.substr(close + 2);
+      if (port.empty()) return InvalidArgument("--rdzv: bad port ''");
+    }
   } else {
     size_t colon = authority.rfind(':');
     if (colon != std::string::npos) {
+      if (authority.find(':') != colon) return InvalidArgument(usage + " (an IPv6 address goes in brackets: [::1]:6379)");
       host = authority.substr(0, colon);
       port = authority.substr(colon + 1);
+      if (port.empty()) return InvalidArgument("--rdzv: bad port ''");
     }
   }
   if (host.empty()) return InvalidArgument(usage + " (the HOST is missing)");
@@ -406,7 +424,8 @@ Result<StoreUrl> ParseStoreUrl(const std::string& url) {
   if (!port.empty()) {
     char* end = nullptr;
     long p = std::strtol(port.c_str(), &end, 10);
-    if (*end != 0 || p <= 0 || p > 65535) return InvalidArgument("--rdzv: bad port '" + port + "'");
+    if (port.find_first_not_of("0123456789") != std::string::npos || *end != 0 || p <= 0 || p > 65535)
+      return InvalidArgument("--rdzv: bad port '" + port + "'");
     u.port = static_cast<int>(p);
   }
   return u;

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 
 namespace keel {
@@ -39,8 +40,14 @@ void EventLog::Emit(const std::string& event, nlohmann::json fields) {
   if (fields.is_object())
     for (auto& [k, v] : fields.items()) j[k] = v;
   std::string line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
-  ssize_t rv = ::write(fd_, line.data(), line.size());
-  (void)rv;
+  // One write() per line (O_APPEND keeps whole lines apart on a local filesystem); a short write (a full disk, a
+  // signal) is completed rather than left without its newline, which would glue the next process's line to it.
+  for (size_t off = 0; off < line.size();) {
+    const ssize_t rv = ::write(fd_, line.data() + off, line.size() - off);
+    if (rv < 0 && errno == EINTR) continue;
+    if (rv <= 0) break;  // best effort: events are diagnostics, not state
+    off += static_cast<size_t>(rv);
+  }
 }
 
 }  // namespace keel
