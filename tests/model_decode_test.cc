@@ -74,5 +74,29 @@ TEST(ModelDecode, RowsAtDifferentPositions) {
   }
 }
 
+// A caller that breaks StepRows' preconditions (a position at the context's end, a slot or token out of range)
+// stops the process with one line instead of writing past the KV cache (the asserts that guarded it vanished in
+// release builds).
+TEST(ModelDecodeDeathTest, OutOfRangeRowsStopInsteadOfWritingPastTheCache) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  GptConfig c{.layers = 1, .heads = 2, .dim = 8, .ctx = 8, .vocab = 11};
+  auto be = MakeCpuBackend(1);
+  auto model = GptModel::Create(c, be.get(), 1, c.ctx);
+  ASSERT_TRUE(model.ok());
+  (*model)->InitWeights(1);
+  auto st = DecodeState::Create(model->get(), 2, c.ctx);
+  ASSERT_TRUE(st.ok());
+  int32_t tok = 1, pos = c.ctx, slot = 0, row = 0;
+  EXPECT_DEATH((*st)->StepRows(&tok, &pos, &slot, 1, &row, 1), "slot, position or token is out of range");
+  pos = 0;
+  slot = 2;
+  EXPECT_DEATH((*st)->StepRows(&tok, &pos, &slot, 1, &row, 1), "slot, position or token is out of range");
+  slot = 0;
+  tok = c.vocab;
+  EXPECT_DEATH((*st)->StepRows(&tok, &pos, &slot, 1, &row, 1), "slot, position or token is out of range");
+  tok = 1;
+  EXPECT_EQ((*st)->StepRows(&tok, &pos, &slot, 1, &row, 1).size(), static_cast<size_t>(c.vocab));
+}
+
 }  // namespace
 }  // namespace keel

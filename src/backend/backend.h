@@ -21,6 +21,7 @@
 #include <memory>
 #include <string>
 
+#include "core/check.h"
 #include "core/status.h"
 
 namespace keel {
@@ -89,7 +90,7 @@ class Backend {
   // SupportsOp(kMatmulForwardHalf).
   virtual void MatmulForwardHalf(float* /*out*/, const float* /*inp*/, const uint16_t* /*w16*/, const float* /*bias*/,
                                  int /*N*/, int /*IC*/, int /*OC*/) {
-    assert(false && "MatmulForwardHalf on a backend that does not support it");
+    KEEL_CHECK(false, "MatmulForwardHalf on a backend that does not support it");
   }
   // Weights repacked once for many forward products (decoding), in a layout of the backend's choosing.
   // PackedMatmulFloats: the size, in floats, of the packed form of an [OC, IC] weight (half: stored as IEEE f16,
@@ -100,11 +101,11 @@ class Backend {
   // SupportsOp(kMatmulForwardPacked).
   virtual size_t PackedMatmulFloats(int /*IC*/, int /*OC*/, bool /*half*/) const { return 0; }
   virtual void PackMatmulWeight(float* /*packed*/, const float* /*w*/, int /*IC*/, int /*OC*/, bool /*half*/) {
-    assert(false && "PackMatmulWeight on a backend that does not support it");
+    KEEL_CHECK(false, "PackMatmulWeight on a backend that does not support it");
   }
   virtual void MatmulForwardPacked(float* /*out*/, const float* /*inp*/, const float* /*packed*/,
                                    const float* /*bias*/, int /*N*/, int /*IC*/, int /*OC*/, bool /*half*/) {
-    assert(false && "MatmulForwardPacked on a backend that does not support it");
+    KEEL_CHECK(false, "MatmulForwardPacked on a backend that does not support it");
   }
   // dinp += dout @ w; dw += dout^T @ inp; dbias += sum_rows(dout). dbias may be null; dinp may be null.
   virtual void MatmulBackward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp,

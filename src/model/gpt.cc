@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 
+#include "core/check.h"
 #include "core/hash.h"
 #include "formats/half.h"
 
@@ -146,7 +147,7 @@ std::vector<float> GptModel::GradsToHost() const {
 void GptModel::ZeroGrads() { backend_->Zero(grads_, num_params_); }
 
 float GptModel::Forward(const int32_t* tokens, const int32_t* targets, int B, int T) {
-  assert(B <= max_B_ && T <= max_T_);
+  KEEL_CHECK(B > 0 && T > 0 && B <= max_B_ && T <= max_T_, "GptModel::Forward: B x T beyond the buffers' size");
   Backend* be = backend_;
   const int C = config_.dim, NH = config_.heads, V = config_.vocab, N = B * T;
   be->UploadInt(tokens_, tokens, static_cast<size_t>(N));
@@ -333,14 +334,21 @@ DecodeState::~DecodeState() {
 }
 
 const std::vector<float>& DecodeState::Step(const int32_t* tokens, const int32_t* positions, int n) {
-  assert(n > 0 && n <= B_);
+  KEEL_CHECK(n > 0 && n <= B_, "DecodeState::Step: row count out of range");
   return StepRows(tokens, positions, identity_.data(), n, identity_.data(), n);
 }
 
 const std::vector<float>& DecodeState::StepRows(const int32_t* tokens, const int32_t* positions,
                                                 const int32_t* slots, int n, const int32_t* logit_rows,
                                                 int n_logits) {
-  assert(n > 0 && n <= R_ && n_logits >= 0 && n_logits <= B_);
+  // The KV cache is written at (slot, position) below: out-of-range rows would write past it.
+  KEEL_CHECK(n > 0 && n <= R_ && n_logits >= 0 && n_logits <= B_, "DecodeState::StepRows: row counts out of range");
+  for (int i = 0; i < n; ++i)
+    KEEL_CHECK(slots[i] >= 0 && slots[i] < B_ && positions[i] >= 0 && positions[i] < maxT_ && tokens[i] >= 0 &&
+                   tokens[i] < model_->config().vocab,
+               "DecodeState::StepRows: a row's slot, position or token is out of range");
+  for (int i = 0; i < n_logits; ++i)
+    KEEL_CHECK(logit_rows[i] >= 0 && logit_rows[i] < n, "DecodeState::StepRows: a logit row is out of range");
   GptModel& m = *model_;
   Backend* be = m.backend();
   const GptConfig& c = m.config();

@@ -29,8 +29,10 @@ inline void AdamWElem(float* params, const float* grads, float* m, float* v, siz
 
 void AdamW(float* params, const float* grads, float* m, float* v, const uint8_t* decay_mask, size_t n,
            const AdamWParams& p) {
-  const float bc1 = 1.0f - static_cast<float>(std::pow(static_cast<double>(p.beta1), static_cast<double>(p.t)));
-  const float bc2 = 1.0f - static_cast<float>(std::pow(static_cast<double>(p.beta2), static_cast<double>(p.t)));
+  // t counts from 1 (AdamW::Step passes step + 1); t <= 0 would make the bias corrections 0 and every update inf.
+  const double t = p.t < 1 ? 1.0 : static_cast<double>(p.t);
+  const float bc1 = 1.0f - static_cast<float>(std::pow(static_cast<double>(p.beta1), t));
+  const float bc2 = 1.0f - static_cast<float>(std::pow(static_cast<double>(p.beta2), t));
   constexpr size_t kBlock = 8192;  // elements per OpenMP work item (a multiple of kLanes)
   const size_t blocks = (n + kBlock - 1) / kBlock;
   const float omb1 = 1.0f - p.beta1, omb2 = 1.0f - p.beta2;

@@ -58,6 +58,9 @@ class CpuBackend final : public Backend {
     // --threads said.
     openblas_set_num_threads(1);
     omp_set_num_threads(n);
+    // A team of exactly n: with dynamic teams (OMP_DYNAMIC=true) a region could run on one thread, where the
+    // OpenMP build of OpenBLAS would thread internally again (and round differently).
+    omp_set_dynamic(0);
   }
 
   Result<float*> Alloc(size_t count) override {
