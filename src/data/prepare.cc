@@ -6,10 +6,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <new>
 #include <nlohmann/json.hpp>
 
 #include "core/env.h"
@@ -97,7 +99,9 @@ Status CheckOutOutsideInputs(const std::string& out, const std::vector<std::stri
 }
 
 // Encodes text in newline-aligned chunks, in parallel; the output does not depend on the thread count.
-std::vector<int32_t> EncodeCorpus(const Tokenizer& tok, std::string_view text) {
+// Out of memory is an error, not std::terminate: an exception may not leave an OpenMP region, so each chunk
+// catches its own.
+Result<std::vector<int32_t>> EncodeCorpus(const Tokenizer& tok, std::string_view text) {
   std::vector<std::string_view> chunks;
   for (size_t pos = 0; pos < text.size();) {
     size_t end = pos + kEncodeChunkBytes;
@@ -112,12 +116,26 @@ std::vector<int32_t> EncodeCorpus(const Tokenizer& tok, std::string_view text) {
   }
   std::vector<std::vector<int32_t>> parts(chunks.size());
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
+  std::atomic<bool> out_of_memory{false};
 #pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t i = 0; i < nchunks; ++i) parts[i] = tok.Encode(chunks[i]);
+  for (int64_t i = 0; i < nchunks; ++i) {
+    try {
+      parts[i] = tok.Encode(chunks[i]);
+    } catch (const std::bad_alloc&) {
+      out_of_memory = true;
+    }
+  }
   size_t total = 0;
   for (const auto& p : parts) total += p.size();
   std::vector<int32_t> out;
-  out.reserve(total);
+  try {
+    if (!out_of_memory) out.reserve(total);
+  } catch (const std::bad_alloc&) {
+    out_of_memory = true;
+  }
+  if (out_of_memory)
+    return Unavailable("out of memory encoding the corpus (" + std::to_string(text.size()) +
+                       " bytes): use a smaller corpus or a machine with more memory");
   for (auto& p : parts) {
     out.insert(out.end(), p.begin(), p.end());
     std::vector<int32_t>().swap(p);
@@ -238,7 +256,7 @@ Result<PrepareSummary> Prepare(const PrepareOptions& opt) {
   sum.tokenizer_seconds = t2 - t1;
 
   progress("encoding corpus");
-  const std::vector<int32_t> tokens = EncodeCorpus(*tok, text);
+  KEEL_ASSIGN_OR_RETURN(const std::vector<int32_t> tokens, EncodeCorpus(*tok, text));
   std::string().swap(text);
   sum.encode_seconds = env->NowSeconds() - t2;
 
