@@ -516,6 +516,18 @@ TEST_F(CliErrors, ImplausibleModelSize) {
   EXPECT_FALSE(fs::exists(t / "r"));
 }
 
+// A config file's "fast": true is overridden by --deterministic on the command line (flags override the config);
+// both typed on the command line still exclude each other.
+TEST_F(CliErrors, CommandLineDeterministicOverridesAConfigsFast) {
+  TempDir t;
+  WriteText(t / "fast.json", "{\"fast\": true}");
+  auto r = RunKeel("train --config " + t / "fast.json" + " " + Small(t / "r") + " --steps 2 --deterministic");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("deterministic mode"), std::string::npos) << r.output;
+  ExpectError(RunKeel("train " + Small(t / "r2") + " --steps 2 --fast --deterministic"),
+              "--fast and --deterministic exclude each other");
+}
+
 // Integer flags are decimal: CLI11 alone reads "0100" as octal (64 steps) and saturates a huge int64 silently.
 TEST_F(CliErrors, IntegerFlagsAreDecimal) {
   TempDir t;

@@ -201,7 +201,18 @@ int RunTrain(int argc, char** argv) {
   // Empty means "not given" for these (a single process; the hostname): an explicit "" is a mistake.
   if (Status s = CheckNotEmpty(app, {"--rdzv", "--nnodes", "--host", "--iface"}); !s.ok()) return Fail("train", s);
   for (const auto& spec : injects) o.inject += (o.inject.empty() ? "" : ";") + spec;
-  if (fast && deterministic_flag) return Fail("train", InvalidArgument("--fast and --deterministic exclude each other"));
+  if (fast && deterministic_flag) {
+    // One from a --config file and the other typed after it: the command line wins, as for every flag.
+    auto typed = [&](const std::string& flag) {
+      for (size_t i = config_end; i < args.size(); ++i)
+        if (args[i] == flag || args[i].rfind(flag + "=", 0) == 0) return true;
+      return false;
+    };
+    const bool typed_fast = typed("--fast"), typed_deterministic = typed("--deterministic");
+    if (typed_fast == typed_deterministic)
+      return Fail("train", InvalidArgument("--fast and --deterministic exclude each other"));
+    fast = typed_fast;
+  }
   o.deterministic = !fast;
   if (no_progress) o.progress = false;
   if (o.eval_every == 0) o.eval_every = o.steps;
