@@ -84,6 +84,43 @@ TEST(DecodeRows, ChunkedPrefillAndSlotsMatchStep) {
   EXPECT_TRUE((*st)->StepRows(&t0, &p0, &sl, 1, nullptr, 0).empty());
 }
 
+// The prompt cache's copy (DecodeState::CopyPositions) against feeding the same prefix again: with the repacked
+// matrices (the CPU with AVX2/FMA/F16C) a row's result does not depend on its step's other rows, so the logits
+// after a copied prefix must equal a recomputation bit for bit; elsewhere within float rounding.
+TEST(DecodeRows, CopiedPrefixEqualsRecomputation) {
+  GptConfig c{.layers = 2, .heads = 2, .dim = 16, .ctx = 16, .vocab = 37};
+  TestModel tm(c);
+  const bool exact = tm.be->SupportsOp(Op::kMatmulForwardPacked);
+  Rng rng(21);
+  std::vector<int32_t> a, b;
+  for (int t = 0; t < 12; ++t) a.push_back(static_cast<int32_t>(rng.Below(c.vocab)));
+  b.assign(a.begin(), a.begin() + 7);  // b shares a's first 7 tokens, then differs
+  for (int t = 0; t < 5; ++t) b.push_back(static_cast<int32_t>((a[7 + t] + 1 + t) % c.vocab));
+  auto st = DecodeState::Create(tm.model.get(), 3, c.ctx, 16);
+  ASSERT_TRUE(st.ok());
+  auto feed = [&](const std::vector<int32_t>& s, int from, int slot) {
+    std::vector<int32_t> tok, pos, sl;
+    for (int t = from; t < static_cast<int>(s.size()); ++t) tok.push_back(s[t]), pos.push_back(t), sl.push_back(slot);
+    int32_t last = static_cast<int32_t>(tok.size()) - 1;
+    return (*st)->StepRows(tok.data(), pos.data(), sl.data(), static_cast<int>(tok.size()), &last, 1);
+  };
+  feed(a, 0, 0);                                     // slot 0 holds a
+  const std::vector<float> want = feed(b, 0, 2);     // slot 2: b from scratch, in one chunk of 12 rows
+  (*st)->CopyPositions(0, 1, 7);                     // slot 1: a's first 7 positions, then b's last 5 fed
+  const std::vector<float> got = feed(b, 7, 1);
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t v = 0; v < want.size(); ++v) {
+    if (exact) EXPECT_EQ(got[v], want[v]) << v;
+    else EXPECT_NEAR(got[v], want[v], 1e-4) << v;
+  }
+  // A wrong prefix (a's positions 0..8, two of which b does not share) changes the result: the copy is used.
+  (*st)->CopyPositions(0, 1, 9);
+  const std::vector<float> wrong = feed(b, 9, 1);
+  bool differs = false;
+  for (size_t v = 0; v < want.size(); ++v) differs |= wrong[v] != want[v];
+  EXPECT_TRUE(differs);
+}
+
 std::vector<int32_t> ReferenceGenerate(GptModel* m, const Tokenizer& tok, const std::vector<int32_t>& prompt,
                                        const SamplingParams& sp, int max_tokens, int ctx) {
   auto st = DecodeState::Create(m, 1, ctx);
@@ -160,6 +197,86 @@ TEST(Engine, BatchedGenerationsEqualGenerate) {
   }
   EXPECT_EQ(metrics.generated_tokens(), total);
   EXPECT_EQ((*eng)->active(), 0);
+}
+
+// The prompt cache: a prompt sharing a prefix with a slot's kept tokens (an earlier prompt and its generated
+// tokens) feeds only the rest, from the same slot when it is free or copied from a busy one, and every result
+// equals the uncached reference.
+TEST(Engine, PromptCacheReusesPrefixesWithUnchangedResults) {
+  TestModel tm(ByteConfig());
+  ByteTokenizer tok;  // byte ids, no end-of-sequence token: every generation runs to max_tokens
+  ServeMetrics metrics;
+  auto eng = Engine::Create(tm.model.get(), &tok, EngineOptions{.parallel = 2, .ctx = 40, .threads = 1,
+                                                                 .step_delay_ms = 5},
+                            &metrics);
+  ASSERT_TRUE(eng.ok());
+  struct Run {
+    std::shared_ptr<Generation> gen;
+    GenerationRequest req;
+  };
+  auto submit = [&](const std::string& prompt, float temperature, int max_tokens) {
+    Run r;
+    r.req.prompt = tok.Encode(prompt);
+    r.req.sampling = SamplingParams{.temperature = temperature, .top_k = 20, .seed = 7};
+    r.req.max_tokens = max_tokens;
+    SubmitStatus ss;
+    r.gen = (*eng)->Submit(r.req, &ss, nullptr);
+    EXPECT_EQ(ss, SubmitStatus::kOk);
+    return r;
+  };
+  auto reference = [&](const Run& r) {
+    return ReferenceGenerate(tm.model.get(), tok, r.req.prompt, r.req.sampling, r.req.max_tokens, 40);
+  };
+  const std::string fox = "the quick brown fox";  // 19 bytes
+  Run a = submit(fox, 0, 6);
+  const std::vector<int32_t> a_out = Collect(*a.gen).tokens;
+  EXPECT_EQ(a_out, reference(a));
+  EXPECT_EQ(metrics.cached_prompt_tokens(), 0);
+  // The same prompt again: all but its last token come from the cache (slot 0, free again).
+  Run again = submit(fox, 0, 6);
+  EXPECT_EQ(Collect(*again.gen).tokens, a_out);
+  EXPECT_EQ(metrics.cached_prompt_tokens(), 18);
+  // A follow-up turn (the previous prompt, the generated text, more): the slot kept the prompt and the generated
+  // tokens but the last (sampled, never fed), so 19 + 5 positions are reused.
+  Run turn = submit(fox + tok.Decode(a_out) + " more", 0.9f, 4);
+  EXPECT_EQ(Collect(*turn.gen).tokens, reference(turn));
+  EXPECT_EQ(metrics.cached_prompt_tokens(), 18 + 24);
+  // While a long generation holds slot 0 ("the quick brown cat" reuses the 16 bytes it shares with slot 0), a
+  // prompt sharing 17 bytes with it goes to slot 1 and copies them from the busy slot.
+  Run busy = submit("the quick brown cat", 0, 12);
+  std::vector<int32_t> busy_out;
+  while (busy_out.empty()) {  // its prompt is fed once a token comes out
+    auto u = busy.gen->Wait(std::chrono::milliseconds(1000));
+    busy_out.insert(busy_out.end(), u.tokens.begin(), u.tokens.end());
+    ASSERT_FALSE(u.finished && busy_out.empty());
+  }
+  Run copy = submit("the quick brown cow!", 0.9f, 5);
+  EXPECT_EQ(Collect(*copy.gen).tokens, reference(copy));
+  const std::vector<int32_t> rest = Collect(*busy.gen).tokens;
+  busy_out.insert(busy_out.end(), rest.begin(), rest.end());
+  EXPECT_EQ(busy_out, reference(busy));
+  EXPECT_EQ(metrics.cached_prompt_tokens(), 18 + 24 + 16 + 17);
+}
+
+// --no-prompt-cache: every prompt is fed in full.
+TEST(Engine, PromptCacheOff) {
+  TestModel tm(ByteConfig());
+  ByteTokenizer tok;
+  ServeMetrics metrics;
+  auto eng = Engine::Create(tm.model.get(), &tok, EngineOptions{.parallel = 2, .ctx = 40, .threads = 1,
+                                                                 .prompt_cache = false},
+                            &metrics);
+  ASSERT_TRUE(eng.ok());
+  GenerationRequest r;
+  r.prompt = tok.Encode("hello hello");
+  r.sampling.temperature = 0;
+  r.max_tokens = 5;
+  for (int i = 0; i < 3; ++i) {
+    SubmitStatus ss;
+    EXPECT_EQ(Collect(*(*eng)->Submit(r, &ss, nullptr)).tokens,
+              ReferenceGenerate(tm.model.get(), tok, r.prompt, r.sampling, 5, 40));
+  }
+  EXPECT_EQ(metrics.cached_prompt_tokens(), 0);
 }
 
 TEST(Engine, ContextLimitAndStopStrings) {

@@ -333,6 +333,20 @@ DecodeState::~DecodeState() {
   if (pos_) be->FreeInt(pos_);
 }
 
+void DecodeState::CopyPositions(int from, int to, int n) {
+  KEEL_CHECK(from >= 0 && from < B_ && to >= 0 && to < B_ && n >= 0 && n <= maxT_,
+             "DecodeState::CopyPositions: slot or position count out of range");
+  if (from == to || n == 0) return;
+  Backend* be = model_->backend();
+  const size_t C = static_cast<size_t>(model_->config().dim), per_slot = static_cast<size_t>(maxT_) * C;
+  for (size_t l = 0; l < k_cache_.size(); ++l) {
+    be->Copy(k_cache_[l] + static_cast<size_t>(to) * per_slot, k_cache_[l] + static_cast<size_t>(from) * per_slot,
+             static_cast<size_t>(n) * C);
+    be->Copy(v_cache_[l] + static_cast<size_t>(to) * per_slot, v_cache_[l] + static_cast<size_t>(from) * per_slot,
+             static_cast<size_t>(n) * C);
+  }
+}
+
 const std::vector<float>& DecodeState::Step(const int32_t* tokens, const int32_t* positions, int n) {
   KEEL_CHECK(n > 0 && n <= B_, "DecodeState::Step: row count out of range");
   return StepRows(tokens, positions, identity_.data(), n, identity_.data(), n);

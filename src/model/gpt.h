@@ -118,6 +118,12 @@ class DecodeState {
   // of the rows listed in logit_rows (n_logits <= max_batch() of them, in that order) as [n_logits, V].
   const std::vector<float>& StepRows(const int32_t* tokens, const int32_t* positions, const int32_t* slots, int n,
                                      const int32_t* logit_rows, int n_logits);
+  // Copies the KV cache of positions [0, n) from slot `from` to slot `to` (a prompt-prefix cache: a sequence
+  // whose first n tokens equal another's reuses that one's keys and values instead of recomputing them). A
+  // position's keys and values depend only on the tokens at and before it, and with the repacked matrices a row's
+  // result does not depend on the other rows of its step, so the copy equals a recomputation bit for bit there.
+  // 0 <= n <= max_positions(); from == to is a no-op.
+  void CopyPositions(int from, int to, int n);
   int max_batch() const { return B_; }
   int max_positions() const { return maxT_; }
   int max_rows() const { return R_; }

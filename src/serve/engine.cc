@@ -183,11 +183,65 @@ void Engine::Shutdown(std::chrono::steady_clock::time_point deadline) {
   });
 }
 
-void Engine::Admit(Slot& s, Pending p) {
+namespace {
+
+size_t CommonPrefix(const std::vector<int32_t>& a, const std::vector<int32_t>& b) {
+  const size_t n = std::min(a.size(), b.size());
+  size_t i = 0;
+  while (i < n && a[i] == b[i]) ++i;
+  return i;
+}
+
+}  // namespace
+
+int Engine::PlaceInSlot(const std::vector<int32_t>& prompt, int* reused) {
+  *reused = 0;
+  // At least the prompt's last token is fed: its logits give the first generated token.
+  const size_t cap = prompt.size() - 1;
+  int dst = -1;
+  size_t dst_len = 0;
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    if (slots_[i].gen) continue;
+    if (!opts_.prompt_cache) {
+      dst = static_cast<int>(i);
+      break;
+    }
+    // The longest shared prefix; among equals the least recently admitted slot (an empty one first).
+    const size_t len = std::min(cap, CommonPrefix(slots_[i].kv, prompt));
+    if (dst < 0 || len > dst_len ||
+        (len == dst_len && slots_[i].order < slots_[static_cast<size_t>(dst)].order)) {
+      dst = static_cast<int>(i);
+      dst_len = len;
+    }
+  }
+  if (dst < 0) return -1;
+  Slot& d = slots_[static_cast<size_t>(dst)];
+  if (!opts_.prompt_cache) {
+    d.kv.clear();
+    return dst;
+  }
+  // A longer prefix in another slot (busy or free: the positions below its kv's end are written and stay so
+  // until that slot is reused) is copied over.
+  int src = dst;
+  size_t src_len = dst_len;
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    const size_t len = std::min(cap, CommonPrefix(slots_[i].kv, prompt));
+    if (len > src_len) {
+      src = static_cast<int>(i);
+      src_len = len;
+    }
+  }
+  if (src != dst) state_->CopyPositions(src, dst, static_cast<int>(src_len));
+  d.kv.assign(prompt.begin(), prompt.begin() + static_cast<std::ptrdiff_t>(src_len));
+  *reused = static_cast<int>(src_len);
+  return dst;
+}
+
+void Engine::Admit(Slot& s, Pending p, int reused) {
   s.gen = std::move(p.gen);
   s.req = std::move(p.req);
   s.rng = Rng(s.req.sampling.seed);
-  s.fed = 0;
+  s.fed = reused;
   s.next = 0;
   s.generated = 0;
   s.text.clear();
@@ -197,7 +251,10 @@ void Engine::Admit(Slot& s, Pending p) {
   for (const auto& st : s.req.stop) s.max_stop = std::max(s.max_stop, st.size());
   s.submitted = p.submitted;
   s.order = next_order_++;
-  if (metrics_) metrics_->AddPromptTokens(static_cast<int64_t>(s.req.prompt.size()));
+  if (metrics_) {
+    metrics_->AddPromptTokens(static_cast<int64_t>(s.req.prompt.size()));
+    metrics_->AddCachedPromptTokens(reused);
+  }
   active_ += 1;
 }
 
@@ -289,12 +346,13 @@ void Engine::Loop() {
           ++it;
         }
       }
-      for (auto& s : slots_) {
-        if (queue_.empty()) break;
-        if (s.gen) continue;
+      while (!queue_.empty()) {
+        int reused = 0;
+        const int i = PlaceInSlot(queue_.front().req.prompt, &reused);
+        if (i < 0) break;
         Pending p = std::move(queue_.front());
         queue_.pop_front();
-        Admit(s, std::move(p));
+        Admit(slots_[static_cast<size_t>(i)], std::move(p), reused);
       }
       if (metrics_) {
         metrics_->SetQueueDepth(static_cast<int>(queue_.size()));
@@ -356,6 +414,8 @@ void Engine::Loop() {
       toks.push_back(s.next);
       poss.push_back(n + s.generated - 1);
       rows_slot.push_back(i);
+      s.kv.resize(static_cast<size_t>(n + s.generated - 1));
+      s.kv.push_back(s.next);
     }
     std::sort(prefilling.begin(), prefilling.end(),
               [&](int a, int b) { return slots_[static_cast<size_t>(a)].order < slots_[static_cast<size_t>(b)].order; });
@@ -365,10 +425,12 @@ void Engine::Loop() {
       Slot& s = slots_[static_cast<size_t>(i)];
       const int n = static_cast<int>(s.req.prompt.size());
       const int take = std::min(budget, n - s.fed);
+      s.kv.resize(static_cast<size_t>(s.fed));
       for (int k = 0; k < take; ++k) {
         toks.push_back(s.req.prompt[static_cast<size_t>(s.fed)]);
         poss.push_back(s.fed);
         rows_slot.push_back(i);
+        s.kv.push_back(toks.back());
         ++s.fed;
       }
       budget -= take;

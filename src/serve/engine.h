@@ -10,6 +10,15 @@
 //   4. publishes new text, and frees the slots of finished or cancelled sequences.
 // New requests thus join between steps, and a slot is reused as soon as its sequence ends.
 //
+// Prompt cache (on by default, as llama.cpp's server and vLLM's prefix caching): a slot keeps the keys and values
+// of its last sequence after it ends. A new request goes to the free slot whose kept tokens share the longest
+// prefix with its prompt (least recently used among equals), and if another slot, busy or free, shares a longer
+// one, those positions are copied from it (DecodeState::CopyPositions). Only the rest of the prompt is fed, at
+// least its last token (whose logits give the first generated token). Keys and values are a function of the
+// tokens at and before their position, and with the repacked decode matrices (CPU with AVX2) a row does not
+// depend on the other rows of its step, so a cached prefix gives the same bits as feeding it again; elsewhere
+// the difference is the rounding that batching already brings.
+//
 // Text is published without ever revealing part of a stop string (a tail that could still grow into one is
 // held back) or a partial UTF-8 sequence (held back until complete; flushed as is at the end). A matched stop
 // string and everything after it are dropped. The end-of-sequence token (if the tokenizer has one) ends a
@@ -50,6 +59,7 @@ struct EngineOptions {
   int threads = 0;         // backend threads, set on the scheduler thread (0: leave the backend's setting)
   int step_delay_ms = 0;   // testing aid: sleep this long after every step
   bool half_weights = false;  // decode from f16 copies of the weight matrices (--dtype f16; see DecodeState)
+  bool prompt_cache = true;   // reuse the keys and values of a prompt's longest cached prefix (see above)
 };
 
 struct GenerationRequest {
@@ -132,6 +142,9 @@ class Engine {
     size_t max_stop = 0;
     std::chrono::steady_clock::time_point submitted;
     uint64_t order = 0;   // admission order (prefill priority)
+    // Tokens whose keys and values this slot's KV cache holds at positions 0..kv.size()-1. Kept after the
+    // sequence ends: the prompt cache.
+    std::vector<int32_t> kv;
   };
   struct Pending {
     std::shared_ptr<Generation> gen;
@@ -141,7 +154,11 @@ class Engine {
 
   Engine(GptModel* model, const Tokenizer* tok, const EngineOptions& o, ServeMetrics* metrics);
   void Loop();
-  void Admit(Slot& s, Pending p);
+  // Picks the free slot for a prompt (the prompt cache's choice, or the first free one) and fills its KV cache
+  // with the longest cached prefix of the prompt; returns the slot index and sets *reused to the prompt tokens
+  // that need no feeding. -1: no free slot.
+  int PlaceInSlot(const std::vector<int32_t>& prompt, int* reused);
+  void Admit(Slot& s, Pending p, int reused);
   // Handles a sampled token; returns true if the sequence finished (its slot is then freed).
   bool OnToken(Slot& s, int32_t token);
   void FinishSlot(Slot& s, FinishReason reason, Status error = Status::Ok());
@@ -155,7 +172,7 @@ class Engine {
   int vocab_ = 0;  // sampled ids are < vocab_ (the tokenizer's vocabulary; a padded model never emits the rest)
   std::unique_ptr<DecodeState> state_;
   std::vector<Slot> slots_;  // owned by the scheduler thread
-  uint64_t next_order_ = 0;
+  uint64_t next_order_ = 1;  // 0: a slot never used (the prompt cache takes those first)
 
   mutable std::mutex mu_;
   std::condition_variable cv_;       // scheduler wake-up: new work or stop

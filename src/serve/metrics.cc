@@ -109,6 +109,9 @@ std::string ServeMetrics::Render() const {
   }
   Header(&out, "keel_prompt_tokens_total", "counter", "Prompt tokens admitted for generation.");
   out += "keel_prompt_tokens_total " + std::to_string(prompt_tokens_.load()) + "\n";
+  Header(&out, "keel_prompt_tokens_cached_total", "counter",
+         "Prompt tokens whose keys and values were reused from the prompt cache instead of computed.");
+  out += "keel_prompt_tokens_cached_total " + std::to_string(cached_prompt_tokens_.load()) + "\n";
   Header(&out, "keel_generation_tokens_total", "counter", "Tokens generated.");
   out += "keel_generation_tokens_total " + std::to_string(generated_tokens_.load()) + "\n";
   Header(&out, "keel_requests_cancelled_total", "counter",

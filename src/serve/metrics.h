@@ -2,6 +2,8 @@
 // exposition format (version 0.0.4). Metric names (all prefixed keel_):
 //   requests_total{endpoint,status}         counter  HTTP requests by route ("other" for unknown paths) and status
 //   prompt_tokens_total                      counter  prompt tokens admitted for generation
+//   prompt_tokens_cached_total               counter  of those, tokens whose keys and values came from the prompt
+//                                                     cache (an earlier sequence's KV slot) instead of a forward pass
 //   generation_tokens_total                  counter  tokens generated
 //   requests_cancelled_total                 counter  generations cancelled (client disconnect, shutdown deadline)
 //   requests_rejected_total{reason}          counter  generations refused: queue_full, shutting_down
@@ -49,6 +51,7 @@ class ServeMetrics {
   ServeMetrics();
   void CountRequest(const std::string& endpoint, int status);
   void AddPromptTokens(int64_t n) { prompt_tokens_ += n; }
+  void AddCachedPromptTokens(int64_t n) { cached_prompt_tokens_ += n; }
   void AddGeneratedTokens(int64_t n) { generated_tokens_ += n; }
   void CountCancelled() { cancelled_ += 1; }
   void CountRejected(const std::string& reason);
@@ -62,6 +65,7 @@ class ServeMetrics {
   void AddSamplingSeconds(double seconds);
 
   int64_t generated_tokens() const { return generated_tokens_; }
+  int64_t cached_prompt_tokens() const { return cached_prompt_tokens_; }
   int64_t cancelled() const { return cancelled_; }
   int active_slots() const { return active_slots_; }
   int queue_depth() const { return queue_depth_; }
@@ -72,7 +76,7 @@ class ServeMetrics {
   mutable std::mutex mu_;
   std::map<std::pair<std::string, int>, uint64_t> requests_;
   std::map<std::string, uint64_t> rejected_;
-  std::atomic<int64_t> prompt_tokens_{0}, generated_tokens_{0}, cancelled_{0};
+  std::atomic<int64_t> prompt_tokens_{0}, cached_prompt_tokens_{0}, generated_tokens_{0}, cancelled_{0};
   std::atomic<int64_t> engine_steps_{0}, engine_rows_{0};
   std::atomic<double> forward_seconds_{0}, sampling_seconds_{0};
   std::atomic<double> tokens_per_s_{0};

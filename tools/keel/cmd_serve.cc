@@ -53,6 +53,9 @@ int RunServe(int argc, char** argv) {
   app.add_option("--queue", eo.queue, "requests that may wait for a slot before 429")->capture_default_str();
   app.add_option("--model-name", model_name, "model id in the API (default: the checkpoint's directory or file name, without .gguf)");
   app.add_option("--prefill-chunk", eo.prefill_chunk, "prompt tokens fed per batched step")->capture_default_str();
+  bool no_prompt_cache = false;
+  app.add_flag("--no-prompt-cache", no_prompt_cache,
+               "feed every prompt in full (by default a prompt's longest prefix still held in a KV slot is reused)");
   app.add_option("--max-body", so.max_body_bytes, "largest request body in bytes (413 beyond)")->capture_default_str();
   app.add_option("--drain-timeout", drain_timeout, "seconds in-flight requests get to finish on SIGTERM/SIGINT")
       ->capture_default_str();
@@ -89,6 +92,7 @@ int RunServe(int argc, char** argv) {
   if (dtype != "f32" && dtype != "f16")
     return Fail("serve", InvalidArgument("--dtype must be f32 or f16, got '" + dtype + "'"));
   eo.half_weights = dtype == "f16";
+  eo.prompt_cache = !no_prompt_cache;
 
   std::vector<std::string> warnings;
   auto snap = LoadModelForInference(ckpt, &warnings);
