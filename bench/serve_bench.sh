@@ -6,7 +6,8 @@
 #      keel's own GGUF exports (f32 and f16) of the model — ROUNDS (default 3) rounds taken in turn, medians —
 #      then keel serve over HTTP (f32 and --dtype f16). Never downloads or builds llama.cpp.
 #   2. aggregate generated tokens/s and p50/p99 time-to-first-token with 1, 4 and 16 concurrent streaming clients
-#      (keel serve --parallel 16; each client sends REQS requests back to back, temperature 0.8).
+#      (keel serve --parallel 16; each client sends REQS requests back to back, temperature 0.8), and 16 again
+#      with --no-prompt-cache (every request's prompt fed in full, as for prompts that share no prefix).
 # Prints Markdown tables.
 #
 #   bash bench/serve_bench.sh [THREADS] [DECODE_TOKENS]      (defaults: all cores, 128)
@@ -118,6 +119,13 @@ for c in 1 4 16; do
   LOADS+=("$($PY bench/serve_bench_client.py load --port "$PORT" --prompt-ids "$IDS" --tokens "$LOAD_TOKENS" \
     --clients "$c" --requests "$REQS")")
 done
+stop_server
+# The same prompt every time lets the prompt cache skip all but its last token; without it (as with prompts
+# that share nothing) every request's 32 prompt tokens take rows of the batched steps.
+echo "load: 16 clients, --no-prompt-cache..." >&2
+start_server --parallel 16 --no-prompt-cache
+LOADS+=("$($PY bench/serve_bench_client.py load --port "$PORT" --prompt-ids "$IDS" --tokens "$LOAD_TOKENS" \
+  --clients 16 --requests "$REQS" | sed 's/"clients": 16/"clients": "16, --no-prompt-cache"/')")
 stop_server
 
 $PY - "$THREADS" "$TOKENS" "$LAYERS/$HEADS/$DIM ctx $CTX vocab $VOCAB" "$KEEL_SINGLE" "$(join "${TORCH[@]}")" \

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <string_view>
 
+#include "core/check.h"
 #include "data/tokenizer.h"
 #include "model/gpt.h"
 
@@ -206,10 +207,10 @@ int Engine::PlaceInSlot(const std::vector<int32_t>& prompt, int* reused) {
       dst = static_cast<int>(i);
       break;
     }
-    // The longest shared prefix; among equals the least recently admitted slot (an empty one first).
+    // The longest shared prefix; among equals the least recently used slot (one never used first).
     const size_t len = std::min(cap, CommonPrefix(slots_[i].kv, prompt));
     if (dst < 0 || len > dst_len ||
-        (len == dst_len && slots_[i].order < slots_[static_cast<size_t>(dst)].order)) {
+        (len == dst_len && slots_[i].released < slots_[static_cast<size_t>(dst)].released)) {
       dst = static_cast<int>(i);
       dst_len = len;
     }
@@ -269,6 +270,7 @@ void Engine::FinishSlot(Slot& s, FinishReason reason, Status error) {
   }
   s.gen->Finish(reason, std::move(error), s.generated);
   s.gen.reset();
+  s.released = next_order_++;
   active_ -= 1;
   std::lock_guard<std::mutex> l(mu_);
   if (--busy_ == 0) idle_cv_.notify_all();
@@ -332,6 +334,7 @@ void Engine::Loop() {
   std::vector<int> prefilling;
   auto window_start = std::chrono::steady_clock::now();
   int64_t window_tokens = 0;
+  std::vector<Pending> admitting;
   for (;;) {
     std::vector<Pending> cancelled_pending;
     bool cancel_all = false;
@@ -346,20 +349,19 @@ void Engine::Loop() {
           ++it;
         }
       }
-      while (!queue_.empty()) {
-        int reused = 0;
-        const int i = PlaceInSlot(queue_.front().req.prompt, &reused);
-        if (i < 0) break;
-        Pending p = std::move(queue_.front());
+      // Queued requests take the free slots (placed below, outside the lock).
+      size_t free_slots = 0;
+      for (const auto& s : slots_) free_slots += s.gen ? 0 : 1;
+      while (!queue_.empty() && admitting.size() < free_slots) {
+        admitting.push_back(std::move(queue_.front()));
         queue_.pop_front();
-        Admit(slots_[static_cast<size_t>(i)], std::move(p), reused);
       }
       if (metrics_) {
         metrics_->SetQueueDepth(static_cast<int>(queue_.size()));
         metrics_->SetActiveSlots(active_.load());
       }
       cancel_all = shutdown_cancel_;
-      if (active_.load() == 0 && queue_.empty() && cancelled_pending.empty()) {
+      if (active_.load() == 0 && queue_.empty() && cancelled_pending.empty() && admitting.empty()) {
         if (stop_) break;
         // Idle: the throughput gauge decays to 0 after a second without work.
         if (!cv_.wait_for(l, std::chrono::seconds(1), [&] { return stop_ || !queue_.empty(); }) && metrics_)
@@ -369,6 +371,16 @@ void Engine::Loop() {
         continue;
       }
     }
+    // Placing a request may copy a long cached prefix (2 x layers x positions x dim floats): outside the lock, so
+    // Submit() and the HTTP threads do not wait for it. Only this thread touches the slots and the KV cache.
+    for (auto& p : admitting) {
+      int reused = 0;
+      const int i = PlaceInSlot(p.req.prompt, &reused);
+      KEEL_CHECK(i >= 0, "Engine: no free slot for a request taken from the queue");
+      Admit(slots_[static_cast<size_t>(i)], std::move(p), reused);
+    }
+    admitting.clear();
+    if (metrics_) metrics_->SetActiveSlots(active_.load());
     for (auto& p : cancelled_pending) {
       if (metrics_) metrics_->CountCancelled();
       p.gen->Finish(FinishReason::kCancelled,

@@ -12,7 +12,7 @@
 //
 // Prompt cache (on by default, as llama.cpp's server and vLLM's prefix caching): a slot keeps the keys and values
 // of its last sequence after it ends. A new request goes to the free slot whose kept tokens share the longest
-// prefix with its prompt (least recently used among equals), and if another slot, busy or free, shares a longer
+// prefix with its prompt (among equals the one released longest ago), and if another slot, busy or free, shares a longer
 // one, those positions are copied from it (DecodeState::CopyPositions). Only the rest of the prompt is fed, at
 // least its last token (whose logits give the first generated token). Keys and values are a function of the
 // tokens at and before their position, and with the repacked decode matrices (CPU with AVX2) a row does not
@@ -145,6 +145,7 @@ class Engine {
     // Tokens whose keys and values this slot's KV cache holds at positions 0..kv.size()-1. Kept after the
     // sequence ends: the prompt cache.
     std::vector<int32_t> kv;
+    uint64_t released = 0;  // when its last sequence ended (0: never used): the prompt cache evicts the oldest
   };
   struct Pending {
     std::shared_ptr<Generation> gen;
@@ -172,7 +173,7 @@ class Engine {
   int vocab_ = 0;  // sampled ids are < vocab_ (the tokenizer's vocabulary; a padded model never emits the rest)
   std::unique_ptr<DecodeState> state_;
   std::vector<Slot> slots_;  // owned by the scheduler thread
-  uint64_t next_order_ = 1;  // 0: a slot never used (the prompt cache takes those first)
+  uint64_t next_order_ = 1;  // admission and release stamps (0: a slot never used, taken first)
 
   mutable std::mutex mu_;
   std::condition_variable cv_;       // scheduler wake-up: new work or stop
