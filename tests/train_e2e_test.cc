@@ -163,6 +163,26 @@ TEST_F(TrainE2E, CorruptNewestCheckpointFallsBackWithWarning) {
               ReadAll(t / "run/ckpt-00000030/model.safetensors"));
 }
 
+// A crash between a first checkpoint's rename and its COMMITTED marker leaves nothing committed: --resume starts
+// the run afresh (as a crash a moment earlier, with only the .tmp, would), instead of refusing for ever. A resume
+// with another --lr goes on but says so.
+TEST_F(TrainE2E, UncommittedFirstCheckpointStartsAfreshAndAChangedLrWarns) {
+  TempDir t;
+  ASSERT_EQ(RunKeel(Args(t / "straight", 10)).exit_code, 0);
+  ASSERT_EQ(RunKeel(Args(t / "run", 10) + " --stop-after 5").exit_code, 0);
+  ASSERT_TRUE(std::filesystem::remove(t / "run/ckpt-00000005/COMMITTED"));
+  auto r = RunKeel(Args(t / "run", 10) + " --resume");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("holds no committed checkpoint yet: starting a new run"), std::string::npos) << r.output;
+  EXPECT_TRUE(ReadAll(t / "straight/ckpt-00000010/model.safetensors") ==
+              ReadAll(t / "run/ckpt-00000010/model.safetensors"));
+  std::string args = Args(t / "run", 12) + " --resume";
+  args.replace(args.find("--lr 3e-3"), 9, "--lr 1e-3");
+  r = RunKeel(args);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("warning: --lr 0.001 differs from the run's 0.003"), std::string::npos) << r.output;
+}
+
 TEST_F(TrainE2E, SampleFromRunWithKvCacheIsDeterministic) {
   TempDir t;
   ASSERT_EQ(RunKeel(Args(t / "run", 10)).exit_code, 0);

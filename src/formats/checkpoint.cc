@@ -102,6 +102,14 @@ Status CheckFile(const std::string& path, const ManifestEntry& e, const void* da
   return Status::Ok();
 }
 
+}  // namespace
+
+bool CheckpointCommitted(const std::string& ckpt_dir) {
+  return DefaultEnv()->Exists(JoinPath(ckpt_dir, kCommitted));
+}
+
+namespace {
+
 // Full verification; with `out`, also returns the files' bytes (read once, checked as read).
 Status VerifyImpl(const std::string& dir, std::map<std::string, std::string>* out) {
   Env* env = DefaultEnv();

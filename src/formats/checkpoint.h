@@ -61,6 +61,10 @@ Status WriteCheckpoint(const std::string& run_dir, int64_t step, const std::vect
 // plain name before the .old of the same step. Does not verify. An absent run_dir gives an empty list.
 Result<std::vector<CheckpointInfo>> ListCheckpoints(const std::string& run_dir);
 
+// Whether ckpt_dir holds its COMMITTED marker (written last: without it the checkpoint was never committed).
+// Does not verify anything else.
+bool CheckpointCommitted(const std::string& ckpt_dir);
+
 // Full verification (reads and hashes every file). Examples of errors:
 //   "runs/x/ckpt-00000040: incomplete (no COMMITTED marker)"
 //   "runs/x/ckpt-00000040/model.safetensors: checksum mismatch (file corrupt)"

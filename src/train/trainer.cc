@@ -108,6 +108,18 @@ namespace trainer_support {
 
 // ---- set-up ---------------------------------------------------------------------------------------------
 
+namespace {
+
+// True when no listed checkpoint carries its COMMITTED marker: none was ever committed (a crash between the
+// rename and the marker of the run's first write), so there is nothing to resume from.
+bool NoneCommitted(const std::vector<CheckpointInfo>& ckpts) {
+  for (const auto& c : ckpts)
+    if (CheckpointCommitted(c.dir)) return false;
+  return true;
+}
+
+}  // namespace
+
 Status Trainer::InspectRunDir() {
   // A fresh run must not overwrite someone else's; a resumed one continues its own. --resume with nothing to
   // resume starts a new run (so one command line both starts and continues a job), and says so.
@@ -132,6 +144,9 @@ Status Trainer::InspectRunDir() {
                            ", --data has " + data.fingerprint() + ")");
   KEEL_ASSIGN_OR_RETURN(auto ckpts, ListCheckpoints(o_.out_dir));
   if (ckpts.empty()) return fresh("--out " + o_.out_dir + " holds no checkpoint yet");
+  // A crash while the first checkpoint was being committed (renamed into place, no marker yet): as if it had come
+  // a moment earlier, when only its .tmp existed.
+  if (NoneCommitted(ckpts)) return fresh("--out " + o_.out_dir + " holds no committed checkpoint yet");
   std::vector<std::string> warnings;
   std::string dir;
   KEEL_ASSIGN_OR_RETURN(resume_snap_, LoadSnapshot(o_.out_dir, true, &warnings, &dir));
@@ -168,6 +183,25 @@ Status Trainer::InspectRunDir() {
       return InvalidArgument(flag + " " + show(mine) + " differs from the run's " + show(theirs) + " (" + dir +
                              "): pass " + flag + " " + show(theirs) + " to continue it, or choose another --out");
   }
+  // Settings a resume may change on purpose (a new learning rate for the rest of a run), but which a forgotten
+  // flag changes silently: say so, since the continuation is then not the run's own.
+  if (o_.launch_rank == 0)
+    for (const auto& [flag, key, mine] :
+         {std::tuple<std::string, std::string, nlohmann::json>{"--lr", "lr", o_.optim.lr},
+          {"--warmup", "warmup", o_.optim.warmup},
+          {"--deterministic", "deterministic", o_.deterministic},
+          {"--sync", "sync", o_.sync},
+          {"--compress", "compress", o_.compress}}) {
+      const nlohmann::json& theirs = resume_snap_.state.value(key, nlohmann::json());
+      const bool comparable = theirs.is_number() ? mine.is_number() : theirs.type() == mine.type();
+      if (theirs.is_null() || !comparable || theirs == mine) continue;
+      auto show = [](const nlohmann::json& v) {
+        if (v.is_number_float()) return Fmt("%g", v.get<double>());
+        return v.is_string() ? v.get<std::string>() : v.dump();
+      };
+      log_("warning: " + flag + " " + show(mine) + " differs from the run's " + show(theirs) + " (" + dir +
+           "): the run goes on with the new value (pass " + flag + " " + show(theirs) + " to continue it as it was)");
+    }
   start_step_ = resume_snap_.state["step"].get<int64_t>();
   if (resume_snap_.state.contains("data_offset") && resume_snap_.state["data_offset"].is_number_integer())
     resume_data_offset_ = resume_snap_.state["data_offset"].get<int64_t>();
@@ -274,8 +308,11 @@ Status Trainer::LoadInitialState() {
 // restarted): the state comes from the newest valid checkpoint, or fresh weights if there is none at all (an
 // error if there are checkpoints but none of them loads).
 Status Trainer::LoadStateFromDisk() {
+  // This member's own checkpoint writer may still be committing and pruning (checkpoint.h: no reader while a
+  // writer may delete).
+  KEEL_RETURN_IF_ERROR(ckpt_->Wait());
   auto ckpts = ListCheckpoints(o_.out_dir);
-  if (ckpts.ok() && !ckpts->empty()) {
+  if (ckpts.ok() && !ckpts->empty() && !NoneCommitted(*ckpts)) {
     std::vector<std::string> warnings;
     std::string dir;
     auto snap = LoadSnapshot(o_.out_dir, true, &warnings, &dir);
@@ -328,8 +365,13 @@ void Trainer::DropAbandonedCheckpoints(int64_t rollback_step) {
   }
   auto list = ListCheckpoints(o_.out_dir);
   if (!list.ok()) return;
+  // Only a valid checkpoint counts as one to fall back to: with the newer ones deleted, a corrupt older one
+  // would leave --resume nothing.
   bool newer = false, older = false;
-  for (const auto& c : *list) (c.step > rollback_step ? newer : older) = true;
+  for (const auto& c : *list) {
+    if (c.step > rollback_step) newer = true;
+    else if (!older && VerifyCheckpoint(c.dir).ok()) older = true;
+  }
   if (!newer) return;
   if (!older && snap_.valid && has_state_ && step_ == rollback_step) {
     // None to fall back to (--keep 1, or the rollback goes back past the first checkpoint): first write one of
@@ -337,6 +379,7 @@ void Trainer::DropAbandonedCheckpoints(int64_t rollback_step) {
     EnsureRunDir();
     if (!host_) StateToHost(&ckpt_p_, &ckpt_m_, &ckpt_v_);
     Status w = ckpt_->Start(CheckpointView(step_), step_);
+    ckpt_started_step_ = step_;
     if (w.ok()) w = ckpt_->Wait();
     if (!w.ok()) {
       if (deferred_ckpt_error_.ok()) deferred_ckpt_error_ = w;
@@ -346,12 +389,26 @@ void Trainer::DropAbandonedCheckpoints(int64_t rollback_step) {
   }
   if (!older) {
     log_("warning: the checkpoints after step " + std::to_string(rollback_step) + " hold the trajectory the rollback "
-         "abandoned, but no older one exists: they are kept until this run writes newer ones");
+         "abandoned, but no older valid one exists: they are kept until this run commits its next checkpoint");
+    abandoned_after_ = abandoned_after_ < 0 ? rollback_step : std::min(abandoned_after_, rollback_step);
     return;
   }
   Status s = DeleteCheckpointsAfter(o_.out_dir, rollback_step);
   if (!s.ok())
     log_("warning: checkpoints after the rollback to step " + std::to_string(rollback_step) + " are left: " + s.message());
+}
+
+// The checkpoint last started has committed (its Wait() succeeded): checkpoints after it can only be the
+// abandoned trajectory's (this run has not gone past it), which --resume would otherwise prefer.
+void Trainer::DropAbandonedAfterCommit() {
+  if (abandoned_after_ < 0 || ckpt_started_step_ <= abandoned_after_) return;
+  Status s = DeleteCheckpointsAfter(o_.out_dir, ckpt_started_step_);
+  if (!s.ok()) {
+    log_("warning: checkpoints of the abandoned trajectory after step " + std::to_string(ckpt_started_step_) +
+         " are left: " + s.message());
+    return;
+  }
+  abandoned_after_ = -1;
 }
 
 void Trainer::Emit(const std::string& event, nlohmann::json fields) {
@@ -426,6 +483,7 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
   if (leader() && o_.progress && tty_) std::fprintf(stderr, "\n");
   KEEL_RETURN_IF_ERROR(ckpt_->Wait());
   KEEL_RETURN_IF_ERROR(deferred_ckpt_error_);
+  if (leader()) DropAbandonedAfterCommit();
   result_.wire_bytes = wire_->bytes_sent.load();
   result_.steps_this_run = steps_this_run_;
   log_("wire: " + Fmt("%.3f MB", result_.wire_bytes / 1e6) + " sent by this worker in " +

@@ -610,6 +610,7 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
     const auto t_ckpt = Clock::now();
     KEEL_RETURN_IF_ERROR(ckpt_->Wait());  // the previous write (normally finished long ago)
     KEEL_RETURN_IF_ERROR(deferred_ckpt_error_);  // or one found failed at a rollback
+    DropAbandonedAfterCommit();
     if (!host_) StateToHost(&ckpt_p_, &ckpt_m_, &ckpt_v_);  // host memory: encoded from the live buffers
     std::function<void(const std::vector<CheckpointFile>&)> before_write;
     bool then_kill = true;
@@ -621,6 +622,7 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
       };
     }
     KEEL_RETURN_IF_ERROR(ckpt_->Start(CheckpointView(step_), step_, std::move(before_write)));
+    ckpt_started_step_ = step_;
     // The training thread's share of an asynchronous checkpoint (waiting for the previous write; device
     // backends: copying the state to the host): the stall it adds to this step.
     ckpt_stall_ms = Since(t_ckpt) * 1e3;
