@@ -236,6 +236,30 @@ TEST(Quorum, MaxWorkersKeepsPreviousMembersFirst) {
   EXPECT_EQ(d.members, (std::vector<int64_t>{1, 3, 5}));
 }
 
+// The lowest ready uid is a joiner that --max-workers leaves out (the previous members come first): the lowest
+// member of the generation proposes, and the joiner waits. (The leader used to be the lowest ready uid: it waited
+// for a generation listing it while the others waited for its proposal, for ever.)
+TEST(Quorum, ALowestJoinerLeftOutByMaxWorkersDoesNotBlockTheProposal) {
+  auto c = Config();
+  c.max_workers = 2;
+  QuorumView v;
+  v.after = 2;
+  v.prev_members = {3, 4};
+  v.peers = {Peer(2, 0, true, 2), Peer(3, 0, true, 2), Peer(4, 0, true, 2)};
+  v.my_uid = 3;
+  auto d = Decide(0, v, c);
+  ASSERT_EQ(d.kind, QuorumDecision::kPropose) << d.reason;
+  EXPECT_EQ(d.members, (std::vector<int64_t>{3, 4}));
+  v.my_uid = 4;
+  d = Decide(0, v, c);
+  EXPECT_EQ(d.kind, QuorumDecision::kWait);
+  EXPECT_NE(d.reason.find("waiting for the leader (member 3)"), std::string::npos) << d.reason;
+  v.my_uid = 2;
+  d = Decide(0, v, c);
+  EXPECT_EQ(d.kind, QuorumDecision::kWait);
+  EXPECT_NE(d.reason.find("member 3"), std::string::npos) << d.reason;
+}
+
 // ---- assignment ----
 
 TEST(Assign, CoversEveryMissingMicroBatchOnceAndKeepsHoldings) {

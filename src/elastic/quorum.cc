@@ -82,7 +82,17 @@ QuorumDecision Decide(double now, const QuorumView& v, const QuorumConfig& c) {
   }
   if (!me_seen) ready.push_back(v.my_uid);
   std::sort(ready.begin(), ready.end());
-  const int64_t leader = ready.front();
+  // Members: the previous generation's first (they hold the newest state), then the others by uid, at most
+  // --max-workers. The leader is the lowest uid among them (not among all ready: a lowest ready member left out
+  // by --max-workers would wait for a generation that lists it, while the others waited for its proposal).
+  std::vector<int64_t> members;
+  for (int64_t u : ready)
+    if (Contains(v.prev_members, u)) members.push_back(u);
+  for (int64_t u : ready)
+    if (!Contains(v.prev_members, u)) members.push_back(u);
+  if (static_cast<int>(members.size()) > c.max_workers) members.resize(static_cast<size_t>(c.max_workers));
+  std::sort(members.begin(), members.end());
+  const int64_t leader = members.front();
   if (leader != v.my_uid) {
     d.reason = "waiting for the leader (member " + std::to_string(leader) + ") to propose generation " +
                std::to_string(v.after + 1);
@@ -117,19 +127,6 @@ QuorumDecision Decide(double now, const QuorumView& v, const QuorumConfig& c) {
                " launched workers ready";
     return d;
   }
-  // Members: the previous generation's first (they hold the newest state), then the others by uid.
-  std::vector<int64_t> members;
-  for (int64_t u : ready)
-    if (Contains(v.prev_members, u)) members.push_back(u);
-  for (int64_t u : ready)
-    if (!Contains(v.prev_members, u)) members.push_back(u);
-  if (static_cast<int>(members.size()) > c.max_workers) members.resize(static_cast<size_t>(c.max_workers));
-  if (!Contains(members, v.my_uid)) {
-    // The leader itself does not fit (max_workers reached by earlier members): let the lowest member propose.
-    d.reason = "generation would be full without me";
-    return d;
-  }
-  std::sort(members.begin(), members.end());
   d.kind = QuorumDecision::kPropose;
   d.gen = v.after + 1;
   d.members = members;

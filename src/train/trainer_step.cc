@@ -707,8 +707,11 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
     need_group_ = true;
     voluntary_ = true;
   }
-  // Straggler eviction: a member persistently slower than --straggler-evict x the median leaves.
-  if (elastic_ && o_.straggler_evict > 1 && size_ > 1) {
+  // Straggler eviction: a member persistently slower than --straggler-evict x the median leaves, unless the
+  // group would then fall below its floor (--min-workers, as for a vote's quarantine): a slow group goes on, a
+  // group below quorum would wait for ever.
+  const int evict_floor = std::max(o_.quarantine_floor, elastic_ ? elastic_->options().min_workers : 1);
+  if (elastic_ && o_.straggler_evict > 1 && size_ > 1 && size_ - 1 >= evict_floor) {
     std::vector<double> xs;
     for (int64_t u : members_)
       if (speed_.count(u)) xs.push_back(speed_[u]);
