@@ -165,6 +165,11 @@ TEST(LinkEmulation, InjectionSpec) {
   EXPECT_FALSE(ParseFaultSpec("link:rank=3").ok());          // neither a bandwidth nor a latency
   EXPECT_FALSE(ParseFaultSpec("link:mbit=10").ok());         // no rank
   EXPECT_FALSE(ParseFaultSpec("crash:rank=1,step=2,mbit=5").ok());  // link keys only for link
+  // Values beyond what the casts to integers hold are refused, not undefined behaviour.
+  EXPECT_FALSE(ParseFaultSpec("crash:rank=1,step=1e19").ok());
+  EXPECT_FALSE(ParseFaultSpec("slow:rank=0,step=0,steps=1e300").ok());
+  EXPECT_FALSE(ParseFaultSpec("crash:rank=1e12,step=1").ok());
+  EXPECT_TRUE(ParseFaultSpec("slow:rank=0,step=1e15,steps=1e15").ok());
 }
 
 // slow:...,busy=1 spins for the extra time (a busy host), plain slow sleeps: the CPU time spent tells them apart.

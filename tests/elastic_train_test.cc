@@ -726,6 +726,28 @@ TEST_F(ElasticTrain, LeaderKilledWhileWritingACheckpointIsReplacedAndNothingIsLo
   ExpectSameAsStraight(out);
 }
 
+// The leader is SIGKILLed in the middle of writing the FINAL checkpoint. The other workers do not exit until the
+// job is marked done (the launcher would take their exit 0 for the end of the job and restart nobody): they see the
+// leader go, re-form (with its restarted incarnation), and the new leader writes the final checkpoint and marks the
+// job done. The launcher exits 0 with the final checkpoint committed and the weights bit-identical.
+TEST_F(ElasticTrain, LeaderKilledWhileWritingTheFinalCheckpointIsReplaced) {
+  TempDir t;
+  const std::string out = t / "run";
+  Background job(Split(Args(out) + " --nproc 3 --elastic --max-restarts 1 --inject truncate-ckpt:step=" +
+                       std::to_string(kSteps) + ",then=kill"),
+                 t / "log", InjectEnv());
+  ASSERT_EQ(job.Wait(180), 0) << job.Output();
+  const std::string log = job.Output();
+  EXPECT_NE(log.find("truncate-ckpt of the checkpoint of step " + std::to_string(kSteps)), std::string::npos) << log;
+  EXPECT_NE(log.find("re-forming to finish it"), std::string::npos) << log;
+  EXPECT_NE(log.find("writing the final checkpoint (step " + std::to_string(kSteps) + ") in place of the previous leader"),
+            std::string::npos)
+      << log;
+  EXPECT_EQ(log.find("after the job finished; not restarted"), std::string::npos) << log;
+  EXPECT_TRUE(std::filesystem::exists(out + "/ckpt-00000200/COMMITTED")) << log;
+  ExpectSameAsStraight(out);
+}
+
 // Fault injection cannot be switched on by accident.
 TEST_F(ElasticTrain, InjectionNeedsTheEnvironmentSwitch) {
   TempDir t;

@@ -120,16 +120,18 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
           continue;
         }
         if (!ParseNum(v, &x)) return InvalidArgument(bad + k + "=" + v + " is not a number");
-        if (k == "rank" && x >= 0) f.rank = static_cast<int>(x);
-        else if (k == "step" && x >= 0) f.step = static_cast<int64_t>(x);
+        // Upper bounds keep the casts defined and step + steps far from overflow.
+        constexpr double kMaxCount = 1e15;
+        if (k == "rank" && x >= 0 && x <= 1e6) f.rank = static_cast<int>(x);
+        else if (k == "step" && x >= 0 && x <= kMaxCount) f.step = static_cast<int64_t>(x);
         else if (k == "secs" && x > 0) f.secs = x;
         else if (k == "factor" && x >= 1) f.factor = x;
         else if (k == "busy" && (x == 0 || x == 1) && f.kind == FaultSpec::kSlow) f.busy = x == 1;
-        else if (k == "steps" && x >= 1) f.steps = static_cast<int64_t>(x), f.steps_set = true;
+        else if (k == "steps" && x >= 1 && x <= kMaxCount) f.steps = static_cast<int64_t>(x), f.steps_set = true;
         else if (k == "every" && x > 0) f.every = x;
         else if (k == "start" && x >= 0) f.start = x;
-        else if (k == "seed" && x >= 0) f.seed = static_cast<uint64_t>(x);
-        else if (k == "ranks" && x >= 1) f.ranks = static_cast<int>(x);
+        else if (k == "seed" && x >= 0 && x <= 9007199254740992.0) f.seed = static_cast<uint64_t>(x);
+        else if (k == "ranks" && x >= 1 && x <= 1e6) f.ranks = static_cast<int>(x);
         else if (k == "mbit" && x > 0 && f.kind == FaultSpec::kLink) f.mbit = x;
         else if (k == "latency_ms" && x >= 0 && f.kind == FaultSpec::kLink) f.latency_ms = x;
         else return InvalidArgument(bad + "unknown or out-of-range key '" + k + "'");

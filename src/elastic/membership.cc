@@ -794,4 +794,9 @@ bool ElasticGroup::Claim(const std::string& id) {
 
 Status ElasticGroup::MarkDone(int64_t step) { return store_->Set("done", Dump({{"step", step}})); }
 
+Result<bool> ElasticGroup::JobDone() {
+  KEEL_ASSIGN_OR_RETURN(auto v, store_->TryGet("done"));
+  return v.has_value();
+}
+
 }  // namespace keel

@@ -118,6 +118,8 @@ class ElasticGroup {
   bool Claim(const std::string& id);
   // The job finished at `step` (leader): late joiners exit.
   Status MarkDone(int64_t step);
+  // Whether MarkDone() was called (by any member); store errors are returned.
+  Result<bool> JobDone();
   // This member leaves for good (quarantined / exiting): its status says so at once.
   void Leave(const std::string& state);
 

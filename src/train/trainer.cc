@@ -6,6 +6,7 @@
 
 #include "train/trainer_impl.h"
 
+#include <thread>
 #include <tuple>
 
 namespace keel {
@@ -304,6 +305,54 @@ Status Trainer::LoadInitialState() {
   return Status::Ok();
 }
 
+// The last step is committed (elastic). The leader commits the final checkpoint and marks the job done; every
+// other member waits for that mark before it exits. A launcher takes a worker's exit 0 for the end of the job and
+// restarts nobody after it, so a member that left at once would leave a leader dying in the final write with no
+// one to finish: instead the others see the leader go (the watchdog), re-form, and the new leader finishes.
+Status Trainer::FinishElasticJob() {
+  for (;;) {
+    if (leader()) {
+      if (o_.checkpoint_every > 0 && ckpt_started_step_ != step_ && has_state_) {
+        // A new leader after the old one died: the final checkpoint may be missing or half-written.
+        EnsureRunDir();
+        KEEL_RETURN_IF_ERROR(ckpt_->Wait());
+        if (!host_) StateToHost(&ckpt_p_, &ckpt_m_, &ckpt_v_);
+        KEEL_RETURN_IF_ERROR(ckpt_->Start(CheckpointView(step_), step_));
+        ckpt_started_step_ = step_;
+        log_("writing the final checkpoint (step " + std::to_string(step_) + ") in place of the previous leader");
+      }
+      KEEL_RETURN_IF_ERROR(ckpt_->Wait());
+      KEEL_RETURN_IF_ERROR(deferred_ckpt_error_);
+      DropAbandonedAfterCommit();
+      if (elastic_) elastic_->Unwatch();
+      return elastic_->MarkDone(step_);
+    }
+    for (;;) {
+      if (stop_ && stop_->load()) {
+        result_.stopped_early = true;
+        return Status::Ok();
+      }
+      // The leader marks the job done before it leaves, so a dead group is checked after the mark. A store
+      // error counts as not done yet (the watchdog decides whether the group is alive).
+      const bool dead = elastic_->generation_dead();
+      auto done = elastic_->JobDone();
+      if (done.ok() && *done) {
+        elastic_->Unwatch();
+        finished_ = true;
+        return Status::Ok();
+      }
+      if (dead) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    log_("the group ended before the job was marked done (" + elastic_->dead_reason() +
+         "): re-forming to finish it");
+    need_group_ = true;
+    voluntary_ = false;
+    KEEL_ASSIGN_OR_RETURN(bool have_group, Quorum());
+    if (!have_group) return Status::Ok();  // the job is done (another member finished it), or stopped
+  }
+}
+
 // Every member of the group joined a running job and nobody holds state (the whole job was lost and
 // restarted): the state comes from the newest valid checkpoint, or fresh weights if there is none at all (an
 // error if there are checkpoints but none of them loads).
@@ -481,6 +530,7 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
     if (!more) break;
   }
   if (leader() && o_.progress && tty_) std::fprintf(stderr, "\n");
+  if (elastic_ && !finished_ && step_ >= o_.steps) KEEL_RETURN_IF_ERROR(FinishElasticJob());
   KEEL_RETURN_IF_ERROR(ckpt_->Wait());
   KEEL_RETURN_IF_ERROR(deferred_ckpt_error_);
   if (leader()) DropAbandonedAfterCommit();

@@ -71,6 +71,7 @@ class Trainer {
   // The step protocol.
   Result<bool> RunStep();
   Result<bool> Quorum();
+  Status FinishElasticJob();
   struct Plan {
     int attempt = 0;         // the group's attempt number in this generation (agreed by every member)
     int member_attempt = 0;  // this member's attempts at the step so far (for its log)

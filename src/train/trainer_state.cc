@@ -243,17 +243,20 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
   if (me_recv) ckpt_->WaitEncoded();
   // Host memory: the source sends from, and receivers receive into, the model's and optimizer's own buffers;
   // the other members receive into one scratch buffer. Device memory goes through host copies.
-  std::vector<float> p, m, v, scratch;
+  // Shared with the broadcasts' closures: a broadcast given up on (Collective's timeout) may still be running on
+  // the communication thread, and must not write into freed memory.
+  auto p = std::make_shared<std::vector<float>>(), m = std::make_shared<std::vector<float>>(),
+       v = std::make_shared<std::vector<float>>(), scratch = std::make_shared<std::vector<float>>();
   float* bufs[3];
   if (host_ && (me_src || me_recv)) {
     bufs[0] = model_->params(), bufs[1] = adam_->m(), bufs[2] = adam_->v();
   } else if (host_) {
-    scratch.resize(P_);
-    bufs[0] = bufs[1] = bufs[2] = scratch.data();
+    scratch->resize(P_);
+    bufs[0] = bufs[1] = bufs[2] = scratch->data();
   } else {
-    if (me_src) StateToHost(&p, &m, &v);
-    p.resize(P_), m.resize(P_), v.resize(P_);
-    bufs[0] = p.data(), bufs[1] = m.data(), bufs[2] = v.data();
+    if (me_src) StateToHost(p.get(), m.get(), v.get());
+    p->resize(P_), m->resize(P_), v->resize(P_);
+    bufs[0] = p->data(), bufs[1] = m->data(), bufs[2] = v->data();
   }
   // A receiver's own buffers are overwritten from here on: should the transfer fail part-way (the source dies),
   // they hold a mix of old and new state, so the receiver holds no state until a transfer verifies (below), and
@@ -264,15 +267,20 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
     ClearHoldings();
     ++moments_version_;  // the moments are overwritten in place (host memory): a round-start copy is stale
   }
+  const size_t bytes = P_ * sizeof(float);
   for (float* b : bufs)
-    KEEL_RETURN_IF_ERROR(Collective([b, this, source](Communicator* c) { return c->Broadcast(b, P_ * sizeof(float), source); }));
+    KEEL_RETURN_IF_ERROR(Collective([b, bytes, source, p, m, v, scratch](Communicator* c) {
+      return c->Broadcast(b, bytes, source);
+    }));
   if (diloco_) {  // the outer momentum (host memory: diloco runs on the CPU backend)
     float* b = (me_src || me_recv) ? diloco_->momentum() : bufs[0];
-    KEEL_RETURN_IF_ERROR(Collective([b, this, source](Communicator* c) { return c->Broadcast(b, P_ * sizeof(float), source); }));
+    KEEL_RETURN_IF_ERROR(Collective([b, bytes, source, p, m, v, scratch](Communicator* c) {
+      return c->Broadcast(b, bytes, source);
+    }));
     if (me_recv) diloco_->ResetFeedback();
   }
   if (me_recv) {
-    if (!host_) StateFromHost(p.data(), m.data(), v.data());
+    if (!host_) StateFromHost(p->data(), m->data(), v->data());
     auto a = nlohmann::json::parse(aux, nullptr, false);
     if (!a.is_object()) {
       has_state_ = false;

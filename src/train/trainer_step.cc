@@ -433,6 +433,16 @@ Status Trainer::Abort(const VoteOutcome& v, const std::vector<VoteRecord>& recor
       elastic_->Leave("quarantined");
       return Aborted("quarantined after repeated faults: " + v.reason);
     }
+    // A repair or a rollback decided by the same vote still applies: the re-formed group's state sync picks the
+    // majority hash, and with the quarantined member gone a corrupt member could tie with a sound one (a tie is
+    // broken by index), so a member to repair gives up its state, and a rollback is taken before re-forming.
+    if (std::find(v.repair.begin(), v.repair.end(), index_) != v.repair.end()) has_state_ = false;
+    if (v.rollback) {
+      const bool restored = RestoreSnapshot();
+      DropAbandonedCheckpoints(group_snap_step_);
+      log_("step " + std::to_string(step_ + 1) + ": rolled back to the verified snapshot of step " +
+           std::to_string(restored ? step_ : snap_.step) + " before re-forming");
+    }
     need_group_ = true;
     voluntary_ = false;
     return Status::Ok();
@@ -699,7 +709,9 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
     return false;
   }
   if (last) {
-    if (elastic_) elastic_->Unwatch();  // peers leaving now is the end of the job, not a fault
+    // The leader finishes the job (final checkpoint, done mark) with peers leaving as they see the mark: not a
+    // fault. The others keep watching the group: the leader dying before the mark is one (FinishElasticJob).
+    if (elastic_ && leader()) elastic_->Unwatch();
     return false;
   }
   // Admit joiners / drop a quarantined member: every member leaves this generation at this boundary.
@@ -708,9 +720,9 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
     voluntary_ = true;
   }
   // Straggler eviction: a member persistently slower than --straggler-evict x the median leaves, unless the
-  // group would then fall below its floor (--min-workers, as for a vote's quarantine): a slow group goes on, a
-  // group below quorum would wait for ever.
-  const int evict_floor = std::max(o_.quarantine_floor, elastic_ ? elastic_->options().min_workers : 1);
+  // group would then fall below --min-workers: a slow group goes on, a group below quorum would wait for ever.
+  // (Not the quarantine floor: a lone worker cannot cross-check, but it can be fast.)
+  const int evict_floor = elastic_ ? elastic_->options().min_workers : 1;
   if (elastic_ && o_.straggler_evict > 1 && size_ > 1 && size_ - 1 >= evict_floor) {
     std::vector<double> xs;
     for (int64_t u : members_)
