@@ -748,6 +748,23 @@ TEST_F(ElasticTrain, LeaderKilledWhileWritingTheFinalCheckpointIsReplaced) {
   ExpectSameAsStraight(out);
 }
 
+// The same with --min-workers 2 and no restart left: the one survivor is below quorum, but finishing a trained job
+// needs only a member holding the state, so it writes the final checkpoint alone instead of waiting for ever.
+TEST_F(ElasticTrain, ASurvivorBelowQuorumStillFinishesTheJob) {
+  TempDir t;
+  const std::string out = t / "run";
+  Background job(Split(Args(out) + " --nproc 2 --elastic --min-workers 2 --max-restarts 0 --inject truncate-ckpt:step=" +
+                       std::to_string(kSteps) + ",then=kill"),
+                 t / "log", InjectEnv());
+  ASSERT_EQ(job.Wait(180), 0) << job.Output();
+  const std::string log = job.Output();
+  EXPECT_NE(log.find("writing the final checkpoint (step " + std::to_string(kSteps) + ") in place of the previous leader"),
+            std::string::npos)
+      << log;
+  EXPECT_TRUE(std::filesystem::exists(out + "/ckpt-00000200/COMMITTED")) << log;
+  ExpectSameAsStraight(out);
+}
+
 // Fault injection cannot be switched on by accident.
 TEST_F(ElasticTrain, InjectionNeedsTheEnvironmentSwitch) {
   TempDir t;

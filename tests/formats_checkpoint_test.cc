@@ -289,6 +289,21 @@ TEST(CheckpointTest, StaleTmpIsIgnoredAndCleaned) {
   EXPECT_EQ(DigestOf(tmp / "ckpt-00000030"), Digest(Files("thirty")));
 }
 
+// Each writer builds in a temp directory of its own (two writers of one step: an elastic leader taken for dead
+// while only stopped, and its successor). A write leaves another process's temp directory of the same step alone
+// (it may be in progress) and removes those of other steps.
+TEST(CheckpointTest, AnotherWritersTempDirOfTheSameStepIsLeftAlone) {
+  TempDir tmp;
+  const std::string other = tmp / "ckpt-00000030.999999999-1.tmp";
+  fs::create_directories(other);
+  WriteText(other + "/model.bin", "in progress");
+  ASSERT_TRUE(WriteCheckpoint(tmp.path(), 30, Files("thirty"), 0).ok());
+  EXPECT_TRUE(fs::exists(other + "/model.bin"));
+  EXPECT_EQ(DigestOf(tmp / "ckpt-00000030"), Digest(Files("thirty")));
+  ASSERT_TRUE(WriteCheckpoint(tmp.path(), 40, Files("forty"), 0).ok());
+  EXPECT_FALSE(fs::exists(other));
+}
+
 TEST(CheckpointTest, ResavingAStepReplacesIt) {
   TempDir tmp;
   ASSERT_TRUE(WriteCheckpoint(tmp.path(), 10, Files("first"), 0).ok());

@@ -539,7 +539,9 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
   const double t_start = Now();
   double ready_since = t_start, last_log = t_start;
   QuorumConfig cfg;
-  cfg.min_workers = o_.min_workers;
+  // Finishing a trained job (the final checkpoint and the done mark) needs one member holding the state, not a
+  // quorum: survivors below --min-workers would otherwise wait for ever.
+  cfg.min_workers = finishing_.load() ? 1 : o_.min_workers;
   cfg.max_workers = o_.max_workers;
   cfg.stale_s = o_.t.stale_s;
   cfg.straggle_s = o_.t.straggle_s;

@@ -120,6 +120,9 @@ class ElasticGroup {
   Status MarkDone(int64_t step);
   // Whether MarkDone() was called (by any member); store errors are returned.
   Result<bool> JobDone();
+  // From now on this member's generations need only itself (--min-workers 1): the job is trained and what is
+  // left, the final checkpoint and the done mark, needs one member holding the state.
+  void SetFinishing() { finishing_ = true; }
   // This member leaves for good (quarantined / exiting): its status says so at once.
   void Leave(const std::string& state);
 
@@ -131,6 +134,7 @@ class ElasticGroup {
     double last_seen = -1e300;  // steady clock, this process
     nlohmann::json rec;
   };
+  std::atomic<bool> finishing_{false};
   void HeartbeatLoop();
   Status WriteStatus(Store& s);
   // Reads m/<uid> and updates the tracker; returns the peer's record (null json if absent).

@@ -2,7 +2,11 @@
 // The protocol: write-to-.tmp, manifest, rename, COMMITTED marker; fallback to the newest valid one.
 #include "formats/checkpoint.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cinttypes>
 #include <cstdio>
 #include <nlohmann/json.hpp>
@@ -181,9 +185,13 @@ Status Cleanup(Env* env, const std::string& run_dir, const std::string& final_di
   if (env->Exists(final_dir + ".old")) note(DeleteDir(env, final_dir + ".old"));
   Result<std::vector<std::string>> names = env->ListDir(run_dir);
   if (!names.ok()) return names.status();
+  // Another process's temp directories of this step are left alone: it may be writing the same step now (the
+  // ones of this process are failed earlier attempts: a process writes one checkpoint at a time).
+  const std::string same_step = BaseName(final_dir) + ".", mine = same_step + std::to_string(::getpid()) + "-";
   for (const std::string& n : names.value()) {
     int64_t s = 0;
-    if (ParseDirName(n, &s) == DirKind::kTmp) note(env->RemoveAll(JoinPath(run_dir, n)));
+    if (ParseDirName(n, &s) == DirKind::kTmp && (n.rfind(same_step, 0) != 0 || n.rfind(mine, 0) == 0))
+      note(env->RemoveAll(JoinPath(run_dir, n)));
   }
   if (keep_last > 0) {
     Result<std::vector<CheckpointInfo>> list = ListCheckpoints(run_dir);
@@ -245,8 +253,16 @@ Status WriteCheckpoint(const std::string& run_dir, int64_t step, const std::vect
     return InvalidArgument(final_dir + ": a checkpoint file name is not valid UTF-8");
   }
 
-  // 1-2: build everything in the .tmp directory.
-  const std::string tmp_dir = final_dir + ".tmp";
+  // 1-2: build everything in a temp directory of this writer's own (ckpt-N.<pid>-<nonce>.tmp): two writers of
+  // one step (an elastic leader taken for dead while it was only stopped, and its successor) each publish a
+  // complete directory, never a mix of the two.
+  static std::atomic<uint64_t> nonce{0};
+  char tag[64];
+  std::snprintf(tag, sizeof(tag), ".%ld-%llx.tmp", static_cast<long>(::getpid()),
+                static_cast<unsigned long long>(
+                    nonce.fetch_add(1) ^
+                    static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count())));
+  const std::string tmp_dir = final_dir + tag;
   const std::string old_dir = final_dir + ".old";
   KEEL_RETURN_IF_ERROR(env->CreateDirs(run_dir));
   if (env->Exists(tmp_dir)) KEEL_RETURN_IF_ERROR(env->RemoveAll(tmp_dir));

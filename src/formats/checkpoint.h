@@ -3,13 +3,15 @@
 // or ignored.
 //
 // On-disk protocol (WriteCheckpoint):
-//   1. remove a stale run_dir/ckpt-XXXXXXXX.tmp, create it, write every file (each fsynced);
+//   1. create run_dir/ckpt-XXXXXXXX.<pid>-<nonce>.tmp (this writer's own: two writers of one step each publish a
+//      whole directory), write every file (each fsynced);
 //   2. write MANIFEST.json ({"format":"keel-checkpoint","version":1,"step":N,
 //      "files":[{"name","size","hash"}]}, hash = HashHex(Hash64(bytes))), fsync the directory;
 //   3. if ckpt-XXXXXXXX already exists (re-saving a step), rename it to ckpt-XXXXXXXX.old;
 //   4. rename .tmp to ckpt-XXXXXXXX, fsync run_dir;
 //   5. write COMMITTED (the manifest's HashHex) inside it, fsync the directory;
-//   6. delete the .old copy, stale ckpt-*.tmp dirs, and prune to keep_last valid checkpoints.
+//   6. delete the .old copy, stale ckpt-*.tmp dirs (not another process's of this step: it may be writing it),
+//      and prune to keep_last valid checkpoints.
 // A checkpoint is valid iff COMMITTED exists and equals the manifest's hash, and every listed file exists
 // with the listed size and hash. A crash at any point leaves the previous valid checkpoints valid; a
 // crash between 3 and 5 leaves the old copy as ckpt-XXXXXXXX.old, which ListCheckpoints still reports

@@ -146,7 +146,7 @@ std::shared_ptr<Generation> Engine::Submit(GenerationRequest request, SubmitStat
       return fail(SubmitStatus::kShuttingDown, "the server is shutting down");
     }
     // Requests beyond the free slots wait in the queue; `queue` bounds how many may wait.
-    const int free_slots = opts_.parallel - active_.load();
+    const int free_slots = opts_.parallel - active_.load() - placing_;
     if (static_cast<int>(queue_.size()) >= opts_.queue + std::max(0, free_slots)) {
       if (metrics_) metrics_->CountRejected("queue_full");
       return fail(SubmitStatus::kQueueFull, "the server is busy: " + std::to_string(queue_.size()) +
@@ -356,6 +356,7 @@ void Engine::Loop() {
         admitting.push_back(std::move(queue_.front()));
         queue_.pop_front();
       }
+      placing_ = static_cast<int>(admitting.size());  // Submit() counts them as taken slots until admitted
       if (metrics_) {
         metrics_->SetQueueDepth(static_cast<int>(queue_.size()));
         metrics_->SetActiveSlots(active_.load());
@@ -379,7 +380,11 @@ void Engine::Loop() {
       KEEL_CHECK(i >= 0, "Engine: no free slot for a request taken from the queue");
       Admit(slots_[static_cast<size_t>(i)], std::move(p), reused);
     }
-    admitting.clear();
+    if (!admitting.empty()) {
+      admitting.clear();
+      std::lock_guard<std::mutex> l(mu_);
+      placing_ = 0;
+    }
     if (metrics_) metrics_->SetActiveSlots(active_.load());
     for (auto& p : cancelled_pending) {
       if (metrics_) metrics_->CountCancelled();

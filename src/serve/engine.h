@@ -184,6 +184,7 @@ class Engine {
   bool shutdown_cancel_ = false;  // past the shutdown deadline: cancel everything
   std::atomic<int> active_{0};
   int busy_ = 0;  // active + queued, under mu_
+  int placing_ = 0;  // taken from the queue, not yet admitted (under mu_)
   std::thread thread_;
   std::once_flag shutdown_once_;
 };

@@ -348,8 +348,11 @@ Status Trainer::FinishElasticJob() {
          "): re-forming to finish it");
     need_group_ = true;
     voluntary_ = false;
+    elastic_->SetFinishing();
     KEEL_ASSIGN_OR_RETURN(bool have_group, Quorum());
     if (!have_group) return Status::Ok();  // the job is done (another member finished it), or stopped
+    // The state sync ranks epochs before steps: should it have brought back an unfinished state, train on.
+    if (step_ < o_.steps) return Status::Ok();
   }
 }
 
@@ -440,6 +443,7 @@ void Trainer::DropAbandonedCheckpoints(int64_t rollback_step) {
     log_("warning: the checkpoints after step " + std::to_string(rollback_step) + " hold the trajectory the rollback "
          "abandoned, but no older valid one exists: they are kept until this run commits its next checkpoint");
     abandoned_after_ = abandoned_after_ < 0 ? rollback_step : std::min(abandoned_after_, rollback_step);
+    ckpt_started_step_ = -1;  // a write from before the rollback (waited for above) does not count
     return;
   }
   Status s = DeleteCheckpointsAfter(o_.out_dir, rollback_step);
@@ -525,12 +529,17 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
          (codec_ != Codec::kNone ? "; --compress " + o_.compress : std::string()));
   result_.final_step = step_;
   t_start_ = Clock::now();
-  while (!finished_) {
-    KEEL_ASSIGN_OR_RETURN(bool more, RunStep());
-    if (!more) break;
+  for (;;) {
+    while (!finished_) {
+      KEEL_ASSIGN_OR_RETURN(bool more, RunStep());
+      if (!more) break;
+    }
+    if (!elastic_ || finished_ || step_ < o_.steps) break;
+    KEEL_RETURN_IF_ERROR(FinishElasticJob());
+    // A re-form while finishing can bring back an unfinished state (a rollback's newer epoch): train on.
+    if (finished_ || step_ >= o_.steps || result_.stopped_early) break;
   }
   if (leader() && o_.progress && tty_) std::fprintf(stderr, "\n");
-  if (elastic_ && !finished_ && step_ >= o_.steps) KEEL_RETURN_IF_ERROR(FinishElasticJob());
   KEEL_RETURN_IF_ERROR(ckpt_->Wait());
   KEEL_RETURN_IF_ERROR(deferred_ckpt_error_);
   if (leader()) DropAbandonedAfterCommit();

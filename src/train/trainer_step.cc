@@ -733,10 +733,16 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
       // The lower median: with two members the upper one is the slower member itself, which could never be
       // more than a multiple of itself.
       const double median = sorted[(sorted.size() - 1) / 2];
+      // At most one member leaves per step (the slowest of those flagged; every member computes the same from
+      // the agreed speeds), so that two stragglers at once cannot take the group below the floor together.
+      int evict = -1;
       for (size_t k = 0; k < members_.size(); ++k) {
         int& streak = slow_streak_[members_[k]];
         streak = xs[k] > o_.straggler_evict * median ? streak + 1 : 0;
-        if (streak >= 5) {
+        if (streak >= 5 && (evict < 0 || xs[k] > xs[static_cast<size_t>(evict)])) evict = static_cast<int>(k);
+      }
+      for (size_t k = 0; k < members_.size(); ++k) {
+        if (static_cast<int>(k) == evict) {
           if (static_cast<int>(k) == index_) {
             log_("this worker is " + Fmt("%.1fx", xs[k] / median) + " slower than the median for 5 steps; leaving "
                  "(--straggler-evict)");
