@@ -230,8 +230,9 @@ void ElasticGroup::HeartbeatLoop() {
   }
 }
 
-nlohmann::json ElasticGroup::Observe(Store& s, int64_t uid, double now) {
+nlohmann::json ElasticGroup::Observe(Store& s, int64_t uid, double now, Status* read_error) {
   auto v = s.TryGet("m/" + std::to_string(uid));
+  if (!v.ok() && read_error) *read_error = v.status();
   if (!v.ok() || !v->has_value()) return nlohmann::json();
   auto rec = nlohmann::json::parse(**v, nullptr, false);
   if (!rec.is_object()) return nlohmann::json();
@@ -624,19 +625,26 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
     if (!v.next_exists) {
       KEEL_STORE_OR_RETRY(n_r, s.Counter("uids"));
       const int64_t n = *n_r;
-      for (int64_t u = 0; u < n; ++u) {
+      // A peer whose record cannot be read is not absent: taking it for absent proposed generations without a
+      // live member over one store timeout. The pass is redone (within the outage allowance) instead.
+      Status read_error;
+      for (int64_t u = 0; u < n && read_error.code() != Code::kUnavailable; ++u) {
         if (u == v.my_uid) continue;
         {
           std::lock_guard<std::mutex> l(peers_mu_);
           if (std::find(dead_uids_.begin(), dead_uids_.end(), u) != dead_uids_.end()) continue;
         }
-        if (Observe(s, u, now).is_null()) continue;
+        if (Observe(s, u, now, &read_error).is_null()) continue;
         PeerInfo p = InfoOf(u, now);
         if (p.gone) {
           std::lock_guard<std::mutex> l(peers_mu_);
           dead_uids_.push_back(u);
         }
         v.peers.push_back(p);
+      }
+      if (read_error.code() == Code::kUnavailable) {  // other read errors: the peer counts as absent, as before
+        if (retry(read_error)) continue;
+        return read_error;
       }
     }
     if (!v.next_exists) {

@@ -138,7 +138,8 @@ class ElasticGroup {
   void HeartbeatLoop();
   Status WriteStatus(Store& s);
   // Reads m/<uid> and updates the tracker; returns the peer's record (null json if absent).
-  nlohmann::json Observe(Store& s, int64_t uid, double now);
+  // A read error is also stored in *read_error when given (the record then counts as absent).
+  nlohmann::json Observe(Store& s, int64_t uid, double now, Status* read_error = nullptr);
   PeerInfo InfoOf(int64_t uid, double now);
   Result<std::vector<int64_t>> GenerationMembers(Store& s, int64_t gen);
   Result<std::unique_ptr<Communicator>> Form(int64_t gen, const std::vector<int64_t>& members, int index);
