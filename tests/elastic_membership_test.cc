@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -59,6 +61,50 @@ class FlakyStore final : public Store {
   std::shared_ptr<Store> base_;
 };
 
+// Fails only the reads of one key, `fail_next` times: one peer's record that does not come back.
+class OneKeyFlakyStore final : public Store {
+ public:
+  explicit OneKeyFlakyStore(std::shared_ptr<Store> base) : base_(std::move(base)) {}
+  void FailReadsOf(const std::string& key, int n) {
+    std::lock_guard<std::mutex> l(mu_);
+    key_ = key;
+    fail_next_ = n;
+  }
+  int failed() {
+    std::lock_guard<std::mutex> l(mu_);
+    return failed_;
+  }
+  Status Set(const std::string& key, std::string_view value) override { return base_->Set(key, value); }
+  Result<bool> SetIfAbsent(const std::string& key, std::string_view value) override {
+    return base_->SetIfAbsent(key, value);
+  }
+  Result<std::optional<std::string>> TryGet(const std::string& key) override {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      // The group may prefix its keys (a job namespace): match the end.
+      const bool match = !key_.empty() && key.size() >= key_.size() &&
+                         key.compare(key.size() - key_.size(), key_.size(), key_) == 0 &&
+                         (key.size() == key_.size() || key[key.size() - key_.size() - 1] == '/');
+      if (match && fail_next_ > 0) {
+        --fail_next_;
+        ++failed_;
+        return Unavailable("rendezvous flaky: GET " + key + ": no reply within 1s");
+      }
+    }
+    return base_->TryGet(key);
+  }
+  Result<int64_t> Increment(const std::string& key) override { return base_->Increment(key); }
+  Result<int64_t> Counter(const std::string& key) override { return base_->Counter(key); }
+  Status Clear() override { return base_->Clear(); }
+  std::string Describe() const override { return "one-key flaky " + base_->Describe(); }
+
+ private:
+  std::shared_ptr<Store> base_;
+  std::mutex mu_;
+  std::string key_;
+  int fail_next_ = 0, failed_ = 0;
+};
+
 // A store outage while the group forms is waited out (before, the first failed call ended the worker, and so every
 // member re-forming at that moment: one Redis restart during a re-form ended the job).
 TEST(ElasticMembership, AStoreOutageWhileFormingIsWaitedOut) {
@@ -88,6 +134,47 @@ TEST(ElasticMembership, AStoreOutageWhileFormingIsWaitedOut) {
   for (const auto& l : logs) all += l + "\n";
   EXPECT_NE(all.find("rendezvous store unavailable while forming a generation"), std::string::npos) << all;
   EXPECT_NE(all.find("rendezvous store answers again"), std::string::npos) << all;
+}
+
+// A live member of the previous generation whose record cannot be read for a moment (one store timeout) is not
+// taken for absent: the re-forming member redoes its pass and then waits for it, as for any live member that has
+// not noticed the failure yet. (It used to propose a generation without it at once, evicting a live member that
+// then needed a full state transfer.)
+TEST(ElasticMembership, AnUnreadablePeerRecordIsNotTakenForAnAbsentPeer) {
+  TempDir t;
+  auto base = OpenFileStore(t / "rdzv");
+  ASSERT_TRUE(base.ok()) << base.status().ToString();
+  auto flaky = std::make_shared<OneKeyFlakyStore>(*base);
+  ElasticOptions o;
+  o.t = ElasticTimeouts::From(2, 10);  // straggle_s 60: a live member of the old generation is waited for
+  o.host = "127.0.0.1";
+  o.expected_initial = 2;
+  auto hb_a = OpenFileStore(t / "rdzv");
+  auto hb_b = OpenFileStore(t / "rdzv");
+  ASSERT_TRUE(hb_a.ok() && hb_b.ok());
+  auto a = ElasticGroup::Join(flaky, *hb_a, o, nlohmann::json{{"job", "test"}}, nullptr, nullptr);
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  ElasticOptions ob = o;
+  ob.rank = 1;
+  auto b = ElasticGroup::Join(*base, *hb_b, ob, nlohmann::json{{"job", "test"}}, nullptr, nullptr);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  // Generation 0 of both.
+  auto fb = std::async(std::launch::async, [&] { return (*b)->NextGeneration(nullptr, false); });
+  auto ga = (*a)->NextGeneration(nullptr, false);
+  auto gb = fb.get();
+  ASSERT_TRUE(ga.ok() && gb.ok()) << ga.status().ToString() << " / " << gb.status().ToString();
+  ASSERT_EQ(ga->members.size(), 2u);
+  // A re-forms (its generation failed, say); B is alive and still in generation 0; B's record fails 5 reads.
+  flaky->FailReadsOf("m/" + std::to_string((*b)->uid()), 5);
+  std::atomic<bool> stop{false};
+  auto next = std::async(std::launch::async, [&] { return (*a)->NextGeneration(&stop, false); });
+  EXPECT_EQ(next.wait_for(std::chrono::milliseconds(2500)), std::future_status::timeout)
+      << "formed a generation without its live peer";
+  EXPECT_EQ(flaky->failed(), 5);
+  stop = true;
+  auto r = next.get();
+  EXPECT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kAborted) << r.status().ToString();
 }
 
 }  // namespace
