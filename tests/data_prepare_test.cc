@@ -249,6 +249,17 @@ TEST(DataPrepare, RefusesAnOutputInsideAnInput) {
   EXPECT_EQ(progress_lines, 0);
   o.inputs = {corpus + "/a.txt"};  // a file input: fine
   EXPECT_TRUE(Prepare(o).ok());
+  // The earlier output given back as the input (or a file inside it): prepare would read its meta.json as text
+  // and then replace, i.e. delete, the input. Refused; the data directory is left as it was.
+  const std::string meta = ReadAll(corpus + "/data/meta.json");
+  for (const std::string& in : {corpus + "/data", corpus + "/data/meta.json"}) {
+    o.inputs = {in};
+    r = Prepare(o);
+    ASSERT_FALSE(r.ok()) << in;
+    EXPECT_EQ(r.status().message(), "--input " + in + " lies inside --out " + corpus +
+                                        "/data, which prepare replaces (put --out outside the inputs)");
+    EXPECT_EQ(ReadAll(corpus + "/data/meta.json"), meta);
+  }
 }
 
 TEST(DataPrepare, ValidatesOptions) {

@@ -3,6 +3,7 @@
 // stale .tmp cleanup, same-step replacement, and fault injection at every mutating file-system call; also
 // WriteFileAtomic's temporaries, and the model-file errors and config range checks of train/checkpoint_io.h.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <atomic>
@@ -515,6 +516,30 @@ TEST(AtomicWriteTest, UniqueTemporariesNeverTouchUserPaths) {
   EXPECT_FALSE(WriteFileAtomic(tmp / "d", "x").ok());
   EXPECT_TRUE(fs::is_directory(tmp / "d/sub"));
   EXPECT_EQ(DirEntries(tmp.path()).size(), entries.size() + 1);
+}
+
+// CreateDirs makes every missing level (a trailing slash, "..", an existing path are fine) and reports a path
+// it cannot create (a file in the way) as an error naming it.
+TEST(AtomicWriteTest, CreateDirsMakesEveryMissingLevel) {
+  TempDir tmp;
+  ASSERT_TRUE(DefaultEnv()->CreateDirs(tmp / "a/b/../b/c/").ok());
+  EXPECT_TRUE(fs::is_directory(tmp / "a/b/c"));
+  EXPECT_TRUE(DefaultEnv()->CreateDirs(tmp / "a/b/c").ok());
+  WriteText(tmp / "file", "x");
+  Status s = DefaultEnv()->CreateDirs(tmp / "file/sub");
+  ASSERT_FALSE(s.ok());
+  EXPECT_TRUE(Contains(s.message(), "file/sub")) << s.message();
+}
+
+// Map (data shards, tokenizers, model files) refuses a FIFO in a file's place at once instead of blocking in
+// open() until a writer appears.
+TEST(AtomicWriteTest, MapRefusesAFifoWithoutBlocking) {
+  TempDir tmp;
+  const std::string fifo = tmp / "train.bin";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  auto m = DefaultEnv()->Map(fifo);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().message(), fifo + ": not a regular file");
 }
 
 // Model-file errors name the file, and the optimizer file's errors say which tensor is wrong.

@@ -183,6 +183,23 @@ TEST_F(TrainE2E, UncommittedFirstCheckpointStartsAfreshAndAChangedLrWarns) {
   EXPECT_NE(r.output.find("warning: --lr 0.001 differs from the run's 0.003"), std::string::npos) << r.output;
 }
 
+// A checkpoint from a run on other data (copied into the run directory) is refused by --resume, naming it:
+// byte-tokenizer data sets share their tokenizer, so only the checkpoint's data fingerprint tells them apart.
+TEST_F(TrainE2E, ACheckpointFromOtherDataIsRefused) {
+  TempDir t;
+  auto r = RunKeel("prepare --input /usr/share/games/fortunes/computers --out " + (t / "other-data") +
+                   " --tokenizer byte");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::string other = Args(t / "other", 10);
+  other.replace(other.find(Data()), Data().size(), t / "other-data");
+  ASSERT_EQ(RunKeel(other).exit_code, 0);
+  ASSERT_EQ(RunKeel(Args(t / "run", 10) + " --stop-after 5").exit_code, 0);
+  std::filesystem::copy(t / "other/ckpt-00000010", t / "run/ckpt-00000010");
+  r = RunKeel(Args(t / "run", 10) + " --resume");
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("ckpt-00000010: trained on different data"), std::string::npos) << r.output;
+}
+
 TEST_F(TrainE2E, SampleFromRunWithKvCacheIsDeterministic) {
   TempDir t;
   ASSERT_EQ(RunKeel(Args(t / "run", 10)).exit_code, 0);

@@ -167,10 +167,21 @@ class PosixEnv final : public Env {
     return Status::Ok();
   }
 
+  // Every directory this call creates is made durable in its parent (fsync of the parent), so that a file
+  // committed under a new directory (a run's first checkpoint) does not vanish with the directory's own entry.
   Status CreateDirs(const std::string& path) override {
+    std::filesystem::path p = std::filesystem::path(path).lexically_normal();
+    if (!p.has_filename()) p = p.parent_path();  // "a/b/" -> "a/b"
+    std::vector<std::filesystem::path> created;  // innermost first
+    for (auto q = p; !q.empty() && !Exists(q.string()); q = q.parent_path()) {
+      created.push_back(q);
+      if (q == q.parent_path()) break;
+    }
     std::error_code ec;
     std::filesystem::create_directories(path, ec);
     if (ec) return IoError(path + ": cannot create directory: " + ec.message());
+    for (auto it = created.rbegin(); it != created.rend(); ++it)
+      KEEL_RETURN_IF_ERROR(SyncDir(it->parent_path().string()));
     return Status::Ok();
   }
 
@@ -205,13 +216,19 @@ class PosixEnv final : public Env {
   }
 
   Result<MappedFile> Map(const std::string& path) override {
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: a FIFO in a file's place (a data shard, a tokenizer) is refused below instead of blocking the
+    // open until some writer turns up. It changes nothing for a regular file.
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) return errno == ENOENT ? NotFound(Errno("cannot open", path)) : IoError(Errno("cannot open", path));
     struct stat st;
     if (::fstat(fd, &st) != 0) {
       Status s = IoError(Errno("stat failed", path));
       ::close(fd);
       return s;
+    }
+    if (!S_ISREG(st.st_mode)) {
+      ::close(fd);
+      return IoError(path + ": not a regular file");
     }
     size_t size = static_cast<size_t>(st.st_size);
     if (size == 0) {

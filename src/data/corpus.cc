@@ -81,8 +81,11 @@ class Walker {
       }
       std::error_code ec;
       const fs::file_status st = fs::status(path, ec);  // follows symlinks
+      const bool broken_link = ec == std::errc::no_such_file_or_directory || ec == std::errc::not_a_directory ||
+                               ec == std::errc::too_many_symbolic_link_levels;
+      if (ec && !broken_link) return IoError(path + ": cannot read: " + ec.message());  // EACCES, EIO
       if (ec || !fs::exists(st)) {
-        Count(&CollectStats::skipped_other);  // dangling symlink
+        Count(&CollectStats::skipped_other);  // dangling symlink (or a symlink loop)
         continue;
       }
       if (fs::is_directory(st)) {

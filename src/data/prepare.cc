@@ -86,6 +86,17 @@ Status CheckOutOutsideInputs(const std::string& out, const std::vector<std::stri
   std::error_code ec;
   const fs::path parent = fs::weakly_canonical(fs::absolute(fs::path(out), ec).parent_path(), ec);
   if (ec) return Status::Ok();  // CheckOutDir vetted OUT; the walk reports unreadable inputs itself
+  // An input inside OUT (OUT itself, say, an earlier prepare's output given back as --input): the walk would
+  // read OUT's meta.json as text, and the install would then delete the input.
+  std::error_code oe;
+  const fs::path out_dir = fs::canonical(out, oe);
+  for (const std::string& in : inputs) {
+    std::error_code e;
+    const fs::path p = fs::canonical(in, e);
+    if (!oe && !e && std::mismatch(out_dir.begin(), out_dir.end(), p.begin(), p.end()).first == out_dir.end())
+      return InvalidArgument("--input " + in + " lies inside --out " + out +
+                             ", which prepare replaces (put --out outside the inputs)");
+  }
   for (const std::string& in : inputs) {
     std::error_code e;
     if (!fs::is_directory(in, e)) continue;
@@ -150,10 +161,12 @@ Status Install(const std::string& tmp, const std::string& out, const std::functi
     // One atomic exchange where the filesystem has it (Linux renameat2): OUT is never missing, not even for the
     // moment between two renames, during which a training job that starts would find no data directory.
     if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, out.c_str(), RENAME_EXCHANGE) == 0) {
-      // tmp now holds the previous data (or the symlink that OUT was). The new data is in place either way.
+      // tmp now holds the previous data (or the symlink that OUT was). The new data is in place either way;
+      // the exchange is made durable before the previous data goes.
+      KEEL_RETURN_IF_ERROR(env->SyncDir(DirName(out)));
       if (Status rm = env->RemoveAll(tmp); !rm.ok())
         warn("warning: the previous data is left in " + tmp + " (" + rm.message() + ")");
-      return env->SyncDir(DirName(out));
+      return Status::Ok();
     }
     // A fresh unique name (never a user's entry): reserved by creating it, then freed again so that the rename
     // also works for an OUT that is a symlink (rename() replaces an empty directory only with a directory).
@@ -162,9 +175,11 @@ Status Install(const std::string& tmp, const std::string& out, const std::functi
     KEEL_RETURN_IF_ERROR(env->Rename(out, old));
     Status st = env->Rename(tmp, out);
     if (!st.ok()) {
-      (void)env->Rename(old, out);  // best effort: put the previous data back
+      if (!env->Rename(old, out).ok())  // best effort: put the previous data back
+        return Status(st.code(), st.message() + " (the previous data is in " + old + ")");
       return st;
     }
+    KEEL_RETURN_IF_ERROR(env->SyncDir(DirName(out)));
     if (Status rm = env->RemoveAll(old); !rm.ok())
       warn("warning: the previous data is left in " + old + " (" + rm.message() + ")");
   } else {
@@ -214,7 +229,14 @@ std::string DataFingerprint(const std::string& tokenizer_bytes, uint64_t train_d
   return HashHex(Hash64(words, sizeof(words)));
 }
 
-Result<PrepareSummary> Prepare(const PrepareOptions& opt) {
+namespace {
+
+Status OutOfMemory(const std::string& out) {
+  return Unavailable("out of memory preparing --out " + out +
+                     ": use a smaller corpus or a machine with more memory");
+}
+
+Result<PrepareSummary> PrepareUnguarded(const PrepareOptions& opt) {
   KEEL_RETURN_IF_ERROR(ValidateOptions(opt));
   Env* env = DefaultEnv();
   const double t0 = env->NowSeconds();
@@ -284,7 +306,12 @@ Result<PrepareSummary> Prepare(const PrepareOptions& opt) {
   auto staged = env->CreateUniqueDir(out + ".tmp.");
   if (!staged.ok()) return staged.status().Wrap("cannot write --out " + out);
   const std::string tmp = *staged;
-  Status st = WriteDataDir(tmp, opt, *tok, tokens, n_train, &sum);
+  Status st;
+  try {  // the temporary directory goes whatever happens
+    st = WriteDataDir(tmp, opt, *tok, tokens, n_train, &sum);
+  } catch (const std::bad_alloc&) {
+    st = OutOfMemory(out);
+  }
   if (st.ok()) st = CheckOutDir(out);  // re-check: OUT may have appeared meanwhile
   if (st.ok()) st = Install(tmp, out, progress).Wrap("cannot write --out " + out);
   if (!st.ok()) {
@@ -293,6 +320,17 @@ Result<PrepareSummary> Prepare(const PrepareOptions& opt) {
   }
   sum.total_seconds = env->NowSeconds() - t0;
   return sum;
+}
+
+}  // namespace
+
+// Out of memory anywhere (reading, tokenizer training, the splits, the shards) is an error, not std::terminate.
+Result<PrepareSummary> Prepare(const PrepareOptions& opt) {
+  try {
+    return PrepareUnguarded(opt);
+  } catch (const std::bad_alloc&) {
+    return OutOfMemory(opt.out_dir);
+  }
 }
 
 }  // namespace keel

@@ -258,22 +258,20 @@ Result<std::unique_ptr<Tokenizer>> TrainBpeTokenizer(const std::string& text, in
                            std::to_string(kMaxBpeVocabSize) + "], got " + std::to_string(vocab_size));
   }
   // Sentences: the runs Encode hands to SentencePiece (so, in particular, no sentence spans a line).
-  std::vector<std::string> sentences;
+  // Two passes, so that only the subsample is ever copied: the sizes, then every stride-th sentence (a
+  // deterministic subsample when the text exceeds kMaxTrainBytes).
   size_t total = 0;
+  ForEachRun(text, [&](std::string_view run) { total += run.size(); }, [](uint8_t) {});
+  if (total == 0) return InvalidArgument("cannot train a BPE tokenizer on empty text");
+  const size_t stride = total > kMaxTrainBytes ? (total + kMaxTrainBytes - 1) / kMaxTrainBytes : 1;
+  std::vector<std::string> sentences;
+  size_t index = 0;
   ForEachRun(
       text,
       [&](std::string_view run) {
-        sentences.emplace_back(run);
-        total += run.size();
+        if (index++ % stride == 0) sentences.emplace_back(run);
       },
       [](uint8_t) {});
-  if (total == 0) return InvalidArgument("cannot train a BPE tokenizer on empty text");
-  if (total > kMaxTrainBytes) {  // deterministic subsample: every stride-th sentence
-    const size_t stride = (total + kMaxTrainBytes - 1) / kMaxTrainBytes;
-    size_t w = 0;
-    for (size_t i = 0; i < sentences.size(); i += stride) sentences[w++] = std::move(sentences[i]);
-    sentences.resize(w);
-  }
   // SentencePiece needs a piece for every distinct character (character_coverage 1.0) besides the 259
   // reserved ones; check up front for a clear message.
   std::unordered_set<uint32_t> chars;

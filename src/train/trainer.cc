@@ -155,6 +155,7 @@ Status Trainer::InspectRunDir() {
     for (const auto& w : warnings) log_("warning: " + w);
   if (resume_snap_.tokenizer != tokenizer_bytes_)
     return InvalidArgument("--data " + o_.data_dir + ": its tokenizer does not match the checkpoint's (" + dir + ")");
+  KEEL_RETURN_IF_ERROR(CheckSnapshotData(resume_snap_, dir));
   const GptConfig& c = resume_snap_.config;
   // --vocab 0 (the default) means "the data's"; a resume then takes the checkpoint's.
   const bool vocab_differs = o_.model.vocab != 0 && o_.model.vocab != c.vocab;
@@ -372,6 +373,7 @@ Status Trainer::LoadStateFromDisk() {
       for (const auto& w : warnings) log_("warning: " + w);
       if (snap->tokenizer != tokenizer_bytes_ || snap->config.vocab != o_.model.vocab || snap->params.size() != P_)
         return InvalidArgument(dir + ": does not match this job's model or data");
+      KEEL_RETURN_IF_ERROR(CheckSnapshotData(*snap, dir));
       resume_snap_ = std::move(*snap);
       start_step_ = resume_snap_.state["step"].get<int64_t>();
       resume_data_offset_ = 0;
@@ -388,6 +390,17 @@ Status Trainer::LoadStateFromDisk() {
   log_("no live member holds the training state and there is no checkpoint: starting from fresh weights");
   resuming_ = false;
   return LoadInitialState();
+}
+
+// A checkpoint's data position means something only in its own data: the fingerprint it was written with must
+// be --data's (run.json says the same for the run, but a checkpoint copied or left from another run would not).
+// Byte-tokenizer data sets share their tokenizer bytes, so the tokenizer check alone cannot tell them apart.
+Status Trainer::CheckSnapshotData(const TrainingSnapshot& snap, const std::string& dir) const {
+  const nlohmann::json& fp = snap.state.value("data_fingerprint", nlohmann::json());
+  if (fp.is_string() && fp.get<std::string>() != data_->fingerprint())
+    return InvalidArgument(dir + ": trained on different data (fingerprint " + fp.get<std::string>() + ", --data " +
+                           o_.data_dir + " has " + data_->fingerprint() + ")");
+  return Status::Ok();
 }
 
 void Trainer::EnsureRunDir() {

@@ -67,6 +67,7 @@ class Trainer {
   Status LoadStateFromDisk();
   void EnsureRunDir();
   void DropAbandonedCheckpoints(int64_t rollback_step);
+  Status CheckSnapshotData(const TrainingSnapshot& snap, const std::string& dir) const;
 
   // The step protocol.
   Result<bool> RunStep();
