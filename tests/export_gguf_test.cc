@@ -755,14 +755,23 @@ TEST(GgufHostile, CraftedHeaders) {
   ExpectErr(pad(64), "not a multiple of the alignment");
   g.head(1, 0);
   tensor(1, {8}, 0, 1ull << 63);
-  ExpectErr(pad(64), "past the end");
+  ExpectErr(pad(64), "data offset 9223372036854775808, expected 0 (tensors lie back to back)");
   g.head(1, 0);
   tensor(1, {8}, 0, ~0ull - 31);
-  ExpectErr(pad(64), "past the end");
+  ExpectErr(pad(64), "expected 0 (tensors lie back to back)");
   g.head(2, 0);
   tensor(1, {16}, 0, 0, "a");
   tensor(1, {8}, 0, 32, "b");
-  ExpectErr(pad(96), "overlap");
+  ExpectErr(pad(96), "tensor 'b' data offset 32, expected 64");
+  // A tensor that a flipped type bit shrank (F32 -> F16: 64 bytes -> 32) leaves a hole before the next one, or
+  // room after the last one; either is an error.
+  g.head(2, 0);
+  tensor(1, {16}, 1, 0, "a");
+  tensor(1, {8}, 0, 64, "b");
+  ExpectErr(pad(96), "tensor 'b' data offset 64, expected 32");
+  g.head(1, 0);
+  tensor(1, {16}, 1, 0, "a");
+  ExpectErr(pad(64), "32 bytes follow the last tensor's data");
   g.head(2, 0);
   tensor(1, {8}, 0, 0, "a");
   tensor(1, {8}, 0, 32, "a");

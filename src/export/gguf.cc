@@ -212,6 +212,8 @@ Status ValidateValue(const std::string& key, const GgufValue& v) {
   return Status::Ok();
 }
 
+constexpr uint64_t kMaxMetadataKeys = uint64_t{1} << 16;
+
 uint64_t AlignUp(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 
 }  // namespace
@@ -348,14 +350,18 @@ std::optional<bool> GgufValue::AsBool() const {
 }
 
 std::optional<std::vector<float>> GgufValue::AsF32Array() const {
-  if (type != GgufType::kArray || elem_type != GgufType::kFloat32) return std::nullopt;
+  if (type != GgufType::kArray || elem_type != GgufType::kFloat32 || raw.size() / sizeof(float) != count ||
+      raw.size() % sizeof(float) != 0)
+    return std::nullopt;  // a hand-built value whose raw bytes disagree with its count
   std::vector<float> v(static_cast<size_t>(count));
   if (!v.empty()) std::memcpy(v.data(), raw.data(), v.size() * sizeof(float));
   return v;
 }
 
 std::optional<std::vector<int32_t>> GgufValue::AsI32Array() const {
-  if (type != GgufType::kArray || elem_type != GgufType::kInt32) return std::nullopt;
+  if (type != GgufType::kArray || elem_type != GgufType::kInt32 || raw.size() / sizeof(int32_t) != count ||
+      raw.size() % sizeof(int32_t) != 0)
+    return std::nullopt;
   std::vector<int32_t> v(static_cast<size_t>(count));
   if (!v.empty()) std::memcpy(v.data(), raw.data(), v.size() * sizeof(int32_t));
   return v;
@@ -504,6 +510,11 @@ Result<GgufFile> GgufFile::Parse(GgufFile f, const uint8_t* data, size_t size) {
   // Smallest possible entries: a kv is an 8-byte key length + 4-byte type + 1-byte value; a tensor info is
   // an 8-byte name length + 4-byte n_dims + 4-byte type + 8-byte offset.
   if (n_kv > c.left() / 13) return bad("metadata count " + std::to_string(n_kv) + " does not fit in the file");
+  // Real files carry tens of keys; each costs ~250 bytes of memory against 13 in the file, so a bound keeps a
+  // crafted file's memory use a small multiple of its size.
+  if (n_kv > kMaxMetadataKeys)
+    return bad("metadata count " + std::to_string(n_kv) + " is implausible (at most " +
+               std::to_string(kMaxMetadataKeys) + ")");
   if (n_tensors > c.left() / 24) return bad("tensor count " + std::to_string(n_tensors) + " does not fit in the file");
 
   // Counts are only bounded by the file size, and an entry in memory is far larger than its smallest encoding:
@@ -532,6 +543,7 @@ Result<GgufFile> GgufFile::Parse(GgufFile f, const uint8_t* data, size_t size) {
   }
 
   f.tensors_.reserve(static_cast<size_t>(std::min(n_tensors, kMaxReserve)));
+  uint64_t next_offset = 0;  // where the next tensor's data must start
   for (uint64_t k = 0; k < n_tensors; ++k) {
     GgufTensorInfo t;
     if (!c.String(&t.name)) return bad("truncated tensor info " + std::to_string(k));
@@ -565,6 +577,13 @@ Result<GgufFile> GgufFile::Parse(GgufFile f, const uint8_t* data, size_t size) {
     if (t.offset % f.alignment_ != 0)
       return bad(what + " data offset " + std::to_string(t.offset) + " is not a multiple of the alignment " +
                  std::to_string(f.alignment_));
+    // Tensors lie back to back in the order of their infos, each padded to the alignment, as ggml writes them
+    // and llama.cpp's loader demands. Besides matching that loader, this makes a flipped type bit (F32 -> F16
+    // or Q8_0 shrinks a tensor) an error rather than a model decoded from the wrong bytes.
+    if (t.offset != next_offset)
+      return bad(what + " data offset " + std::to_string(t.offset) + ", expected " + std::to_string(next_offset) +
+                 " (tensors lie back to back)");
+    next_offset += AlignUp(t.nbytes, f.alignment_);
     f.tensors_.push_back(std::move(t));
   }
 
@@ -572,6 +591,9 @@ Result<GgufFile> GgufFile::Parse(GgufFile f, const uint8_t* data, size_t size) {
   f.data_offset_ = AlignUp(c.pos(), f.alignment_);
   f.size_ = size;
   const uint64_t data_size = f.data_offset_ <= size ? size - f.data_offset_ : 0;
+  // Nor is there room after the last tensor for more than its padding (a shrunken last tensor).
+  if (next_offset <= data_size && data_size - next_offset >= f.alignment_)
+    return bad(std::to_string(data_size - next_offset) + " bytes follow the last tensor's data");
   for (auto& t : f.tensors_) {
     if (t.nbytes == 0) {
       t.file_offset = f.data_offset_;

@@ -21,7 +21,9 @@
 //    offset is bounds-checked against the bytes actually present before anything is allocated, sizes are
 //    computed with overflow checks, nested arrays, unknown value types and unknown tensor types are rejected,
 //    as are duplicate keys or tensor names, a non-u32 or non-power-of-two `general.alignment`, misaligned
-//    tensor offsets, tensors past the end of the file and overlapping tensors. Errors are one line, start
+//    tensor offsets, tensors past the end of the file, overlapping tensors, and tensors not back to back in
+//    the order of their infos (each offset the previous ones' padded sizes summed, as ggml writes and
+//    llama.cpp's loader demands; no more than the padding after the last). Errors are one line, start
 //    with the source name (the path, or "<bytes>"), and are kCorrupt (kIo/kNotFound for unreadable files).
 //    Memory use is bounded by a small multiple of the input size.
 //  - Thread safety: a GgufFile is immutable after parsing; its const methods may be called concurrently.
@@ -178,8 +180,10 @@ class GgufFile {
 
 // Q8_0: blocks of 32 values, each { f16 d; int8 q[32] } (34 bytes), d = max|x| / 127, q = round(x / d)
 // (computed as round(x * (1/d)), half away from zero, as ggml's reference quantizer does), x' = q * d with d
-// read back from f16. n must be a multiple of 32. Per element, |x - x'| <= d/2 + (rounding of d to f16),
-// i.e. about max|block| / 254.
+// read back from f16. n must be a multiple of 32. Per element, |x - x'| <= d/2 + 127 x (rounding of d to f16),
+// i.e. about max|block| / 254 while d is a normal f16 (max|block| >= ~7.8e-3). Below that d is an f16
+// subnormal and the error grows towards d/2 + 127 x 2^-25; a block with max|x| <= ~3.8e-6 decodes to zeros.
+// Quantizing against the unrounded d keeps the output identical to ggml's.
 inline constexpr size_t kQ8_0BlockSize = 32;
 inline constexpr size_t kQ8_0BlockBytes = 34;
 std::string QuantizeQ8_0(const float* x, size_t n);

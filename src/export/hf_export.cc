@@ -1,6 +1,9 @@
 // hf_export.cc: the keel <-> Hugging Face GPT-2 directory mapping (see hf_export.h).
 #include "export/hf_export.h"
 
+#include <fcntl.h>
+#include <stdio.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -102,6 +105,13 @@ Status WriteDirAtomic(const std::string& dir, const std::vector<std::pair<std::s
   if (s.ok()) s = env->SyncDir(fresh);
   if (!s.ok()) return fail(s);
   const bool had_old = env->Exists(dir);
+  // One atomic exchange where the filesystem has it (Linux renameat2): DIR is never missing, so a crash leaves
+  // the earlier export or the new one in place, never neither. Elsewhere, two renames.
+  if (had_old && ::renameat2(AT_FDCWD, fresh.c_str(), AT_FDCWD, dir.c_str(), RENAME_EXCHANGE) == 0) {
+    const Status synced = env->SyncDir(DirName(dir));
+    const Status removed = env->RemoveAll(stage);  // the staging directory, now holding the earlier export
+    return synced.ok() ? removed : synced;
+  }
   if (had_old) {
     if (Status r = env->Rename(dir, old); !r.ok()) return fail(r);
   }

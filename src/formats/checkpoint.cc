@@ -21,6 +21,7 @@ namespace {
 constexpr char kManifest[] = "MANIFEST.json";
 constexpr char kCommitted[] = "COMMITTED";
 constexpr char kFormat[] = "keel-checkpoint";
+constexpr uint64_t kMaxManifestBytes = uint64_t{16} << 20;  // far above any real manifest (a few KB)
 
 enum class DirKind { kNone, kPlain, kOld, kTmp };
 
@@ -118,6 +119,12 @@ namespace {
 Status VerifyImpl(const std::string& dir, std::map<std::string, std::string>* out) {
   Env* env = DefaultEnv();
   if (!env->IsDir(dir)) return NotFound(dir + ": no such checkpoint directory");
+  // The marker and the manifest are small (a hash; a line per file): a huge one is not read into memory.
+  for (const char* name : {kCommitted, kManifest}) {
+    auto size = env->FileSize(JoinPath(dir, name));
+    if (size.ok() && *size > kMaxManifestBytes)
+      return Corrupt(JoinPath(dir, name) + ": " + std::to_string(*size) + " bytes, implausibly large (corrupt)");
+  }
   Result<std::string> committed = env->ReadFile(JoinPath(dir, kCommitted));
   if (!committed.ok()) {
     if (committed.status().code() == Code::kNotFound) return Corrupt(dir + ": incomplete (no COMMITTED marker)");
