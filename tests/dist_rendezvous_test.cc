@@ -162,6 +162,28 @@ TEST(RedisStore, PasswordRequiredWrongAndRight) {
   EXPECT_LT(Since(t0), 5.0);
 }
 
+// A connection the server dropped while idle (its idle timeout, a restart, a NAT cut-off) is reopened by the
+// next command instead of failing it; WaitGet rides out an outage until its deadline.
+TEST(RedisStore, AConnectionDroppedWhileIdleIsReopened) {
+  if (!HaveRedis()) GTEST_SKIP() << "redis-server not installed";
+  RedisServer redis;
+  ASSERT_TRUE(redis.ok());
+  auto s = OpenStore(Must(ParseStoreUrl(redis.Url("j"))));
+  ASSERT_TRUE(s.ok()) << s.status().message();
+  ASSERT_TRUE((*s)->Set("k", "v").ok());
+  auto kill = RunCommand(redis.Cli() + " client kill type normal");
+  ASSERT_EQ(kill.exit_code, 0) << kill.output;
+  auto v = (*s)->TryGet("k");
+  ASSERT_TRUE(v.ok()) << v.status().message();
+  EXPECT_EQ(**v, "v");
+  ASSERT_EQ(RunCommand(redis.Cli() + " client kill type normal").exit_code, 0);
+  EXPECT_TRUE((*s)->Set("k2", "w").ok());
+  ASSERT_EQ(RunCommand(redis.Cli() + " client kill type normal").exit_code, 0);
+  auto w = WaitGet(**s, "k2", 5, "k2");
+  ASSERT_TRUE(w.ok()) << w.status().message();
+  EXPECT_EQ(*w, "w");
+}
+
 TEST(RedisStore, UnreachableFailsFast) {
   const int port = FreePort();  // nothing listens there
   auto t0 = std::chrono::steady_clock::now();

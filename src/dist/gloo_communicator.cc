@@ -354,7 +354,9 @@ Result<std::unique_ptr<Communicator>> ConnectGlooCommunicator(std::shared_ptr<St
   } catch (const gloo::IoException& e) {
     std::string m = Clean(e.what());
     if (abort && abort->load()) return Aborted(where + ": aborted");
-    bool timed_out = m.find("imed out") != std::string::npos;
+    // "Timed out ..." from a collective's wait, "Connect timeout ..." from a pair's connect (a peer stopped
+    // while the group forms).
+    bool timed_out = m.find("imed out") != std::string::npos || m.find("timeout") != std::string::npos;
     return timed_out ? Timeout(where + ": " + m) : Unavailable(where + ": " + m);
   } catch (const std::exception& e) {
     return Unavailable(where + ": " + Clean(e.what()));

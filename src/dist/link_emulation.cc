@@ -69,8 +69,9 @@ class MeteredCommunicator final : public Communicator {
  private:
   Status Reduce(Status s, uint64_t payload) { return After(s, AllreduceSentBytes(size(), payload), 2 * (size() - 1)); }
   Status After(Status s, uint64_t sent, int rounds) {
-    // A failed collective is not counted: how much of it went out before the peer was lost is unknown.
-    if (size() <= 1 || !s.ok()) return s;
+    // A failed collective is not counted: how much of it went out before the peer was lost is unknown. Nor is
+    // an empty one, which the communicator returns without running (the barrier sends its 8 bytes).
+    if (size() <= 1 || !s.ok() || sent == 0) return s;
     stats_->bytes_sent += sent;
     stats_->collectives += 1;
     if (!link_.active()) return s;

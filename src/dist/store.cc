@@ -293,10 +293,13 @@ class RedisStore final : public Store {
       lens.push_back(a.size());
     }
     void* p = redisCommandArgv(ctx_, static_cast<int>(argv.size()), argv.data(), lens.data());
+    last_timed_out_ = false;
     if (!p) {
       std::string e = ctx_->errstr[0] ? ctx_->errstr : "connection lost";
-      if (ctx_->err == REDIS_ERR_IO && (errno == EAGAIN || errno == EWOULDBLOCK))
+      if (ctx_->err == REDIS_ERR_IO && (errno == EAGAIN || errno == EWOULDBLOCK)) {
         e = "no reply within " + std::to_string(static_cast<int>(timeout_s_ + 0.5)) + "s";
+        last_timed_out_ = true;
+      }
       (void)Drop(Status::Ok());
       return Unavailable(Where() + ": " + args[0] + ": " + e);
     }
@@ -305,8 +308,19 @@ class RedisStore final : public Store {
 
   Result<Reply> Command(const std::vector<std::string>& args) {
     std::lock_guard<std::mutex> lock(mu_);
+    const bool reused = ctx_ != nullptr;
     KEEL_RETURN_IF_ERROR(ConnectLocked());
-    KEEL_ASSIGN_OR_RETURN(Reply r, RawCommand(args));
+    Result<Reply> sent = RawCommand(args);
+    // A connection that broke while idle (the server's idle timeout, a restart, a NAT or load balancer cutting
+    // it) fails the first command sent on it although the server is fine: an idempotent command goes once more
+    // on a new connection. Not SETNX or INCR (the lost reply may be of one that was carried out), and not after
+    // a timeout (a slow server would only be asked twice).
+    const bool idempotent = args[0] == "GET" || args[0] == "SET" || args[0] == "SCAN" || args[0] == "DEL";
+    if (!sent.ok() && reused && idempotent && !last_timed_out_) {
+      KEEL_RETURN_IF_ERROR(ConnectLocked());
+      sent = RawCommand(args);
+    }
+    KEEL_ASSIGN_OR_RETURN(Reply r, std::move(sent));
     if (r->type == REDIS_REPLY_ERROR) {
       std::string e(r->str, r->len);
       if (e.rfind("NOAUTH", 0) == 0)
@@ -321,6 +335,7 @@ class RedisStore final : public Store {
   std::string prefix_;
   std::mutex mu_;
   redisContext* ctx_ = nullptr;
+  bool last_timed_out_ = false;  // the last RawCommand failed for want of a reply in time (guarded by mu_)
 };
 
 // ---------------------------------------------------------------------------------------------------------
@@ -450,11 +465,16 @@ Result<std::string> WaitGet(Store& store, const std::string& key, double timeout
   using Clock = std::chrono::steady_clock;
   const auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
   double sleep_s = poll_s;
+  Status unavailable;
   for (;;) {
-    KEEL_ASSIGN_OR_RETURN(std::optional<std::string> v, store.TryGet(key));
-    if (v) return std::move(*v);
+    // An unreachable store (a restart, a network blip) is polled again until the deadline, as an absent key is.
+    Result<std::optional<std::string>> v = store.TryGet(key);
+    if (!v.ok() && v.status().code() != Code::kUnavailable) return v.status();
+    if (v.ok() && *v) return std::move(**v);
+    unavailable = v.ok() ? Status::Ok() : v.status();
     if (abort && abort->load()) return Aborted("aborted while waiting for " + what);
     if (Clock::now() >= deadline) {
+      if (!unavailable.ok()) return unavailable;
       char buf[32];
       std::snprintf(buf, sizeof(buf), "%gs", timeout_s);
       return Timeout("timed out after " + std::string(buf) + " waiting for " + what + " (" + store.Describe() + ")");

@@ -2,7 +2,8 @@
 // a directory of files (one machine, or a shared filesystem) or a Redis server (many machines).
 //
 // Contract: every call is bounded — the file store by the filesystem, the Redis store by its connect/command
-// timeout (connection errors fail fast with a one-line message naming HOST:PORT). Waiting for a key that peers
+// timeout (connection errors fail fast with a one-line message naming HOST:PORT; a connection found broken when
+// reused is reopened once for GET, SET, DEL and SCAN, which are safe to send twice). Waiting for a key that peers
 // will write is done by polling (WaitGet) against a deadline, never by a blocking call without one. Nothing
 // throws. Keys are arbitrary printable strings ("gen/0/rank_1"); values are bytes.
 // Thread safety: every store is safe for concurrent use (the Redis store serialises its connection).
@@ -59,8 +60,9 @@ Result<StoreUrl> ParseStoreUrl(const std::string& url);
 Result<std::shared_ptr<Store>> OpenStore(const StoreUrl& url, double connect_timeout_s = 5);
 Result<std::shared_ptr<Store>> OpenFileStore(const std::string& dir);
 
-// Polls store until key exists or timeout_s passes (then kTimeout: "timed out after Ns waiting for <what>"),
-// or until *abort becomes true (kAborted). poll_s: the interval.
+// Polls store until key exists or timeout_s passes (then kTimeout: "timed out after Ns waiting for <what>", or
+// the store's last kUnavailable error if it was unreachable at the end), or until *abort becomes true (kAborted).
+// An unreachable store is polled again like an absent key; other errors return at once. poll_s: the interval.
 Result<std::string> WaitGet(Store& store, const std::string& key, double timeout_s, const std::string& what,
                             const std::atomic<bool>* abort = nullptr, double poll_s = 0.01);
 

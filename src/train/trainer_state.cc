@@ -3,6 +3,8 @@
 // the checksummed state transfer between members, and the view a checkpoint is written from.
 #include "train/trainer_impl.h"
 
+#include <cstring>
+
 namespace keel::trainer_support {
 
 // ---- state: hashes, transfers, snapshots ---------------------------------------------------------------------
@@ -241,18 +243,21 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
     aux = *ab;
   }
   if (me_recv) ckpt_->WaitEncoded();
-  // Host memory: the source sends from, and receivers receive into, the model's and optimizer's own buffers;
-  // the other members receive into one scratch buffer. Device memory goes through host copies.
-  // Shared with the broadcasts' closures: a broadcast given up on (Collective's timeout) may still be running on
-  // the communication thread, and must not write into freed memory.
+  // Host memory: the source sends from the model's and optimizer's own buffers; everyone else receives each
+  // buffer into one scratch buffer, which a receiver copies into its own buffer once that broadcast succeeded.
+  // Device memory goes through host copies. Shared with the broadcasts' closures: a broadcast given up on
+  // (Collective's timeout) may still be running on the communication thread, and must write only into memory
+  // that outlives it — never into the model, which the next generation trains on.
   auto p = std::make_shared<std::vector<float>>(), m = std::make_shared<std::vector<float>>(),
        v = std::make_shared<std::vector<float>>(), scratch = std::make_shared<std::vector<float>>();
   float* bufs[3];
-  if (host_ && (me_src || me_recv)) {
+  float* dest[3] = {nullptr, nullptr, nullptr};  // where a host receiver copies each received buffer
+  if (host_ && me_src) {
     bufs[0] = model_->params(), bufs[1] = adam_->m(), bufs[2] = adam_->v();
   } else if (host_) {
     scratch->resize(P_);
     bufs[0] = bufs[1] = bufs[2] = scratch->data();
+    if (me_recv) dest[0] = model_->params(), dest[1] = adam_->m(), dest[2] = adam_->v();
   } else {
     if (me_src) StateToHost(p.get(), m.get(), v.get());
     p->resize(P_), m->resize(P_), v->resize(P_);
@@ -260,24 +265,30 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
   }
   // A receiver's own buffers are overwritten from here on: should the transfer fail part-way (the source dies),
   // they hold a mix of old and new state, so the receiver holds no state until a transfer verifies (below), and
-  // the next sync sends it again or loads the checkpoint. (A given-up broadcast could in principle still write
-  // into these buffers; in practice nothing arrives on a group every peer has aborted.)
+  // the next sync sends it again or loads the checkpoint.
   if (me_recv) {
     has_state_ = false;
     ClearHoldings();
     ++moments_version_;  // the moments are overwritten in place (host memory): a round-start copy is stale
   }
   const size_t bytes = P_ * sizeof(float);
-  for (float* b : bufs)
+  for (int k = 0; k < 3; ++k) {
+    float* b = bufs[k];
     KEEL_RETURN_IF_ERROR(Collective([b, bytes, source, p, m, v, scratch](Communicator* c) {
       return c->Broadcast(b, bytes, source);
     }));
+    if (dest[k]) std::memcpy(dest[k], b, bytes);
+  }
   if (diloco_) {  // the outer momentum (host memory: diloco runs on the CPU backend)
-    float* b = (me_src || me_recv) ? diloco_->momentum() : bufs[0];
+    if (scratch->empty() && !me_src) scratch->resize(P_);  // device receivers: their p/m/v are host copies
+    float* b = me_src ? diloco_->momentum() : scratch->data();
     KEEL_RETURN_IF_ERROR(Collective([b, bytes, source, p, m, v, scratch](Communicator* c) {
       return c->Broadcast(b, bytes, source);
     }));
-    if (me_recv) diloco_->ResetFeedback();
+    if (me_recv) {
+      std::memcpy(diloco_->momentum(), b, bytes);
+      diloco_->ResetFeedback();
+    }
   }
   if (me_recv) {
     if (!host_) StateFromHost(p->data(), m->data(), v->data());
