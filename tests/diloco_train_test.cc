@@ -206,10 +206,20 @@ TEST_F(DilocoTrain, AWorkerKilledDuringTheInnerPhaseLosesOnlyItsOwnWork) {
   EXPECT_EQ(FinalHashes(log).size(), 1u) << log;
   EXPECT_TRUE(std::filesystem::exists(t / "run/ckpt-00000120/model.safetensors")) << log;
   // The round that lost the worker committed once, as the 10th step, after a redone attempt.
+  // Its tokens are the survivors' (the lost worker's micro-batches are not counted), fewer than a full round's.
   bool redone = false;
-  for (const auto& e : JsonLines(t / "run/metrics.jsonl"))
-    if (e["step"].get<int>() == 9) redone = e.value("attempts", 1) > 1;
+  double lost_round_tokens = -1, full_round_tokens = 0;
+  for (const auto& e : JsonLines(t / "run/metrics.jsonl")) {
+    if (e["step"].get<int>() == 9) {
+      redone = e.value("attempts", 1) > 1;
+      lost_round_tokens = e.value("tokens", -1.0);
+    } else if (e.value("inner_steps", 0) == 5) {
+      full_round_tokens = std::max(full_round_tokens, e.value("tokens", 0.0));
+    }
+  }
   EXPECT_TRUE(redone) << ReadFileText(t / "run/metrics.jsonl");
+  EXPECT_GT(lost_round_tokens, 0) << ReadFileText(t / "run/metrics.jsonl");
+  EXPECT_LT(lost_round_tokens, full_round_tokens) << ReadFileText(t / "run/metrics.jsonl");
 }
 
 // The same, with the survivors' inner phase slowed so that the restarted worker is back before they notice the

@@ -109,6 +109,27 @@ TEST_F(TrainE2E, ResumeKeepsSpikeDetection) {
     EXPECT_TRUE(ReadAll(t / "straight/ckpt-00000040/" + f) == ReadAll(t / "split/ckpt-00000040/" + f)) << f;
 }
 
+// Two spikes before the snapshot is renewed (a resume snapshots its own step, here not a --check-every step, so
+// the replay after the first spike takes no new one): the second rollback skips on from where the first one
+// left the data, so neither spike's window is trained on again (the data offset is the sum of both skips).
+TEST_F(TrainE2E, ASecondSpikeKeepsTheFirstSkip) {
+  TempDir t;
+  const std::string env = "KEEL_ALLOW_FAULT_INJECTION=1 " + std::string(KEEL_BINARY) + " ";
+  ASSERT_EQ(RunCommand(env + Args(t / "run", 40) + " --spike-factor 3 --check-every 10 --stop-after 22").exit_code, 0);
+  auto r = RunCommand(env + Args(t / "run", 40) +
+                      " --spike-factor 3 --check-every 10 --inject 'spike:rank=0,step=25;spike:rank=0,step=27' --resume");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  int64_t skipped = 0, spikes = 0;
+  for (size_t at = r.output.find("and skipping "); at != std::string::npos; at = r.output.find("and skipping ", at + 1)) {
+    skipped += std::stoll(r.output.substr(at + 13));
+    ++spikes;
+  }
+  ASSERT_EQ(spikes, 2) << r.output;
+  EXPECT_NE(r.output.find("rolled back to step 22"), std::string::npos) << r.output;
+  const auto state = nlohmann::json::parse(ReadAll(t / "run/ckpt-00000040/state.json"));
+  EXPECT_EQ(state["data_offset"].get<int64_t>(), skipped) << r.output;
+}
+
 TEST_F(TrainE2E, KillNineThenResumeIsBitIdentical) {
   TempDir t;
   ASSERT_EQ(RunKeel(Args(t / "straight", 40)).exit_code, 0);
@@ -198,6 +219,23 @@ TEST_F(TrainE2E, ACheckpointFromOtherDataIsRefused) {
   r = RunKeel(Args(t / "run", 10) + " --resume");
   EXPECT_NE(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("ckpt-00000010: trained on different data"), std::string::npos) << r.output;
+}
+
+// A job that died before its first commit (an elastic job's workers log events before run.json exists) left
+// only keel's logs: a new start takes the directory over instead of refusing it for ever. Anything else is not
+// taken over.
+TEST_F(TrainE2E, ADirectoryHoldingOnlyKeelsLogsIsTakenOver) {
+  TempDir t;
+  std::filesystem::create_directories(t / "run");
+  { std::ofstream(t / "run/events.jsonl") << "{\"event\":\"start\"}\n"; }
+  auto r = RunKeel(Args(t / "run", 5) + " --resume");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(std::filesystem::exists(t / "run/ckpt-00000005/model.safetensors"));
+  std::filesystem::create_directories(t / "other");
+  { std::ofstream(t / "other/notes.txt") << "mine"; }
+  r = RunKeel(Args(t / "other", 5));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("is not empty and is not a keel run directory"), std::string::npos) << r.output;
 }
 
 TEST_F(TrainE2E, SampleFromRunWithKvCacheIsDeterministic) {

@@ -146,6 +146,7 @@ double Diloco::ApplyOuter(float* params, bool group) {
   const double mu = c_.outer_momentum, lr = c_.outer_lr;
   const bool use_sum = group && sum_ && sum_->v.size() == P_;
   const double total = use_sum ? sum_->weight : (weight_ > 0 ? 1.0 : 0.0);
+  applied_ = use_sum ? sum_->weight : weight_;
   double ss = 0;
   if (total > 0) {
     const double inv = use_sum ? 1.0 / total : 1.0;

@@ -89,6 +89,8 @@ class Diloco {
   // that would make a parameter or the momentum non-finite (or exceed float's range) is not applied at all: NaN
   // is returned, and the residual is not committed.
   double ApplyOuter(float* params, bool group);
+  // The micro-batches behind the last ApplyOuter's update (Σw over the group; a lost member's are not in it).
+  double applied_micro_batches() const { return applied_; }
 
   float* momentum() { return momentum_.data(); }
   size_t size() const { return P_; }
@@ -114,6 +116,7 @@ class Diloco {
   std::vector<int64_t> acc_;          // fixed-point gradient sum of one inner step
   std::vector<float> accf_;           // fast-mode gradient sum
   double weight_ = 0;
+  double applied_ = 0;
   std::shared_ptr<ErrorFeedback> ef_ = std::make_shared<ErrorFeedback>();
   std::shared_ptr<Sum> sum_;          // the last exchange's result
 };

@@ -351,7 +351,13 @@ class Attempt {
         owner.push_back(static_cast<int>(i));
       }
       int rv = ::poll(pfds.data(), pfds.size(), 50);
-      if (rv < 0 && errno != EINTR) break;
+      if (rv < 0 && errno != EINTR) {
+        // The launcher cannot watch its workers any more: stop them (~Attempt kills and reaps what is left) and
+        // fail the job, rather than report a success nobody checked.
+        first_failure = std::string("launcher: poll failed: ") + std::strerror(errno);
+        any_ok = false;
+        break;
+      }
       for (size_t j = 0; rv > 0 && j < pfds.size(); ++j) {
         if (!(pfds[j].revents & (POLLIN | POLLHUP | POLLERR))) continue;
         if (owner[j] < 0) {

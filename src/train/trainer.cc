@@ -97,7 +97,12 @@ Status CheckOutDirForNewOrResumedRun(Env* env, const std::string& out_dir, bool 
   if (!env->IsDir(out_dir)) return InvalidArgument("--out " + out_dir + ": exists and is not a directory");
   KEEL_ASSIGN_OR_RETURN(auto entries, env->ListDir(out_dir));
   const bool is_run = env->Exists(JoinPath(out_dir, "run.json"));
-  if (!entries.empty() && !is_run)
+  // An elastic job's workers log events before the first commit writes run.json: a job that died that early
+  // left a directory holding only keel's own logs, which a new start (or --resume) takes over.
+  const bool only_logs = std::all_of(entries.begin(), entries.end(), [](const std::string& e) {
+    return e == "events.jsonl" || e == "metrics.jsonl";
+  });
+  if (!only_logs && !is_run)
     return InvalidArgument("--out " + out_dir + ": exists, is not empty and is not a keel run directory");
   if (is_run && !resume)
     return InvalidArgument("--out " + out_dir + ": already holds a training run (pass --resume to continue it, "
@@ -747,6 +752,10 @@ Status Trainer::GroupFailed(const Status& why) {
     fault_t_ = EventLog::Now();
   }
   if (comm_) comm_->Abort();  // the peers waiting on this member fail at once instead of at a timeout
+  // A non-finite micro-batch of this attempt left its finite part in the gradient sum (the fixed-point sum skips
+  // only the non-finite elements; a fast-mode sum takes all of it), which only the vote would have cleared: the
+  // holdings kept for the next attempt must not carry it, so they go (this member computes its share again).
+  if (!bad_.Empty()) ClearHoldings();
   need_group_ = true;
   voluntary_ = false;
   return Status::Ok();

@@ -259,6 +259,7 @@ class Trainer {
   int peak_remeasured_ = 0;  // times the GEMM peak was measured again because MFU came out above 100 %
   double flops_per_token_ = 0;
   int64_t tokens_per_step_ = 0;
+  double last_tokens_ = 0;  // tokens behind the last committed update (diloco: what the surviving members did)
   TrainResult result_;
   std::vector<double> phase_ms_;  // the committed attempt: compute, reduce wait, vote, apply
   int64_t steps_this_run_ = 0;

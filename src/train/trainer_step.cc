@@ -479,8 +479,15 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
                              " vs running mean " + Fmt("%.4f", loss_mean_) + "): ";
     // Every member takes the same decision (agreed state and group_snapshot_); one without a snapshot receives the
     // state of those that restored (the new epoch outranks it) in the sync that follows.
+    // The replayed steps read the data after this step's window: from where the data stands now (an earlier
+    // skip since the snapshot included), not from the snapshot's position. The snapshot takes the new position
+    // too, so that another rollback to it (a second spike, a corruption) does not undo the skip.
+    const int64_t data_now = data_offset_;
     const bool restored = RestoreSnapshot();  // step_, epoch_ (bumped), data_offset_, statistics
-    if (restored) data_offset_ += skip;
+    if (restored) {
+      data_offset_ = data_now + skip;
+      snap_.aux["data_offset"] = data_offset_;
+    }
     DropAbandonedCheckpoints(group_snap_step_);
     need_sync_ = true;
     log_(what + (restored ? "rolled back to step " + std::to_string(step_) + " and skipping " + std::to_string(skip) +
@@ -492,6 +499,8 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
                      {"skip", restored ? skip : int64_t{0}}});
     return -1;
   }
+  // The tokens this update stands for (diloco: set by the outer step below; none when it is skipped).
+  last_tokens_ = diloco_ ? 0.0 : static_cast<double>(tokens_per_step_);
   if (v.skip_update) {
     if (leader())
       log_("warning: step " + std::to_string(step_ + 1) + ": the data gives a non-finite loss or gradient; update skipped");
@@ -502,6 +511,8 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
     const int64_t* sum = size_ > 1 ? red_->data() : acc_.data();
     if (diloco_) {
       gnorm = diloco_->ApplyOuter(Params(), size_ > 1);
+      // The tokens behind this round: a member lost during the inner phase took its micro-batches with it.
+      last_tokens_ = static_cast<double>(B_) * T_ * diloco_->applied_micro_batches();
       if (std::isnan(gnorm)) {  // the same decision on every member (the same averaged pseudo-gradient)
         gnorm = 0;
         if (leader()) {
@@ -580,7 +591,7 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
   if (gnorm < 0) return true;  // rolled back (loss spike): nothing was committed
   const int64_t step = step_ - 1;  // the step just committed
   if (elastic_) elastic_->SetProgress(step_, epoch_, has_state_);
-  tokens_done_ += static_cast<double>(tokens_per_step_ * last_advance_);
+  tokens_done_ += last_tokens_;
   const uint64_t wire_now = wire_->bytes_sent.load();
   const uint64_t wire_step = wire_now - wire_mark_;
   wire_mark_ = wire_now;
@@ -645,7 +656,7 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
       metrics_ = std::make_unique<std::ofstream>(path, std::ios::app);
       if (!*metrics_) return IoError(path + ": cannot open for appending");
     }
-    const double tok_s = static_cast<double>(tokens_per_step_ * last_advance_) / dt;
+    const double tok_s = last_tokens_ / dt;
     // peak_ is one worker's (its --threads); the group's tokens/s come from size_ such workers.
     double mfu = peak_ > 0 ? flops_per_token_ * tok_s / (peak_ * size_ * 1e9) : 0.0;
     // Above 100 %: the start-up measurement ran while the machine was busy (another job, a build). Measure again,
@@ -669,6 +680,7 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
     m["wire_bytes"] = wire_step;         // sent by this member (the leader) since the last commit
     m["wire_bytes_total"] = wire_now;
     if (diloco_) m["inner_steps"] = last_advance_;
+    m["tokens"] = last_tokens_;  // trained on by this update (diloco: a lost member's micro-batches are not)
     if (phase_ms_.size() == 4)
       m["phase_ms"] = {{"compute", phase_ms_[0]}, {"reduce_wait", phase_ms_[1]}, {"vote", phase_ms_[2]},
                        {"apply", phase_ms_[3]}};
