@@ -202,6 +202,13 @@ TEST_F(CliErrors, SeedOutOfRange) {
   WriteText(t / "seed.json", "{\"seed\": -1}");
   ExpectError(RunKeel("train --config " + t / "seed.json" + " " + Small(t / "r") + " --steps 2"),
               "--config " + t / "seed.json" + ": --seed: must be a decimal integer");
+  // DiLoCo's settings without --sync diloco would be ignored: refused.
+  ExpectError(RunKeel("train " + Small(t / "r") + " --steps 2 --inner-steps 7"),
+              "--inner-steps applies only with --sync diloco");
+  // Every integer field, not only the seed: a hex --steps in a config names the file, not a flag nobody typed.
+  WriteText(t / "steps.json", "{\"steps\": \"0x10\"}");
+  ExpectError(RunKeel("train --config " + t / "steps.json" + " " + Small(t / "r")),
+              "--config " + t / "steps.json" + ": --steps: must be a decimal integer");
   EXPECT_FALSE(fs::exists(t / "r"));
   auto r = RunKeel("sample --ckpt " + Run() + " -n 2 --threads 1 --seed 18446744073709551615");
   EXPECT_EQ(r.exit_code, 0) << r.output;
@@ -368,9 +375,9 @@ TEST_F(CliErrors, InvalidConfigFile) {
   // also when a flag overrides it.
   WriteText(t / "frac.json", "{\"layers\": 1.5}");
   ExpectError(RunKeel("train --config " + t / "frac.json" + " --data " + Data() + " --out " + t / "r"),
-              "--config " + t / "frac.json" + ": Could not convert: --layers = 1.5");
+              "--config " + t / "frac.json" + ": --layers: must be a decimal integer");
   ExpectError(RunKeel("train --config " + t / "frac.json" + " " + Small(t / "r") + " --layers 1"),
-              "--config " + t / "frac.json" + ": Could not convert: --layers = 1.5");
+              "--config " + t / "frac.json" + ": --layers: must be a decimal integer");
   EXPECT_FALSE(fs::exists(t / "r"));
 }
 

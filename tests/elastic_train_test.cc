@@ -468,6 +468,23 @@ TEST_F(ElasticTrain, OneElasticWorkerIsRestartedAndResumes) {
   ExpectSameAsStraight(out);
 }
 
+// A resumed run whose --vocab came from its checkpoint (the flag left out): a worker restarted after a crash
+// joins the running job, skips the run-directory inspection, and must still build the group's model (it takes
+// the vocabulary run.json recorded) to receive the state.
+TEST_F(ElasticTrain, ARestartedWorkerOfAResumedRunBuildsTheGroupsModel) {
+  TempDir t;
+  const std::string out = t / "run";
+  auto r = RunKeel(Args(out, 30) + " --vocab 300 --nproc 2 --elastic --stop-after 10");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  r = RunCommand("KEEL_ALLOW_FAULT_INJECTION=1 " + KeelBinary() + " " + Args(out, 30) +
+                 " --nproc 2 --elastic --max-restarts 1 --resume --inject 'crash:rank=1,step=15;slow:rank=0,step=16,factor=60,steps=4'");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("restarting it (restart 1 of 1"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("received the training state"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("parameters, this worker's"), std::string::npos) << r.output;
+  EXPECT_EQ(FinalHashes(r.output).size(), 1u) << r.output;
+}
+
 // A finite, silent corruption of one gradient (a flipped mantissa bit) passes every other check; with
 // --verify-fraction 1 each micro-batch is recomputed by a second member, the gradient hashes differ, and the step
 // is redone. Without the cross-check the same fault changes the final weights (it would have gone unnoticed).

@@ -122,7 +122,7 @@ class ElasticGroup {
   Result<bool> JobDone();
   // From now on this member's generations need only itself (--min-workers 1): the job is trained and what is
   // left, the final checkpoint and the done mark, needs one member holding the state.
-  void SetFinishing() { finishing_ = true; }
+  void SetFinishing(bool on = true) { finishing_ = on; }
   // This member leaves for good (quarantined / exiting): its status says so at once.
   void Leave(const std::string& state);
 

@@ -225,6 +225,15 @@ Status Trainer::Open() {
   const bool joiner = elastic_ && elastic_->joined_running_job();
   if (!joiner) KEEL_RETURN_IF_ERROR(InspectRunDir());
   if (resuming_) o_.model.vocab = resume_snap_.config.vocab;
+  // A joiner (a restarted worker) skips the run-directory inspection that gave the others the checkpoint's
+  // vocabulary for --vocab 0: it takes the one the run recorded, so that its model has the group's size.
+  if (joiner && o_.model.vocab == 0 && env_->Exists(run_json_path_)) {
+    auto text = env_->ReadFile(run_json_path_);
+    const auto run = text.ok() ? nlohmann::json::parse(*text, nullptr, false) : nlohmann::json();
+    if (run.is_object() && run.contains("model") && run["model"].is_object() && run["model"].contains("vocab") &&
+        run["model"]["vocab"].is_number_integer())
+      o_.model.vocab = run["model"]["vocab"].get<int>();
+  }
   if (o_.model.vocab == 0) o_.model.vocab = data_->vocab_size();
   if (o_.model.vocab < data_->vocab_size())
     return InvalidArgument("--vocab " + std::to_string(o_.model.vocab) + " is smaller than the tokenizer's vocabulary (" +
@@ -357,8 +366,12 @@ Status Trainer::FinishElasticJob() {
     elastic_->SetFinishing();
     KEEL_ASSIGN_OR_RETURN(bool have_group, Quorum());
     if (!have_group) return Status::Ok();  // the job is done (another member finished it), or stopped
-    // The state sync ranks epochs before steps: should it have brought back an unfinished state, train on.
-    if (step_ < o_.steps) return Status::Ok();
+    // The state sync ranks epochs before steps: should it have brought back an unfinished state, train on
+    // (with the quorum --min-workers asks for again).
+    if (step_ < o_.steps) {
+      elastic_->SetFinishing(false);
+      return Status::Ok();
+    }
   }
 }
 
@@ -719,6 +732,8 @@ Result<bool> Trainer::Quorum() {
     }
     if (need_sync_) {
       Status s = SyncState();
+      // This member's model does not match the group's (see TransferState): no re-form can fix that.
+      if (s.code() == Code::kInvalidArgument) return s;
       if (!s.ok()) {
         KEEL_RETURN_IF_ERROR(GroupFailed(s));
         continue;
@@ -741,8 +756,8 @@ std::function<bool()> Trainer::GiveUp() {
 
 Status Trainer::Collective(std::function<Status(Communicator*)> op) { return reducer_->Run(std::move(op), GiveUp()); }
 
-Status Trainer::GroupFailed(const Status& why) {
-  ++result_.attempts_failed;
+Status Trainer::GroupFailed(const Status& why, bool counted) {
+  if (!counted) ++result_.attempts_failed;
   if (!elastic_) return why;
   log_("step " + std::to_string(step_ + 1) + ": attempt failed in generation " + std::to_string(gen_no_) + ": " +
        why.message() + "; re-forming");

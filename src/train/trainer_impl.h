@@ -92,7 +92,8 @@ class Trainer {
   Status Abort(const VoteOutcome& v, const std::vector<VoteRecord>& records, int attempt);
   double Apply(const VoteOutcome& v, const std::vector<VoteRecord>& records);
   Result<bool> AfterCommit(const VoteOutcome& v, double gnorm, double dt, int attempts);
-  Status GroupFailed(const Status& why);
+  // counted: the failed attempt is already in result_.attempts_failed (Abort counts its own).
+  Status GroupFailed(const Status& why, bool counted = false);
   // Runs a collective on the communication thread; elastic members give up on it (kAborted) when the watchdog
   // aborted the group and it still has not returned shortly after.
   Status Collective(std::function<Status(Communicator*)> op);

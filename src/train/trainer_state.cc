@@ -124,7 +124,13 @@ bool Trainer::RestoreSnapshot() {
     diloco_->Restore();
     diloco_->ResetFeedback();
   }
+  // Strikes and speed figures describe the members, not the model: a rollback keeps them (a member that keeps
+  // faulting around rollbacks must not escape --quarantine-after).
+  auto strikes = strikes_;
+  auto speed = speed_;
   InstallAux(snap_.aux);
+  strikes_ = std::move(strikes);
+  speed_ = std::move(speed);
   epoch_ = new_epoch;
   snap_.epoch = new_epoch;
   snap_.aux["epoch"] = new_epoch;
@@ -233,7 +239,10 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
     KEEL_RETURN_IF_ERROR(Collective([hb, source](Communicator* c) { return c->Broadcast(hb.get(), sizeof(Header), source); }));
     h = *hb;
   }
-  if (h.magic != 0x4B45454C53594E43ull || h.params != P_ || h.aux_len > (1u << 24))
+  if (h.magic == 0x4B45454C53594E43ull && h.params != P_)
+    return InvalidArgument("the group's model has " + std::to_string(h.params) + " parameters, this worker's " +
+                           std::to_string(P_) + ": its model flags (--layers/--heads/--dim/--ctx/--vocab) differ");
+  if (h.magic != 0x4B45454C53594E43ull || h.aux_len > (1u << 24))
     return Corrupt("state transfer from member " + std::to_string(members_[static_cast<size_t>(source)]) +
                    ": malformed header");
   {

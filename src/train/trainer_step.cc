@@ -398,7 +398,7 @@ Status Trainer::Abort(const VoteOutcome& v, const std::vector<VoteRecord>& recor
   }
   if (v.resync) {
     if (!elastic_) return Internal("members disagree on the step: " + v.reason);
-    return GroupFailed(Aborted(v.reason));
+    return GroupFailed(Aborted(v.reason), /*counted=*/true);
   }
   // Holdings after this attempt, for every member (agreed).
   group_held_.assign(static_cast<size_t>(size_), MicroSet{});
@@ -450,7 +450,7 @@ Status Trainer::Abort(const VoteOutcome& v, const std::vector<VoteRecord>& recor
   // Silent corruption: the minority takes the majority's state (the same group, no re-form).
   if (!v.repair.empty()) {
     Status s = TransferState(v.source, v.repair, 0, "repair");
-    if (!s.ok()) return GroupFailed(s);
+    if (!s.ok()) return GroupFailed(s, /*counted=*/true);
   }
   if (v.rollback) {
     const bool restored = RestoreSnapshot();
@@ -459,7 +459,7 @@ Status Trainer::Abort(const VoteOutcome& v, const std::vector<VoteRecord>& recor
          std::to_string(restored ? step_ : snap_.step) + (restored ? "" : " (this member has none: it will receive it)"));
     need_sync_ = true;
     Status s = SyncState();
-    if (!s.ok()) return GroupFailed(s);
+    if (!s.ok()) return GroupFailed(s, /*counted=*/true);
   }
   return Status::Ok();
 }
@@ -727,7 +727,9 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
     return false;
   }
   // Admit joiners / drop a quarantined member: every member leaves this generation at this boundary.
-  if (elastic_ && (v.joiners || v.reform)) {
+  // (Not after a failure in this boundary's own collectives, the validation pass: that re-form is a fault,
+  // which the peers' watchdogs must see as one.)
+  if (elastic_ && (v.joiners || v.reform) && !need_group_) {
     need_group_ = true;
     voluntary_ = true;
   }

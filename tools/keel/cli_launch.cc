@@ -289,6 +289,12 @@ Status ValidateDistFlags(const DistFlags& d) {
   // connection, in words of Gloo's ("ifa != nullptr. Unable to find address for: ...").
   if (!d.iface.empty() && if_nametoindex(d.iface.c_str()) == 0)
     return InvalidArgument("--iface " + d.iface + ": no such network interface on this machine");
+  // Syntax before anything is opened (a typo used to surface only after the data directory was read).
+  KEEL_RETURN_IF_ERROR(ParseNnodes(d.nnodes).status());
+  if (!d.rdzv.empty()) {
+    auto url = ParseStoreUrl(d.rdzv);
+    if (!url.ok()) return url.status();  // names --rdzv itself
+  }
   return Status::Ok();
 }
 

@@ -3,6 +3,7 @@
 
 #include <charconv>
 #include <csignal>
+#include <set>
 
 #include "core/env.h"
 
@@ -41,7 +42,10 @@ CLI::Validator DecimalInteger(bool is_unsigned) {
 
 }  // namespace
 
-int Parse(CLI::App& app, int argc, char** argv) {
+void SetUpOptions(CLI::App& app) {
+  // Once per app: Parse calls it again after a caller's own call (the CLI is single-threaded).
+  static std::set<const CLI::App*> prepared;
+  if (!prepared.insert(&app).second) return;
   // A flag given twice: the last one wins, in every subcommand (train's --config fields rely on it, and scripts
   // append overrides to a base command line). Options declared to take every value (--inject) keep that.
   for (CLI::Option* opt : app.get_options()) {
@@ -50,6 +54,10 @@ int Parse(CLI::App& app, int argc, char** argv) {
     const std::string type = opt->get_type_name();
     if (opt->get_expected_min() > 0 && (type == "INT" || type == "UINT")) opt->transform(DecimalInteger(type == "UINT"));
   }
+}
+
+int Parse(CLI::App& app, int argc, char** argv) {
+  SetUpOptions(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -196,6 +196,7 @@ int RunTrain(int argc, char** argv) {
       ->capture_default_str();
   DistFlags dist;
   dist.AddTo(app);
+  SetUpOptions(app);  // the config's values go through the same checks as typed ones
   if (Status s = CheckConfigFields(app, config_fields); !s.ok()) return Fail("train", s);
   if (int rc = Parse(app, static_cast<int>(av.size()), av.data()); rc >= 0) return rc;
   // Empty means "not given" for these (a single process; the hostname): an explicit "" is a mistake.
@@ -214,6 +215,12 @@ int RunTrain(int argc, char** argv) {
     fast = typed_fast;
   }
   o.deterministic = !fast;
+  // DiLoCo's settings under ddp would be ignored without a word (a --sync typo, a config from a diloco run).
+  if (o.sync != "diloco")
+    for (const char* flag : {"--inner-steps", "--outer-lr", "--outer-momentum"})
+      if (app.count(flag) > 0)
+        return Fail("train", NameConfigSource(InvalidArgument(std::string(flag) + " applies only with --sync diloco"),
+                                              args, config_end, config_fields));
   if (no_progress) o.progress = false;
   if (o.eval_every == 0) o.eval_every = o.steps;
   if (Status s = ValidateTrainOptions(o); !s.ok())
