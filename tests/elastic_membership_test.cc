@@ -177,5 +177,45 @@ TEST(ElasticMembership, AnUnreadablePeerRecordIsNotTakenForAnAbsentPeer) {
   EXPECT_EQ(r.status().code(), Code::kAborted) << r.status().ToString();
 }
 
+bool Evicted(ElasticGroup& g, int64_t gen, int64_t uid) {
+  auto r = g.EvictedSince(gen, uid);
+  EXPECT_TRUE(r.ok()) << r.status().ToString();
+  return r.ok() && *r;
+}
+
+// EvictedSince: the question a leader's checkpoint writer asks before it writes (a leader frozen mid-write may
+// wake after the others re-formed without it and rolled back). False while no later generation exists, and for a
+// member listed in the later one; true for the member it left out.
+TEST(ElasticMembership, EvictedSinceTellsALeftOutMemberFromAListedOne) {
+  TempDir t;
+  auto store = OpenFileStore(t / "rdzv");
+  auto hb_a = OpenFileStore(t / "rdzv");
+  auto hb_b = OpenFileStore(t / "rdzv");
+  ASSERT_TRUE(store.ok() && hb_a.ok() && hb_b.ok());
+  ElasticOptions o;
+  o.t = ElasticTimeouts::From(2, 10);
+  o.host = "127.0.0.1";
+  o.expected_initial = 2;
+  auto a = ElasticGroup::Join(*store, *hb_a, o, nlohmann::json{{"job", "test"}}, nullptr, nullptr);
+  ElasticOptions ob = o;
+  ob.rank = 1;
+  auto b = ElasticGroup::Join(*store, *hb_b, ob, nlohmann::json{{"job", "test"}}, nullptr, nullptr);
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto fb = std::async(std::launch::async, [&] { return (*b)->NextGeneration(nullptr, false); });
+  auto ga = (*a)->NextGeneration(nullptr, false);
+  auto gb = fb.get();
+  ASSERT_TRUE(ga.ok() && gb.ok()) << ga.status().ToString() << " / " << gb.status().ToString();
+  const int64_t gen = ga->gen, uid_a = (*a)->uid(), uid_b = (*b)->uid();
+  EXPECT_FALSE(Evicted(**a, gen, uid_a));
+  EXPECT_FALSE(Evicted(**b, gen, uid_b));
+  // A goes; B re-forms alone.
+  (*a)->Leave("gone");
+  auto next = (*b)->NextGeneration(nullptr, false);
+  ASSERT_TRUE(next.ok()) << next.status().ToString();
+  ASSERT_EQ(next->members, std::vector<int64_t>{uid_b});
+  EXPECT_TRUE(Evicted(**a, gen, uid_a));
+  EXPECT_FALSE(Evicted(**b, gen, uid_b));
+}
+
 }  // namespace
 }  // namespace keel::testing

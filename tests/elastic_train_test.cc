@@ -743,6 +743,42 @@ TEST_F(ElasticTrain, LeaderKilledWhileWritingACheckpointIsReplacedAndNothingIsLo
   ExpectSameAsStraight(out);
 }
 
+// The leader freezes (the whole process stopped) in the middle of writing the checkpoint of step 50 and is
+// evicted; the others go on without it (and might roll back and delete what they abandon). When it wakes, its
+// writer finds that a generation without it exists and does not write the checkpoint: a late write could land a
+// checkpoint of an abandoned lineage after the others' cleanup, for --resume to take. (Before, it did: with
+// --keep 0, ckpt-50 appeared after the others' later checkpoints.) The job ends bit-identical.
+TEST_F(ElasticTrain, ALeaderFrozenMidCheckpointDoesNotWriteItAfterItsEviction) {
+  TempDir t;
+  const std::string out = t / "run";
+  Background job(Split(Args(out) + " --nproc 3 --elastic --keep 0 --inject truncate-ckpt:step=50,then=freeze,secs=8"),
+                 t / "log", InjectEnv());
+  ASSERT_EQ(job.Wait(180), 0) << job.Output();
+  const std::string log = job.Output();
+  EXPECT_NE(log.find("truncate-ckpt of the checkpoint of step 50"), std::string::npos) << log;
+  EXPECT_NE(log.find("evicted"), std::string::npos) << log;
+  EXPECT_FALSE(std::filesystem::exists(out + "/ckpt-00000050")) << log;
+  EXPECT_TRUE(std::filesystem::exists(out + "/ckpt-00000200/COMMITTED")) << log;
+  ExpectSameAsStraight(out);
+}
+
+// The same in the FINAL checkpoint's write: the others re-form, their new leader writes the final checkpoint and
+// marks the job done; the frozen one, woken, neither writes its copy nor marks the job done itself (it was
+// evicted): it re-forms, finds the job done and exits 0.
+TEST_F(ElasticTrain, ALeaderFrozenInTheFinalWriteLeavesTheFinishToTheOthers) {
+  TempDir t;
+  const std::string out = t / "run";
+  Background job(Split(Args(out) + " --nproc 3 --elastic --inject truncate-ckpt:step=200,then=freeze,secs=6"),
+                 t / "log", InjectEnv());
+  ASSERT_EQ(job.Wait(180), 0) << job.Output();
+  const std::string log = job.Output();
+  EXPECT_NE(log.find("truncate-ckpt of the checkpoint of step 200"), std::string::npos) << log;
+  EXPECT_NE(log.find("writing the final checkpoint (step 200) in place of the previous leader"), std::string::npos)
+      << log;
+  EXPECT_TRUE(std::filesystem::exists(out + "/ckpt-00000200/COMMITTED")) << log;
+  ExpectSameAsStraight(out);
+}
+
 // The leader is SIGKILLed in the middle of writing the FINAL checkpoint. The other workers do not exit until the
 // job is marked done (the launcher would take their exit 0 for the end of the job and restart nobody): they see the
 // leader go, re-form (with its restarted incarnation), and the new leader writes the final checkpoint and marks the

@@ -115,8 +115,9 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
           continue;
         }
         if (k == "then") {
-          if (v != "kill" && v != "hang") return InvalidArgument(bad + "then must be kill or hang");
+          if (v != "kill" && v != "hang" && v != "freeze") return InvalidArgument(bad + "then must be kill, hang or freeze");
           f.then_kill = v == "kill";
+          f.then_freeze = v == "freeze";
           continue;
         }
         if (!ParseNum(v, &x)) return InvalidArgument(bad + k + "=" + v + " is not a number");
@@ -413,7 +414,7 @@ bool FaultInjector::StallCollective(int64_t step, double* secs) {
   return false;
 }
 
-bool FaultInjector::TruncateCheckpoint(int64_t step, bool* then_kill) {
+bool FaultInjector::TruncateCheckpoint(int64_t step, bool* then_kill, double* freeze_s) {
   std::lock_guard<std::mutex> l(mu_);
   for (size_t s = 0; s < specs_.size(); ++s) {
     const FaultSpec& f = specs_[s];
@@ -421,7 +422,8 @@ bool FaultInjector::TruncateCheckpoint(int64_t step, bool* then_kill) {
     const std::string id = "truncate-ckpt/" + std::to_string(s);
     if (!Claim(id)) continue;
     *then_kill = f.then_kill;
-    Record(f.kind, step, id, f.then_kill ? "then SIGKILL" : "then stall");
+    *freeze_s = f.then_freeze ? (f.secs > 0 ? f.secs : 5.0) : 0.0;
+    Record(f.kind, step, id, f.then_kill ? "then SIGKILL" : f.then_freeze ? "then freeze" : "then stall");
     return true;
   }
   return false;

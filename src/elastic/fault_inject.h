@@ -26,9 +26,11 @@
 //                                     faulty unit
 //   spike:rank=R,step=S,factor=F      its first micro-batch of step S reports F times its loss (default 100)
 //   bitflip:rank=R,step=S             flip one bit of one parameter at the start of step S
-//   truncate-ckpt:step=S,then=kill|hang   the checkpoint of step S is left half-written (a .tmp directory with a
-//                                     truncated weights file); then the writer SIGKILLs itself (default) or
-//                                     stalls (so a test can kill every worker while the write "is in flight")
+//   truncate-ckpt:step=S,then=kill|hang|freeze   the checkpoint of step S is left half-written (a .tmp
+//                                     directory with a truncated weights file); then the writer SIGKILLs itself
+//                                     (default), stalls (so a test can kill every worker while the write "is in
+//                                     flight"), or stops the whole process (SIGSTOP) for secs=X seconds (default 5)
+//                                     and then finishes the write: a leader frozen in the middle of a write
 //   link:rank=R,mbit=B,latency_ms=L  this worker's link is limited to B Mbit/s with L ms latency per
 //                                     communication round, for the whole run (dist/link_emulation.h)
 //   random:every=T,seed=N,kinds=crash+hang+nan+bitflip,secs=X,start=T0,ranks=W
@@ -65,6 +67,7 @@ struct FaultSpec {
   int64_t steps = 1000000;
   bool steps_set = false; // the spec names steps= (corrupt: persistent)
   bool then_kill = true;  // truncate-ckpt
+  bool then_freeze = false;  // truncate-ckpt: freeze for `secs`, then finish the write
   double mbit = 0, latency_ms = 0;  // link
   // random
   double every = 15, start = -1;
@@ -103,8 +106,9 @@ class FaultInjector {
   bool FreezeHeartbeat(int64_t step, double* secs);            // freeze: for how long
   double LossFactor(int64_t step);                             // spike (1 = normal)
   bool LinkLimit(double* mbit, double* latency_ms);            // link: this worker's emulated link
-  // truncate-ckpt: true if the checkpoint of `step` must be left half-written; *then_kill says what follows.
-  bool TruncateCheckpoint(int64_t step, bool* then_kill);
+  // truncate-ckpt: true if the checkpoint of `step` must be left half-written; *then_kill says what follows,
+  // or (*freeze_s > 0) a freeze of that many seconds after which the write goes on.
+  bool TruncateCheckpoint(int64_t step, bool* then_kill, double* freeze_s);
 
  private:
   struct Timed {

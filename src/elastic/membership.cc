@@ -809,4 +809,27 @@ Result<bool> ElasticGroup::JobDone() {
   return v.has_value();
 }
 
+Result<bool> ElasticGroup::EvictedSince(int64_t gen, int64_t uid) {
+  // Every generation after `gen`, in order until one does not exist ("latest" is best effort and may trail
+  // the member lists), then the one "latest" names if it lies further on. The main store's connection: the
+  // heartbeat thread's must never wait behind this. Member lists are cached (they never change).
+  int64_t g = gen + 1;
+  for (;; ++g) {
+    auto members = GenerationMembers(*store_, g);
+    if (!members.ok()) {
+      if (members.status().code() == Code::kNotFound) break;
+      return members.status();
+    }
+    if (!std::binary_search(members->begin(), members->end(), uid)) return true;
+  }
+  KEEL_ASSIGN_OR_RETURN(auto latest, store_->TryGet("latest"));
+  const int64_t newest = latest ? std::strtoll(latest->c_str(), nullptr, 10) : -1;
+  if (newest > g) {
+    auto members = GenerationMembers(*store_, newest);
+    if (members.ok() && !std::binary_search(members->begin(), members->end(), uid)) return true;
+    if (!members.ok() && members.status().code() != Code::kNotFound) return members.status();
+  }
+  return false;
+}
+
 }  // namespace keel

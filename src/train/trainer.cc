@@ -332,35 +332,45 @@ Status Trainer::FinishElasticJob() {
         EnsureRunDir();
         KEEL_RETURN_IF_ERROR(ckpt_->Wait());
         if (!host_) StateToHost(&ckpt_p_, &ckpt_m_, &ckpt_v_);
-        KEEL_RETURN_IF_ERROR(ckpt_->Start(CheckpointView(step_), step_));
+        KEEL_RETURN_IF_ERROR(ckpt_->Start(CheckpointView(step_), step_, nullptr, PublishCheck()));
         ckpt_started_step_ = step_;
         log_("writing the final checkpoint (step " + std::to_string(step_) + ") in place of the previous leader");
       }
       KEEL_RETURN_IF_ERROR(ckpt_->Wait());
       KEEL_RETURN_IF_ERROR(deferred_ckpt_error_);
       DropAbandonedAfterCommit();
-      if (elastic_) elastic_->Unwatch();
-      return elastic_->MarkDone(step_);
-    }
-    for (;;) {
-      if (stop_ && stop_->load()) {
-        result_.stopped_early = true;
-        return Status::Ok();
-      }
-      // The leader marks the job done before it leaves, so a dead group is checked after the mark. A store
-      // error counts as not done yet (the watchdog decides whether the group is alive).
-      const bool dead = elastic_->generation_dead();
-      auto done = elastic_->JobDone();
-      if (done.ok() && *done) {
+      // A leader evicted meanwhile (frozen in the final write: the write was skipped, see PublishCheck) must not
+      // mark the job done: the group that went on without it finishes the job, or this member re-forms with it.
+      auto evicted = elastic_->EvictedSince(gen_no_, elastic_->uid());
+      if (!ckpt_->last_write_skipped() && !(evicted.ok() && *evicted)) {
         elastic_->Unwatch();
-        finished_ = true;
-        return Status::Ok();
+        return elastic_->MarkDone(step_);
       }
-      if (dead) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      ckpt_started_step_ = -1;
+      log_("this member was evicted from generation " + std::to_string(gen_no_) +
+           " before the job was marked done: re-forming to finish it");
+    } else {
+      bool group_ended = false;
+      while (!group_ended) {
+        if (stop_ && stop_->load()) {
+          result_.stopped_early = true;
+          return Status::Ok();
+        }
+        // The leader marks the job done before it leaves, so a dead group is checked after the mark. A store
+        // error counts as not done yet (the watchdog decides whether the group is alive).
+        const bool dead = elastic_->generation_dead();
+        auto done = elastic_->JobDone();
+        if (done.ok() && *done) {
+          elastic_->Unwatch();
+          finished_ = true;
+          return Status::Ok();
+        }
+        group_ended = dead;
+        if (!dead) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+      log_("the group ended before the job was marked done (" + elastic_->dead_reason() +
+           "): re-forming to finish it");
     }
-    log_("the group ended before the job was marked done (" + elastic_->dead_reason() +
-         "): re-forming to finish it");
     need_group_ = true;
     voluntary_ = false;
     elastic_->SetFinishing();
@@ -419,6 +429,25 @@ Status Trainer::CheckSnapshotData(const TrainingSnapshot& snap, const std::strin
     return InvalidArgument(dir + ": trained on different data (fingerprint " + fp.get<std::string>() + ", --data " +
                            o_.data_dir + " has " + data_->fingerprint() + ")");
   return Status::Ok();
+}
+
+// A leader frozen in the middle of a checkpoint write (SIGSTOP, a stalled VM) is evicted; the others may roll
+// back and delete the checkpoints of the abandoned steps before it wakes, and its write would then land one of
+// them after the cleanup, for --resume to take. So the writer asks the store, just before the write, whether
+// this member is still in the group (ElasticGroup::EvictedSince). A store error lets the write go ahead: a
+// checkpoint is worth more than the rare stale one this guards against. (A freeze between this check and the
+// rename is not covered.)
+std::function<std::string()> Trainer::PublishCheck() const {
+  if (!elastic_) return nullptr;
+  ElasticGroup* group = elastic_;
+  const int64_t gen = gen_no_, uid = elastic_->uid();
+  return [group, gen, uid]() -> std::string {
+    auto evicted = group->EvictedSince(gen, uid);
+    if (evicted.ok() && *evicted)
+      return "this member (uid " + std::to_string(uid) + ") was evicted from generation " + std::to_string(gen) +
+             " meanwhile (a newer generation exists without it)";
+    return "";
+  };
 }
 
 void Trainer::EnsureRunDir() {
@@ -485,6 +514,7 @@ void Trainer::DropAbandonedCheckpoints(int64_t rollback_step) {
 // The checkpoint last started has committed (its Wait() succeeded): checkpoints after it can only be the
 // abandoned trajectory's (this run has not gone past it), which --resume would otherwise prefer.
 void Trainer::DropAbandonedAfterCommit() {
+  if (ckpt_->last_write_skipped()) ckpt_started_step_ = -1;  // nothing committed (an evicted writer)
   if (abandoned_after_ < 0 || ckpt_started_step_ <= abandoned_after_) return;
   Status s = DeleteCheckpointsAfter(o_.out_dir, ckpt_started_step_);
   if (!s.ok()) {

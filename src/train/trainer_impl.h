@@ -68,6 +68,9 @@ class Trainer {
   void EnsureRunDir();
   void DropAbandonedCheckpoints(int64_t rollback_step);
   Status CheckSnapshotData(const TrainingSnapshot& snap, const std::string& dir) const;
+  // For AsyncCheckpointer::Start: elastic, a checkpoint is not written once this member has been evicted from
+  // the generation it was started in (null when not elastic).
+  std::function<std::string()> PublishCheck() const;
 
   // The step protocol.
   Result<bool> RunStep();

@@ -635,14 +635,16 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
     if (!host_) StateToHost(&ckpt_p_, &ckpt_m_, &ckpt_v_);  // host memory: encoded from the live buffers
     std::function<void(const std::vector<CheckpointFile>&)> before_write;
     bool then_kill = true;
-    if (inject_ && inject_->TruncateCheckpoint(step_, &then_kill)) {
-      before_write = [dir = o_.out_dir, step = step_, then_kill](const std::vector<CheckpointFile>& files) {
+    double freeze_s = 0;
+    if (inject_ && inject_->TruncateCheckpoint(step_, &then_kill, &freeze_s)) {
+      before_write = [dir = o_.out_dir, step = step_, then_kill, freeze_s](const std::vector<CheckpointFile>& files) {
         WriteTruncatedCheckpoint(dir, step, files);  // as a crash in the middle of the write leaves it
+        if (freeze_s > 0) return HangProcessFor(freeze_s);  // then the write goes on (a frozen leader waking)
         if (then_kill) ::raise(SIGKILL);
         for (;;) std::this_thread::sleep_for(std::chrono::seconds(3600));
       };
     }
-    KEEL_RETURN_IF_ERROR(ckpt_->Start(CheckpointView(step_), step_, std::move(before_write)));
+    KEEL_RETURN_IF_ERROR(ckpt_->Start(CheckpointView(step_), step_, std::move(before_write), PublishCheck()));
     ckpt_started_step_ = step_;
     // The training thread's share of an asynchronous checkpoint (waiting for the previous write; device
     // backends: copying the state to the host): the stall it adds to this step.

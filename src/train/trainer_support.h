@@ -36,14 +36,19 @@ class AsyncCheckpointer {
     if (thread_.joinable()) thread_.join();
   }
   // before_write (may be empty) runs on the writer thread with the encoded files first (fault injection).
+  // may_publish (may be empty) is asked on the writer thread just before the checkpoint goes to disk: a reason
+  // (non-empty) not to write it after all skips the write (reported through warn), e.g. an elastic leader
+  // evicted while a freeze held it in the middle of the write, whose group may have rolled back meanwhile.
   Status Start(SnapshotView view, int64_t step,
-               std::function<void(const std::vector<CheckpointFile>&)> before_write = nullptr) {
+               std::function<void(const std::vector<CheckpointFile>&)> before_write = nullptr,
+               std::function<std::string()> may_publish = nullptr) {
     KEEL_RETURN_IF_ERROR(Wait());
     {
       std::lock_guard<std::mutex> l(mu_);
       encoded_ = false;
     }
-    thread_ = std::thread([this, view = std::move(view), step, before_write = std::move(before_write)]() {
+    thread_ = std::thread([this, view = std::move(view), step, before_write = std::move(before_write),
+                           may_publish = std::move(may_publish)]() {
       auto files = EncodeSnapshot(view);
       {
         std::lock_guard<std::mutex> l(mu_);
@@ -55,6 +60,13 @@ class AsyncCheckpointer {
         return;
       }
       if (before_write) before_write(*files);
+      if (may_publish) {
+        if (std::string why = may_publish(); !why.empty()) {
+          cleanup_error_ = "the checkpoint of step " + std::to_string(step) + " is not written: " + why;
+          skipped_ = true;
+          return;
+        }
+      }
       result_ = WriteCheckpoint(run_dir_, step, *files, keep_, &cleanup_error_);
     });
     return Status::Ok();
@@ -68,10 +80,14 @@ class AsyncCheckpointer {
     if (thread_.joinable()) thread_.join();
     Status s = result_;
     result_ = Status::Ok();
+    last_skipped_ = std::exchange(skipped_, false);
     if (!cleanup_error_.empty() && warn_) warn_("warning: " + cleanup_error_);
     cleanup_error_.clear();
     return s;
   }
+  // After Wait(): the last write was skipped (may_publish gave a reason): nothing was written, although Wait()
+  // returned Ok.
+  bool last_write_skipped() const { return last_skipped_; }
 
  private:
   std::string run_dir_;
@@ -83,6 +99,8 @@ class AsyncCheckpointer {
   std::condition_variable cv_;
   bool encoded_ = true;
   Status result_;
+  bool skipped_ = false;       // written by the writer thread, read after join
+  bool last_skipped_ = false;
 };
 
 // The [offset, count) range of the flat parameter buffer that gradient-readiness group g covers.
