@@ -78,12 +78,15 @@ struct Candidate {
 
 Result<std::unique_ptr<Backend>> MakeCandidate(const Candidate& c) {
   if (c.cpu) return MakeCpuBackend(2);
-  if (c.prec == Prec::kFp32) return MakeBackend("cuda", 1);
 #ifdef KEEL_HAVE_CUDA
+  // Every precision set here, fp32 included: KEEL_CUDA_MATMUL in the environment must not turn the fp32
+  // candidate into a tf32 one (a false failure against fp32 tolerances).
   CudaBackendOptions o;
   auto env = CudaBackendOptionsFromEnv();
   if (env.ok()) o.device = env->device;
-  o.matmul = c.prec == Prec::kTf32 ? CudaMatmulPrecision::kTf32 : CudaMatmulPrecision::kBf16;
+  o.matmul = c.prec == Prec::kFp32   ? CudaMatmulPrecision::kFp32
+             : c.prec == Prec::kTf32 ? CudaMatmulPrecision::kTf32
+                                     : CudaMatmulPrecision::kBf16;
   return MakeCudaBackend(o);
 #else
   return MakeBackend("cuda", 1);  // the "built without CUDA support" error
@@ -448,9 +451,16 @@ void Conformance::RunOps() {
       AdamWParams first = ap;
       first.t = 1;
       be->AdamW(p2, gr, m2, v2, nullptr, n, first);
+      // The updates themselves, at their own scale (lr x O(1)): against max|params| a few-percent error in how
+      // the moments, bias corrections and weight decay combine would pass.
+      auto delta = [&](std::vector<float> after) {
+        for (size_t i = 0; i < n; ++i) after[i] -= params[i];
+        return after;
+      };
       return Outs{{"params", p.Host(), Cls::kOwn},          {"m", m.Host(), Cls::kOwn},
                   {"v", v.Host(), Cls::kOwn},               {"params (no mask, t=1)", p2.Host(), Cls::kOwn},
-                  {"m (no mask, t=1)", m2.Host(), Cls::kOwn}, {"v (no mask, t=1)", v2.Host(), Cls::kOwn}};
+                  {"m (no mask, t=1)", m2.Host(), Cls::kOwn}, {"v (no mask, t=1)", v2.Host(), Cls::kOwn},
+                  {"update", delta(p.Host()), Cls::kOwn},   {"update (no mask, t=1)", delta(p2.Host()), Cls::kOwn}};
     });
   }
   for (size_t n : {size_t{0}, size_t{1}, size_t{65536}, size_t{65537}, (size_t{1} << 20) + 5}) {

@@ -721,9 +721,14 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
           voluntary_ = false;
         }
         if (was_member_) {
-          KEEL_RETURN_IF_ERROR(NewIncarnation("evicted: generation " + std::to_string(d.gen) + " " +
-                                              UidList(d.members) + " was formed without member " +
-                                              std::to_string(v.my_uid)));
+          // A store outage here is ridden out like any other while forming: the pass is redone (if the new uid
+          // was taken, was_member_ is already false and only the status write is left to the heartbeats).
+          Status inc = NewIncarnation("evicted: generation " + std::to_string(d.gen) + " " + UidList(d.members) +
+                                      " was formed without member " + std::to_string(v.my_uid));
+          if (!inc.ok()) {
+            if (retry(inc)) continue;
+            return inc;
+          }
         }
         Publish();
         ready_since = Now();

@@ -370,9 +370,10 @@ class CudaBackend final : public Backend {
              const AdamWParams& p) override {
     if (!Enter()) return;
     auto prof = Prof("adamw");
-    // Bias corrections exactly as the CPU reference computes them.
-    const float bc1 = 1.0f - static_cast<float>(std::pow(static_cast<double>(p.beta1), static_cast<double>(p.t)));
-    const float bc2 = 1.0f - static_cast<float>(std::pow(static_cast<double>(p.beta2), static_cast<double>(p.t)));
+    // Bias corrections exactly as the CPU reference computes them (t counted from 1, as there).
+    const double t = p.t < 1 ? 1.0 : static_cast<double>(p.t);
+    const float bc1 = 1.0f - static_cast<float>(std::pow(static_cast<double>(p.beta1), t));
+    const float bc2 = 1.0f - static_cast<float>(std::pow(static_cast<double>(p.beta2), t));
     Check(cuda::AdamW(params, grads, m, v, decay_mask, n, p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, p.grad_scale,
                       bc1, bc2, stream_),
           "adamw");
