@@ -79,8 +79,12 @@ class FileStore final : public Store {
     const std::string path = Path(key);
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-      // ESTALE: another machine replaced the file (NFS) while this one held its old handle: as absent for now.
-      if (errno == ENOENT || errno == ESTALE) return std::optional<std::string>();
+      if (errno == ENOENT) return std::optional<std::string>();
+      // ESTALE: another machine replaced the file (NFS) while this one held its old handle; EIO, ETIMEDOUT: a
+      // soft mount's server did not answer. Unavailable, as a Redis server that does not answer: callers poll
+      // again (WaitGet) or redo their pass (membership) rather than take a live peer's record for absent.
+      if (errno == ESTALE || errno == EIO || errno == ETIMEDOUT)
+        return Unavailable("rendezvous store " + path + ": open: " + Errno(errno));
       return IoError("rendezvous store " + path + ": open: " + Errno(errno));
     }
     std::string out;
@@ -91,6 +95,8 @@ class FileStore final : public Store {
       if (n < 0) {
         int e = errno;
         ::close(fd);
+        if (e == ESTALE || e == EIO || e == ETIMEDOUT)
+          return Unavailable("rendezvous store " + path + ": read: " + Errno(e));
         return IoError("rendezvous store " + path + ": read: " + Errno(e));
       }
       if (n == 0) break;
@@ -114,7 +120,13 @@ class FileStore final : public Store {
     int64_t n = 0;
     for (;;) {
       struct stat st;
-      if (::stat(Path(key + "#" + std::to_string(n + 1)).c_str(), &st) != 0) break;
+      const std::string path = Path(key + "#" + std::to_string(n + 1));
+      if (::stat(path.c_str(), &st) != 0) {
+        if (errno == ENOENT) break;
+        // Not the end of the claims, only an unanswered stat (NFS): a count that stopped here would hide every
+        // later claim (every later member) for this pass.
+        return Unavailable("rendezvous store " + path + ": stat: " + Errno(errno));
+      }
       ++n;
     }
     return n;
