@@ -502,7 +502,6 @@ void Trainer::DropAbandonedCheckpoints(int64_t rollback_step) {
   if (!older) {
     log_("warning: the checkpoints after step " + std::to_string(rollback_step) + " hold the trajectory the rollback "
          "abandoned, but no older valid one exists: they are kept until this run commits its next checkpoint");
-    abandoned_after_ = abandoned_after_ < 0 ? rollback_step : std::min(abandoned_after_, rollback_step);
     ckpt_started_step_ = -1;  // a write from before the rollback (waited for above) does not count
     return;
   }
@@ -511,18 +510,23 @@ void Trainer::DropAbandonedCheckpoints(int64_t rollback_step) {
     log_("warning: checkpoints after the rollback to step " + std::to_string(rollback_step) + " are left: " + s.message());
 }
 
-// The checkpoint last started has committed (its Wait() succeeded): checkpoints after it can only be the
-// abandoned trajectory's (this run has not gone past it), which --resume would otherwise prefer.
+// The checkpoint last started has committed (its Wait() succeeded): checkpoints after it can only be an abandoned
+// trajectory's (this run has not gone past it), which --resume would otherwise prefer. Checked after every
+// commit, not only after this leader's own rollback: a previous leader's pending cleanup went with it (it
+// crashed or was evicted before its next commit), and a stale writer may have landed one.
 void Trainer::DropAbandonedAfterCommit() {
   if (ckpt_->last_write_skipped()) ckpt_started_step_ = -1;  // nothing committed (an evicted writer)
-  if (abandoned_after_ < 0 || ckpt_started_step_ <= abandoned_after_) return;
+  if (ckpt_started_step_ < 0) return;
+  auto list = ListCheckpoints(o_.out_dir);
+  if (!list.ok() || list->empty() || list->front().step <= ckpt_started_step_) return;  // newest first
   Status s = DeleteCheckpointsAfter(o_.out_dir, ckpt_started_step_);
   if (!s.ok()) {
-    log_("warning: checkpoints of the abandoned trajectory after step " + std::to_string(ckpt_started_step_) +
+    log_("warning: checkpoints of an abandoned trajectory after step " + std::to_string(ckpt_started_step_) +
          " are left: " + s.message());
     return;
   }
-  abandoned_after_ = -1;
+  log_("deleted the checkpoints after step " + std::to_string(ckpt_started_step_) +
+       " (an abandoned trajectory's: this run has not got there)");
 }
 
 void Trainer::Emit(const std::string& event, nlohmann::json fields) {
