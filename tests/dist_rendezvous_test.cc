@@ -163,7 +163,7 @@ TEST(RedisStore, PasswordRequiredWrongAndRight) {
 }
 
 // A connection the server dropped while idle (its idle timeout, a restart, a NAT cut-off) is reopened by the
-// next command instead of failing it; WaitGet rides out an outage until its deadline.
+// next command instead of failing it, WaitGet's polls included.
 TEST(RedisStore, AConnectionDroppedWhileIdleIsReopened) {
   if (!HaveRedis()) GTEST_SKIP() << "redis-server not installed";
   RedisServer redis;

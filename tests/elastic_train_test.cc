@@ -751,7 +751,7 @@ TEST_F(ElasticTrain, LeaderKilledWhileWritingACheckpointIsReplacedAndNothingIsLo
 TEST_F(ElasticTrain, ALeaderFrozenMidCheckpointDoesNotWriteItAfterItsEviction) {
   TempDir t;
   const std::string out = t / "run";
-  Background job(Split(Args(out) + " --nproc 3 --elastic --keep 0 --inject truncate-ckpt:step=50,then=freeze,secs=8"),
+  Background job(Split(Args(out) + " --nproc 3 --elastic --keep 0 --inject truncate-ckpt:step=50,then=freeze,secs=30"),
                  t / "log", InjectEnv());
   ASSERT_EQ(job.Wait(180), 0) << job.Output();
   const std::string log = job.Output();
@@ -768,7 +768,7 @@ TEST_F(ElasticTrain, ALeaderFrozenMidCheckpointDoesNotWriteItAfterItsEviction) {
 TEST_F(ElasticTrain, ALeaderFrozenInTheFinalWriteLeavesTheFinishToTheOthers) {
   TempDir t;
   const std::string out = t / "run";
-  Background job(Split(Args(out) + " --nproc 3 --elastic --inject truncate-ckpt:step=200,then=freeze,secs=6"),
+  Background job(Split(Args(out) + " --nproc 3 --elastic --inject truncate-ckpt:step=200,then=freeze,secs=30"),
                  t / "log", InjectEnv());
   ASSERT_EQ(job.Wait(180), 0) << job.Output();
   const std::string log = job.Output();

@@ -222,13 +222,17 @@ TEST_F(TrainE2E, ACheckpointFromOtherDataIsRefused) {
 }
 
 // A job that died before its first commit (an elastic job's workers log events before run.json exists) left
-// only keel's logs: a new start takes the directory over instead of refusing it for ever. Anything else is not
-// taken over.
+// only keel's logs: --resume takes the directory over instead of refusing it for ever (a plain start is refused:
+// a live job waiting for its workers looks the same). Anything else is not taken over.
 TEST_F(TrainE2E, ADirectoryHoldingOnlyKeelsLogsIsTakenOver) {
   TempDir t;
   std::filesystem::create_directories(t / "run");
   { std::ofstream(t / "run/events.jsonl") << "{\"event\":\"start\"}\n"; }
-  auto r = RunKeel(Args(t / "run", 5) + " --resume");
+  auto r = RunKeel(Args(t / "run", 5));  // a plain start: it could be a live job still waiting for its workers
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("holds only the logs of a job that has not committed a step"), std::string::npos)
+      << r.output;
+  r = RunKeel(Args(t / "run", 5) + " --resume");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_TRUE(std::filesystem::exists(t / "run/ckpt-00000005/model.safetensors"));
   std::filesystem::create_directories(t / "other");

@@ -169,6 +169,8 @@ class PosixEnv final : public Env {
 
   // Every directory this call creates is made durable in its parent (fsync of the parent), so that a file
   // committed under a new directory (a run's first checkpoint) does not vanish with the directory's own entry.
+  // Best effort: a parent that cannot be opened or fsynced (write-only, a filesystem without directory fsync)
+  // does not undo or fail the creation.
   Status CreateDirs(const std::string& path) override {
     std::filesystem::path p = std::filesystem::path(path).lexically_normal();
     if (!p.has_filename()) p = p.parent_path();  // "a/b/" -> "a/b"
@@ -180,8 +182,7 @@ class PosixEnv final : public Env {
     std::error_code ec;
     std::filesystem::create_directories(path, ec);
     if (ec) return IoError(path + ": cannot create directory: " + ec.message());
-    for (auto it = created.rbegin(); it != created.rend(); ++it)
-      KEEL_RETURN_IF_ERROR(SyncDir(it->parent_path().string()));
+    for (auto it = created.rbegin(); it != created.rend(); ++it) (void)SyncDir(it->parent_path().string());
     return Status::Ok();
   }
 

@@ -41,7 +41,7 @@ class Env {
   virtual Status Rename(const std::string& from, const std::string& to) = 0;
   virtual Status SyncDir(const std::string& dir) = 0;
   // Creates path and any missing parents (Ok if it exists). PosixEnv fsyncs the parent of each directory it
-  // creates, so the new entries survive a crash.
+  // creates (best effort), so the new entries survive a crash.
   virtual Status CreateDirs(const std::string& path) = 0;
   virtual Status RemoveAll(const std::string& path) = 0;
   virtual bool Exists(const std::string& path) = 0;

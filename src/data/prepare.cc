@@ -162,8 +162,11 @@ Status Install(const std::string& tmp, const std::string& out, const std::functi
     // moment between two renames, during which a training job that starts would find no data directory.
     if (::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, out.c_str(), RENAME_EXCHANGE) == 0) {
       // tmp now holds the previous data (or the symlink that OUT was). The new data is in place either way;
-      // the exchange is made durable before the previous data goes.
-      KEEL_RETURN_IF_ERROR(env->SyncDir(DirName(out)));
+      // the exchange is made durable before the previous data goes (if it cannot be, the previous data stays).
+      if (Status sy = env->SyncDir(DirName(out)); !sy.ok()) {
+        warn("warning: the new data is in place, the previous data is left in " + tmp + " (" + sy.message() + ")");
+        return Status::Ok();
+      }
       if (Status rm = env->RemoveAll(tmp); !rm.ok())
         warn("warning: the previous data is left in " + tmp + " (" + rm.message() + ")");
       return Status::Ok();
@@ -179,7 +182,10 @@ Status Install(const std::string& tmp, const std::string& out, const std::functi
         return Status(st.code(), st.message() + " (the previous data is in " + old + ")");
       return st;
     }
-    KEEL_RETURN_IF_ERROR(env->SyncDir(DirName(out)));
+    if (Status sy = env->SyncDir(DirName(out)); !sy.ok()) {
+      warn("warning: the new data is in place, the previous data is left in " + old + " (" + sy.message() + ")");
+      return Status::Ok();
+    }
     if (Status rm = env->RemoveAll(old); !rm.ok())
       warn("warning: the previous data is left in " + old + " (" + rm.message() + ")");
   } else {

@@ -444,6 +444,9 @@ void HangProcessFor(double secs) {
   }
   if (helper < 0) return;
   ::raise(SIGSTOP);
+  // Woken: by the helper, or earlier by someone else (the launcher wakes a stopped worker at the end of the job),
+  // as a real SIGSTOP/SIGCONT pair would end. The helper is not waited for.
+  ::kill(helper, SIGKILL);
   ::waitpid(helper, nullptr, 0);
 }
 

@@ -23,7 +23,7 @@
 //    as are duplicate keys or tensor names, a non-u32 or non-power-of-two `general.alignment`, misaligned
 //    tensor offsets, tensors past the end of the file, overlapping tensors, and tensors not back to back in
 //    the order of their infos (each offset the previous ones' padded sizes summed, as ggml writes and
-//    llama.cpp's loader demands; no more than the padding after the last). Errors are one line, start
+//    llama.cpp's loader demands), and more than the padding after the last one. Errors are one line, start
 //    with the source name (the path, or "<bytes>"), and are kCorrupt (kIo/kNotFound for unreadable files).
 //    Memory use is bounded by a small multiple of the input size.
 //  - Thread safety: a GgufFile is immutable after parsing; its const methods may be called concurrently.

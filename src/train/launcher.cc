@@ -353,9 +353,10 @@ class Attempt {
       int rv = ::poll(pfds.data(), pfds.size(), 50);
       if (rv < 0 && errno != EINTR) {
         // The launcher cannot watch its workers any more: stop them (~Attempt kills and reaps what is left) and
-        // fail the job, rather than report a success nobody checked.
-        first_failure = std::string("launcher: poll failed: ") + std::strerror(errno);
-        any_ok = false;
+        // fail the job, rather than report a success nobody checked (unless a worker already finished it).
+        const int e = errno;
+        if (first_failure.empty()) first_failure = std::string("launcher: poll failed: ") + std::strerror(e);
+        if (!o_.elastic) any_ok = false;
         break;
       }
       for (size_t j = 0; rv > 0 && j < pfds.size(); ++j) {

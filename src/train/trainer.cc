@@ -98,11 +98,16 @@ Status CheckOutDirForNewOrResumedRun(Env* env, const std::string& out_dir, bool 
   KEEL_ASSIGN_OR_RETURN(auto entries, env->ListDir(out_dir));
   const bool is_run = env->Exists(JoinPath(out_dir, "run.json"));
   // An elastic job's workers log events before the first commit writes run.json: a job that died that early
-  // left a directory holding only keel's own logs, which a new start (or --resume) takes over.
+  // left a directory holding only keel's own logs, which --resume takes over. (Not a plain start: the same
+  // directory is what a live job looks like while it waits for its workers, and two jobs must not share it.)
   const bool only_logs = std::all_of(entries.begin(), entries.end(), [](const std::string& e) {
     return e == "events.jsonl" || e == "metrics.jsonl";
   });
-  if (!only_logs && !is_run)
+  if (!entries.empty() && !is_run && only_logs && !resume)
+    return InvalidArgument("--out " + out_dir + ": holds only the logs of a job that has not committed a step (it "
+                           "ended early, or is still starting): pass --resume to continue it there, or choose "
+                           "another --out");
+  if (!entries.empty() && !is_run && !only_logs)
     return InvalidArgument("--out " + out_dir + ": exists, is not empty and is not a keel run directory");
   if (is_run && !resume)
     return InvalidArgument("--out " + out_dir + ": already holds a training run (pass --resume to continue it, "
@@ -136,7 +141,7 @@ Status Trainer::InspectRunDir() {
   };
   KEEL_RETURN_IF_ERROR(CheckOutDirForNewOrResumedRun(env_, o_.out_dir, o_.resume));
   if (!env_->Exists(o_.out_dir)) return fresh("--out " + o_.out_dir + " does not exist");
-  if (!env_->Exists(run_json_path_)) return fresh("--out " + o_.out_dir + " is empty");
+  if (!env_->Exists(run_json_path_)) return fresh("--out " + o_.out_dir + " holds no run yet");
   KEEL_ASSIGN_OR_RETURN(std::string run_text, env_->ReadFile(run_json_path_));
   auto run_json = nlohmann::json::parse(run_text, nullptr, false);
   if (run_json.is_discarded()) return Corrupt(run_json_path_ + ": not valid JSON");
@@ -510,22 +515,28 @@ void Trainer::DropAbandonedCheckpoints(int64_t rollback_step) {
     log_("warning: checkpoints after the rollback to step " + std::to_string(rollback_step) + " are left: " + s.message());
 }
 
-// The checkpoint last started has committed (its Wait() succeeded): checkpoints after it can only be an abandoned
-// trajectory's (this run has not gone past it), which --resume would otherwise prefer. Checked after every
-// commit, not only after this leader's own rollback: a previous leader's pending cleanup went with it (it
-// crashed or was evicted before its next commit), and a stale writer may have landed one.
+// Checkpoints after the run's current step can only be an abandoned trajectory's (the run has not got there),
+// which --resume would otherwise prefer: the leader deletes them at every checkpoint boundary and at the end, not
+// only after its own rollback (a previous leader's pending cleanup went with it when it crashed or was evicted;
+// a stale writer may have landed one). Only a member holding the run's state knows where the run is.
 void Trainer::DropAbandonedAfterCommit() {
   if (ckpt_->last_write_skipped()) ckpt_started_step_ = -1;  // nothing committed (an evicted writer)
-  if (ckpt_started_step_ < 0) return;
+  if (!has_state_ || step_ <= 0) return;
+  // Nor a member that only believes it leads: one evicted meanwhile (woken from a freeze) holds an old step, and
+  // the group that went on without it has written checkpoints past it. A store error: leave everything.
+  if (elastic_) {
+    auto evicted = elastic_->EvictedSince(gen_no_, elastic_->uid());
+    if (!evicted.ok() || *evicted) return;
+  }
   auto list = ListCheckpoints(o_.out_dir);
-  if (!list.ok() || list->empty() || list->front().step <= ckpt_started_step_) return;  // newest first
-  Status s = DeleteCheckpointsAfter(o_.out_dir, ckpt_started_step_);
+  if (!list.ok() || list->empty() || list->front().step <= step_) return;  // newest first
+  Status s = DeleteCheckpointsAfter(o_.out_dir, step_);
   if (!s.ok()) {
-    log_("warning: checkpoints of an abandoned trajectory after step " + std::to_string(ckpt_started_step_) +
-         " are left: " + s.message());
+    log_("warning: checkpoints of an abandoned trajectory after step " + std::to_string(step_) + " are left: " +
+         s.message());
     return;
   }
-  log_("deleted the checkpoints after step " + std::to_string(ckpt_started_step_) +
+  log_("deleted the checkpoints after step " + std::to_string(step_) +
        " (an abandoned trajectory's: this run has not got there)");
 }
 
@@ -616,7 +627,11 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
          (link_.active() ? "; link emulation " + Fmt("%.0f Mbit/s", link_.mbit) + Fmt(", %.0f ms", link_.latency_ms) +
                                Fmt(": %.1f s of delays", wire_->emulated_us.load() / 1e6)
                          : std::string()));
-  if (elastic_ && leader() && step_ >= o_.steps) (void)elastic_->MarkDone(step_);
+  // (Not a member that was stopped, nor one evicted meanwhile: its view of who leads is stale.)
+  if (elastic_ && leader() && step_ >= o_.steps && !result_.stopped_early) {
+    auto evicted = elastic_->EvictedSince(gen_no_, elastic_->uid());
+    if (!(evicted.ok() && *evicted)) (void)elastic_->MarkDone(step_);
+  }
   if (elastic_ && has_state_ && step_ >= o_.steps)
     log_("final state: step " + std::to_string(step_) + ", hash " + HashHex(StateHash()));
   result_.final_step = step_;

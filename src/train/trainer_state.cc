@@ -239,9 +239,15 @@ Status Trainer::TransferState(int source, const std::vector<int>& receivers, uin
     KEEL_RETURN_IF_ERROR(Collective([hb, source](Communicator* c) { return c->Broadcast(hb.get(), sizeof(Header), source); }));
     h = *hb;
   }
-  if (h.magic == 0x4B45454C53594E43ull && h.params != P_)
-    return InvalidArgument("the group's model has " + std::to_string(h.params) + " parameters, this worker's " +
-                           std::to_string(P_) + ": its model flags (--layers/--heads/--dim/--ctx/--vocab) differ");
+  if (h.magic == 0x4B45454C53594E43ull && h.params != P_) {
+    const std::string what = "member " + std::to_string(members_[static_cast<size_t>(source)]) +
+                             " (the state's source) has " + std::to_string(h.params) + " parameters, this worker " +
+                             std::to_string(P_) + ": the model flags (--layers/--heads/--dim/--ctx/--vocab) differ";
+    // A restarted worker that joined the running job is the odd one out (the others passed the job's
+    // descriptor check together): no re-form can fix it, so it stops. Between original members, re-form.
+    if (elastic_ && elastic_->joined_running_job()) return InvalidArgument(what);
+    return Corrupt("state transfer: " + what);
+  }
   if (h.magic != 0x4B45454C53594E43ull || h.aux_len > (1u << 24))
     return Corrupt("state transfer from member " + std::to_string(members_[static_cast<size_t>(source)]) +
                    ": malformed header");

@@ -515,6 +515,7 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
       last_tokens_ = static_cast<double>(B_) * T_ * diloco_->applied_micro_batches();
       if (std::isnan(gnorm)) {  // the same decision on every member (the same averaged pseudo-gradient)
         gnorm = 0;
+        last_tokens_ = 0;  // nothing was applied
         if (leader()) {
           log_("warning: round at step " + std::to_string(step_ + 1) +
                ": the outer update is not finite (an overflow in the pseudo-gradients); update skipped");
