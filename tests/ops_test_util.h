@@ -55,13 +55,19 @@ inline std::vector<int32_t> RandInt(Rng& rng, size_t n, int hi) {
   return v;
 }
 
-// A float buffer on the backend's device (host memory on CPU), moved through Upload/Download only.
+// A float buffer on the backend's device (host memory on CPU), moved through Upload/Download only. kGuard floats
+// of a sentinel follow the n the op may use, and Host() checks they are unchanged: a kernel writing past a
+// tensor's end (a last-block bug) is caught even where the allocator rounds the size up.
 class Dev {
  public:
+  static constexpr size_t kGuard = 64;
+  static constexpr float kSentinel = -12345.678f;
   Dev(Backend* be, size_t n) : be_(be), n_(n) {
-    auto r = be->Alloc(n);
+    auto r = be->Alloc(n + kGuard);
     if (!r.ok()) throw std::runtime_error(r.status().ToString());
     p_ = r.value();
+    const std::vector<float> guard(kGuard, kSentinel);
+    be_->Upload(p_ + n_, guard.data(), kGuard);
   }
   Dev(Backend* be, const std::vector<float>& host) : Dev(be, host.size()) { Set(host); }
   Dev(const Dev&) = delete;
@@ -73,10 +79,16 @@ class Dev {
   void Fill(float v) { Set(std::vector<float>(n_, v)); }
   void Poison() { Fill(std::numeric_limits<float>::quiet_NaN()); }  // outputs must be written, never read
   std::vector<float> Host() const {
-    std::vector<float> h(n_);
+    std::vector<float> h(n_ + kGuard);
     const Status s = be_->Sync();
     EXPECT_TRUE(s.ok()) << s.ToString();
-    be_->Download(h.data(), p_, n_);
+    be_->Download(h.data(), p_, n_ + kGuard);
+    for (size_t i = n_; i < n_ + kGuard; ++i)
+      if (!(h[i] == kSentinel)) {
+        ADD_FAILURE() << "written past the end of a " << n_ << "-float buffer (at +" << i - n_ << ")";
+        break;
+      }
+    h.resize(n_);
     return h;
   }
 
