@@ -305,6 +305,26 @@ TEST(CheckpointTest, AnotherWritersTempDirOfTheSameStepIsLeftAlone) {
   EXPECT_FALSE(fs::exists(other));
 }
 
+// may_publish, asked once the files are written: a reason not to publish leaves nothing behind (no checkpoint,
+// no temp directory) and every earlier checkpoint as it was.
+TEST(CheckpointTest, APublishVetoLeavesNothingBehind) {
+  TempDir tmp;
+  const std::string run = tmp / "run";
+  ASSERT_TRUE(WriteCheckpoint(run, 5, {{"w.bin", "five"}}, 0).ok());
+  int asked = 0;
+  Status s = WriteCheckpoint(run, 10, {{"w.bin", "ten"}}, 0, nullptr, [&] {
+    ++asked;
+    return std::string("evicted");
+  });
+  EXPECT_EQ(s.code(), Code::kAborted) << s.ToString();
+  EXPECT_TRUE(Contains(s.message(), "not published: evicted")) << s.message();
+  EXPECT_EQ(asked, 1);
+  EXPECT_EQ(DirEntries(run), std::vector<std::string>{"ckpt-00000005"});
+  EXPECT_TRUE(VerifyCheckpoint(run + "/ckpt-00000005").ok());
+  ASSERT_TRUE(WriteCheckpoint(run, 10, {{"w.bin", "ten"}}, 0, nullptr, [] { return std::string(); }).ok());
+  EXPECT_TRUE(VerifyCheckpoint(run + "/ckpt-00000010").ok());
+}
+
 TEST(CheckpointTest, ResavingAStepReplacesIt) {
   TempDir tmp;
   ASSERT_TRUE(WriteCheckpoint(tmp.path(), 10, Files("first"), 0).ok());

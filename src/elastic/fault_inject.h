@@ -134,7 +134,8 @@ class FaultInjector {
   std::mutex mu_;
 };
 
-// Stops this process for `secs` seconds (SIGSTOP; a forked helper sends SIGCONT). Returns after waking.
+// Stops this process for `secs` seconds (SIGSTOP; a forked helper sends SIGCONT), or until someone else wakes it
+// first (the launcher wakes stopped workers when the job ends), as a real stop would end. Returns after waking.
 void HangProcessFor(double secs);
 
 }  // namespace keel

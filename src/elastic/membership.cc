@@ -818,6 +818,13 @@ Result<bool> ElasticGroup::EvictedSince(int64_t gen, int64_t uid) {
   // Every generation after `gen`, in order until one does not exist ("latest" is best effort and may trail
   // the member lists), then the one "latest" names if it lies further on. The main store's connection: the
   // heartbeat thread's must never wait behind this. Member lists are cached (they never change).
+  // A member `gen` itself does not list (one never admitted, whose trainer still counts generation 0) was never
+  // in it: evicted as far as anything it does for `gen` goes.
+  if (gen >= 0) {
+    auto own = GenerationMembers(*store_, gen);
+    if (own.ok() && !std::binary_search(own->begin(), own->end(), uid)) return true;
+    if (!own.ok() && own.status().code() != Code::kNotFound) return own.status();
+  }
   int64_t g = gen + 1;
   for (;; ++g) {
     auto members = GenerationMembers(*store_, g);

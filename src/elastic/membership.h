@@ -120,9 +120,10 @@ class ElasticGroup {
   Status MarkDone(int64_t step);
   // Whether MarkDone() was called (by any member); store errors are returned.
   Result<bool> JobDone();
-  // Whether a generation after `gen` exists that does not list `uid` (this member as it was in `gen`): it has
-  // been evicted (stopped, silent), and what it still does for `gen` — a checkpoint write a freeze interrupted —
-  // may belong to a lineage the others abandoned. Store errors are returned. Safe from any thread.
+  // Whether a generation after `gen` exists that does not list `uid` (this member as it was in `gen`), or `gen`
+  // itself does not list it: it has been evicted (stopped, silent) or was never admitted, and what it still does
+  // for `gen` — a checkpoint write a freeze interrupted — may belong to a lineage the others abandoned. Store
+  // errors are returned. Safe from any thread.
   Result<bool> EvictedSince(int64_t gen, int64_t uid);
   // From now on this member's generations need only itself (--min-workers 1): the job is trained and what is
   // left, the final checkpoint and the done mark, needs one member holding the state.

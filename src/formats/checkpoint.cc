@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cinttypes>
 #include <cstdio>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <set>
 
@@ -240,7 +241,7 @@ std::string CheckpointDirName(int64_t step) {
 }
 
 Status WriteCheckpoint(const std::string& run_dir, int64_t step, const std::vector<CheckpointFile>& files,
-                       int keep_last, std::string* cleanup_error) {
+                       int keep_last, std::string* cleanup_error, const std::function<std::string()>& may_publish) {
   Env* env = DefaultEnv();
   const std::string final_dir = JoinPath(run_dir, CheckpointDirName(step));
   if (step < 0) return InvalidArgument(final_dir + ": negative step " + std::to_string(step));
@@ -284,6 +285,10 @@ Status WriteCheckpoint(const std::string& run_dir, int64_t step, const std::vect
   }
   if (Status s = env->WriteFile(JoinPath(tmp_dir, kManifest), manifest); !s.ok()) return fail_tmp(s);
   if (Status s = env->SyncDir(tmp_dir); !s.ok()) return fail_tmp(s);
+  // The files are written (the long part): ask again whether to publish them at all.
+  if (may_publish) {
+    if (std::string why = may_publish(); !why.empty()) return fail_tmp(Aborted(final_dir + ": not published: " + why));
+  }
 
   // 3: move an existing same-step checkpoint aside, keeping whichever copy is valid if both exist.
   if (env->Exists(final_dir)) {

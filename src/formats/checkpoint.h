@@ -6,7 +6,8 @@
 //   1. create run_dir/ckpt-XXXXXXXX.<pid>-<nonce>.tmp (this writer's own: two writers of one step each publish a
 //      whole directory), write every file (each fsynced);
 //   2. write MANIFEST.json ({"format":"keel-checkpoint","version":1,"step":N,
-//      "files":[{"name","size","hash"}]}, hash = HashHex(Hash64(bytes))), fsync the directory;
+//      "files":[{"name","size","hash"}]}, hash = HashHex(Hash64(bytes))), fsync the directory; then ask the
+//      caller's may_publish, if any (a veto removes the temp directory: nothing else changes);
 //   3. if ckpt-XXXXXXXX already exists (re-saving a step), rename it to ckpt-XXXXXXXX.old;
 //   4. rename .tmp to ckpt-XXXXXXXX, fsync run_dir;
 //   5. write COMMITTED (the manifest's HashHex) inside it, fsync the directory;
@@ -25,6 +26,7 @@
 // concurrently with a writer only on checkpoints the writer's pruning will not delete.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -56,8 +58,11 @@ std::string CheckpointDirName(int64_t step);
 // non-null that message goes there instead and the call returns Ok (a trainer warns and goes on).
 // On error the previous checkpoints are untouched (a replaced same-step copy is restored or left as .old)
 // and no new valid checkpoint exists.
+// may_publish (optional) is asked once the files are written, just before step 3: a reason (non-empty) not to
+// publish them removes the temp directory and returns kAborted with it, leaving every checkpoint as it was.
 Status WriteCheckpoint(const std::string& run_dir, int64_t step, const std::vector<CheckpointFile>& files,
-                       int keep_last, std::string* cleanup_error = nullptr);
+                       int keep_last, std::string* cleanup_error = nullptr,
+                       const std::function<std::string()>& may_publish = nullptr);
 
 // All ckpt-<digits> and ckpt-<digits>.old directories of run_dir (never .tmp), newest step first, a
 // plain name before the .old of the same step. Does not verify. An absent run_dir gives an empty list.

@@ -507,6 +507,7 @@ void Trainer::DropAbandonedCheckpoints(int64_t rollback_step) {
   if (!older) {
     log_("warning: the checkpoints after step " + std::to_string(rollback_step) + " hold the trajectory the rollback "
          "abandoned, but no older valid one exists: they are kept until this run commits its next checkpoint");
+    abandoned_after_ = abandoned_after_ < 0 ? rollback_step : std::min(abandoned_after_, rollback_step);
     ckpt_started_step_ = -1;  // a write from before the rollback (waited for above) does not count
     return;
   }
@@ -515,29 +516,25 @@ void Trainer::DropAbandonedCheckpoints(int64_t rollback_step) {
     log_("warning: checkpoints after the rollback to step " + std::to_string(rollback_step) + " are left: " + s.message());
 }
 
-// Checkpoints after the run's current step can only be an abandoned trajectory's (the run has not got there),
-// which --resume would otherwise prefer: the leader deletes them at every checkpoint boundary and at the end, not
-// only after its own rollback (a previous leader's pending cleanup went with it when it crashed or was evicted;
-// a stale writer may have landed one). Only a member holding the run's state knows where the run is.
+// The checkpoint last started has committed (its Wait() succeeded): after this leader's own rollback left the
+// abandoned trajectory's checkpoints in place (no older valid one existed), those after it go now. Only after
+// such a rollback: a checkpoint newer than the run is not proof of an abandoned trajectory in general (one a
+// transient read error skipped at load is good), and deleting is not undone.
 void Trainer::DropAbandonedAfterCommit() {
   if (ckpt_->last_write_skipped()) ckpt_started_step_ = -1;  // nothing committed (an evicted writer)
-  if (!has_state_ || step_ <= 0) return;
-  // Nor a member that only believes it leads: one evicted meanwhile (woken from a freeze) holds an old step, and
-  // the group that went on without it has written checkpoints past it. A store error: leave everything.
+  if (abandoned_after_ < 0 || ckpt_started_step_ <= abandoned_after_) return;
+  // Not a member that only believes it leads (evicted meanwhile, woken from a freeze). A store error: keep them.
   if (elastic_) {
     auto evicted = elastic_->EvictedSince(gen_no_, elastic_->uid());
     if (!evicted.ok() || *evicted) return;
   }
-  auto list = ListCheckpoints(o_.out_dir);
-  if (!list.ok() || list->empty() || list->front().step <= step_) return;  // newest first
-  Status s = DeleteCheckpointsAfter(o_.out_dir, step_);
+  Status s = DeleteCheckpointsAfter(o_.out_dir, ckpt_started_step_);
   if (!s.ok()) {
-    log_("warning: checkpoints of an abandoned trajectory after step " + std::to_string(step_) + " are left: " +
-         s.message());
+    log_("warning: checkpoints of the abandoned trajectory after step " + std::to_string(ckpt_started_step_) +
+         " are left: " + s.message());
     return;
   }
-  log_("deleted the checkpoints after step " + std::to_string(step_) +
-       " (an abandoned trajectory's: this run has not got there)");
+  abandoned_after_ = -1;
 }
 
 void Trainer::Emit(const std::string& event, nlohmann::json fields) {

@@ -227,8 +227,10 @@ class Trainer {
   // joined after it was taken has none and receives the restored state): every member must take the same spike
   // decision, so it rests on this, not on snap_.valid.
   bool group_snapshot_ = false;
+  // Checkpoints after this step belong to a trajectory a rollback abandoned but could not delete yet (no older
+  // valid one existed): the first checkpoint this run commits after the rollback replaces them (-1: none).
+  int64_t abandoned_after_ = -1;
   int64_t ckpt_started_step_ = -1;  // the step of the checkpoint write last started
-  // After a committed write: deletes checkpoints newer than it (an abandoned trajectory's).
   void DropAbandonedAfterCommit();
   int64_t group_snap_step_ = -1;  // its step (what a rollback returns to), known to members that hold none too
   Status deferred_ckpt_error_;     // a checkpoint write that failed, found by DropAbandonedCheckpoints

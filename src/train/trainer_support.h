@@ -60,6 +60,7 @@ class AsyncCheckpointer {
         return;
       }
       if (before_write) before_write(*files);
+      // Asked before the write and again before publishing (a freeze during the file writes, the long part).
       if (may_publish) {
         if (std::string why = may_publish(); !why.empty()) {
           cleanup_error_ = "the checkpoint of step " + std::to_string(step) + " is not written: " + why;
@@ -67,7 +68,13 @@ class AsyncCheckpointer {
           return;
         }
       }
-      result_ = WriteCheckpoint(run_dir_, step, *files, keep_, &cleanup_error_);
+      Status w = WriteCheckpoint(run_dir_, step, *files, keep_, &cleanup_error_, may_publish);
+      if (w.code() == Code::kAborted && may_publish) {
+        cleanup_error_ = "the checkpoint of step " + std::to_string(step) + " is not written: " + w.message();
+        skipped_ = true;
+        return;
+      }
+      result_ = w;
     });
     return Status::Ok();
   }
