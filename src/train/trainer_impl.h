@@ -272,4 +272,7 @@ class Trainer {
   Clock::time_point t_start_ = Clock::now();
 };
 
+// True when no listed checkpoint carries its COMMITTED marker (nothing was ever committed: nothing to resume).
+bool NoneCommitted(const std::vector<CheckpointInfo>& ckpts);
+
 }  // namespace keel::trainer_support
