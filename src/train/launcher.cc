@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -187,7 +188,23 @@ struct Worker {
   bool running = false;
   int status = 0;
   int restarts = 0;
+  std::chrono::steady_clock::time_point started;  // of its current (or last) life
+  int short_lives = 0;  // consecutive lives shorter than kShortLife_s (a worker failing at start-up)
+  // A restart waiting out its backoff (see RestartDelay); max() when none is due.
+  std::chrono::steady_clock::time_point restart_at = std::chrono::steady_clock::time_point::max();
+  std::string restart_why;
 };
+
+// Restart backoff: a worker that fails again within kShortLife_s of its (re)start is probably failing at start-up
+// (a bad flag on one host, a missing file, a device that will not open): restarting it at once would burn the
+// whole --max-restarts budget in a second. The first restart is immediate (a crash mid-run should rejoin quickly);
+// from the second consecutive short life on, the restart waits 1, 2, 4, ... seconds, at most kMaxRestartDelay_s.
+constexpr double kShortLife_s = 10;
+constexpr double kMaxRestartDelay_s = 30;
+double RestartDelay(int short_lives) {
+  if (short_lives <= 1) return 0;
+  return std::min(kMaxRestartDelay_s, std::ldexp(1.0, std::min(short_lives - 2, 10)));
+}
 
 // Opens a pseudo-terminal in raw mode (no "\n" -> "\r\n"): the master for the launcher, the slave for rank 0.
 bool OpenPty(int* master, int* slave) {
@@ -316,6 +333,7 @@ class Attempt {
       w.out_fd = rd;
       w.running = true;
       w.restarts = restart;
+      w.started = std::chrono::steady_clock::now();
     }
     return Status::Ok();
   }
@@ -334,7 +352,7 @@ class Attempt {
     for (;;) {
       int running = 0, open = 0;
       for (const auto& w : workers_) {
-        running += w.running;
+        running += w.running || w.restart_at != Clock::time_point::max();  // a pending restart counts as running
         open += w.out_fd >= 0;
       }
       if (running == 0 && (open == 0 || Clock::now() >= drain_until)) break;
@@ -444,11 +462,21 @@ class Attempt {
               ::close(w.out_fd);
               w.out_fd = -1;
             }
-            Status sp = Spawn(&w, restarts_used_);
-            relay_->Own("launcher: " + what + "; restarting it (restart " + std::to_string(restarts_used_) + " of " +
-                        std::to_string(o_.max_restarts) + ", pid " + std::to_string(w.pid) + ")" +
-                        (sp.ok() ? "" : ": failed: " + sp.message()));
-            if (o_.on_restart && sp.ok()) o_.on_restart(w.rank, w.pid, restarts_used_, what);
+            const double life_s = std::chrono::duration<double>(Clock::now() - w.started).count();
+            w.short_lives = life_s < kShortLife_s ? w.short_lives + 1 : 0;
+            const double delay_s = RestartDelay(w.short_lives);
+            w.restarts = restarts_used_;
+            w.restart_why = what;
+            w.restart_at = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                              std::chrono::duration<double>(delay_s));
+            if (delay_s > 0) {
+              char d[32];
+              std::snprintf(d, sizeof(d), "%g", delay_s);
+              relay_->Own("launcher: " + what + "; it failed " + std::to_string(w.short_lives) +
+                          " times in a row within " + std::to_string(static_cast<int>(kShortLife_s)) +
+                          " s of its start: restarting it in " + d + " s (restart " + std::to_string(restarts_used_) +
+                          " of " + std::to_string(o_.max_restarts) + ")");
+            }
           } else {
             relay_->Own("launcher: " + what + "; no restarts left (--max-restarts " + std::to_string(o_.max_restarts) +
                         "): the job continues without it");
@@ -471,6 +499,24 @@ class Attempt {
         finish_armed = true;
         for (auto& w : workers_)
           if (w.running) ::kill(w.pid, SIGCONT);
+      }
+      // Restarts that are due (at once, or after their backoff). One cancelled by a stop or a finished job is
+      // not made.
+      for (auto& w : workers_) {
+        if (w.restart_at == Clock::time_point::max()) continue;
+        if (res.stopped_by_signal || any_ok) {
+          w.restart_at = Clock::time_point::max();
+          relay_->Own("launcher: the restart of worker rank " + std::to_string(w.rank) + " is cancelled (" +
+                      (any_ok ? "the job finished" : "stopping") + ")");
+          continue;
+        }
+        if (Clock::now() < w.restart_at) continue;
+        w.restart_at = Clock::time_point::max();
+        Status sp = Spawn(&w, w.restarts);
+        relay_->Own("launcher: " + w.restart_why + "; restarting it (restart " + std::to_string(w.restarts) + " of " +
+                    std::to_string(o_.max_restarts) + ", pid " + std::to_string(w.pid) + ")" +
+                    (sp.ok() ? "" : ": failed: " + sp.message()));
+        if (o_.on_restart && sp.ok()) o_.on_restart(w.rank, w.pid, w.restarts, w.restart_why);
       }
       if (Clock::now() >= kill_at) {
         for (auto& w : workers_)

@@ -14,8 +14,10 @@
 // SIGKILL whatever is left after kill_grace_s, and return non-zero with a message naming the worker.
 // Failures (elastic jobs, docs/step-protocol.md): the others carry on (they re-form without it); the failed
 // worker is restarted with the same rank and KEEL_RESTART=n while fewer than max_restarts restarts were made
-// (in total, on this machine), except when it exited with kExitQuarantined. The launcher succeeds when any
-// worker finished the job (exit 0).
+// (in total, on this machine), except when it exited with kExitQuarantined. The first restart is immediate; a
+// worker that keeps failing within 10 s of its start is restarted after 1, 2, 4, ... (at most 30) seconds, so a
+// worker that cannot start does not use up the budget at once. A restart still waiting is cancelled when the job
+// finishes or a stop is requested. The launcher succeeds when any worker finished the job (exit 0).
 // Nothing here calls exit(); errors come back as values. Not thread-safe: one launch per process at a time
 // (it owns the SIGINT/SIGTERM handlers while it runs and restores them after).
 #pragma once
