@@ -541,6 +541,14 @@ TEST_F(CliErrors, IntegerFlagsAreDecimal) {
   ExpectError(RunKeel("train " + Small(t / "r") + " --steps 0x10"), "--steps");
   ExpectError(RunKeel("train " + Small(t / "r") + " --steps 99999999999999999999"), "--steps");
   ExpectError(RunKeel("train " + Small(t / "r") + " --no-progress=x"), "--no-progress");
+  // A decimal value too large for an int flag says so (it read "Could not convert: --layers = 99999999999"), also
+  // from a config file.
+  ExpectError(RunKeel("train " + Small(t / "r") + " --layers 99999999999"),
+              "--layers: 99999999999 is out of range for this flag");
+  ExpectError(RunKeel("serve " + Run() + " --port 3000000000"), "--port: 3000000000 is out of range");
+  WriteText(t / "big.json", "{\"layers\": 99999999999}");
+  ExpectError(RunKeel("train --config " + t / "big.json" + " " + Small(t / "r")),
+              "--config " + t / "big.json" + ": --layers: 99999999999 is out of range for this flag");
   EXPECT_FALSE(fs::exists(t / "r"));
   auto r = RunKeel("train " + Small(t / "r") + " --steps 03 --no-progress");
   ASSERT_EQ(r.exit_code, 0) << r.output;

@@ -56,6 +56,22 @@ void SetUpOptions(CLI::App& app) {
   }
 }
 
+std::string DescribeParseError(const CLI::ParseError& e) {
+  std::string what = e.what();
+  // A conversion error after the DecimalInteger check is a decimal integer that does not fit the flag's type (a
+  // 32-bit int for most flags). CLI11 says "Could not convert: --port = 99999999999".
+  const std::string prefix = "Could not convert: ";
+  const size_t eq = what.find(" = ");
+  if (dynamic_cast<const CLI::ConversionError*>(&e) && what.rfind(prefix, 0) == 0 && eq != std::string::npos) {
+    // A flag given twice lists every value ("1,99999999999"); the last one is the flag's value (TakeLast).
+    std::string value = what.substr(eq + 3);
+    if (value.find_first_not_of("-0123456789,") == std::string::npos && value.find(',') != std::string::npos)
+      value = value.substr(value.rfind(',') + 1);
+    return what.substr(prefix.size(), eq - prefix.size()) + ": " + value + " is out of range for this flag";
+  }
+  return what;
+}
+
 int Parse(CLI::App& app, int argc, char** argv) {
   SetUpOptions(app);
   try {
@@ -63,7 +79,7 @@ int Parse(CLI::App& app, int argc, char** argv) {
   } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "keel %s: %s\n", app.get_name().c_str(), e.what());
+    std::fprintf(stderr, "keel %s: %s\n", app.get_name().c_str(), DescribeParseError(e).c_str());
     return 2;
   }
   return -1;

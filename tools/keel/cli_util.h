@@ -16,6 +16,10 @@ namespace keel::cli {
 // Parses argv (a flag given twice: the last value wins, unless the option takes all values); on error prints "keel <cmd>: <message>" (one line) and returns the exit code to use (>= 0) —
 // or -1 if parsing succeeded and the command should run.
 int Parse(CLI::App& app, int argc, char** argv);
+
+// CLI11's message for a parse error, with "Could not convert: --port = 99999999999" (a decimal integer too large
+// for the flag's type) said as "--port: 99999999999 is out of range for this flag".
+std::string DescribeParseError(const CLI::ParseError& e);
 // What Parse sets up on the options (last value wins, decimal-only integers), for a caller that checks values
 // before Parse (train's --config fields); Parse does it once per app whether or not this ran first.
 void SetUpOptions(CLI::App& app);

@@ -64,7 +64,7 @@ Status CheckConfigFields(CLI::App& app, const std::vector<ConfigField>& fields) 
       opt->run_callback();
     } catch (const CLI::ParseError& e) {
       opt->clear();
-      return InvalidArgument("--config " + path + ": " + e.what());
+      return InvalidArgument("--config " + path + ": " + DescribeParseError(e));
     }
     opt->clear();
   }
