@@ -17,6 +17,7 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
+#include <omp.h>
 
 #include "backend/backend.h"
 #include "formats/safetensors.h"
@@ -90,8 +91,8 @@ class GptReferenceTest : public ::testing::Test {
     return r.value();
   }
 
-  std::unique_ptr<GptModel> MakeModel(Backend* backend) {
-    auto m = GptModel::Create(config_, backend, B_, T_);
+  std::unique_ptr<GptModel> MakeModel(Backend* backend, int B = 0, int T = 0) {
+    auto m = GptModel::Create(config_, backend, B > 0 ? B : B_, T > 0 ? T : T_);
     EXPECT_TRUE(m.ok()) << m.status().ToString();
     if (!m.ok()) return nullptr;
     m.value()->SetParamsFromHost(params_);
@@ -141,24 +142,42 @@ TEST_F(GptReferenceTest, ForwardAndBackwardMatchPyTorch) {
 }
 
 // The backend promises results independent of the thread count; the same pass on 2 threads must be bitwise
-// identical to 1 thread.
+// identical to 1 thread. The count is OpenMP's per-OS-thread setting (backend.h), so it is set again before each
+// pass and checked (it used to be set only when the backends were made, so both passes ran on 2 threads). The
+// fixture's 16 rows take the skinny path; a second batch of 8 x 40 rows takes the tiled sgemm paths.
 TEST_F(GptReferenceTest, ThreadCountDoesNotChangeResults) {
-  auto be1 = MakeCpuBackend(1);
-  auto be2 = MakeCpuBackend(2);
-  auto m1 = MakeModel(be1.get());
-  auto m2 = MakeModel(be2.get());
-  ASSERT_NE(m1, nullptr);
-  ASSERT_NE(m2, nullptr);
-  float l1 = m1->Forward(tokens_.data(), targets_.data(), B_, T_);
-  float l2 = m2->Forward(tokens_.data(), targets_.data(), B_, T_);
-  EXPECT_EQ(l1, l2);
-  m1->ZeroGrads();
-  m2->ZeroGrads();
-  m1->Backward();
-  m2->Backward();
-  std::vector<float> g1 = m1->GradsToHost(), g2 = m2->GradsToHost();
-  ASSERT_EQ(g1.size(), g2.size());
-  EXPECT_EQ(std::memcmp(g1.data(), g2.data(), g1.size() * sizeof(float)), 0);
+  // The fixture's batch, then 8 rows of 40 (or the context) from the same tokens.
+  const int B2 = 8, T2 = std::min(40, config_.ctx);
+  std::vector<int32_t> tok2(static_cast<size_t>(B2) * T2), tgt2(tok2.size());
+  for (size_t i = 0; i < tok2.size(); ++i) {
+    tok2[i] = tokens_[i % tokens_.size()];
+    tgt2[i] = targets_[(i * 7 + 3) % targets_.size()];
+  }
+  struct Batch {
+    const int32_t *tok, *tgt;
+    int B, T;
+  };
+  for (const Batch& b : {Batch{tokens_.data(), targets_.data(), B_, T_}, Batch{tok2.data(), tgt2.data(), B2, T2}}) {
+    auto be1 = MakeCpuBackend(1);
+    auto be2 = MakeCpuBackend(2);
+    auto m1 = MakeModel(be1.get(), b.B, b.T);
+    auto m2 = MakeModel(be2.get(), b.B, b.T);
+    ASSERT_NE(m1, nullptr);
+    ASSERT_NE(m2, nullptr);
+    float loss[2] = {0, 0};
+    for (int k : {1, 2}) {
+      (k == 1 ? be1 : be2)->SetThreads(k);
+      ASSERT_EQ(omp_get_max_threads(), k);
+      GptModel* m = (k == 1 ? m1 : m2).get();
+      loss[k - 1] = m->Forward(b.tok, b.tgt, b.B, b.T);
+      m->ZeroGrads();
+      m->Backward();
+    }
+    EXPECT_EQ(loss[0], loss[1]) << b.B << "x" << b.T;
+    std::vector<float> g1 = m1->GradsToHost(), g2 = m2->GradsToHost();
+    ASSERT_EQ(g1.size(), g2.size());
+    EXPECT_EQ(std::memcmp(g1.data(), g2.data(), g1.size() * sizeof(float)), 0) << b.B << "x" << b.T;
+  }
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 // depend on the other rows of the step or on the thread count; and a DecodeState built on it, whose batched step
 // must give each sequence exactly the logits it gets decoded alone.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <vector>
@@ -115,9 +116,15 @@ TEST(PackedMatmul, ARowsResultDoesNotDependOnTheOtherRowsOrThreads) {
   for (bool half : {false, true}) {
     std::vector<float> packed = Pack(be2.get(), w, IC, OC, half);
     std::vector<float> all(static_cast<size_t>(N) * OC), all1(all.size());
+    // The thread count is OpenMP's per-OS-thread setting (backend.h): set it before each call, and check it.
+    be2->SetThreads(2);
+    ASSERT_EQ(omp_get_max_threads(), 2);
     be2->MatmulForwardPacked(all.data(), inp.data(), packed.data(), bias.data(), N, IC, OC, half);
+    be1->SetThreads(1);
+    ASSERT_EQ(omp_get_max_threads(), 1);
     be1->MatmulForwardPacked(all1.data(), inp.data(), packed.data(), bias.data(), N, IC, OC, half);
     EXPECT_EQ(all, all1) << "1 vs 2 threads, half=" << half;
+    be2->SetThreads(2);
     for (int n = 0; n < N; ++n) {  // row n alone, and as the last of a group of n+1 rows
       std::vector<float> alone(OC), group(static_cast<size_t>(n + 1) * OC);
       be2->MatmulForwardPacked(alone.data(), inp.data() + size_t(n) * IC, packed.data(), bias.data(), 1, IC, OC, half);

@@ -53,6 +53,10 @@ class Backend {
   virtual ~Backend() = default;
   virtual std::string Name() const = 0;
   virtual bool SupportsOp(Op op) const = 0;
+  // CPU threads for this backend's host work (n < 1 means 1). For the CPU backend this is OpenMP's setting of
+  // the *calling OS thread* (libgomp keeps it per thread, not per backend object): the last SetThreads on a thread
+  // holds for every CPU backend used from that thread, and a backend used from another thread must be given its
+  // count again there (serve's engine thread does). Results do not depend on the count (see matmul.cc).
   virtual void SetThreads(int n) = 0;
   // True when device pointers are host pointers (the CPU backend): callers may then read and write buffers
   // in place instead of staging copies.
@@ -163,7 +167,7 @@ std::unique_ptr<Backend> MakeCpuBackend(int threads);
 // The most CPU threads a backend accepts (--threads): libgomp crashes or hangs creating tens of thousands.
 inline constexpr int kMaxThreads = 1024;
 // "cpu" or "cuda"; returns an error if the name is unknown, the device is unavailable, or threads is outside
-// [0, kMaxThreads] (0: the library default).
+// [0, kMaxThreads] (0: one thread, until the caller's SetThreads).
 Result<std::unique_ptr<Backend>> MakeBackend(const std::string& name, int threads);
 
 }  // namespace keel
