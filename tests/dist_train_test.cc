@@ -100,13 +100,39 @@ TEST_F(DistTrain, ResumeWithAnotherWorkerCountIsBitIdentical) {
   ExpectSameAsStraight(out);
 }
 
+// A second stop request to the launcher kills the workers at once (SIGKILL), and the job fails.
+TEST_F(DistTrain, ASecondSignalToTheLauncherKillsTheWorkers) {
+  TempDir t;
+  const std::string out = t / "run";
+  // Rank 1's steps from step 3 on take ~1000x longer, so the graceful stop is still waiting when the second
+  // signal comes (signals sent back to back merge into one).
+  Background job(Split(Args(out, 100000) + " --nproc 2 --checkpoint-every 0 --eval-every 0 --inject "
+                       "slow:rank=1,step=3,factor=1000,steps=100"),
+                 t / "log", {"KEEL_ALLOW_FAULT_INJECTION=1"});
+  ASSERT_TRUE(WaitUntil([&] { return MetricsLines(out) >= 2; }, 60)) << job.Output();
+  ASSERT_EQ(kill(job.pid(), SIGTERM), 0);
+  ASSERT_TRUE(WaitUntil([&] { return job.Output().find("forwarding SIGTERM") != std::string::npos; }, 10));
+  ASSERT_EQ(kill(job.pid(), SIGTERM), 0);
+  const int code = job.Wait(30);
+  EXPECT_GT(code, 0) << job.Output();  // failed (-1: still running)
+  EXPECT_NE(job.Output().find("killing the workers (SIGKILL)"), std::string::npos) << job.Output();
+}
+
+// SIGTERM to the launcher and to every worker at once, as a batch system's time limit or `pkill keel` sends it:
+// each worker gets two (its own and the launcher's forward), which must still be one graceful stop with a
+// checkpoint (the second one used to kill the workers mid-stop).
 TEST_F(DistTrain, LauncherForwardsSigtermAndTheRunResumes) {
   TempDir t;
   const std::string out = t / "run";
   Background job(Split(Args(out, 100000) + " --nproc 2 --checkpoint-every 0 --eval-every 0"), t / "log");
   ASSERT_TRUE(WaitUntil([&] { return MetricsLines(out) >= 3; }, 60)) << job.Output();
+  std::smatch pids;
+  const std::string started = job.Output();
+  ASSERT_TRUE(std::regex_search(started, pids, std::regex(R"(rank 0 pid (\d+); rank 1 pid (\d+))"))) << started;
   auto t0 = std::chrono::steady_clock::now();
   ASSERT_EQ(kill(job.pid(), SIGTERM), 0);
+  ASSERT_EQ(kill(std::stoi(pids[1]), SIGTERM), 0);
+  ASSERT_EQ(kill(std::stoi(pids[2]), SIGTERM), 0);
   int code = job.Wait(30);
   ASSERT_EQ(code, 0) << job.Output();
   EXPECT_LT(Since(t0), 30);

@@ -2,7 +2,11 @@
 // that keeps failing at start-up, and a pending restart cancelled when the job finishes. The workers are /bin/sh.
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <chrono>
+#include <csignal>
 #include <vector>
 
 #include "train/launcher.h"
@@ -64,6 +68,27 @@ TEST(Launcher, APendingRestartIsCancelledWhenTheJobFinishes) {
   EXPECT_GE(restarts, 2);
   EXPECT_LE(restarts, 3);
   EXPECT_LT(Seconds(t0, Clock::now()), 8.0);  // nothing waited for the cancelled restart
+}
+
+// A launcher started with SIGCHLD ignored (SIG_IGN is inherited across exec) must still see its workers exit: the
+// kernel would reap them itself and waitpid() would never report them, so the launcher waited for ever.
+TEST(Launcher, AnInheritedIgnoredSigchldDoesNotHideTheWorkersExits) {
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    alarm(20);  // a hang ends the child with SIGALRM
+    signal(SIGCHLD, SIG_IGN);
+    LaunchOptions o;
+    o.exe = "/bin/sh";
+    o.args = {"-c", "exit 0"};
+    o.nproc = 2;
+    auto r = LaunchWorkers(o);
+    _exit(r.ok() && r->exit_code == 0 ? 0 : 1);
+  }
+  int st = 0;
+  ASSERT_EQ(waitpid(child, &st, 0), child);
+  ASSERT_TRUE(WIFEXITED(st)) << "the launcher hung (signal " << (WIFSIGNALED(st) ? WTERMSIG(st) : 0) << ")";
+  EXPECT_EQ(WEXITSTATUS(st), 0);
 }
 
 }  // namespace

@@ -50,14 +50,22 @@ class SignalScope {
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, &old_int_);
     sigaction(SIGTERM, &sa, &old_term_);
+    // SIGCHLD at its default: ignored (SIG_IGN survives exec, so a parent can leave it so), the kernel reaps the
+    // workers itself and waitpid() never reports their exits.
+    struct sigaction dfl;
+    std::memset(&dfl, 0, sizeof(dfl));
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    sigaction(SIGCHLD, &dfl, &old_chld_);
   }
   ~SignalScope() {
     sigaction(SIGINT, &old_int_, nullptr);
     sigaction(SIGTERM, &old_term_, nullptr);
+    sigaction(SIGCHLD, &old_chld_, nullptr);
   }
 
  private:
-  struct sigaction old_int_, old_term_;
+  struct sigaction old_int_, old_term_, old_chld_;
 };
 
 void WriteAll(int fd, const std::string& s) {
@@ -245,7 +253,7 @@ class Attempt {
 
   Status Start() {
     std::set<std::string> ours = {"KEEL_RANK", "KEEL_WORLD_SIZE", "KEEL_LOCAL_RANK", "KEEL_LOCAL_WORLD_SIZE",
-                                  "KEEL_NODE_RANK", "KEEL_NNODES", "KEEL_RESTART"};
+                                  "KEEL_NODE_RANK", "KEEL_NNODES", "KEEL_RESTART", "KEEL_SUPERVISED"};
     for (const auto& [k, v] : o_.env) ours.insert(k);
     for (char** e = environ; e && *e; ++e) {
       std::string kv = *e;
@@ -286,6 +294,7 @@ class Attempt {
       std::vector<std::string> env_s = base_env_;
       if (restart > 0) env_s.push_back("KEEL_RESTART=" + std::to_string(restart));
       env_s.push_back("KEEL_RANK=" + std::to_string(w.rank));
+      env_s.push_back("KEEL_SUPERVISED=1");  // repeated SIGTERMs are one stop request (see Wait)
       env_s.push_back("KEEL_WORLD_SIZE=" + std::to_string(world));
       env_s.push_back("KEEL_LOCAL_RANK=" + std::to_string(local));
       env_s.push_back("KEEL_LOCAL_WORLD_SIZE=" + std::to_string(o_.nproc));
@@ -399,13 +408,24 @@ class Attempt {
       // Forward every SIGINT/SIGTERM the launcher received as one SIGTERM to each worker.
       const int sigs = g_signals;
       if (sigs != handled_signals) {
+        // The first stop request is forwarded as one SIGTERM; a second one (or two at once) kills the workers. A
+        // worker counts its SIGTERMs as one stop request (KEEL_SUPERVISED), because under a batch system or
+        // `pkill keel` it gets one directly as well as the one forwarded here, and the second must not cut its
+        // stop checkpoint short. So the escalation is the launcher's, by SIGKILL.
+        const bool again = res.stopped_by_signal || sigs - handled_signals >= 2;
         handled_signals = sigs;
         res.stopped_by_signal = true;
-        relay_->Own("launcher: stop requested; forwarding SIGTERM to the workers (they stop at the next step "
-                    "boundary with a checkpoint; signal again to kill them)");
-        // SIGCONT too: a stopped worker (SIGSTOP, a debugger detached) leaves SIGTERM pending forever.
-        for (auto& w : workers_)
-          if (w.running) ::kill(w.pid, SIGTERM), ::kill(w.pid, SIGCONT);
+        if (!again) {
+          relay_->Own("launcher: stop requested; forwarding SIGTERM to the workers (they stop at the next step "
+                      "boundary with a checkpoint; signal again to kill them)");
+          // SIGCONT too: a stopped worker (SIGSTOP, a debugger detached) leaves SIGTERM pending forever.
+          for (auto& w : workers_)
+            if (w.running) ::kill(w.pid, SIGTERM), ::kill(w.pid, SIGCONT);
+        } else {
+          relay_->Own("launcher: stop requested again; killing the workers (SIGKILL)");
+          for (auto& w : workers_)
+            if (w.running) ::kill(w.pid, SIGKILL);
+        }
       }
 
       // Reap: every worker that has exited, those killed by a signal first. When one is SIGKILLed (the OOM

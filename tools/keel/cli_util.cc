@@ -3,6 +3,7 @@
 
 #include <charconv>
 #include <csignal>
+#include <cstdlib>
 #include <set>
 
 #include "core/env.h"
@@ -119,8 +120,13 @@ std::atomic<bool>& StopFlag() {
 }
 
 namespace {
+// A worker started by keel's launcher (KEEL_SUPERVISED) takes repeated signals as one stop request: it gets one
+// from the launcher and often one directly too (a batch system's SIGTERM to every process, `pkill keel`), and the
+// second must not kill it in the middle of its stop checkpoint. The launcher escalates with SIGKILL instead.
+volatile sig_atomic_t g_supervised = 0;
+
 void OnStopSignal(int sig) {
-  if (StopFlag().exchange(true)) {
+  if (StopFlag().exchange(true) && !g_supervised) {
     std::signal(sig, SIG_DFL);
     std::raise(sig);
   }
@@ -128,6 +134,8 @@ void OnStopSignal(int sig) {
 }  // namespace
 
 void InstallStopHandlers() {
+  const char* sup = std::getenv("KEEL_SUPERVISED");
+  g_supervised = sup != nullptr && std::string(sup) == "1";
   std::signal(SIGINT, OnStopSignal);
   std::signal(SIGTERM, OnStopSignal);
 }

@@ -35,7 +35,8 @@ CLI::Validator SeedValidator();
 // value (an unset shell variable in --host "$HOST") would otherwise silently mean the flag's default.
 Status CheckNotEmpty(const CLI::App& app, std::initializer_list<const char*> flags);
 
-// Stop flag set by SIGINT/SIGTERM once InstallStopHandlers() ran (second signal: default action).
+// Stop flag set by SIGINT/SIGTERM once InstallStopHandlers() ran (second signal: default action, except in a
+// worker of keel's launcher, KEEL_SUPERVISED=1, where repeats are the same stop request and the launcher kills).
 std::atomic<bool>& StopFlag();
 void InstallStopHandlers();
 
