@@ -4,9 +4,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <set>
 
+#include "elastic/events.h"
 #include "elastic/fault_inject.h"
 #include "elastic/quorum.h"
 
@@ -790,6 +792,43 @@ TEST(FaultSpec, ParsesAndRejects) {
   EXPECT_FALSE(ParseFaultSpec("crash:step=2").ok());
   EXPECT_FALSE(ParseFaultSpec("crash:rank=1,step=x").ok());
   EXPECT_FALSE(ParseFaultSpec("random:kinds=crash+slow").ok());
+}
+
+// Each kind's defaults apply only to what the item leaves out (an explicit factor=3 on a spike used to become 100,
+// secs=5 on deaf 30), stall's default is the documented 30 s, and keys the kind does not read, fractional counts
+// and absurd durations are refused.
+TEST(FaultSpec, DefaultsPerKindAndStrictKeys) {
+  auto d = ParseFaultSpec("spike:rank=0,step=1,factor=3;deaf:rank=0,step=1,secs=5;stall:rank=0,step=1;"
+                          "spike:rank=0,step=2;hang:rank=0,step=1;slow:rank=0,step=1");
+  ASSERT_TRUE(d.ok()) << d.status().message();
+  EXPECT_EQ((*d)[0].factor, 3);
+  EXPECT_EQ((*d)[1].secs, 5);
+  EXPECT_EQ((*d)[2].secs, 30);
+  EXPECT_EQ((*d)[3].factor, 100);
+  EXPECT_EQ((*d)[4].secs, 5);
+  EXPECT_EQ((*d)[5].factor, 3);
+  for (const char* bad : {"hang:rank=0,step=1,secs=1e20", "crash:rank=1.5,step=1", "crash:rank=1,step=2.5",
+                          "hang:rank=0,step=1,then=kill", "nan:rank=0,step=1,steps=3", "crash:rank=0,step=1,kinds=nan",
+                          "random:every=5,rank=1", "link:rank=0,mbit=10,secs=3", "corrupt:rank=0,step=1,steps=1.5"})
+    EXPECT_FALSE(ParseFaultSpec(bad).ok()) << bad;
+}
+
+// Two random items each keep their own schedule (the second never fired: the merged schedule was not in time
+// order and both used the same claim ids).
+TEST(FaultSpec, TwoRandomItemsBothFire) {
+  setenv("KEEL_ALLOW_FAULT_INJECTION", "1", 1);
+  char t0[64];
+  std::snprintf(t0, sizeof(t0), "%.3f", EventLog::Now() - 0.5);
+  setenv("KEEL_INJECT_T0", t0, 1);
+  auto inj = FaultInjector::Create("random:every=1000,start=0,kinds=nan,ranks=1;"
+                                   "random:every=1000,start=0,kinds=bitflip,ranks=1", 0, 1);
+  unsetenv("KEEL_INJECT_T0");
+  ASSERT_TRUE(inj.ok()) << inj.status().message();
+  float g[4] = {1, 2, 3, 4};
+  EXPECT_TRUE((*inj)->CorruptGradient(3, g, 4));
+  float p[4] = {1, 2, 3, 4};
+  EXPECT_TRUE((*inj)->FlipParamBit(3, p, 4));
+  unsetenv("KEEL_ALLOW_FAULT_INJECTION");
 }
 
 TEST(FaultSpec, InjectionNeedsTheEnvironmentSwitch) {

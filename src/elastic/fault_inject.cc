@@ -2,6 +2,8 @@
 #include "elastic/fault_inject.h"
 
 #include <signal.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -82,6 +84,24 @@ bool ParseNum(const std::string& s, double* out) {
   return true;
 }
 
+// The numeric keys each kind reads (a key another kind reads would be silently ignored).
+bool KeyApplies(FaultSpec::Kind kind, const std::string& k) {
+  const char* keys = "";
+  switch (kind) {
+    case FaultSpec::kCrash: case FaultSpec::kNan: case FaultSpec::kBitflip: keys = "rank step"; break;
+    case FaultSpec::kHang: case FaultSpec::kStall: case FaultSpec::kDeaf: case FaultSpec::kFreeze:
+      keys = "rank step secs"; break;
+    case FaultSpec::kSlow: keys = "rank step factor steps busy"; break;
+    case FaultSpec::kCorrupt: keys = "rank step steps"; break;
+    case FaultSpec::kSpike: keys = "rank step factor"; break;
+    case FaultSpec::kTruncateCkpt: keys = "rank step secs"; break;
+    case FaultSpec::kLink: keys = "rank step mbit latency_ms"; break;
+    case FaultSpec::kRandom: keys = "every seed secs start ranks"; break;
+  }
+  const std::string list = std::string(" ") + keys + " ";
+  return list.find(" " + k + " ") != std::string::npos;
+}
+
 }  // namespace
 
 Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
@@ -92,6 +112,7 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
     const std::string bad = "--inject: '" + item + "': ";
     size_t colon = item.find(':');
     FaultSpec f;
+    bool secs_set = false, factor_set = false;
     if (!KindFromName(Trim(item.substr(0, colon)), &f.kind))
       return InvalidArgument(bad + "unknown fault kind (crash, hang, freeze, slow, stall, deaf, nan, corrupt, spike, "
                                    "bitflip, truncate-ckpt, link, random)");
@@ -104,6 +125,7 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
         std::string k = Trim(kv.substr(0, eq)), v = Trim(kv.substr(eq + 1));
         double x = 0;
         if (k == "kinds") {
+          if (f.kind != FaultSpec::kRandom) return InvalidArgument(bad + "key 'kinds' applies to random only");
           for (const std::string& name : SplitOn(v, '+')) {
             FaultSpec::Kind kk;
             if (!KindFromName(Trim(name), &kk) || kk == FaultSpec::kRandom || kk == FaultSpec::kTruncateCkpt ||
@@ -115,29 +137,35 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
           continue;
         }
         if (k == "then") {
+          if (f.kind != FaultSpec::kTruncateCkpt) return InvalidArgument(bad + "key 'then' applies to truncate-ckpt only");
           if (v != "kill" && v != "hang" && v != "freeze") return InvalidArgument(bad + "then must be kill, hang or freeze");
           f.then_kill = v == "kill";
           f.then_freeze = v == "freeze";
           continue;
         }
         if (!ParseNum(v, &x)) return InvalidArgument(bad + k + "=" + v + " is not a number");
-        // Upper bounds keep the casts defined and step + steps far from overflow.
-        constexpr double kMaxCount = 1e15;
-        if (k == "rank" && x >= 0 && x <= 1e6) f.rank = static_cast<int>(x);
-        else if (k == "step" && x >= 0 && x <= kMaxCount) f.step = static_cast<int64_t>(x);
-        else if (k == "secs" && x > 0) f.secs = x;
-        else if (k == "factor" && x >= 1) f.factor = x;
-        else if (k == "busy" && (x == 0 || x == 1) && f.kind == FaultSpec::kSlow) f.busy = x == 1;
-        else if (k == "steps" && x >= 1 && x <= kMaxCount) f.steps = static_cast<int64_t>(x), f.steps_set = true;
-        else if (k == "every" && x > 0) f.every = x;
-        else if (k == "start" && x >= 0) f.start = x;
-        else if (k == "seed" && x >= 0 && x <= 9007199254740992.0) f.seed = static_cast<uint64_t>(x);
-        else if (k == "ranks" && x >= 1 && x <= 1e6) f.ranks = static_cast<int>(x);
-        else if (k == "mbit" && x > 0 && f.kind == FaultSpec::kLink) f.mbit = x;
-        else if (k == "latency_ms" && x >= 0 && f.kind == FaultSpec::kLink) f.latency_ms = x;
-        else return InvalidArgument(bad + "unknown or out-of-range key '" + k + "'");
+        if (!KeyApplies(f.kind, k)) return InvalidArgument(bad + "key '" + k + "' does not apply to this kind");
+        // Upper bounds keep the casts defined and step + steps far from overflow; counts must be whole.
+        constexpr double kMaxCount = 1e15, kMaxSecs = 7 * 86400;
+        const bool whole = x == std::floor(x);
+        if (k == "rank" && whole && x >= 0 && x <= 1e6) f.rank = static_cast<int>(x);
+        else if (k == "step" && whole && x >= 0 && x <= kMaxCount) f.step = static_cast<int64_t>(x);
+        else if (k == "secs" && x > 0 && x <= kMaxSecs) f.secs = x, secs_set = true;
+        else if (k == "factor" && x >= 1 && x <= 1e9) f.factor = x, factor_set = true;
+        else if (k == "busy" && (x == 0 || x == 1)) f.busy = x == 1;
+        else if (k == "steps" && whole && x >= 1 && x <= kMaxCount) f.steps = static_cast<int64_t>(x), f.steps_set = true;
+        else if (k == "every" && x > 0 && x <= kMaxSecs) f.every = x;
+        else if (k == "start" && x >= 0 && x <= kMaxSecs) f.start = x;
+        else if (k == "seed" && whole && x >= 0 && x <= 9007199254740992.0) f.seed = static_cast<uint64_t>(x);
+        else if (k == "ranks" && whole && x >= 1 && x <= 1e6) f.ranks = static_cast<int>(x);
+        else if (k == "mbit" && x > 0) f.mbit = x;
+        else if (k == "latency_ms" && x >= 0 && x <= kMaxSecs * 1000) f.latency_ms = x;
+        else return InvalidArgument(bad + "out-of-range value " + k + "=" + v);
       }
     }
+    // Per-kind defaults for what the item did not give (an explicit value equal to another kind's default stays).
+    if (!secs_set) f.secs = f.kind == FaultSpec::kStall || f.kind == FaultSpec::kDeaf ? 30 : 5;
+    if (!factor_set) f.factor = f.kind == FaultSpec::kSpike ? 100 : 3;
     if (f.kind == FaultSpec::kRandom) {
       if (f.kinds.empty()) f.kinds = {FaultSpec::kCrash, FaultSpec::kHang, FaultSpec::kNan, FaultSpec::kBitflip};
     } else {
@@ -171,7 +199,8 @@ FaultInjector::FaultInjector(std::vector<FaultSpec> specs, int rank, int world)
   for (size_t s = 0; s < specs_.size(); ++s) {
     const FaultSpec& f = specs_[s];
     if (f.kind != FaultSpec::kRandom) continue;
-    random_window_ = std::max(1.0, f.every / 2);
+    if (first_random_ < 0) first_random_ = static_cast<int>(s);
+    random_window_ = std::max(random_window_, std::max(1.0, f.every / 2));
     Rng rng(MixKey(f.seed, 0xFA017ull));
     const int ranks = f.ranks > 0 ? f.ranks : world_;
     double t = t0 + (f.start >= 0 ? f.start : f.every);
@@ -181,10 +210,14 @@ FaultInjector::FaultInjector(std::vector<FaultSpec> specs, int rank, int world)
       e.kind = f.kinds[rng.Below(f.kinds.size())];
       e.rank = static_cast<int>(rng.Below(static_cast<uint64_t>(ranks)));
       e.index = k;
+      e.spec = static_cast<int>(s);
+      e.secs = f.secs;
       timed_.push_back(e);
       t += f.every * (0.5 + static_cast<double>(rng.Uniform()));
     }
   }
+  // Several random items: one schedule in time order (DueRandom stops at the first future entry).
+  std::stable_sort(timed_.begin(), timed_.end(), [](const Timed& a, const Timed& b) { return a.t < b.t; });
 }
 
 bool FaultInjector::Claim(const std::string& id) {
@@ -213,10 +246,11 @@ bool FaultInjector::DueRandom(FaultSpec::Kind kind, int64_t step, double* secs) 
   for (const auto& e : timed_) {
     if (e.t > now) break;
     if (e.kind != kind || e.rank != rank_ || now - e.t > random_window_) continue;
-    const std::string id = "random/" + std::to_string(e.index);
+    // The first random item keeps the ids "random/K"; later ones are "random<S>/K" (S: the item's index).
+    const std::string id = (e.spec == first_random_ ? std::string("random/") : "random" + std::to_string(e.spec) + "/") +
+                           std::to_string(e.index);
     if (!Claim(id)) continue;
-    for (const auto& f : specs_)
-      if (f.kind == FaultSpec::kRandom) *secs = f.secs;
+    *secs = e.secs;
     Record(kind, step, id, "scheduled at +" + std::to_string(static_cast<int>(now - e.t)) + "s late");
     return true;
   }
@@ -364,7 +398,7 @@ double FaultInjector::LossFactor(int64_t step) {
     if (f.kind != FaultSpec::kSpike || f.rank != rank_ || f.step != step) continue;
     const std::string id = "spike/" + std::to_string(s);
     if (!Claim(id)) continue;
-    const double factor = f.factor == 3 ? 100 : f.factor;  // 3 is the parser's default (slow); spikes use 100
+    const double factor = f.factor;
     Record(f.kind, step, id, "loss x" + std::to_string(factor));
     return factor;
   }
@@ -378,7 +412,7 @@ bool FaultInjector::DeafCollective(int64_t step, double* secs) {
     if (f.kind != FaultSpec::kDeaf || f.rank != rank_ || f.step != step) continue;
     const std::string id = "deaf/" + std::to_string(s);
     if (!Claim(id)) continue;
-    *secs = f.secs == 5 ? 30 : f.secs;  // 5 is the parser's default (hang)
+    *secs = f.secs;
     Record(f.kind, step, id, "the communication thread blocks for " + std::to_string(*secs) + " s, deaf to Abort");
     return true;
   }
@@ -436,8 +470,14 @@ void HangProcessFor(double secs) {
   ts.tv_nsec = static_cast<long>((secs - std::floor(secs)) * 1e9);
   pid_t helper = fork();
   if (helper == 0) {
-    // Only async-signal-safe calls in the child of a multi-threaded process.
+    // Only async-signal-safe calls in the child of a multi-threaded process. The helper must not hold the
+    // worker's sockets and pipes (a killed worker's peers would see no FIN, the launcher's relay no EOF), and it
+    // dies with the worker (so it never wakes a pid the kernel gave to someone else).
+    ::syscall(SYS_close_range, 0U, ~0U, 0U);
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (::getppid() != parent) ::_exit(0);
     while (nanosleep(&ts, &ts) != 0) {
+      if (errno != EINTR) ::_exit(0);
     }
     ::kill(parent, SIGCONT);
     ::_exit(0);

@@ -37,6 +37,7 @@
 //                                     a fault every T seconds on average (uniform in [T/2, 3T/2]) from T0 seconds
 //                                     (default T) after the job's start (KEEL_INJECT_T0, set by the launcher),
 //                                     of a kind and rank (of W, default the world size) drawn from the seed
+// A key the kind does not read is refused, as is a fractional rank/step/steps/ranks/seed or secs over a week.
 // rank is the worker's launch rank (KEEL_RANK): a restarted worker keeps it. Each fault fires once per job
 // (claimed through the rendezvous store when there is one) and is written to events.jsonl ("inject") first.
 // Thread safety: the hooks are called from the training thread (TruncateCheckpoint from the writer thread).
@@ -61,8 +62,8 @@ struct FaultSpec {
   } kind = kCrash;
   int rank = -1;          // -1: any (truncate-ckpt: whoever writes the checkpoint)
   int64_t step = -1;
-  double secs = 5;        // hang
-  double factor = 3;      // slow
+  double secs = 5;        // hang, freeze, truncate-ckpt then=freeze (default 5); stall, deaf (default 30)
+  double factor = 3;      // slow (default 3); spike (default 100)
   bool busy = false;      // slow: spin instead of sleeping
   int64_t steps = 1000000;
   bool steps_set = false; // the spec names steps= (corrupt: persistent)
@@ -116,6 +117,8 @@ class FaultInjector {
     FaultSpec::Kind kind;
     int rank;
     int index;
+    int spec = 0;     // which random item scheduled it
+    double secs = 5;  // that item's secs (hang)
   };
   FaultInjector(std::vector<FaultSpec> specs, int rank, int world);
   bool Claim(const std::string& id);
@@ -127,7 +130,8 @@ class FaultInjector {
   std::vector<Timed> timed_;
   int rank_, world_;
   int64_t uid_ = -1;
-  double random_window_ = 10;
+  double random_window_ = 1;  // the widest of the random items' windows (every / 2, at least 1 s)
+  int first_random_ = -1;
   std::function<bool(const std::string&)> claim_;
   std::vector<std::string> claimed_local_;
   EventLog* events_ = nullptr;
