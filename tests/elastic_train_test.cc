@@ -436,8 +436,10 @@ TEST_F(ElasticTrain, KillNineOfAllWorkersDuringACheckpointWriteThenResume) {
   TempDir t;
   const std::string out = t / "run";
   Background job(Split(Args(out) + " --nproc 2 --inject truncate-ckpt:step=100,then=hang"), t / "log", InjectEnv());
-  const std::string tmp = out + "/ckpt-00000100.tmp";
-  ASSERT_TRUE(WaitUntil([&] { return std::filesystem::exists(tmp); }, 120)) << job.Output();
+  // The injection leaves the worst crash point: ckpt-00000100/ renamed into place, its weights cut in half, no
+  // COMMITTED marker.
+  const std::string half = out + "/ckpt-00000100";
+  ASSERT_TRUE(WaitUntil([&] { return std::filesystem::exists(half); }, 120)) << job.Output();
   const std::string log = job.Output();
   for (int r = 0; r < 2; ++r) {
     pid_t p = PidOf(log, r);
@@ -446,10 +448,12 @@ TEST_F(ElasticTrain, KillNineOfAllWorkersDuringACheckpointWriteThenResume) {
   }
   kill(job.pid(), SIGKILL);
   job.Wait(30);
-  ASSERT_FALSE(std::filesystem::exists(out + "/ckpt-00000100/COMMITTED"));
+  ASSERT_TRUE(std::filesystem::exists(half));
+  ASSERT_FALSE(std::filesystem::exists(half + "/COMMITTED"));
   ASSERT_TRUE(std::filesystem::exists(out + "/ckpt-00000050/COMMITTED"));
   auto r = RunKeel(Args(out) + " --nproc 3 --resume");
   ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("skipping " + half), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("resuming from " + out + "/ckpt-00000050 at step 50"), std::string::npos) << r.output;
   ExpectSameAsStraight(out);
 }

@@ -3,6 +3,7 @@
 // stale .tmp cleanup, same-step replacement, and fault injection at every mutating file-system call; also
 // WriteFileAtomic's temporaries, and the model-file errors and config range checks of train/checkpoint_io.h.
 #include <gtest/gtest.h>
+#include <unistd.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -282,11 +283,15 @@ TEST(CheckpointTest, StaleTmpIsIgnoredAndCleaned) {
   EXPECT_EQ(FindLatestValidCheckpoint(tmp.path(), nullptr)->step, 10);
   ASSERT_TRUE(WriteCheckpoint(tmp.path(), 20, Files("twenty"), 0).ok());
   EXPECT_EQ(DirEntries(tmp.path()), (std::vector<std::string>{"ckpt-00000010", "ckpt-00000020"}));
-  // A stale .tmp of the very step being written is replaced, not merged.
-  fs::create_directories(tmp / "ckpt-00000030.tmp");
-  WriteText(tmp / "ckpt-00000030.tmp/junk", "junk");
+  // This process's own failed attempt at the very step being written (the writer's name pattern,
+  // ckpt-N.<pid>-<nonce>.tmp) is not merged into the new checkpoint, and is removed.
+  const std::string mine = tmp / ("ckpt-00000030." + std::to_string(::getpid()) + "-7.tmp");
+  fs::create_directories(mine);
+  WriteText(mine + "/junk", "junk");
+  WriteText(mine + "/model.safetensors", "half of it");
   ASSERT_TRUE(WriteCheckpoint(tmp.path(), 30, Files("thirty"), 0).ok());
   EXPECT_FALSE(fs::exists(tmp / "ckpt-00000030/junk"));
+  EXPECT_FALSE(fs::exists(mine));
   EXPECT_EQ(DigestOf(tmp / "ckpt-00000030"), Digest(Files("thirty")));
 }
 

@@ -295,7 +295,7 @@ Status WriteCheckpoint(const std::string& run_dir, int64_t step, const std::vect
     Status s;
     if (env->Exists(old_dir)) {
       if (VerifyCheckpoint(final_dir).ok()) {
-        s = env->RemoveAll(old_dir);
+        s = DeleteDir(env, old_dir);  // (crash-safe: never a half-deleted directory under the .old name)
         if (s.ok()) s = env->Rename(final_dir, old_dir);
       } else {
         s = DeleteDir(env, final_dir);

@@ -150,7 +150,10 @@ Status ValidateTrainingState(const nlohmann::json& state, const std::string& whe
   auto integer = [&](const char* key, int64_t lo, bool required) -> Status {
     if (!state.contains(key)) return required ? Corrupt(where + ": '" + key + "' is missing") : Status::Ok();
     const auto& v = state[key];
-    if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(kMaxCount)) ||
+    // (A file's 0 or 7 parses as an unsigned number: the lower bound holds for both kinds.)
+    if (!v.is_number_integer() ||
+        (v.is_number_unsigned() &&
+         (v.get<uint64_t>() < static_cast<uint64_t>(lo) || v.get<uint64_t>() > static_cast<uint64_t>(kMaxCount))) ||
         (!v.is_number_unsigned() && (v.get<int64_t>() < lo || v.get<int64_t>() > kMaxCount)))
       return bad(key, "an integer in [" + std::to_string(lo) + ", 2^53]");
     return Status::Ok();

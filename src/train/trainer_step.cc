@@ -639,7 +639,8 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
     double freeze_s = 0;
     if (inject_ && inject_->TruncateCheckpoint(step_, &then_kill, &freeze_s)) {
       before_write = [dir = o_.out_dir, step = step_, then_kill, freeze_s](const std::vector<CheckpointFile>& files) {
-        WriteTruncatedCheckpoint(dir, step, files);  // as a crash in the middle of the write leaves it
+        // then=kill|hang: the worst crash point (renamed, no marker); then=freeze: frozen amid the file writes.
+        WriteTruncatedCheckpoint(dir, step, files, /*published=*/freeze_s <= 0);
         if (freeze_s > 0) return HangProcessFor(freeze_s);  // then the write goes on (a frozen leader waking)
         if (then_kill) ::raise(SIGKILL);
         for (;;) std::this_thread::sleep_for(std::chrono::seconds(3600));

@@ -1,6 +1,8 @@
 // trainer_support.cc: the training loop's stateless helpers (see trainer_support.h).
 #include "train/trainer_support.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -78,13 +80,24 @@ size_t CountNonFinite(const float* g, size_t n) {
   return bad;
 }
 
-// A checkpoint directory left half-written, as a crash during WriteCheckpoint leaves it (fault injection).
-void WriteTruncatedCheckpoint(const std::string& run_dir, int64_t step, const std::vector<CheckpointFile>& files) {
-  const std::string tmp = JoinPath(run_dir, CheckpointDirName(step) + ".tmp");
-  (void)DefaultEnv()->CreateDirs(tmp);
-  if (!files.empty())
-    (void)DefaultEnv()->WriteFile(JoinPath(tmp, files[0].name),
-                                  std::string_view(files[0].data.data(), files[0].data.size() / 2));
+// A checkpoint left half-written (fault injection). `published`: the worst moment of a crash, after the rename
+// and before the COMMITTED marker: ckpt-N/ holds every file, the first one cut in half, and no marker (the loader
+// must skip it). Otherwise the state in the middle of the file writes: this process's temp directory
+// (ckpt-N.<pid>-0.tmp, the writer's own name pattern, which its next write cleans up) with the first file cut.
+void WriteTruncatedCheckpoint(const std::string& run_dir, int64_t step, const std::vector<CheckpointFile>& files,
+                              bool published) {
+  std::string name = CheckpointDirName(step);
+  if (!published) {  // (appended piecewise: GCC 12 warns falsely, -Wrestrict, on the one-expression form)
+    name += '.';
+    name += std::to_string(::getpid());
+    name += "-0.tmp";
+  }
+  const std::string dir = JoinPath(run_dir, name);
+  (void)DefaultEnv()->CreateDirs(dir);
+  for (size_t i = 0; i < files.size() && (published || i == 0); ++i)
+    (void)DefaultEnv()->WriteFile(JoinPath(dir, files[i].name),
+                                  std::string_view(files[i].data.data(), i == 0 ? files[i].data.size() / 2
+                                                                                : files[i].data.size()));
 }
 
 }  // namespace keel::trainer_support

@@ -119,7 +119,9 @@ std::string UidList(const std::vector<int64_t>& v);  // "[1,2,3]"
 // Keeps only the metrics lines of steps before `step` (a resumed run rewrites what came after its checkpoint).
 void TruncateMetrics(const std::string& path, int64_t step);
 size_t CountNonFinite(const float* g, size_t n);
-// A checkpoint directory left half-written, as a crash during WriteCheckpoint leaves it (fault injection).
-void WriteTruncatedCheckpoint(const std::string& run_dir, int64_t step, const std::vector<CheckpointFile>& files);
+// A checkpoint left half-written, as a crash during WriteCheckpoint leaves it (fault injection): published, the
+// renamed ckpt-N/ without its COMMITTED marker; otherwise this process's temp directory in mid-write.
+void WriteTruncatedCheckpoint(const std::string& run_dir, int64_t step, const std::vector<CheckpointFile>& files,
+                              bool published);
 
 }  // namespace keel::trainer_support
