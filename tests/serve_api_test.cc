@@ -419,6 +419,32 @@ TEST(ServeAuth, ApiKeyRequiredOnV1) {
   EXPECT_EQ(s.Wait(std::chrono::seconds(20)), 0) << s.log();
 }
 
+// A device that fails (injected: the engine's device check reports an error from step 3 on) fails the request in
+// flight with 503 device_failed, turns /health to 503 "failed", and the server exits non-zero by itself, so that
+// a supervisor restarts it. It used to answer 500 "no finite logit" to every request for ever, healthy.
+TEST(ServeCli, ADeviceFailureMakesTheServerUnhealthyAndExit) {
+  ServerProcess s;
+  ASSERT_TRUE(s.Start("--inject device-fail:step=3 --debug-step-delay-ms 50", TinyModelDir(),
+                      "KEEL_ALLOW_FAULT_INJECTION=1"))
+      << s.log();
+  auto c = s.Client();
+  auto h0 = c->Get("/health");
+  ASSERT_TRUE(h0);
+  EXPECT_EQ(h0->status, 200);
+  auto r = c->Post("/v1/completions", R"({"prompt": "the", "max_tokens": 20})", "application/json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 503) << r->body;
+  EXPECT_EQ(json::parse(r->body)["error"]["code"], "device_failed") << r->body;
+  EXPECT_NE(r->body.find("injected device failure"), std::string::npos) << r->body;
+  // /health says failed until the server is gone (it may already be gone: then the request fails).
+  if (auto h = s.Client()->Get("/health"); h) {
+    EXPECT_EQ(h->status, 503) << h->body;
+    EXPECT_EQ(json::parse(h->body)["status"], "failed") << h->body;
+  }
+  EXPECT_EQ(s.Wait(std::chrono::seconds(30)), 1) << s.log();
+  EXPECT_NE(s.log().find("the model's device failed"), std::string::npos) << s.log();
+}
+
 TEST(ServeCli, ServesItsGgufExport) {
   TempDir d;
   auto e = RunKeel("export " + TinyModelDir() + " --format gguf --out " + d / "tiny.gguf");
@@ -443,11 +469,13 @@ TEST(ServeCli, BadArgumentsFailWithOneLine) {
   auto r = RunKeel("serve /nonexistent/run --port 0");
   EXPECT_EQ(r.exit_code, 1) << r.output;
   EXPECT_NE(r.output.find("keel serve: error:"), std::string::npos) << r.output;
-  r = RunKeel("serve " + TinyModelDir() + " --ctx 999");
+  // (--port 0 and a timeout: were the value accepted, the server would run, not hang the test on port 8080.)
+  r = RunCommand("timeout 20 " + std::string(KEEL_BINARY) + " serve " + TinyModelDir() + " --port 0 --ctx 999");
   EXPECT_EQ(r.exit_code, 1) << r.output;
   EXPECT_NE(r.output.find("--ctx"), std::string::npos) << r.output;
-  r = RunKeel("serve " + TinyModelDir() + " --parallel 0");
-  EXPECT_NE(r.exit_code, 0) << r.output;
+  r = RunCommand("timeout 20 " + std::string(KEEL_BINARY) + " serve " + TinyModelDir() + " --port 0 --parallel 0");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_NE(r.output.find("--parallel must be in"), std::string::npos) << r.output;
   // Values that would overflow the server's sums, or a queue longer than its HTTP threads could hold.
   for (const std::string& bad : {std::string("--queue 2147483647"), std::string("--queue 1010"),
                                  std::string("--prefill-chunk 2147483647"), std::string("--drain-timeout inf"),

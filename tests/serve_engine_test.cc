@@ -3,6 +3,8 @@
 // stop strings and UTF-8 hold-back, cancellation, the queue bound, and ParseCompletionRequest / the chat template.
 #include <gtest/gtest.h>
 
+#include <atomic>
+
 #include <algorithm>
 #include <numeric>
 #include <cmath>
@@ -372,6 +374,45 @@ TEST(Engine, CancelQueueBoundAndShutdown) {
   EXPECT_EQ((*eng)->Submit(r, &ss, nullptr), nullptr);
   EXPECT_EQ(ss, SubmitStatus::kShuttingDown);
   EXPECT_EQ(metrics.cancelled(), 2);
+}
+
+// A device that fails mid-generation (a lost GPU: the CUDA backend's error is sticky) ends the running and the
+// queued generations with its error, refuses new ones (kFailed) and reports the engine unhealthy for good. Before,
+// every later request failed one by one with "no finite logit" while the server looked healthy.
+TEST(Engine, ADeviceFailureEndsEverythingAndMarksTheEngineFailed) {
+  TestModel tm(ByteConfig());
+  ByteTokenizer tok;
+  ServeMetrics metrics;
+  std::atomic<int> steps{0};
+  EngineOptions o{.parallel = 1, .ctx = 40, .queue = 4, .threads = 1, .step_delay_ms = 5};
+  o.device_check = [&steps]() -> Status {
+    return ++steps >= 4 ? Status(Code::kIo, "cuda: an illegal memory access was encountered") : Status::Ok();
+  };
+  auto eng = Engine::Create(tm.model.get(), &tok, o, &metrics);
+  ASSERT_TRUE(eng.ok());
+  EXPECT_TRUE((*eng)->health().ok());
+  GenerationRequest r;
+  r.prompt = tok.Encode("go");
+  r.max_tokens = 30;
+  SubmitStatus ss;
+  auto a = (*eng)->Submit(r, &ss, nullptr);
+  ASSERT_EQ(ss, SubmitStatus::kOk);
+  auto b = (*eng)->Submit(r, &ss, nullptr);  // waits for the one slot
+  ASSERT_EQ(ss, SubmitStatus::kOk);
+  Collected ca = Collect(*a), cb = Collect(*b);
+  for (const Collected* c : {&ca, &cb}) {
+    EXPECT_EQ(c->last.reason, FinishReason::kCancelled);
+    EXPECT_EQ(c->last.error.code(), Code::kAborted);
+    EXPECT_NE(c->last.error.message().find("illegal memory access"), std::string::npos) << c->last.error.message();
+  }
+  EXPECT_LT(ca.last.completion_tokens, 30);
+  EXPECT_FALSE((*eng)->health().ok());
+  std::string why;
+  EXPECT_EQ((*eng)->Submit(r, &ss, &why), nullptr);
+  EXPECT_EQ(ss, SubmitStatus::kFailed);
+  EXPECT_NE(why.find("device failed"), std::string::npos) << why;
+  EXPECT_EQ(metrics.failed(), 2);
+  EXPECT_EQ(metrics.cancelled(), 0);
 }
 
 TEST(ParseRequest, DefaultsAndFields) {

@@ -104,10 +104,11 @@ class ServerProcess {
   }
 
   // args: extra flags after `serve MODEL --port 0 --threads 1`.
-  bool Start(const std::string& args, const std::string& model = TinyModelDir()) {
+  // env: "NAME=value ..." set for the server (through env(1)).
+  bool Start(const std::string& args, const std::string& model = TinyModelDir(), const std::string& env = "") {
     log_ = dir_ / "serve.log";
-    std::string cmd = std::string("exec ") + KEEL_BINARY + " serve " + model + " --port 0 --threads 1 " + args +
-                      " > " + log_ + " 2>&1";
+    std::string cmd = std::string("exec ") + (env.empty() ? "" : "env " + env + " ") + KEEL_BINARY + " serve " +
+                      model + " --port 0 --threads 1 " + args + " > " + log_ + " 2>&1";
     pid_ = fork();
     if (pid_ == 0) {
       execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));

@@ -34,6 +34,7 @@ const char* FaultKindName(FaultSpec::Kind k) {
     case FaultSpec::kSpike: return "spike";
     case FaultSpec::kDeaf: return "deaf";
     case FaultSpec::kFreeze: return "freeze";
+    case FaultSpec::kDeviceFail: return "device-fail";
     case FaultSpec::kLink: return "link";
   }
   return "?";
@@ -67,7 +68,7 @@ bool KindFromName(const std::string& n, FaultSpec::Kind* k) {
   const FaultSpec::Kind all[] = {FaultSpec::kCrash, FaultSpec::kHang,         FaultSpec::kSlow,   FaultSpec::kNan,
                                  FaultSpec::kBitflip, FaultSpec::kTruncateCkpt, FaultSpec::kRandom, FaultSpec::kStall,
                                  FaultSpec::kCorrupt, FaultSpec::kSpike, FaultSpec::kDeaf, FaultSpec::kLink,
-                                 FaultSpec::kFreeze};
+                                 FaultSpec::kFreeze, FaultSpec::kDeviceFail};
   for (auto x : all)
     if (n == FaultKindName(x)) {
       *k = x;
@@ -97,6 +98,7 @@ bool KeyApplies(FaultSpec::Kind kind, const std::string& k) {
     case FaultSpec::kTruncateCkpt: keys = "rank step secs"; break;
     case FaultSpec::kLink: keys = "rank step mbit latency_ms"; break;
     case FaultSpec::kRandom: keys = "every seed secs start ranks"; break;
+    case FaultSpec::kDeviceFail: keys = "step"; break;
   }
   const std::string list = std::string(" ") + keys + " ";
   return list.find(" " + k + " ") != std::string::npos;
@@ -115,7 +117,7 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
     bool secs_set = false, factor_set = false;
     if (!KindFromName(Trim(item.substr(0, colon)), &f.kind))
       return InvalidArgument(bad + "unknown fault kind (crash, hang, freeze, slow, stall, deaf, nan, corrupt, spike, "
-                                   "bitflip, truncate-ckpt, link, random)");
+                                   "bitflip, truncate-ckpt, link, device-fail, random)");
     if (colon != std::string::npos) {
       for (std::string kv : SplitOn(item.substr(colon + 1), ',')) {
         kv = Trim(kv);
@@ -130,7 +132,8 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
             FaultSpec::Kind kk;
             if (!KindFromName(Trim(name), &kk) || kk == FaultSpec::kRandom || kk == FaultSpec::kTruncateCkpt ||
                 kk == FaultSpec::kSlow || kk == FaultSpec::kStall || kk == FaultSpec::kCorrupt ||
-                kk == FaultSpec::kSpike || kk == FaultSpec::kDeaf || kk == FaultSpec::kLink || kk == FaultSpec::kFreeze)
+                kk == FaultSpec::kSpike || kk == FaultSpec::kDeaf || kk == FaultSpec::kLink || kk == FaultSpec::kFreeze ||
+                kk == FaultSpec::kDeviceFail)
               return InvalidArgument(bad + "kinds: '" + name + "' is not one of crash, hang, nan, bitflip");
             f.kinds.push_back(kk);
           }
@@ -174,7 +177,8 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
         if (f.mbit <= 0 && f.latency_ms <= 0) return InvalidArgument(bad + "needs mbit=B and/or latency_ms=L");
       }
       if (f.step < 0) return InvalidArgument(bad + "needs step=S");
-      if (f.rank < 0 && f.kind != FaultSpec::kTruncateCkpt) return InvalidArgument(bad + "needs rank=R");
+      if (f.rank < 0 && f.kind != FaultSpec::kTruncateCkpt && f.kind != FaultSpec::kDeviceFail)
+        return InvalidArgument(bad + "needs rank=R");
     }
     out.push_back(f);
   }
@@ -403,6 +407,21 @@ double FaultInjector::LossFactor(int64_t step) {
     return factor;
   }
   return 1;
+}
+
+bool FaultInjector::DeviceFails(int64_t step) {
+  std::lock_guard<std::mutex> l(mu_);
+  for (size_t s = 0; s < specs_.size(); ++s) {
+    const FaultSpec& f = specs_[s];
+    if (f.kind != FaultSpec::kDeviceFail || step < f.step) continue;
+    const std::string id = "device-fail/" + std::to_string(s);
+    if (std::find(claimed_local_.begin(), claimed_local_.end(), id) == claimed_local_.end()) {
+      claimed_local_.push_back(id);
+      Record(f.kind, step, id, "the device reports a failure from now on");
+    }
+    return true;
+  }
+  return false;
 }
 
 bool FaultInjector::DeafCollective(int64_t step, double* secs) {

@@ -33,6 +33,9 @@
 //                                     and then finishes the write: a leader frozen in the middle of a write
 //   link:rank=R,mbit=B,latency_ms=L  this worker's link is limited to B Mbit/s with L ms latency per
 //                                     communication round, for the whole run (dist/link_emulation.h)
+//   device-fail:step=S                `keel serve` only: from its engine's step S on, the device reports a failure
+//                                     (as a CUDA backend's sticky error does): the server fails every request
+//                                     and exits non-zero
 //   random:every=T,seed=N,kinds=crash+hang+nan+bitflip,secs=X,start=T0,ranks=W
 //                                     a fault every T seconds on average (uniform in [T/2, 3T/2]) from T0 seconds
 //                                     (default T) after the job's start (KEEL_INJECT_T0, set by the launcher),
@@ -58,7 +61,8 @@ class EventLog;
 
 struct FaultSpec {
   enum Kind {
-    kCrash, kHang, kSlow, kNan, kBitflip, kTruncateCkpt, kRandom, kStall, kCorrupt, kSpike, kDeaf, kLink, kFreeze
+    kCrash, kHang, kSlow, kNan, kBitflip, kTruncateCkpt, kRandom, kStall, kCorrupt, kSpike, kDeaf, kLink, kFreeze,
+    kDeviceFail
   } kind = kCrash;
   int rank = -1;          // -1: any (truncate-ckpt: whoever writes the checkpoint)
   int64_t step = -1;
@@ -106,6 +110,7 @@ class FaultInjector {
   bool DeafCollective(int64_t step, double* secs);             // deaf: for how long
   bool FreezeHeartbeat(int64_t step, double* secs);            // freeze: for how long
   double LossFactor(int64_t step);                             // spike (1 = normal)
+  bool DeviceFails(int64_t step);                              // device-fail (serve's engine step)
   bool LinkLimit(double* mbit, double* latency_ms);            // link: this worker's emulated link
   // truncate-ckpt: true if the checkpoint of `step` must be left half-written; *then_kill says what follows,
   // or (*freeze_s > 0) a freeze of that many seconds after which the write goes on.

@@ -141,6 +141,10 @@ std::shared_ptr<Generation> Engine::Submit(GenerationRequest request, SubmitStat
   gen->prompt_tokens_ = n;
   {
     std::lock_guard<std::mutex> l(mu_);
+    if (!failed_.ok()) {
+      if (metrics_) metrics_->CountRejected("device_failed");
+      return fail(SubmitStatus::kFailed, "the model's device failed: " + failed_.message());
+    }
     if (!accepting_) {
       if (metrics_) metrics_->CountRejected("shutting_down");
       return fail(SubmitStatus::kShuttingDown, "the server is shutting down");
@@ -160,6 +164,11 @@ std::shared_ptr<Generation> Engine::Submit(GenerationRequest request, SubmitStat
   cv_.notify_all();
   *status = SubmitStatus::kOk;
   return gen;
+}
+
+Status Engine::health() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return failed_;
 }
 
 void Engine::BeginShutdown() {
@@ -256,7 +265,11 @@ void Engine::Admit(Slot& s, Pending p, int reused) {
     metrics_->AddPromptTokens(static_cast<int64_t>(s.req.prompt.size()));
     metrics_->AddCachedPromptTokens(reused);
   }
+  // From placing to active in one step under the lock: Submit() counts free slots as parallel - active - placing,
+  // and a request counted in both for a moment (during a later request's long prefix copy) answered 429 wrongly.
+  std::lock_guard<std::mutex> l(mu_);
   active_ += 1;
+  --placing_;
 }
 
 void Engine::FinishSlot(Slot& s, FinishReason reason, Status error) {
@@ -266,7 +279,9 @@ void Engine::FinishSlot(Slot& s, FinishReason reason, Status error) {
     s.published = s.text.size();
     s.new_tokens.clear();
   } else if (metrics_) {
-    metrics_->CountCancelled();
+    // A client's cancel or the shutdown deadline is a cancellation; the model's or the device's failure is not.
+    if (error.code() == Code::kInternal || error.code() == Code::kAborted) metrics_->CountFailed();
+    else metrics_->CountCancelled();
   }
   s.gen->Finish(reason, std::move(error), s.generated);
   s.gen.reset();
@@ -380,11 +395,7 @@ void Engine::Loop() {
       KEEL_CHECK(i >= 0, "Engine: no free slot for a request taken from the queue");
       Admit(slots_[static_cast<size_t>(i)], std::move(p), reused);
     }
-    if (!admitting.empty()) {
-      admitting.clear();
-      std::lock_guard<std::mutex> l(mu_);
-      placing_ = 0;
-    }
+    admitting.clear();  // (Admit took each one off placing_)
     if (metrics_) metrics_->SetActiveSlots(active_.load());
     for (auto& p : cancelled_pending) {
       if (metrics_) metrics_->CountCancelled();
@@ -465,6 +476,30 @@ void Engine::Loop() {
     // Counted before the tokens go out, so that a client that has its last token sees this step in /metrics.
     if (metrics_)
       metrics_->AddEngineStep(static_cast<int>(toks.size()), std::chrono::duration<double>(t_sample - t_step).count());
+    // A failed device gives garbage (a CUDA backend's downloads read NaN after its sticky error): nothing of this
+    // step is used. Every generation ends with the device's error and the engine refuses new work for good.
+    if (Status dev = opts_.device_check ? opts_.device_check() : model_->backend()->Sync(); !dev.ok()) {
+      const Status err(Code::kAborted, "the model's device failed: " + dev.message());
+      std::fprintf(stderr, "keel serve: %s; every request fails from now on\n", err.message().c_str());
+      std::fflush(stderr);
+      std::vector<Pending> queued;
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        failed_ = dev;
+        for (auto& p : queue_) queued.push_back(std::move(p));
+        queue_.clear();
+        if (metrics_) metrics_->SetQueueDepth(0);
+      }
+      for (auto& s : slots_)
+        if (s.gen) FinishSlot(s, FinishReason::kCancelled, err);
+      for (auto& p : queued) {
+        if (metrics_) metrics_->CountFailed();
+        p.gen->Finish(FinishReason::kCancelled, err, 0);
+        std::lock_guard<std::mutex> l(mu_);
+        if (--busy_ == 0) idle_cv_.notify_all();
+      }
+      continue;
+    }
     const size_t V = static_cast<size_t>(model_->config().vocab);
     for (size_t r = 0; r < logit_slot.size(); ++r) {
       Slot& s = slots_[static_cast<size_t>(logit_slot[r])];

@@ -25,6 +25,9 @@
 // generation with finish reason "stop", as does a stop string; max_tokens or the end of the context gives
 // "length".
 //
+// A failed device (Engine::health()) ends every generation with its error and refuses new ones: the server then
+// answers 503 and exits non-zero, so that a supervisor restarts it or takes it out of rotation.
+//
 // Thread safety: Submit(), BeginShutdown(), Shutdown() and the accessors may be called from any thread; a
 // Generation's methods from any thread (typically the HTTP handler that submitted it). The model passed to
 // Create() must not be used by anyone else while the engine lives.
@@ -34,6 +37,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -60,6 +64,9 @@ struct EngineOptions {
   int step_delay_ms = 0;   // testing aid: sleep this long after every step
   bool half_weights = false;  // decode from f16 copies of the weight matrices (--dtype f16; see DecodeState)
   bool prompt_cache = true;   // reuse the keys and values of a prompt's longest cached prefix (see above)
+  // Called after every step to learn whether the device still works (default: the backend's Sync(), which
+  // returns a CUDA backend's sticky error; the CPU's never fails). Tests inject a device loss through it.
+  std::function<Status()> device_check = nullptr;
 };
 
 struct GenerationRequest {
@@ -106,7 +113,8 @@ class Generation {
   std::atomic<bool> cancel_{false};
 };
 
-enum class SubmitStatus { kOk, kQueueFull, kShuttingDown, kInvalid };
+// kFailed: the engine's device failed (see Engine::health()); nothing more can be generated.
+enum class SubmitStatus { kOk, kQueueFull, kShuttingDown, kInvalid, kFailed };
 
 class Engine {
  public:
@@ -122,6 +130,11 @@ class Engine {
   // BeginShutdown(), waits until every generation has finished or `deadline` passed, cancels what is left
   // (their error: "the server is shutting down") and stops the scheduler thread. Idempotent.
   void Shutdown(std::chrono::steady_clock::time_point deadline);
+
+  // Ok while the device works. After a step whose device check failed (a lost GPU, an ECC error: a CUDA
+  // backend's errors are sticky), every active and queued generation ends with that error, Submit() answers
+  // kFailed, and this returns the error for good: the server reports itself unhealthy and exits.
+  Status health() const;
 
   int context() const { return ctx_; }
   int slots() const { return opts_.parallel; }
@@ -182,6 +195,7 @@ class Engine {
   bool accepting_ = true;
   bool stop_ = false;
   bool shutdown_cancel_ = false;  // past the shutdown deadline: cancel everything
+  Status failed_;                 // the device failed (see health())
   std::atomic<int> active_{0};
   int busy_ = 0;  // active + queued, under mu_
   int placing_ = 0;  // taken from the queue, not yet admitted (under mu_)

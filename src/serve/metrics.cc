@@ -117,7 +117,10 @@ std::string ServeMetrics::Render() const {
   Header(&out, "keel_requests_cancelled_total", "counter",
          "Generations cancelled (client disconnect or shutdown deadline).");
   out += "keel_requests_cancelled_total " + std::to_string(cancelled_.load()) + "\n";
-  Header(&out, "keel_requests_rejected_total", "counter", "Generations refused (queue full, shutting down).");
+  Header(&out, "keel_requests_failed_total", "counter",
+         "Generations ended by a failure of the model (no finite logit) or of its device.");
+  out += "keel_requests_failed_total " + std::to_string(failed_.load()) + "\n";
+  Header(&out, "keel_requests_rejected_total", "counter", "Generations refused (queue full, shutting down, device failed).");
   {
     std::lock_guard<std::mutex> l(mu_);
     for (const char* reason : {"queue_full", "shutting_down"}) {

@@ -6,12 +6,16 @@
 //                                                     cache (an earlier sequence's KV slot) instead of a forward pass
 //   generation_tokens_total                  counter  tokens generated
 //   requests_cancelled_total                 counter  generations cancelled (client disconnect, shutdown deadline)
-//   requests_rejected_total{reason}          counter  generations refused: queue_full, shutting_down
+//   requests_failed_total                    counter  generations ended by a failure of the model (no finite
+//                                                     logit) or of its device (Engine::health())
+//   requests_rejected_total{reason}          counter  generations refused: queue_full, shutting_down, device_failed
 //   generation_tokens_per_second             gauge    tokens generated per second over the last ~1 s window
 //   queue_depth                              gauge    requests waiting for a slot
 //   active_slots / slots                     gauge    sequences being generated / the slot count (--parallel)
 //   time_to_first_token_seconds              histogram  from submission (queue wait included) to the first generated token
-//   request_duration_seconds                 histogram  completion requests, from arrival to the last byte
+//   request_duration_seconds                 histogram  completion requests, from arrival until the response is
+//                                                     complete (streams: the last event written; others: the body
+//                                                     handed to the HTTP layer, before it is sent)
 //   engine_steps_total                       counter  batched forward steps of the engine
 //   engine_step_rows_total                   counter  rows those steps carried (decode rows + prompt chunk rows)
 //   engine_forward_seconds_total             counter  time in the steps' forward passes
@@ -54,6 +58,7 @@ class ServeMetrics {
   void AddCachedPromptTokens(int64_t n) { cached_prompt_tokens_ += n; }
   void AddGeneratedTokens(int64_t n) { generated_tokens_ += n; }
   void CountCancelled() { cancelled_ += 1; }
+  void CountFailed() { failed_ += 1; }
   void CountRejected(const std::string& reason);
   void SetTokensPerSecond(double v) { tokens_per_s_ = v; }
   void SetQueueDepth(int n) { queue_depth_ = n; }
@@ -67,6 +72,7 @@ class ServeMetrics {
   int64_t generated_tokens() const { return generated_tokens_; }
   int64_t cached_prompt_tokens() const { return cached_prompt_tokens_; }
   int64_t cancelled() const { return cancelled_; }
+  int64_t failed() const { return failed_; }
   int active_slots() const { return active_slots_; }
   int queue_depth() const { return queue_depth_; }
 
@@ -76,7 +82,8 @@ class ServeMetrics {
   mutable std::mutex mu_;
   std::map<std::pair<std::string, int>, uint64_t> requests_;
   std::map<std::string, uint64_t> rejected_;
-  std::atomic<int64_t> prompt_tokens_{0}, cached_prompt_tokens_{0}, generated_tokens_{0}, cancelled_{0};
+  std::atomic<int64_t> prompt_tokens_{0}, cached_prompt_tokens_{0}, generated_tokens_{0}, cancelled_{0},
+      failed_{0};
   std::atomic<int64_t> engine_steps_{0}, engine_rows_{0};
   std::atomic<double> forward_seconds_{0}, sampling_seconds_{0};
   std::atomic<double> tokens_per_s_{0};

@@ -213,9 +213,10 @@ bool StreamNext(StreamState* st, bool chat, httplib::DataSink& sink) {
     if (u.reason == FinishReason::kCancelled) {
       if (ClientGone(st->fd)) return false;
       const bool internal = u.error.code() == Code::kInternal;  // not a shutdown: the model failed this sequence
+      const bool device = u.error.code() == Code::kAborted;     // the device failed (Engine::health())
       ErrorKind k = ErrorKindForStatus(internal ? 500 : 503);
       tail += SseEvent(ErrorJson(u.error.ok() ? "the generation was cancelled" : u.error.message(), k.type,
-                                 "", internal ? k.code : "shutting_down"));
+                                 "", internal ? k.code : device ? "device_failed" : "shutting_down"));
     } else {
       tail += SseEvent(StreamChunk(st->req, st->id, st->created, st->model, "", false,
                                    FinishReasonName(u.reason)));
@@ -267,6 +268,17 @@ void HttpServer::Impl::HandleCompletion(const httplib::Request& req, httplib::Re
   g.max_tokens = r.max_tokens >= 0 ? r.max_tokens : ep == ApiEndpoint::kCompletions ? 16 : ctx;
   g.stop = ep == ApiEndpoint::kChatCompletions ? ChatStops(r.stop) : r.stop;
 
+  // In flight from before the Submit: a shutdown's WaitIdle() must not see zero between an accepted request and
+  // its response (it would stop the listener, and the stream would end without a byte). Released by the
+  // response's own Leave() below, or here on every way out before that.
+  Enter();
+  struct Entered {
+    Impl* impl;
+    bool armed = true;
+    ~Entered() {
+      if (armed) impl->Leave();
+    }
+  } entered{this};
   SubmitStatus ss = SubmitStatus::kOk;
   std::string why;
   std::shared_ptr<Generation> gen = engine->Submit(std::move(g), &ss, &why);
@@ -274,6 +286,7 @@ void HttpServer::Impl::HandleCompletion(const httplib::Request& req, httplib::Re
     switch (ss) {
       case SubmitStatus::kQueueFull: return SetError(res, 429, why);
       case SubmitStatus::kShuttingDown: return SetError(res, 503, why, "", "shutting_down");
+      case SubmitStatus::kFailed: return SetError(res, 503, why, "", "device_failed");
       default: return SetError(res, 400, why, prompt_param);
     }
   }
@@ -283,7 +296,7 @@ void HttpServer::Impl::HandleCompletion(const httplib::Request& req, httplib::Re
   const bool chat = ep == ApiEndpoint::kChatCompletions;
 
   if (!r.stream) {
-    Enter();
+    entered.armed = false;  // Exit leaves
     // Leave() and a cancel on every way out, an exception (httplib answers 500) included: a leaked in-flight count
     // would hold every later WaitIdle() to its deadline, a leaked generation its slot. Cancelling a finished
     // generation does nothing.
@@ -312,6 +325,7 @@ void HttpServer::Impl::HandleCompletion(const httplib::Request& req, httplib::Re
     if (chat && !text.empty() && text[0] == ' ') text.erase(0, 1);
     if (u.reason == FinishReason::kCancelled) {
       if (u.error.code() == Code::kInternal) SetError(res, 500, u.error.message());
+      else if (u.error.code() == Code::kAborted) SetError(res, 503, u.error.message(), "", "device_failed");
       else if (!u.error.ok()) SetError(res, 503, u.error.message(), "", "shutting_down");
       else SetError(res, 499, "the client closed the connection");
     } else {
@@ -333,7 +347,7 @@ void HttpServer::Impl::HandleCompletion(const httplib::Request& req, httplib::Re
   st->created = created;
   st->fd = fd;
   st->start = start;
-  Enter();
+  entered.armed = false;  // the releaser below leaves
   res.status = 200;
   res.set_header("Cache-Control", "no-cache");
   res.set_header("X-Accel-Buffering", "no");
@@ -361,6 +375,11 @@ void HttpServer::Impl::Routes() {
     res.set_content(WebPageHtml(), "text/html; charset=utf-8");
   });
   svr.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
+    if (Status h = engine->health(); !h.ok()) {
+      res.status = 503;
+      res.set_content(DumpJson(json{{"status", "failed"}, {"error", h.message()}}), "application/json");
+      return;
+    }
     if (Draining()) {
       res.status = 503;
       res.set_content(R"({"status":"draining"})", "application/json");

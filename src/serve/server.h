@@ -2,14 +2,15 @@
 //
 //   POST /v1/completions, POST /v1/chat/completions   JSON, or server-sent events with "stream": true
 //   GET  /v1/models                                    the served model
-//   GET  /health                                       200 {"status":"ok"}, 503 {"status":"draining"} on shutdown
+//   GET  /health                                       200 {"status":"ok"}, 503 {"status":"draining"} on shutdown,
+//                                                      503 {"status":"failed"} once the device failed (Engine::health)
 //   GET  /metrics                                      Prometheus text (serve/metrics.h)
 //   GET  /                                             a small page to try the model (serve/web_page.h)
 // With an API key, /v1/* needs "Authorization: Bearer <key>" (401 otherwise; the scheme name in any case);
 // /, /health and /metrics are open.
 // Every error is a JSON body in OpenAI's shape (http_api.h ErrorJson): 400 bad input, 401, 404 unknown route or
 // model, 405 wrong method, 411 a body without Content-Length (chunked), 413 body over the limit, 415 a compressed
-// body, 429 queue full, 503 shutting down, 500 never expected.
+// body, 429 queue full, 503 shutting down or device failed, 500 the model produced no finite logit.
 //
 // A client that disconnects cancels its generation: handlers watch the request's socket for a hang-up while
 // they wait (and streaming writes fail), then cancel the Generation so the engine frees the slot.

@@ -9,6 +9,7 @@
 
 #include "backend/backend.h"
 #include "data/tokenizer.h"
+#include "elastic/fault_inject.h"
 #include "export/export.h"
 #include "model/gpt.h"
 #include "serve/engine.h"
@@ -66,6 +67,9 @@ int RunServe(int argc, char** argv) {
       ->capture_default_str();
   // Testing aid (hidden): slows every engine step so tests can observe queueing, cancellation and draining.
   app.add_option("--debug-step-delay-ms", eo.step_delay_ms)->group("");
+  // Fault injection (hidden; needs KEEL_ALLOW_FAULT_INJECTION=1): device-fail:step=S (elastic/fault_inject.h).
+  std::string inject;
+  app.add_option("--inject", inject)->group("");
   if (int rc = Parse(app, argc, argv); rc >= 0) return rc;
   if (so.port < 0 || so.port > 65535) return Fail("serve", InvalidArgument("--port must be in [0, 65535]"));
   if (threads < 0 || threads > kMaxThreads)
@@ -93,6 +97,18 @@ int RunServe(int argc, char** argv) {
     return Fail("serve", InvalidArgument("--dtype must be f32 or f16, got '" + dtype + "'"));
   eo.half_weights = dtype == "f16";
   eo.prompt_cache = !no_prompt_cache;
+  std::shared_ptr<FaultInjector> injector;
+  if (!inject.empty()) {
+    auto specs = ParseFaultSpec(inject);
+    if (!specs.ok()) return Fail("serve", specs.status());
+    for (const FaultSpec& f : *specs)
+      if (f.kind != FaultSpec::kDeviceFail)
+        return Fail("serve", InvalidArgument(std::string("--inject: serve takes only device-fail faults, not ") +
+                                             FaultKindName(f.kind)));
+    auto fi = FaultInjector::Create(inject, 0, 1);
+    if (!fi.ok()) return Fail("serve", fi.status());
+    injector = std::move(*fi);
+  }
 
   std::vector<std::string> warnings;
   auto snap = LoadModelForInference(ckpt, &warnings);
@@ -120,6 +136,13 @@ int RunServe(int argc, char** argv) {
   snap->params.clear();
   snap->params.shrink_to_fit();
 
+  if (injector) {
+    Backend* be = backend->get();
+    eo.device_check = [injector, be, step = int64_t{0}]() mutable -> Status {
+      if (injector->DeviceFails(step++)) return IoError("injected device failure (--inject device-fail)");
+      return be->Sync();
+    };
+  }
   ServeMetrics metrics;
   auto engine = Engine::Create(model->get(), tok->get(), eo, &metrics);
   if (!engine.ok()) return Fail("serve", engine.status());
@@ -144,10 +167,17 @@ int RunServe(int argc, char** argv) {
                eo.threads);
   std::fflush(stderr);
 
-  while (!StopFlag().load() && server.running()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  // A failed device (Engine::health()) ends the server with a non-zero exit, so a supervisor restarts it; its
+  // /health answers 503 meanwhile.
+  while (!StopFlag().load() && server.running() && (*engine)->health().ok())
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
   const bool failed = !StopFlag().load();
+  const Status health = (*engine)->health();
   std::fprintf(stderr, "keel serve: %s; finishing in-flight requests (up to %g s)\n",
-               failed ? "the listener stopped" : "stopping", drain_timeout);
+               !health.ok() ? ("the model's device failed (" + health.message() + ")").c_str()
+               : failed    ? "the listener stopped"
+                           : "stopping",
+               drain_timeout);
   std::fflush(stderr);
   server.BeginDrain();
   const auto deadline = std::chrono::steady_clock::now() +
