@@ -2,7 +2,6 @@
 #include "model/gpt.h"
 
 #include <algorithm>
-#include <cassert>
 #include <cmath>
 #include <cstdio>
 
@@ -191,14 +190,14 @@ std::vector<float> GptModel::LastLosses() const {
 }
 
 std::vector<float> GptModel::LastLogits() const {
-  assert(!last_has_targets_);
+  KEEL_CHECK(!last_has_targets_, "GptModel::LastLogits after a Forward with targets (the buffer holds probabilities)");
   std::vector<float> h(static_cast<size_t>(last_B_) * last_T_ * config_.vocab);
   backend_->Download(h.data(), probs_, h.size());
   return h;
 }
 
 void GptModel::Backward(const std::function<void(int group)>& on_group_ready) {
-  assert(last_has_targets_);
+  KEEL_CHECK(last_has_targets_, "GptModel::Backward needs a Forward with targets first");
   Backend* be = backend_;
   const int B = last_B_, T = last_T_, C = config_.dim, NH = config_.heads, V = config_.vocab, N = B * T;
   const size_t BTC = static_cast<size_t>(N) * C;

@@ -258,6 +258,7 @@ class Trainer {
   std::vector<float> ckpt_p_, ckpt_m_, ckpt_v_;
   std::unique_ptr<AsyncCheckpointer> ckpt_;
   std::unique_ptr<std::ofstream> metrics_;
+  bool metrics_write_failed_ = false;  // a metrics line could not be written (reopened at every commit)
   bool run_dir_ready_ = false;
   double peak_ = 1;
   int peak_remeasured_ = 0;  // times the GEMM peak was measured again because MFU came out above 100 %

@@ -4,6 +4,7 @@
 // after a commit: validation, metrics, checkpoints.
 #include "train/trainer_impl.h"
 
+#include <cstring>
 #include <utility>
 
 namespace keel::trainer_support {
@@ -654,11 +655,16 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
   }
   if (leader()) {
     EnsureRunDir();
+    const std::string metrics_path = JoinPath(o_.out_dir, "metrics.jsonl");
     if (!metrics_) {
-      const std::string path = JoinPath(o_.out_dir, "metrics.jsonl");
-      TruncateMetrics(path, step);
-      metrics_ = std::make_unique<std::ofstream>(path, std::ios::app);
-      if (!*metrics_) return IoError(path + ": cannot open for appending");
+      TruncateMetrics(metrics_path, step);  // (also drops a line torn by an earlier failed write)
+      metrics_ = std::make_unique<std::ofstream>(metrics_path, std::ios::app);
+      if (!*metrics_) {
+        metrics_.reset();
+        // At the start, a run directory that cannot take its metrics is an error; after a write failed (a full
+        // disk), training goes on and the file is tried again at the next commit.
+        if (!metrics_write_failed_) return IoError(metrics_path + ": cannot open for appending");
+      }
     }
     const double tok_s = last_tokens_ / dt;
     // peak_ is one worker's (its --threads); the group's tokens/s come from size_ such workers.
@@ -690,8 +696,20 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
                        {"apply", phase_ms_[3]}};
     if (val_loss >= 0) m["val_loss"] = val_loss;
     if (ckpt_stall_ms >= 0) m["checkpoint_stall_ms"] = ckpt_stall_ms;
-    *metrics_ << m.dump() << "\n";
-    metrics_->flush();
+    if (metrics_) {
+      *metrics_ << m.dump() << "\n";
+      metrics_->flush();
+      if (!*metrics_) {  // a failed write leaves the stream failed for good: reopen at the next commit
+        if (!metrics_write_failed_)
+          log_("warning: " + metrics_path + ": writing the metrics failed (" + std::strerror(errno) +
+               "); training goes on, and the file is tried again at every commit");
+        metrics_write_failed_ = true;
+        metrics_.reset();
+      } else if (metrics_write_failed_) {
+        log_(metrics_path + ": writing the metrics works again (the lines of the steps in between are missing)");
+        metrics_write_failed_ = false;
+      }
+    }
     nlohmann::json ev = {{"step", step}, {"gen", gen_no_}, {"members", size_}, {"attempts", attempts},
                          {"step_ms", dt * 1e3}, {"loss", v.loss}};
     if (faults_pending_since_step_ >= 0) ev["recovered"] = true;
