@@ -131,7 +131,7 @@ TEST(FileStore, ConcurrentIncrementsAreUnique) {
 }
 
 TEST(RedisStore, OperationsAndJobIsolation) {
-  if (!HaveRedis()) GTEST_SKIP() << "redis-server not installed";
+  if (!HaveRedis()) KEEL_SKIP_UNLESS_REQUIRED("redis-server not installed");
   RedisServer redis;
   ASSERT_TRUE(redis.ok());
   auto s = OpenStore(Must(ParseStoreUrl(redis.Url("jobA"))));
@@ -144,7 +144,7 @@ TEST(RedisStore, OperationsAndJobIsolation) {
 }
 
 TEST(RedisStore, PasswordRequiredWrongAndRight) {
-  if (!HaveRedis()) GTEST_SKIP() << "redis-server not installed";
+  if (!HaveRedis()) KEEL_SKIP_UNLESS_REQUIRED("redis-server not installed");
   RedisServer redis("hunter2");
   ASSERT_TRUE(redis.ok());
   auto ok = OpenStore(Must(ParseStoreUrl(redis.Url("j"))));
@@ -165,7 +165,7 @@ TEST(RedisStore, PasswordRequiredWrongAndRight) {
 // A connection the server dropped while idle (its idle timeout, a restart, a NAT cut-off) is reopened by the
 // next command instead of failing it, WaitGet's polls included.
 TEST(RedisStore, AConnectionDroppedWhileIdleIsReopened) {
-  if (!HaveRedis()) GTEST_SKIP() << "redis-server not installed";
+  if (!HaveRedis()) KEEL_SKIP_UNLESS_REQUIRED("redis-server not installed");
   RedisServer redis;
   ASSERT_TRUE(redis.ok());
   auto s = OpenStore(Must(ParseStoreUrl(redis.Url("j"))));

@@ -199,7 +199,7 @@ TEST_F(DistTrain, HungWorkerIsReportedWithinTheCommTimeout) {
 }
 
 TEST_F(DistTrain, RedisTwoMachinesTwoWorkersEachIsBitIdentical) {
-  if (!HaveRedis()) GTEST_SKIP() << "redis-server not installed";
+  if (!HaveRedis()) KEEL_SKIP_UNLESS_REQUIRED("redis-server not installed");
   RedisServer redis;
   ASSERT_TRUE(redis.ok());
   TempDir t;
@@ -220,7 +220,7 @@ TEST_F(DistTrain, RedisTwoMachinesTwoWorkersEachIsBitIdentical) {
 }
 
 TEST_F(DistTrain, RedisRefusesAWorkerWithAnotherModel) {
-  if (!HaveRedis()) GTEST_SKIP() << "redis-server not installed";
+  if (!HaveRedis()) KEEL_SKIP_UNLESS_REQUIRED("redis-server not installed");
   RedisServer redis;
   ASSERT_TRUE(redis.ok());
   TempDir t;
@@ -242,7 +242,7 @@ TEST_F(DistTrain, RedisRefusesAWorkerWithAnotherModel) {
 }
 
 TEST_F(DistTrain, RedisWrongPasswordIsAClearErrorFast) {
-  if (!HaveRedis()) GTEST_SKIP() << "redis-server not installed";
+  if (!HaveRedis()) KEEL_SKIP_UNLESS_REQUIRED("redis-server not installed");
   RedisServer redis("correct-horse");
   ASSERT_TRUE(redis.ok());
   TempDir t;

@@ -114,7 +114,7 @@ class Chromium {
 
 TEST(ServePage, StreamsIntoTheDomInHeadlessChromium) {
   if (!std::filesystem::exists(kChromium))
-    GTEST_SKIP() << kChromium << " is not installed (scripts/setup installs the chromium package)";
+    KEEL_SKIP_UNLESS_REQUIRED(std::string(kChromium) + " is not installed (scripts/setup installs the chromium package)");
   ServerProcess s;
   // A delay per step so the completion streams over about a second, in many events.
   ASSERT_TRUE(s.Start("--parallel 2 --debug-step-delay-ms 40")) << s.log();
@@ -175,7 +175,7 @@ TEST(ServePage, StreamsIntoTheDomInHeadlessChromium) {
 // it the name stayed empty), and the Generate button streams a completion with the default settings.
 TEST(ServePage, ApiKeyTypedIntoThePageIsSentToo) {
   if (!std::filesystem::exists(kChromium))
-    GTEST_SKIP() << kChromium << " is not installed (scripts/setup installs the chromium package)";
+    KEEL_SKIP_UNLESS_REQUIRED(std::string(kChromium) + " is not installed (scripts/setup installs the chromium package)");
   ServerProcess s;
   ASSERT_TRUE(s.Start("--api-key sesame")) << s.log();
   auto models = s.Client()->Get("/v1/models", httplib::Headers{{"Authorization", "Bearer sesame"}});

@@ -1,5 +1,6 @@
 // test_util.h: helpers shared by keel's tests (temporary directories, running the keel binary).
 #pragma once
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -34,4 +35,23 @@ std::vector<std::string> DirEntries(const std::string& dir);
 // Splits a command line at spaces (no quoting): the argv for a Background job.
 std::vector<std::string> Split(const std::string& s);
 
+// Whether a missing dependency that scripts/setup installs (redis-server, chromium, PyTorch, fortunes) fails a test
+// instead of skipping it: under CI (CI=true) and scripts/test (KEEL_REQUIRE_DEPS=1), where it means a broken
+// setup; a skip there would pass unseen (ctest counts a skipped test as passed).
+inline bool DepsRequired() {
+  const char* ci = std::getenv("CI");
+  const char* req = std::getenv("KEEL_REQUIRE_DEPS");
+  return (ci && std::string(ci) == "true") || (req && std::string(req) == "1");
+}
+
 }  // namespace keel::testing
+
+// Skips the test for a missing dependency, or fails it where DepsRequired().
+#define KEEL_SKIP_UNLESS_REQUIRED(why)                                                     \
+  do {                                                                                     \
+    if (::keel::testing::DepsRequired()) {                                                 \
+      FAIL() << (why) << " (a dependency scripts/setup installs; required under CI or KEEL_REQUIRE_DEPS=1)"; \
+    } else {                                                                               \
+      GTEST_SKIP() << (why);                                                               \
+    }                                                                                      \
+  } while (0)
