@@ -151,6 +151,44 @@ TEST_F(OpsTest, Matmul) {
   }
 }
 
+// Shapes large enough that the CPU backend splits every product into several tiles (a dimension >= 128), on each
+// branch of its tiling (forward split on N, backward dw split on OC, dinp split on N and on IC), against exact
+// double products (finite differences would be too slow here; the small cases above cover the formulas).
+TEST_F(OpsTest, MatmulMultiTile) {
+  struct Case {
+    int N, IC, OC;
+  };
+  for (const Case& k : {Case{300, 100, 40}, Case{40, 300, 200}, Case{200, 64, 333}, Case{129, 130, 131}}) {
+    const int N = k.N, IC = k.IC, OC = k.OC;
+    const std::string tag = "N=" + std::to_string(N) + " IC=" + std::to_string(IC) + " OC=" + std::to_string(OC);
+    SCOPED_TRACE(tag);
+    std::printf(" MatmulMultiTile %s\n", tag.c_str());
+    auto x = RandN(rng_, N * IC), w = RandN(rng_, OC * IC, 0.5f), b = RandN(rng_, OC, 0.5f), R = RandN(rng_, N * OC);
+    Dev dx(be(), x), dw_(be(), w), db_(be(), b), dout(be(), R), out(be(), N * OC);
+    out.Fill(kNaN);
+    be()->MatmulForward(out, dx, dw_, db_, N, IC, OC);
+    const Vec X = ToDouble(x), W = ToDouble(w), Bv = ToDouble(b), D = ToDouble(R);
+    Vec want(static_cast<size_t>(N) * OC);
+    ref::Matmul(want.data(), X.data(), W.data(), Bv.data(), N, IC, OC);
+    CheckClose("matmul forward", out.Host(), want, kFwdTol, 1.0);
+    Vec want_dx(static_cast<size_t>(N) * IC, 0.0), want_dw(static_cast<size_t>(OC) * IC, 0.0), want_db(OC, 0.0);
+    for (int n = 0; n < N; ++n)
+      for (int o = 0; o < OC; ++o) {
+        const double g = D[static_cast<size_t>(n) * OC + o];
+        want_db[o] += g;
+        for (int i = 0; i < IC; ++i) {
+          want_dx[static_cast<size_t>(n) * IC + i] += g * W[static_cast<size_t>(o) * IC + i];
+          want_dw[static_cast<size_t>(o) * IC + i] += g * X[static_cast<size_t>(n) * IC + i];
+        }
+      }
+    Dev gx(be(), N * IC), gw(be(), OC * IC), gb(be(), OC);
+    be()->MatmulBackward(gx, gw, gb, dout, dx, dw_, N, IC, OC);
+    CheckClose("matmul dinp", gx.Host(), want_dx, kFwdTol, 1.0);
+    CheckClose("matmul dw", gw.Host(), want_dw, kFwdTol, 1.0);
+    CheckClose("matmul dbias", gb.Host(), want_db, kFwdTol, 1.0);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Attention
 
