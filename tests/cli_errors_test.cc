@@ -546,6 +546,9 @@ TEST_F(CliErrors, IntegerFlagsAreDecimal) {
   ExpectError(RunKeel("train " + Small(t / "r") + " --layers 99999999999"),
               "--layers: 99999999999 is out of range for this flag");
   ExpectError(RunKeel("serve " + Run() + " --port 3000000000"), "--port: 3000000000 is out of range");
+  auto lr = RunKeel("train " + Small(t / "r") + " --lr abc");  // not an integer: CLI11's own message stays
+  ExpectError(lr, "--lr");
+  EXPECT_EQ(lr.output.find("out of range"), std::string::npos) << lr.output;
   WriteText(t / "big.json", "{\"layers\": 99999999999}");
   ExpectError(RunKeel("train --config " + t / "big.json" + " " + Small(t / "r")),
               "--config " + t / "big.json" + ": --layers: 99999999999 is out of range for this flag");

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <filesystem>
 #include <regex>
+#include <thread>
 
 #include "dist_test_util.h"
 
@@ -109,18 +110,22 @@ TEST_F(DistTrain, ASecondSignalToTheLauncherKillsTheWorkers) {
   Background job(Split(Args(out, 100000) + " --nproc 2 --checkpoint-every 0 --eval-every 0 --inject "
                        "slow:rank=1,step=3,factor=1000,steps=100"),
                  t / "log", {"KEEL_ALLOW_FAULT_INJECTION=1"});
-  ASSERT_TRUE(WaitUntil([&] { return MetricsLines(out) >= 2; }, 60)) << job.Output();
+  // (Once rank 1's slow steps began: a stop requested earlier could finish before the second signal.)
+  ASSERT_TRUE(WaitUntil([&] { return job.Output().find("inject: slow") != std::string::npos; }, 60)) << job.Output();
   ASSERT_EQ(kill(job.pid(), SIGTERM), 0);
   ASSERT_TRUE(WaitUntil([&] { return job.Output().find("forwarding SIGTERM") != std::string::npos; }, 10));
+  // A second request comes a second or more after the first (one sooner is the same request delivered twice).
+  std::this_thread::sleep_for(std::chrono::milliseconds(1300));
   ASSERT_EQ(kill(job.pid(), SIGTERM), 0);
   const int code = job.Wait(30);
   EXPECT_GT(code, 0) << job.Output();  // failed (-1: still running)
   EXPECT_NE(job.Output().find("killing the workers (SIGKILL)"), std::string::npos) << job.Output();
 }
 
-// SIGTERM to the launcher and to every worker at once, as a batch system's time limit or `pkill keel` sends it:
-// each worker gets two (its own and the launcher's forward), which must still be one graceful stop with a
-// checkpoint (the second one used to kill the workers mid-stop).
+// SIGTERM to the launcher and to every worker at once, as a batch system's time limit or `pkill keel` sends it,
+// and the launcher's again 0.1 s later (GNU timeout signals the process, then its group): each worker gets two
+// (its own and the launcher's forward), which must still be one graceful stop with a checkpoint (the second one
+// used to kill the workers mid-stop).
 TEST_F(DistTrain, LauncherForwardsSigtermAndTheRunResumes) {
   TempDir t;
   const std::string out = t / "run";
@@ -133,6 +138,9 @@ TEST_F(DistTrain, LauncherForwardsSigtermAndTheRunResumes) {
   ASSERT_EQ(kill(job.pid(), SIGTERM), 0);
   ASSERT_EQ(kill(std::stoi(pids[1]), SIGTERM), 0);
   ASSERT_EQ(kill(std::stoi(pids[2]), SIGTERM), 0);
+  // GNU timeout's pattern: the launcher again at once (its process group): the same stop request, not a kill.
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ASSERT_EQ(kill(job.pid(), SIGTERM), 0);
   int code = job.Wait(30);
   ASSERT_EQ(code, 0) << job.Output();
   EXPECT_LT(Since(t0), 30);

@@ -809,7 +809,8 @@ TEST(FaultSpec, DefaultsPerKindAndStrictKeys) {
   EXPECT_EQ((*d)[5].factor, 3);
   for (const char* bad : {"hang:rank=0,step=1,secs=1e20", "crash:rank=1.5,step=1", "crash:rank=1,step=2.5",
                           "hang:rank=0,step=1,then=kill", "nan:rank=0,step=1,steps=3", "crash:rank=0,step=1,kinds=nan",
-                          "random:every=5,rank=1", "link:rank=0,mbit=10,secs=3", "corrupt:rank=0,step=1,steps=1.5"})
+                          "random:every=5,rank=1", "link:rank=0,mbit=10,secs=3", "corrupt:rank=0,step=1,steps=1.5",
+                          "link:rank=0,mbit=10,step=5", "truncate-ckpt:step=5,then=kill,secs=3", "device-fail:rank=0,step=1"})
     EXPECT_FALSE(ParseFaultSpec(bad).ok()) << bad;
 }
 
@@ -828,6 +829,17 @@ TEST(FaultSpec, TwoRandomItemsBothFire) {
   EXPECT_TRUE((*inj)->CorruptGradient(3, g, 4));
   float p[4] = {1, 2, 3, 4};
   EXPECT_TRUE((*inj)->FlipParamBit(3, p, 4));
+  // Each item's entries may fire only within half its own period: the fast item's NaN due 100 s ago is stale,
+  // even beside a slow item whose window is 500 s (one shared widest window fired stale faults in bursts).
+  std::snprintf(t0, sizeof(t0), "%.3f", EventLog::Now() - 100);
+  setenv("KEEL_INJECT_T0", t0, 1);
+  auto stale = FaultInjector::Create("random:every=2,start=0,kinds=nan,ranks=1;"
+                                     "random:every=1000,start=0,kinds=bitflip,ranks=1", 0, 1);
+  unsetenv("KEEL_INJECT_T0");
+  ASSERT_TRUE(stale.ok()) << stale.status().message();
+  int fired = 0;
+  for (int step = 0; step < 5; ++step) fired += (*stale)->CorruptGradient(step, g, 4);
+  EXPECT_LE(fired, 1);  // at most the one entry that fell due within the last second
   unsetenv("KEEL_ALLOW_FAULT_INJECTION");
 }
 

@@ -413,6 +413,9 @@ TEST(Engine, ADeviceFailureEndsEverythingAndMarksTheEngineFailed) {
   EXPECT_NE(why.find("device failed"), std::string::npos) << why;
   EXPECT_EQ(metrics.failed(), 2);
   EXPECT_EQ(metrics.cancelled(), 0);
+  const std::string text = metrics.Render();
+  EXPECT_NE(text.find("keel_requests_rejected_total{reason=\"device_failed\"} 1"), std::string::npos) << text;
+  EXPECT_NE(text.find("keel_requests_failed_total 2"), std::string::npos) << text;
 }
 
 TEST(ParseRequest, DefaultsAndFields) {

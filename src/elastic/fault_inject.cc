@@ -96,7 +96,7 @@ bool KeyApplies(FaultSpec::Kind kind, const std::string& k) {
     case FaultSpec::kCorrupt: keys = "rank step steps"; break;
     case FaultSpec::kSpike: keys = "rank step factor"; break;
     case FaultSpec::kTruncateCkpt: keys = "rank step secs"; break;
-    case FaultSpec::kLink: keys = "rank step mbit latency_ms"; break;
+    case FaultSpec::kLink: keys = "rank mbit latency_ms"; break;  // (slow for the whole run)
     case FaultSpec::kRandom: keys = "every seed secs start ranks"; break;
     case FaultSpec::kDeviceFail: keys = "step"; break;
   }
@@ -166,6 +166,8 @@ Result<std::vector<FaultSpec>> ParseFaultSpec(const std::string& spec) {
         else return InvalidArgument(bad + "out-of-range value " + k + "=" + v);
       }
     }
+    if (f.kind == FaultSpec::kTruncateCkpt && secs_set && !f.then_freeze)
+      return InvalidArgument(bad + "secs applies only with then=freeze");
     // Per-kind defaults for what the item did not give (an explicit value equal to another kind's default stays).
     if (!secs_set) f.secs = f.kind == FaultSpec::kStall || f.kind == FaultSpec::kDeaf ? 30 : 5;
     if (!factor_set) f.factor = f.kind == FaultSpec::kSpike ? 100 : 3;
@@ -204,7 +206,6 @@ FaultInjector::FaultInjector(std::vector<FaultSpec> specs, int rank, int world)
     const FaultSpec& f = specs_[s];
     if (f.kind != FaultSpec::kRandom) continue;
     if (first_random_ < 0) first_random_ = static_cast<int>(s);
-    random_window_ = std::max(random_window_, std::max(1.0, f.every / 2));
     Rng rng(MixKey(f.seed, 0xFA017ull));
     const int ranks = f.ranks > 0 ? f.ranks : world_;
     double t = t0 + (f.start >= 0 ? f.start : f.every);
@@ -216,6 +217,7 @@ FaultInjector::FaultInjector(std::vector<FaultSpec> specs, int rank, int world)
       e.index = k;
       e.spec = static_cast<int>(s);
       e.secs = f.secs;
+      e.window = std::max(1.0, f.every / 2);
       timed_.push_back(e);
       t += f.every * (0.5 + static_cast<double>(rng.Uniform()));
     }
@@ -249,7 +251,7 @@ bool FaultInjector::DueRandom(FaultSpec::Kind kind, int64_t step, double* secs) 
   const double now = EventLog::Now();
   for (const auto& e : timed_) {
     if (e.t > now) break;
-    if (e.kind != kind || e.rank != rank_ || now - e.t > random_window_) continue;
+    if (e.kind != kind || e.rank != rank_ || now - e.t > e.window) continue;
     // The first random item keeps the ids "random/K"; later ones are "random<S>/K" (S: the item's index).
     const std::string id = (e.spec == first_random_ ? std::string("random/") : "random" + std::to_string(e.spec) + "/") +
                            std::to_string(e.index);

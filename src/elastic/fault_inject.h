@@ -31,7 +31,7 @@
 //                                     (default), stalls (so a test can kill every worker while the write "is in
 //                                     flight"), or stops the whole process (SIGSTOP) for secs=X seconds (default 5)
 //                                     and then finishes the write: a leader frozen in the middle of a write
-//   link:rank=R,mbit=B,latency_ms=L  this worker's link is limited to B Mbit/s with L ms latency per
+//   link:rank=R,mbit=B,latency_ms=L   this worker's link is limited to B Mbit/s with L ms latency per
 //                                     communication round, for the whole run (dist/link_emulation.h)
 //   device-fail:step=S                `keel serve` only: from its engine's step S on, the device reports a failure
 //                                     (as a CUDA backend's sticky error does): the server fails every request
@@ -123,7 +123,8 @@ class FaultInjector {
     int rank;
     int index;
     int spec = 0;     // which random item scheduled it
-    double secs = 5;  // that item's secs (hang)
+    double secs = 5;    // that item's secs (hang)
+    double window = 1;  // how late it may still fire: half that item's period, at least 1 s
   };
   FaultInjector(std::vector<FaultSpec> specs, int rank, int world);
   bool Claim(const std::string& id);
@@ -135,7 +136,6 @@ class FaultInjector {
   std::vector<Timed> timed_;
   int rank_, world_;
   int64_t uid_ = -1;
-  double random_window_ = 1;  // the widest of the random items' windows (every / 2, at least 1 s)
   int first_random_ = -1;
   std::function<bool(const std::string&)> claim_;
   std::vector<std::string> claimed_local_;

@@ -123,7 +123,7 @@ std::string ServeMetrics::Render() const {
   Header(&out, "keel_requests_rejected_total", "counter", "Generations refused (queue full, shutting down, device failed).");
   {
     std::lock_guard<std::mutex> l(mu_);
-    for (const char* reason : {"queue_full", "shutting_down"}) {
+    for (const char* reason : {"queue_full", "shutting_down", "device_failed"}) {
       auto it = rejected_.find(reason);
       out += std::string("keel_requests_rejected_total{reason=\"") + reason + "\"} " +
              std::to_string(it == rejected_.end() ? 0 : it->second) + "\n";

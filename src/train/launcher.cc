@@ -357,6 +357,7 @@ class Attempt {
     auto kill_at = Clock::time_point::max();
     bool finish_armed = false;
     auto drain_until = Clock::time_point::max();
+    Clock::time_point first_stop_at;  // when the first stop request was forwarded
     std::vector<char> buf(1 << 16);
     for (;;) {
       int running = 0, open = 0;
@@ -412,10 +413,17 @@ class Attempt {
         // worker counts its SIGTERMs as one stop request (KEEL_SUPERVISED), because under a batch system or
         // `pkill keel` it gets one directly as well as the one forwarded here, and the second must not cut its
         // stop checkpoint short. So the escalation is the launcher's, by SIGKILL.
-        const bool again = res.stopped_by_signal || sigs - handled_signals >= 2;
+        // "Again" means a second request at least a second after the first: GNU timeout, a batch system or a
+        // shell's kill of the process group deliver the same request twice within microseconds.
+        const bool again = res.stopped_by_signal && Clock::now() - first_stop_at >= std::chrono::seconds(1);
+        const bool duplicate = res.stopped_by_signal && !again;
         handled_signals = sigs;
+        if (!res.stopped_by_signal) first_stop_at = Clock::now();
         res.stopped_by_signal = true;
-        if (!again) {
+        if (duplicate) {
+          relay_->Own("launcher: a repeated stop request within a second of the first is taken as the same one "
+                      "(signal again later to kill the workers)");
+        } else if (!again) {
           relay_->Own("launcher: stop requested; forwarding SIGTERM to the workers (they stop at the next step "
                       "boundary with a checkpoint; signal again to kill them)");
           // SIGCONT too: a stopped worker (SIGSTOP, a debugger detached) leaves SIGTERM pending forever.

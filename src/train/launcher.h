@@ -8,8 +8,9 @@
 // is a terminal, rank 0 writes to a pseudo-terminal, and its live progress line is kept as the one line at the
 // bottom, redrawn under the other ranks' lines.
 // Signals: SIGINT/SIGTERM to the launcher are forwarded to every worker as SIGTERM (the trainer stops at the
-// next step boundary with a checkpoint; all ranks agree through the stats allreduce). A second signal (or two at
-// once) SIGKILLs the workers. Workers get KEEL_SUPERVISED=1 and take repeated SIGTERMs as one stop request, since
+// next step boundary with a checkpoint; all ranks agree through the stats allreduce). A second signal, a second or
+// more after the first, SIGKILLs the workers (one within the second is the same request delivered twice, as GNU
+// timeout or a process-group kill does). Workers get KEEL_SUPERVISED=1 and take repeated SIGTERMs as one stop request, since
 // a batch system or `pkill keel` signals them directly as well as the launcher. SIGCHLD is reset to its default
 // while the launcher runs (an inherited SIG_IGN would hide the workers' exits).
 // Failures (static jobs): a worker that exits non-zero or is killed makes the launcher SIGTERM the others,

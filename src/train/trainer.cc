@@ -355,6 +355,12 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
   KEEL_RETURN_IF_ERROR(Open());
   if (elastic_) elastic_->SetPayloadBytes(static_cast<double>(P_) * (o_.deterministic ? 8 : 4));
   KEEL_ASSIGN_OR_RETURN(inject_, FaultInjector::Create(o_.inject, o_.launch_rank, o_.launch_world));
+  if (inject_) {  // (parsed already by Create: a fault training never fires is refused, not ignored)
+    const auto specs = ParseFaultSpec(o_.inject);
+    for (const FaultSpec& f : specs.value())
+      if (f.kind == FaultSpec::kDeviceFail)
+        return InvalidArgument("--inject: device-fail is a keel serve fault; training does not inject it");
+  }
   if (inject_) {
     inject_->SetEvents(events_);
     if (elastic_) inject_->SetClaim([this](const std::string& id) { return elastic_->Claim("inject/" + id); });

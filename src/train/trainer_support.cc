@@ -56,6 +56,12 @@ std::string UidList(const std::vector<int64_t>& v) {
 void TruncateMetrics(const std::string& path, int64_t step) {
   auto text = DefaultEnv()->ReadFile(path);
   if (!text.ok()) return;
+  // A line torn by a failed write (a full disk) is cut off in place first: that needs no free space, where the
+  // rewrite below needs a whole copy (and the next line appended to the fragment would be lost with it).
+  if (!text->empty() && text->back() != '\n') {
+    const size_t keep = text->rfind('\n') == std::string::npos ? 0 : text->rfind('\n') + 1;
+    if (::truncate(path.c_str(), static_cast<off_t>(keep)) == 0) text->resize(keep);
+  }
   std::string kept;
   size_t pos = 0;
   bool dropped = false;

@@ -1,6 +1,8 @@
 // cli_util.cc: implementation of the CLI helpers.
 #include "tools/keel/cli_util.h"
 
+#include <unistd.h>
+
 #include <charconv>
 #include <csignal>
 #include <cstdlib>
@@ -66,9 +68,11 @@ std::string DescribeParseError(const CLI::ParseError& e) {
   if (dynamic_cast<const CLI::ConversionError*>(&e) && what.rfind(prefix, 0) == 0 && eq != std::string::npos) {
     // A flag given twice lists every value ("1,99999999999"); the last one is the flag's value (TakeLast).
     std::string value = what.substr(eq + 3);
-    if (value.find_first_not_of("-0123456789,") == std::string::npos && value.find(',') != std::string::npos)
-      value = value.substr(value.rfind(',') + 1);
-    return what.substr(prefix.size(), eq - prefix.size()) + ": " + value + " is out of range for this flag";
+    if (value.find(',') != std::string::npos) value = value.substr(value.rfind(',') + 1);
+    const size_t digits = !value.empty() && value[0] == '-' ? 1 : 0;
+    const bool integer = value.size() > digits && value.find_first_not_of("0123456789", digits) == std::string::npos;
+    if (integer)  // (anything else, "--lr abc", keeps CLI11's message)
+      return what.substr(prefix.size(), eq - prefix.size()) + ": " + value + " is out of range for this flag";
   }
   return what;
 }
@@ -123,10 +127,14 @@ namespace {
 // A worker started by keel's launcher (KEEL_SUPERVISED) takes repeated signals as one stop request: it gets one
 // from the launcher and often one directly too (a batch system's SIGTERM to every process, `pkill keel`), and the
 // second must not kill it in the middle of its stop checkpoint. The launcher escalates with SIGKILL instead.
+// A worker whose launcher died (its parent changed: PR_SET_PDEATHSIG sent the first SIGTERM) has nobody left to
+// escalate, so a second signal kills it again as for an unsupervised process.
 volatile sig_atomic_t g_supervised = 0;
+volatile pid_t g_launcher = 0;
 
 void OnStopSignal(int sig) {
-  if (StopFlag().exchange(true) && !g_supervised) {
+  const bool supervised = g_supervised && ::getppid() == g_launcher;  // (getppid is async-signal-safe)
+  if (StopFlag().exchange(true) && !supervised) {
     std::signal(sig, SIG_DFL);
     std::raise(sig);
   }
@@ -136,6 +144,7 @@ void OnStopSignal(int sig) {
 void InstallStopHandlers() {
   const char* sup = std::getenv("KEEL_SUPERVISED");
   g_supervised = sup != nullptr && std::string(sup) == "1";
+  g_launcher = ::getppid();
   std::signal(SIGINT, OnStopSignal);
   std::signal(SIGTERM, OnStopSignal);
 }

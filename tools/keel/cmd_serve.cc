@@ -171,8 +171,8 @@ int RunServe(int argc, char** argv) {
   // /health answers 503 meanwhile.
   while (!StopFlag().load() && server.running() && (*engine)->health().ok())
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  const bool failed = !StopFlag().load();
   const Status health = (*engine)->health();
+  const bool failed = !StopFlag().load() || !health.ok();
   std::fprintf(stderr, "keel serve: %s; finishing in-flight requests (up to %g s)\n",
                !health.ok() ? ("the model's device failed (" + health.message() + ")").c_str()
                : failed    ? "the listener stopped"
@@ -198,11 +198,11 @@ int RunServe(int argc, char** argv) {
     std::fprintf(stderr, "keel serve: a connection is still open after the drain (a client that neither finishes "
                          "sending its request nor reads the response); exiting without it\n");
     std::fflush(nullptr);
-    std::_Exit(failed ? 1 : 0);
+    std::_Exit(failed || !(*engine)->health().ok() ? 1 : 0);
   }
   stopper.join();
   std::fprintf(stderr, "keel serve: stopped\n");
-  return failed ? 1 : 0;
+  return failed || !(*engine)->health().ok() ? 1 : 0;  // (a device may also fail during the drain)
 }
 
 }  // namespace keel::cli
