@@ -559,6 +559,51 @@ TEST_F(CliErrors, IntegerFlagsAreDecimal) {
   EXPECT_NE(info.output.find("step 3"), std::string::npos) << info.output;
 }
 
+// Output that cannot be written (a full disk under `> file`) fails the command (it exited 0 with nothing
+// written); -n -1 generates until the context is full, as llama.cpp's.
+TEST_F(CliErrors, SampleOutputErrorsAndUntilTheContextIsFull) {
+  auto full = RunCommand("sh -c '" + KeelBinary() + " sample --ckpt " + Run() + " -p ab -n 3 2>&1 >/dev/full'");
+  EXPECT_EQ(full.exit_code, 1) << full.output;
+  EXPECT_NE(full.output.find("cannot write the output to stdout"), std::string::npos) << full.output;
+  auto all = RunKeel("sample --ckpt " + Run() + " -p ab -n -1 --temperature 0 --print-token-ids");
+  ASSERT_EQ(all.exit_code, 0) << all.output;
+  const size_t at = all.output.find("generated ids:");
+  ASSERT_NE(at, std::string::npos) << all.output;
+  std::string ids = all.output.substr(at + 14);
+  ids = ids.substr(0, ids.find('\n'));
+  int n = 0;
+  for (size_t i = 0; i < ids.size(); ++i) n += ids[i] == ' ';
+  EXPECT_EQ(n, 16 - 2) << all.output;  // Small()'s --ctx 16, less the two prompt tokens
+  ExpectError(RunKeel("sample --ckpt " + Run() + " -p ab -n -2"), "-n must be >= 0, or -1");
+}
+
+// keel info checks exports too (it said "not a keel data directory, run directory or checkpoint"); an export into
+// an existing empty directory is allowed; an --out that looks like a Hugging Face export without --format is
+// refused (it got a GGUF file under that name).
+TEST_F(CliErrors, InfoOnExportsAndExportTargets) {
+  TempDir t;
+  ASSERT_EQ(RunKeel("export " + Run() + " --format gguf --out " + t / "m.gguf").exit_code, 0);
+  auto ok = RunKeel("info " + t / "m.gguf");
+  EXPECT_EQ(ok.exit_code, 0) << ok.output;
+  EXPECT_NE(ok.output.find("gguf export " + t / "m.gguf" + ": valid"), std::string::npos) << ok.output;
+  std::ifstream in(t / "m.gguf", std::ios::binary);
+  std::string b((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ASSERT_GT(b.size(), 100u);
+  b[b.size() - 3] ^= 0x40;  // a weight byte
+  WriteText(t / "bad.gguf", b);
+  auto bad = RunKeel("info " + t / "bad.gguf");
+  EXPECT_EQ(bad.exit_code, 1) << bad.output;
+  EXPECT_NE(bad.output.find("INVALID"), std::string::npos) << bad.output;
+  fs::create_directories(t / "empty");
+  auto hf = RunKeel("export " + Run() + " --format safetensors --out " + t / "empty/");
+  ASSERT_EQ(hf.exit_code, 0) << hf.output;
+  auto hinfo = RunKeel("info " + t / "empty");
+  EXPECT_EQ(hinfo.exit_code, 0) << hinfo.output;
+  EXPECT_NE(hinfo.output.find("safetensors export"), std::string::npos) << hinfo.output;
+  ExpectError(RunKeel("export " + Run() + " --out " + t / "x.safetensors"), "--format safetensors");
+  EXPECT_FALSE(fs::exists(t / "x.safetensors"));
+}
+
 // Half a Hugging Face export is named for the file it lacks (it read "no checkpoints").
 TEST_F(CliErrors, HalfAHuggingFaceExport) {
   TempDir t;

@@ -275,7 +275,7 @@ TEST(ExportRefusals, NonFiniteWeights) {
   for (const ExportOptions& o : std::vector<ExportOptions>{{"gguf", ExportDtype::kF16, ""},
                                                            {"safetensors", ExportDtype::kF16, ""}}) {
     Status st = ExportModel(big, tmp / "out", o);
-    EXPECT_NE(st.message().find("tensor 'h.1.attn.qkv.weight' has a value beyond what its export type stores "
+    EXPECT_NE(st.message().find("tensor 'h.1.attn.qkv.weight' has a value beyond what its reduced-precision copy stores "
                                 "(-100000 at element 7; at most +-65504 as f16 or q8_0)"),
               std::string::npos) << st.message();
     EXPECT_TRUE(DirEntries(tmp.path()).empty());
@@ -287,7 +287,7 @@ TEST(ExportRefusals, NonFiniteWeights) {
   EXPECT_EQ(q8.ok(), q8_rows) << q8.ToString();
   big.params[qkv->offset + 7] = -1e7f;
   q8 = ExportModel(big, tmp / "out2.gguf", {"gguf", ExportDtype::kQ8_0, ""});
-  EXPECT_NE(q8.message().find("has a value beyond what its export type stores"), std::string::npos) << q8.message();
+  EXPECT_NE(q8.message().find("has a value beyond what its reduced-precision copy stores"), std::string::npos) << q8.message();
   auto vec = s;  // a vector (LayerNorm gain) stays F32 in GGUF, so f16 GGUF keeps a large value there
   for (const auto& t : layout)
     if (t.name == "h.0.ln1.weight") vec.params[t.offset] = 1e5f;

@@ -76,6 +76,8 @@ Status CheckReplaceable(const std::string& dir, const std::vector<std::pair<std:
   Env* env = DefaultEnv();
   const std::string refuse = dir + ": exists and is not an earlier keel export; not overwriting it (pick a new --out)";
   if (!env->IsDir(dir)) return InvalidArgument(refuse);
+  // An empty directory holds nothing to lose (`mkdir out && keel export ... --out out/`).
+  if (auto entries = env->ListDir(dir); entries.ok() && entries->empty()) return Status::Ok();
   auto cfg = env->ReadFile(JoinPath(dir, "config.json"));
   if (!cfg.ok()) return InvalidArgument(refuse);
   auto j = nlohmann::json::parse(*cfg, nullptr, /*allow_exceptions=*/false);

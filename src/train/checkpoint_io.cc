@@ -207,8 +207,8 @@ Status CheckFiniteParams(const TrainingSnapshot& s, const std::string& where,
         char v[32], l[32];
         std::snprintf(v, sizeof v, "%g", static_cast<double>(x[i]));
         std::snprintf(l, sizeof l, "%g", limit);
-        return InvalidArgument(where + ": tensor '" + t.name + "' has a value beyond what its export type stores (" +
-                               v + " at element " + std::to_string(i) + "; at most +-" + l +
+        return InvalidArgument(where + ": tensor '" + t.name + "' has a value beyond what its reduced-precision " +
+                               "copy stores (" + v + " at element " + std::to_string(i) + "; at most +-" + l +
                                " as f16 or q8_0): use --dtype f32");
       }
       return InvalidArgument(where + ": tensor '" + t.name + "' has a non-finite value (" +

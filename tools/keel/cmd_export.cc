@@ -30,6 +30,14 @@ int RunExport(int argc, char** argv) {
   o.dtype = d.value();
   if (o.format != "gguf" && o.format != "safetensors")
     return Fail("export", InvalidArgument("--format \"" + o.format + "\" is not one of gguf, safetensors"));
+  // The default format is gguf; an --out that names another (x.safetensors, a directory) without --format would
+  // get a GGUF file under that name.
+  const bool looks_hf = (out.size() > 12 && out.compare(out.size() - 12, 12, ".safetensors") == 0) ||
+                        (!out.empty() && out.back() == '/') || DefaultEnv()->IsDir(out);
+  if (app.get_option("--format")->count() == 0 && looks_hf)
+    return Fail("export", InvalidArgument("--out " + out + " looks like a Hugging Face export (a directory or "
+                                          ".safetensors) but the format is gguf: pass --format safetensors (or "
+                                          "--format gguf for a GGUF file)"));
 
   std::vector<std::string> warnings;
   auto snap = LoadModelForInference(ckpt, &warnings);

@@ -1,9 +1,10 @@
-// cmd_info.cc: `keel info PATH` — what a data directory, run directory or checkpoint holds.
+// cmd_info.cc: `keel info PATH` — what a data directory, run directory, checkpoint or export holds, checked.
 #include <cstdio>
 
 #include "core/env.h"
 #include "data/dataset.h"
 #include "data/tokenizer.h"
+#include "export/export.h"
 #include "formats/checkpoint.h"
 #include "model/gpt_config.h"
 #include "tools/keel/cli_util.h"
@@ -42,12 +43,27 @@ int DescribeCheckpoint(const std::string& dir) {
 
 int RunInfo(int argc, char** argv) {
   std::string path;
-  CLI::App app("Describe a data directory, run directory or checkpoint.", "info");
-  app.add_option("path", path, "DATA_DIR, RUN_DIR or checkpoint directory")->required();
+  CLI::App app("Describe a data directory, run directory, checkpoint, or a GGUF / Hugging Face export.", "info");
+  app.add_option("path", path, "DATA_DIR, RUN_DIR, checkpoint directory, model.gguf or Hugging Face export folder")->required();
   if (int rc = Parse(app, argc, argv); rc >= 0) return rc;
   Env* env = DefaultEnv();
   if (!env->Exists(path)) return Fail("info", NotFound(path + ": no such file or directory"));
   if (IsCheckpointDir(path)) return DescribeCheckpoint(path);
+  // An export (GGUF file, Hugging Face folder): decoded and checked as sample, serve and export would load it
+  // (its keel.checksum, shapes, finite values, tokenizer).
+  if (const std::string format = DetectExportFormat(path); !format.empty()) {
+    std::vector<std::string> warnings;
+    auto s = LoadExportedModel(path, &warnings);
+    for (const auto& w : warnings) std::printf("warning: %s\n", w.c_str());
+    std::printf("%s export %s: %s\n", format.c_str(), path.c_str(),
+                s.ok() ? "valid" : ("INVALID: " + s.status().message()).c_str());
+    if (!s.ok()) return 1;
+    std::printf("  model: %s, %.2fM parameters\n", s->config.ToJson().dump().c_str(), NumParams(s->config) / 1e6);
+    std::printf("  state: %s\n", s->state.dump().c_str());
+    std::printf("  tokenizer: %s, %zu bytes\n", s->tokenizer.rfind("keel-byte", 0) == 0 ? "byte" : "bpe",
+                s->tokenizer.size());
+    return 0;
+  }
   if (env->Exists(JoinPath(path, "meta.json"))) {
     auto j = ReadJsonFile(JoinPath(path, "meta.json"));
     if (!j.ok()) return Fail("info", j.status());
@@ -72,6 +88,13 @@ int RunInfo(int argc, char** argv) {
     long long newest_valid = -1;
     for (const auto& c : *list) {
       Status v = CheckCheckpoint(c.dir).status();
+      // A running trainer (--keep) may prune an old checkpoint between the listing and its check: gone is not
+      // corrupt.
+      if (!v.ok() && !env->Exists(c.dir)) {
+        std::printf("  step %lld  %s  removed while checking (pruned by a running trainer)\n",
+                    static_cast<long long>(c.step), c.dir.c_str());
+        continue;
+      }
       std::printf("  step %lld  %s  %s\n", static_cast<long long>(c.step), c.dir.c_str(),
                   v.ok() ? "valid" : ("INVALID: " + v.message()).c_str());
       if (!v.ok()) ++invalid;
@@ -88,7 +111,7 @@ int RunInfo(int argc, char** argv) {
       std::printf("%zu of %zu checkpoint(s) INVALID; none is valid\n", invalid, list->size());
     return 1;
   }
-  return Fail("info", InvalidArgument(path + ": not a keel data directory, run directory or checkpoint"));
+  return Fail("info", InvalidArgument(path + ": not a keel data directory, run directory, checkpoint or export"));
 }
 
 }  // namespace keel::cli

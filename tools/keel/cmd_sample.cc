@@ -2,6 +2,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <thread>
 
 #include "backend/backend.h"
@@ -26,7 +27,7 @@ int RunSample(int argc, char** argv) {
                  "directory (keel export)")
       ->required();
   app.add_option("--prompt,-p", prompt, "text to continue")->capture_default_str();
-  app.add_option("-n,--n-predict", g.max_new_tokens, "tokens to generate")->capture_default_str();
+  app.add_option("-n,--n-predict", g.max_new_tokens, "tokens to generate (-1: until the context is full)")->capture_default_str();
   app.add_option("--temperature,--temp", g.sampling.temperature, "0 = greedy")->capture_default_str();
   app.add_option("--top-k", g.sampling.top_k, "0 = off")->capture_default_str();
   app.add_option("--top-p", g.sampling.top_p, "1 = off")->capture_default_str();
@@ -41,7 +42,8 @@ int RunSample(int argc, char** argv) {
   app.add_flag("--timings", timings, "print prompt and decode speed (tokens/s) to stderr, as llama.cpp does");
   if (int rc = Parse(app, argc, argv); rc >= 0) return rc;
   if (auto s = ValidateSampling(g.sampling); !s.ok()) return Fail("sample", s);
-  if (g.max_new_tokens < 0) return Fail("sample", InvalidArgument("-n must be >= 0"));
+  // -n -1: until the context is full (or the end-of-text token), as llama.cpp's -n -1.
+  if (g.max_new_tokens < -1) return Fail("sample", InvalidArgument("-n must be >= 0, or -1 (until the context is full)"));
   if (num_samples < 1 || num_samples > 1000000) return Fail("sample", InvalidArgument("--samples must be in [1, 1000000]"));
   if (threads < 0 || threads > kMaxThreads)
     return Fail("sample", InvalidArgument("--threads must be in [0, " + std::to_string(kMaxThreads) + "]"));
@@ -54,7 +56,10 @@ int RunSample(int argc, char** argv) {
   if (!snap.ok()) return Fail("sample", snap.status());
   // --dtype f16 stores the matrices as f16: a value beyond its range would become inf, and the logits NaN.
   const bool half = dtype == "f16";
-  auto limit = [half](const ParamTensor& t) { return half && t.shape.size() >= 2 ? kF16Max : HUGE_VAL; };
+  // (wpe stays fp32 in the decode state: only the matrices of the products are converted.)
+  auto limit = [half](const ParamTensor& t) {
+    return half && t.shape.size() >= 2 && t.name != "wpe" ? kF16Max : HUGE_VAL;
+  };
   if (Status s = CheckFiniteParams(*snap, ckpt, limit); !s.ok())
     return Fail("sample", s);
   const bool byte_tok = snap->tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
@@ -78,6 +83,12 @@ int RunSample(int argc, char** argv) {
   // starts again at position 0, and attention reads only the positions that sample wrote.
   auto state = DecodeState::Create(model->get(), 1, snap->config.ctx, 0, dtype == "f16");
   if (!state.ok()) return Fail("sample", state.status());
+  if (g.max_new_tokens < 0) g.max_new_tokens = snap->config.ctx - static_cast<int>(ids.size());
+  // Output that did not reach stdout (a full disk under `> file`, a closed pipe's EPIPE) is an error, not exit 0.
+  auto stdout_failed = [] {
+    const bool bad = std::fflush(stdout) != 0 || std::ferror(stdout);
+    return bad ? Fail("sample", IoError(std::string("cannot write the output to stdout: ") + std::strerror(errno))) : 0;
+  };
   for (int s = 0; s < num_samples; ++s) {
     GenerateOptions gs = g;
     gs.sampling.seed = g.sampling.seed + static_cast<uint64_t>(s);
@@ -86,25 +97,29 @@ int RunSample(int argc, char** argv) {
     // Timings: the prompt phase ends when the first new token is out; each later token is one decode step.
     using Clock = std::chrono::steady_clock;
     const auto t0 = Clock::now();
-    Clock::time_point t_first, t_last;
+    Clock::time_point t_first;
     int pieces = 0;
     auto out = Generate(**state, **tok, ids, gs, [&](const std::string& piece) {
       std::fwrite(piece.data(), 1, piece.size(), stdout);
       std::fflush(stdout);
-      t_last = Clock::now();
-      if (pieces++ == 0) t_first = t_last;
+      if (pieces++ == 0) t_first = Clock::now();
       return true;
     });
     std::printf("\n");
+    const auto t_end = Clock::now();
+    if (int rc = stdout_failed(); rc != 0) return rc;
     if (!out.ok()) return Fail("sample", out.status());
     if (static_cast<int>(out->size()) < g.max_new_tokens && static_cast<int>(ids.size() + out->size()) >= snap->config.ctx)
       std::fprintf(stderr, "note: stopped after %zu of -n %d tokens: the model's context (%d tokens) is full\n",
                    out->size(), g.max_new_tokens, snap->config.ctx);
     if (timings && pieces > 0) {
+      // Tokens, not text pieces: a token with no text of its own (a control token, part of a UTF-8 character)
+      // is decoded all the same. (t_last - t_first would miss tokens after the last piece: until t_end.)
+      const int decoded = static_cast<int>(out->size()) - 1;
       const double prompt_s = std::chrono::duration<double>(t_first - t0).count();
-      const double decode_s = std::chrono::duration<double>(t_last - t_first).count();
+      const double decode_s = std::chrono::duration<double>(t_end - t_first).count();
       std::fprintf(stderr, "timings: prompt %zu tokens + first token in %.1f ms; decode %d tokens in %.3f s = %.2f tokens/s\n",
-                   ids.size(), prompt_s * 1e3, pieces - 1, decode_s, decode_s > 0 ? (pieces - 1) / decode_s : 0.0);
+                   ids.size(), prompt_s * 1e3, decoded, decode_s, decode_s > 0 ? decoded / decode_s : 0.0);
     }
     if (print_ids) {
       std::string line = "prompt ids:";
@@ -114,7 +129,7 @@ int RunSample(int argc, char** argv) {
       std::fprintf(stderr, "%s\n", line.c_str());
     }
   }
-  return 0;
+  return stdout_failed();
 }
 
 }  // namespace keel::cli

@@ -116,7 +116,10 @@ int RunServe(int argc, char** argv) {
   if (!snap.ok()) return Fail("serve", snap.status());
   // --dtype f16 stores the matrices as f16: a value beyond its range would become inf, and the logits NaN.
   const bool half = dtype == "f16";
-  auto limit = [half](const ParamTensor& t) { return half && t.shape.size() >= 2 ? kF16Max : HUGE_VAL; };
+  // (wpe stays fp32 in the decode state: only the matrices of the products are converted.)
+  auto limit = [half](const ParamTensor& t) {
+    return half && t.shape.size() >= 2 && t.name != "wpe" ? kF16Max : HUGE_VAL;
+  };
   if (Status s = CheckFiniteParams(*snap, ckpt, limit); !s.ok())
     return Fail("serve", s);
   const bool byte_tok = snap->tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
