@@ -82,10 +82,16 @@ class ElasticGroup {
   void SetProgress(int64_t step, int64_t epoch, bool has_state);
   // This member is blocked in a collective (`key` names it, e.g. "g3/s41/a0/reduce"; empty: not waiting).
   // When every member of the generation reports the same key for longer than the allowance (H plus a ring
-  // allreduce's 2(N-1)/N x the payload at 100 MB/s), nothing is computing and nothing is arriving: the collective is stuck, and the
+  // allreduce's 2(N-1)/N x the payload, or a compressed allgather's (N-1) x block, at 100 MB/s), nothing is computing and nothing is arriving: the collective is stuck, and the
   // watchdog aborts it (a collective that never returns, with every member still heartbeating).
   void SetWaiting(const std::string& key);
-  void SetPayloadBytes(double bytes) { payload_bytes_ = bytes; }
+  // gather_block_bytes: what each member contributes to an allgather when the exchange is compressed (an
+  // allgather sends (N-1) x the block per member, more than an allreduce of the float payload for large N); 0
+  // when the exchange is an allreduce. The allowance takes the larger of the two transfers.
+  void SetPayloadBytes(double bytes, double gather_block_bytes = 0) {
+    payload_bytes_ = bytes;
+    gather_block_bytes_ = gather_block_bytes;
+  }
 
   // Leaves the current generation and blocks until a generation with this member in it is formed, the job is
   // done (Generation::done), or *stop is set (kAborted). Polls the store every 15 ms; logs why it waits every
@@ -181,6 +187,7 @@ class ElasticGroup {
   std::string waiting_;
   double waiting_since_ = 0;  // steady clock
   std::atomic<double> payload_bytes_{0};
+  std::atomic<double> gather_block_bytes_{0};
   std::atomic<double> freeze_s_{0};
   bool freezing_ = false;  // guarded by mu_: a `freeze` is pending or its round after waking is not over
   std::condition_variable freeze_cv_;

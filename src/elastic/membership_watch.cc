@@ -146,9 +146,11 @@ void ElasticGroup::Watch(double now) {
       my_key = waiting_;
       my_since = waiting_since_;
     }
-    // A ring allreduce sends 2(N-1)/N x the payload per member (a 4-member group 1.5x): at 100 MB/s.
+    // A ring allreduce sends 2(N-1)/N x the payload per member (a 4-member group 1.5x), a compressed exchange's
+    // allgather (N-1) x its block: at 100 MB/s.
     const double n = static_cast<double>(std::max<size_t>(members.size(), 1));
-    const double allowance = o_.t.hang_s + payload_bytes_.load() * 2.0 * (n - 1.0) / n / 100e6;
+    const double sent = std::max(payload_bytes_.load() * 2.0 * (n - 1.0) / n, gather_block_bytes_.load() * (n - 1.0));
+    const double allowance = o_.t.hang_s + sent / 100e6;
     bool all = !my_key.empty() && now - my_since > allowance;
     for (int64_t u : members) {
       if (u == uid_.load()) continue;

@@ -353,7 +353,12 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
   } unwatch_on_exit{elastic_};
   uid_ = elastic_ ? elastic_->uid() : static_comm_->rank();
   KEEL_RETURN_IF_ERROR(Open());
-  if (elastic_) elastic_->SetPayloadBytes(static_cast<double>(P_) * (o_.deterministic ? 8 : 4));
+  if (elastic_) {
+    // (Compressed: every member's encoded block goes to every other through an allgather; trainer_step's
+    // CompressedSum sends 8 bytes of header with it.)
+    const double block = codec_ == Codec::kNone ? 0.0 : 8.0 + static_cast<double>(EncodedBytes(codec_, P_));
+    elastic_->SetPayloadBytes(static_cast<double>(P_) * (o_.deterministic ? 8 : 4), block);
+  }
   KEEL_ASSIGN_OR_RETURN(inject_, FaultInjector::Create(o_.inject, o_.launch_rank, o_.launch_world));
   if (inject_) {  // (parsed already by Create: a fault training never fires is refused, not ignored)
     const auto specs = ParseFaultSpec(o_.inject);
@@ -420,7 +425,8 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
     auto evicted = elastic_->EvictedSince(gen_no_, elastic_->uid());
     if (!(evicted.ok() && *evicted)) (void)elastic_->MarkDone(step_);
   }
-  if (elastic_ && has_state_ && step_ >= o_.steps)
+  // Every member of a group logs it (tests compare the members with each other and with a one-process run).
+  if ((elastic_ ? has_state_ : size_ > 1) && step_ >= o_.steps)
     log_("final state: step " + std::to_string(step_) + ", hash " + HashHex(StateHash()));
   result_.final_step = step_;
   return result_;

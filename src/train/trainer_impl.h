@@ -66,6 +66,10 @@ class Trainer {
   Status LoadInitialState();
   Status LoadStateFromDisk();
   void EnsureRunDir();
+  // metrics.jsonl (leader only): opened (and trimmed to the steps before `step`) when not open; a write that
+  // fails (a full disk) is reported once and the file reopened at the next commit (trainer_run_dir.cc).
+  Status OpenMetrics(int64_t step);
+  void WriteMetricsLine(const nlohmann::json& m);
   void DropAbandonedCheckpoints(int64_t rollback_step);
   Status CheckSnapshotData(const TrainingSnapshot& snap, const std::string& dir) const;
   // For AsyncCheckpointer::Start: elastic, a checkpoint is not written once this member has been evicted from

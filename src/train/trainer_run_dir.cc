@@ -4,6 +4,7 @@
 // is published, and the cleanup of checkpoints a rollback abandoned.
 #include "train/trainer_impl.h"
 
+#include <cstring>
 #include <thread>
 
 namespace keel::trainer_support {
@@ -218,6 +219,37 @@ void Trainer::DropAbandonedAfterCommit() {
     return;
   }
   abandoned_after_ = -1;
+}
+
+Status Trainer::OpenMetrics(int64_t step) {
+  if (metrics_) return Status::Ok();
+  const std::string path = JoinPath(o_.out_dir, "metrics.jsonl");
+  TruncateMetrics(path, step);  // (also drops a line torn by an earlier failed write)
+  metrics_ = std::make_unique<std::ofstream>(path, std::ios::app);
+  if (!*metrics_) {
+    metrics_.reset();
+    // At the start, a run directory that cannot take its metrics is an error; after a write failed (a full
+    // disk), training goes on and the file is tried again at the next commit.
+    if (!metrics_write_failed_) return IoError(path + ": cannot open for appending");
+  }
+  return Status::Ok();
+}
+
+void Trainer::WriteMetricsLine(const nlohmann::json& m) {
+  if (!metrics_) return;
+  const std::string path = JoinPath(o_.out_dir, "metrics.jsonl");
+  *metrics_ << m.dump() << "\n";
+  metrics_->flush();
+  if (!*metrics_) {  // a failed write leaves the stream failed for good: reopen at the next commit
+    if (!metrics_write_failed_)
+      log_("warning: " + path + ": writing the metrics failed (" + std::strerror(errno) +
+           "); training goes on, and the file is tried again at every commit");
+    metrics_write_failed_ = true;
+    metrics_.reset();
+  } else if (metrics_write_failed_) {
+    log_(path + ": writing the metrics works again (the lines of the steps in between are missing)");
+    metrics_write_failed_ = false;
+  }
 }
 
 }  // namespace keel::trainer_support

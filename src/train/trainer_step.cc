@@ -4,7 +4,6 @@
 // after a commit: validation, metrics, checkpoints.
 #include "train/trainer_impl.h"
 
-#include <cstring>
 #include <utility>
 
 namespace keel::trainer_support {
@@ -39,7 +38,7 @@ Trainer::Plan Trainer::MakePlan(int attempt, int member_attempt) {
     for (auto& a : p.assigned) a = MicroSet{};
   p.mine = p.assigned[static_cast<size_t>(index_)];
   // Record when straggler shares change how a full step is split (the leader, on fresh attempts; elastic or not,
-  // since in diloco the split changes the result).
+  // since in diloco and in compressed ddp the split changes the result).
   if (leader() && attempt == 0) {
     std::vector<int> counts;
     for (const auto& a : p.assigned) counts.push_back(a.Count());
@@ -510,6 +509,7 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
     if (CheckStep()) TakeSnapshot();  // the state the vote just verified (before this update)
     ckpt_->WaitEncoded();             // a checkpoint being encoded from these buffers
     const int64_t* sum = size_ > 1 ? red_->data() : acc_.data();
+    bool float_sum = false, summed_not_finite = false;
     if (diloco_) {
       gnorm = diloco_->ApplyOuter(Params(), size_ > 1);
       // The tokens behind this round: a member lost during the inner phase took its micro-batches with it.
@@ -526,7 +526,7 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
     } else if (codec_ != Codec::kNone && size_ > 1) {
       const float inv = 1.0f / static_cast<float>(M_);
       for (size_t j = 0; j < P_; ++j) grads_host_[j] = (*cred_)[j] * inv;
-      ef_->Commit();
+      float_sum = true;
     } else if (o_.deterministic && !in_place_) {
       FixedPointToFloat(grads_host_, sum, P_, 1.0 / M_);
     } else if (!o_.deterministic) {
@@ -534,8 +534,24 @@ double Trainer::Apply(const VoteOutcome& v, const std::vector<VoteRecord>& recor
       const float* src = size_ > 1 ? redf_->data() : grads_host_;
       if (!host_ && size_ <= 1) backend_->Download(staging_.data(), model_->grads(), P_);
       for (size_t j = 0; j < P_; ++j) grads_host_[j] = src[j] * inv;
+      float_sum = true;
     }
-    if (!diloco_) {
+    // A float sum (--fast) or a decoded compressed one can overflow to inf although every member's own gradient was
+    // finite (the vote checks only those): the same decision on every member, as diloco's outer step makes it,
+    // instead of an optimizer step that would write NaN into every member's weights. (The fixed-point sum clamps.)
+    if (!diloco_ && float_sum && CountNonFinite(grads_host_, P_) > 0) {
+      gnorm = 0;
+      last_tokens_ = 0;
+      summed_not_finite = true;
+      if (leader()) {
+        log_("warning: step " + std::to_string(step_ + 1) +
+             ": the summed gradient is not finite (an overflow in the float or compressed sum); update skipped");
+        Emit("data_fault", {{"step", step_}, {"summed", true}});
+      }
+    } else if (!diloco_ && codec_ != Codec::kNone && size_ > 1) {
+      ef_->Commit();  // (not for a skipped update: the next exchange encodes again from the old residual)
+    }
+    if (!diloco_ && !summed_not_finite) {
       if (!host_ && !device_round_) backend_->Upload(model_->grads(), grads_host_, P_);
       gnorm = OptimizerStep(optim_kind_, adam_.get(), model_->params(), model_->grads(), model_->tensors(), step_,
                             o_.optim);
@@ -655,17 +671,7 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
   }
   if (leader()) {
     EnsureRunDir();
-    const std::string metrics_path = JoinPath(o_.out_dir, "metrics.jsonl");
-    if (!metrics_) {
-      TruncateMetrics(metrics_path, step);  // (also drops a line torn by an earlier failed write)
-      metrics_ = std::make_unique<std::ofstream>(metrics_path, std::ios::app);
-      if (!*metrics_) {
-        metrics_.reset();
-        // At the start, a run directory that cannot take its metrics is an error; after a write failed (a full
-        // disk), training goes on and the file is tried again at the next commit.
-        if (!metrics_write_failed_) return IoError(metrics_path + ": cannot open for appending");
-      }
-    }
+    KEEL_RETURN_IF_ERROR(OpenMetrics(step));
     const double tok_s = last_tokens_ / dt;
     // peak_ is one worker's (its --threads); the group's tokens/s come from size_ such workers.
     double mfu = peak_ > 0 ? flops_per_token_ * tok_s / (peak_ * size_ * 1e9) : 0.0;
@@ -696,20 +702,7 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
                        {"apply", phase_ms_[3]}};
     if (val_loss >= 0) m["val_loss"] = val_loss;
     if (ckpt_stall_ms >= 0) m["checkpoint_stall_ms"] = ckpt_stall_ms;
-    if (metrics_) {
-      *metrics_ << m.dump() << "\n";
-      metrics_->flush();
-      if (!*metrics_) {  // a failed write leaves the stream failed for good: reopen at the next commit
-        if (!metrics_write_failed_)
-          log_("warning: " + metrics_path + ": writing the metrics failed (" + std::strerror(errno) +
-               "); training goes on, and the file is tried again at every commit");
-        metrics_write_failed_ = true;
-        metrics_.reset();
-      } else if (metrics_write_failed_) {
-        log_(metrics_path + ": writing the metrics works again (the lines of the steps in between are missing)");
-        metrics_write_failed_ = false;
-      }
-    }
+    WriteMetricsLine(m);
     nlohmann::json ev = {{"step", step}, {"gen", gen_no_}, {"members", size_}, {"attempts", attempts},
                          {"step_ms", dt * 1e3}, {"loss", v.loss}};
     if (faults_pending_since_step_ >= 0) ev["recovered"] = true;
