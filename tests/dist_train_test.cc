@@ -122,10 +122,10 @@ TEST_F(DistTrain, ResumeWithAnotherWorkerCountIsBitIdentical) {
 TEST_F(DistTrain, ASecondSignalToTheLauncherKillsTheWorkers) {
   TempDir t;
   const std::string out = t / "run";
-  // Rank 1's steps from step 3 on take ~1000x longer, so the graceful stop is still waiting when the second
-  // signal comes (signals sent back to back merge into one).
+  // Rank 1's steps from step 3 on take ~20000x longer (seconds), so the graceful stop is still waiting when the
+  // second signal comes, 1.3 s after the first.
   Background job(Split(Args(out, 100000) + " --nproc 2 --checkpoint-every 0 --eval-every 0 --inject "
-                       "slow:rank=1,step=3,factor=1000,steps=100"),
+                       "slow:rank=1,step=3,factor=20000,steps=100"),
                  t / "log", {"KEEL_ALLOW_FAULT_INJECTION=1"});
   // (Once rank 1's slow steps began: a stop requested earlier could finish before the second signal.)
   ASSERT_TRUE(WaitUntil([&] { return job.Output().find("inject: slow") != std::string::npos; }, 60)) << job.Output();
