@@ -602,6 +602,18 @@ TEST_F(CliErrors, InfoOnExportsAndExportTargets) {
   EXPECT_NE(hinfo.output.find("safetensors export"), std::string::npos) << hinfo.output;
   ExpectError(RunKeel("export " + Run() + " --out " + t / "x.safetensors"), "--format safetensors");
   EXPECT_FALSE(fs::exists(t / "x.safetensors"));
+  // A symbolic link to an empty directory is refused (the link, not its target, would be replaced).
+  fs::create_directories(t / "target");
+  fs::create_directory_symlink(t / "target", t / "link");
+  for (const std::string& out : {t / "link", t / "link/"})
+    ExpectError(RunKeel("export " + Run() + " --format safetensors --out " + out), "symbolic link");
+  EXPECT_TRUE(fs::is_symlink(t / "link"));
+  EXPECT_TRUE(fs::is_empty(t / "target"));
+  // A fault training never injects is refused before any worker starts.
+  auto dev = RunCommand("KEEL_ALLOW_FAULT_INJECTION=1 " + KeelBinary() + " train " + Small(t / "r") +
+                        " --nproc 2 --inject device-fail:step=1");
+  ExpectError(dev, "device-fail is a keel serve fault");
+  EXPECT_FALSE(fs::exists(t / "r"));
 }
 
 // Half a Hugging Face export is named for the file it lacks (it read "no checkpoints").

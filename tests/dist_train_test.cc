@@ -124,7 +124,8 @@ TEST_F(DistTrain, ASecondSignalToTheLauncherKillsTheWorkers) {
   const std::string out = t / "run";
   // Rank 1's steps from step 3 on take ~20000x longer (seconds), so the graceful stop is still waiting when the
   // second signal comes, 1.3 s after the first.
-  Background job(Split(Args(out, 100000) + " --nproc 2 --checkpoint-every 0 --eval-every 0 --inject "
+  // (--even-shares: speed-aware shares would move rank 1's micro-batches away after the first slow step.)
+  Background job(Split(Args(out, 100000) + " --nproc 2 --checkpoint-every 0 --eval-every 0 --even-shares --inject "
                        "slow:rank=1,step=3,factor=20000,steps=100"),
                  t / "log", {"KEEL_ALLOW_FAULT_INJECTION=1"});
   // (Once rank 1's slow steps began: a stop requested earlier could finish before the second signal.)

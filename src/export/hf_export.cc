@@ -2,6 +2,7 @@
 #include "export/hf_export.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <stdio.h>
 
 #include <algorithm>
@@ -76,8 +77,20 @@ Status CheckReplaceable(const std::string& dir, const std::vector<std::pair<std:
   Env* env = DefaultEnv();
   const std::string refuse = dir + ": exists and is not an earlier keel export; not overwriting it (pick a new --out)";
   if (!env->IsDir(dir)) return InvalidArgument(refuse);
-  // An empty directory holds nothing to lose (`mkdir out && keel export ... --out out/`).
-  if (auto entries = env->ListDir(dir); entries.ok() && entries->empty()) return Status::Ok();
+  // An empty directory holds nothing to lose (`mkdir out && keel export ... --out out/`): it is replaced like an
+  // earlier export. Not a symbolic link to one (the link would be replaced, not its target filled) nor a mount
+  // point (it cannot be renamed).
+  if (auto entries = env->ListDir(dir); entries.ok() && entries->empty()) {
+    struct stat self, parent;
+    std::string name = dir;  // (without trailing slashes: lstat("link/") would follow the link)
+    while (name.size() > 1 && name.back() == '/') name.pop_back();
+    const std::string up = name.find('/') == std::string::npos ? "." : name.substr(0, name.rfind('/') + 1);
+    if (::lstat(name.c_str(), &self) != 0 || !S_ISDIR(self.st_mode) || ::stat(up.c_str(), &parent) != 0 ||
+        parent.st_dev != self.st_dev)
+      return InvalidArgument(dir + ": an empty directory that is a symbolic link or a mount point; keel replaces "
+                                   "the directory itself (pick a --out inside it)");
+    return Status::Ok();
+  }
   auto cfg = env->ReadFile(JoinPath(dir, "config.json"));
   if (!cfg.ok()) return InvalidArgument(refuse);
   auto j = nlohmann::json::parse(*cfg, nullptr, /*allow_exceptions=*/false);

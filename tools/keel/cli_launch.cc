@@ -357,6 +357,12 @@ int RunLauncher(const TrainOptions& o, const DistFlags& d, const std::vector<std
       if (const char* v = std::getenv("KEEL_INJECT")) spec = v;
     auto inj = FaultInjector::Create(spec, 0, 1);
     if (!inj.ok()) return Fail("train", inj.status());
+    if (*inj) {  // (the same refusal as the trainer's, before any worker starts)
+      const auto specs = ParseFaultSpec(spec);  // (named: a range-for over the temporary's value() would dangle)
+      for (const FaultSpec& f : specs.value())
+        if (f.kind == FaultSpec::kDeviceFail)
+          return Fail("train", InvalidArgument("--inject: device-fail is a keel serve fault; training does not inject it"));
+    }
   }
   auto nn = ParseNnodes(d.nnodes);
   if (!nn.ok()) return Fail("train", nn.status());
