@@ -28,14 +28,19 @@ Result<TrainingSnapshot> CheckCheckpoint(const std::string& dir) {
   return s;
 }
 
+// The model, state and tokenizer lines of a checkpoint or an export.
+void PrintModel(const TrainingSnapshot& s) {
+  std::printf("  model: %s, %.2fM parameters\n", s.config.ToJson().dump().c_str(), NumParams(s.config) / 1e6);
+  std::printf("  state: %s\n", s.state.dump().c_str());
+  std::printf("  tokenizer: %s, %zu bytes\n", s.tokenizer.rfind("keel-byte", 0) == 0 ? "byte" : "bpe",
+              s.tokenizer.size());
+}
+
 int DescribeCheckpoint(const std::string& dir) {
   auto s = CheckCheckpoint(dir);
   std::printf("checkpoint %s: %s\n", dir.c_str(), s.ok() ? "valid" : ("INVALID: " + s.status().message()).c_str());
   if (!s.ok()) return 1;
-  std::printf("  model: %s, %.2fM parameters\n", s->config.ToJson().dump().c_str(), NumParams(s->config) / 1e6);
-  std::printf("  state: %s\n", s->state.dump().c_str());
-  std::printf("  tokenizer: %s, %zu bytes\n", s->tokenizer.rfind("keel-byte", 0) == 0 ? "byte" : "bpe",
-              s->tokenizer.size());
+  PrintModel(*s);
   return 0;
 }
 
@@ -58,10 +63,7 @@ int RunInfo(int argc, char** argv) {
     std::printf("%s export %s: %s\n", format.c_str(), path.c_str(),
                 s.ok() ? "valid" : ("INVALID: " + s.status().message()).c_str());
     if (!s.ok()) return 1;
-    std::printf("  model: %s, %.2fM parameters\n", s->config.ToJson().dump().c_str(), NumParams(s->config) / 1e6);
-    std::printf("  state: %s\n", s->state.dump().c_str());
-    std::printf("  tokenizer: %s, %zu bytes\n", s->tokenizer.rfind("keel-byte", 0) == 0 ? "byte" : "bpe",
-                s->tokenizer.size());
+    PrintModel(*s);
     return 0;
   }
   if (env->Exists(JoinPath(path, "meta.json"))) {
