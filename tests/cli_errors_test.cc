@@ -110,7 +110,7 @@ TEST_F(CliErrors, UnwritableOutputNamesTheFlag) {
 TEST_F(CliErrors, CorpusTooShortForContext) {
   TempDir t;
   auto r = RunKeel("train " + Small(t / "r") + " --ctx 2000 --steps 1");
-  ExpectError(r, "context");
+  ExpectError(r, "corpus too short for context length 2000");
   EXPECT_FALSE(fs::exists(t / "r/ckpt-00000001"));
 }
 

@@ -315,6 +315,7 @@ TEST_F(DilocoTrain, AWorkerSlowed3xConvergesToAProportionalShare) {
     const auto members = last["members"].get<std::vector<int64_t>>();
     const auto counts = last["micro_batches"].get<std::vector<int>>();
     ASSERT_EQ(counts.size(), 2u);
+    ASSERT_TRUE(members[0] == slow_uid || members[1] == slow_uid) << mode << ": " << last.dump();
     const int slow = members[0] == slow_uid ? counts[0] : counts[1], fast = members[0] == slow_uid ? counts[1] : counts[0];
     const auto shares = last["shares"].get<std::vector<double>>();
     const double slow_share = members[0] == slow_uid ? shares[0] : shares[1];

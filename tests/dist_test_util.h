@@ -167,6 +167,14 @@ class Background {
   int code_ = -1;
 };
 
+// Two files that must be byte for byte the same, and exist (two missing files read as equal empty strings).
+inline void ExpectSameFile(const std::string& a, const std::string& b, const std::string& context = "") {
+  const std::string x = ReadFileText(a), y = ReadFileText(b);
+  EXPECT_FALSE(x.empty()) << a << " is missing or empty\n" << context;
+  EXPECT_FALSE(y.empty()) << b << " is missing or empty\n" << context;
+  EXPECT_TRUE(x == y) << a << " differs from " << b << "\n" << context;
+}
+
 // Polls pred every 20 ms until it holds or timeout_s passes.
 template <typename Pred>
 bool WaitUntil(Pred pred, double timeout_s) {

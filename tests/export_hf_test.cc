@@ -46,7 +46,7 @@ TEST(HfExport, LayoutAndRoundTrip) {
   const std::string dir = tmp / "hf";
   ASSERT_TRUE(ExportModel(s, dir, {"safetensors", ExportDtype::kF32, ""}).ok());
   EXPECT_EQ(DetectExportFormat(dir), "safetensors");
-  EXPECT_FALSE(DefaultEnv()->Exists(dir + ".tmp"));
+  EXPECT_EQ(testing::DirEntries(tmp.path()), std::vector<std::string>{"hf"});  // no staging directory left
   auto cfg = nlohmann::json::parse(DefaultEnv()->ReadFile(dir + "/config.json").value());
   EXPECT_EQ(cfg["model_type"], "gpt2");
   EXPECT_EQ(cfg["architectures"][0], "GPT2LMHeadModel");
@@ -94,7 +94,7 @@ TEST(HfExport, LayoutAndRoundTrip) {
 
   // Re-exporting replaces the earlier export atomically; f16 round trip has a small error.
   ASSERT_TRUE(ExportModel(s, dir, {"safetensors", ExportDtype::kF16, ""}).ok());
-  EXPECT_FALSE(DefaultEnv()->Exists(dir + ".old"));
+  EXPECT_EQ(testing::DirEntries(tmp.path()), std::vector<std::string>{"hf"});  // the old copy and staging gone
   auto half = LoadExportedModel(dir, nullptr);
   ASSERT_TRUE(half.ok()) << half.status().ToString();
   const auto tokens = TestTokens(16, s.config.vocab);
@@ -114,7 +114,7 @@ TEST(HfExport, ErrorsAndRefusals) {
   Status st = ExportModel(s, tmp / "precious", {"safetensors", ExportDtype::kF32, ""});
   EXPECT_EQ(st.code(), Code::kInvalidArgument);
   EXPECT_EQ(DefaultEnv()->ReadFile(tmp / "precious/notes.txt").value(), "keep");
-  EXPECT_FALSE(DefaultEnv()->Exists(tmp / "precious.tmp"));
+  for (const std::string& e : testing::DirEntries(tmp.path())) EXPECT_NE(e.rfind("precious.", 0), 0u) << e;
   // Nor is a Hugging Face model folder (it has a config.json too), nor a keel export the user added files to.
   ASSERT_TRUE(DefaultEnv()->CreateDirs(tmp / "hfmodel").ok());
   testing::WriteText(tmp / "hfmodel/config.json", "{\"model_type\": \"gpt2\"}");

@@ -485,6 +485,7 @@ TEST(ServeCli, BadArgumentsFailWithOneLine) {
     r = RunCommand("timeout 20 " + std::string(KEEL_BINARY) + " serve " + TinyModelDir() + " --port 0 " + bad);
     EXPECT_EQ(r.exit_code, 1) << bad << ": " << r.output;
     EXPECT_NE(r.output.find(bad.substr(0, bad.find(' '))), std::string::npos) << bad << ": " << r.output;
+    EXPECT_EQ(r.output.find('\n'), r.output.size() - 1) << bad << ": one line, got: " << r.output;
   }
   // Binding a port that is in use fails cleanly.
   ServerProcess a;

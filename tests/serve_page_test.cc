@@ -197,9 +197,10 @@ TEST(ServePage, ApiKeyTypedIntoThePageIsSentToo) {
   auto eval = [&](const std::string& js) -> std::string {
     json r = chrome.Call("Runtime.evaluate", {{"expression", js}, {"returnByValue", true}}, session,
                          std::chrono::seconds(10), &err);
+    // A failed call (a DevTools timeout) is not the empty string the checks below expect for "nothing".
     return r.contains("result") && r["result"].contains("value") && r["result"]["value"].is_string()
                ? r["result"]["value"].get<std::string>()
-               : "";
+               : "<eval failed: " + err + ">";
   };
   const std::string model_js = "(() => { const m = document.getElementById('model'); return m ? m.textContent : ''; })()";
   auto wait_for = [&](const std::string& js, const std::string& want) {

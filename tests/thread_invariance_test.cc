@@ -1,5 +1,7 @@
-// thread_invariance_test.cc: bit-identical results with 1 and 2 threads, op by op (shapes large enough for every
-// parallel loop to split, including keel's tiled GEMMs in matmul.cc) and for the whole model. Multi-worker
+// thread_invariance_test.cc: bit-identical results with 1 and 2 threads, op by op (shapes large enough for keel's
+// tiled GEMMs in matmul.cc and most parallel loops to split; the encoder, LayerNorm forward and residual stay below
+// their 32768-element threshold here and run serially — backend_conformance_test splits them) and for the whole
+// model. Multi-worker
 // determinism rests on this (backend.h, "Determinism"): every member of a group must compute the same bits
 // whatever its --threads.
 #include <gtest/gtest.h>

@@ -26,6 +26,14 @@ std::string ReadAll(const std::string& path) {
   return ss.str();
 }
 
+// Byte for byte the same, and present (two missing files would read as equal empty strings).
+void ExpectSameFile(const std::string& a, const std::string& b) {
+  const std::string x = ReadAll(a), y = ReadAll(b);
+  EXPECT_FALSE(x.empty()) << a << " is missing or empty";
+  EXPECT_FALSE(y.empty()) << b << " is missing or empty";
+  EXPECT_TRUE(x == y) << a << " differs from " << b;
+}
+
 // A data dir shared by the tests of this file: the fortunes corpus, byte tokenizer (prepare takes < 1 s).
 class TrainE2E : public ::testing::Test {
  protected:
@@ -106,7 +114,7 @@ TEST_F(TrainE2E, ResumeKeepsSpikeDetection) {
   ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
   EXPECT_NE(resumed.output.find("rolled back to step 30"), std::string::npos) << resumed.output;
   for (const char* f : {"model.safetensors", "optim.safetensors"})
-    EXPECT_TRUE(ReadAll(t / "straight/ckpt-00000040/" + f) == ReadAll(t / "split/ckpt-00000040/" + f)) << f;
+    ExpectSameFile(t / "straight/ckpt-00000040/" + f, t / "split/ckpt-00000040/" + f);
 }
 
 // Two spikes before the snapshot is renewed (a resume snapshots its own step, here not a --check-every step, so
@@ -154,10 +162,12 @@ TEST_F(TrainE2E, KillNineThenResumeIsBitIdentical) {
   waitpid(pid, &st, 0);
   ASSERT_TRUE(killed) << "the run never wrote a checkpoint";
   ASSERT_TRUE(WIFSIGNALED(st));
+  ASSERT_FALSE(std::filesystem::exists(t / "killed/ckpt-00000040")) << "the kill came after the end of the run";
   auto r = RunKeel(Args(t / "killed", 40) + " --resume");
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_TRUE(ReadAll(t / "straight/ckpt-00000040/model.safetensors") ==
-              ReadAll(t / "killed/ckpt-00000040/model.safetensors"));
+  EXPECT_NE(r.output.find("resuming from " + t / "killed/ckpt-000000"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("resuming from " + t / "killed/ckpt-00000040"), std::string::npos) << r.output;
+  ExpectSameFile(t / "straight/ckpt-00000040/model.safetensors", t / "killed/ckpt-00000040/model.safetensors");
 }
 
 TEST_F(TrainE2E, CorruptNewestCheckpointFallsBackWithWarning) {
@@ -180,8 +190,7 @@ TEST_F(TrainE2E, CorruptNewestCheckpointFallsBackWithWarning) {
   EXPECT_NE(r.output.find("warning: skipping"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("ckpt-00000015"), std::string::npos) << r.output;
   // Deterministic training: redoing steps 15..30 from the older checkpoint lands on the same weights.
-  EXPECT_TRUE(ReadAll(t / "straight/ckpt-00000030/model.safetensors") ==
-              ReadAll(t / "run/ckpt-00000030/model.safetensors"));
+  ExpectSameFile(t / "straight/ckpt-00000030/model.safetensors", t / "run/ckpt-00000030/model.safetensors");
 }
 
 // A crash between a first checkpoint's rename and its COMMITTED marker leaves nothing committed: --resume starts
@@ -195,8 +204,7 @@ TEST_F(TrainE2E, UncommittedFirstCheckpointStartsAfreshAndAChangedLrWarns) {
   auto r = RunKeel(Args(t / "run", 10) + " --resume");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("holds no committed checkpoint yet: starting a new run"), std::string::npos) << r.output;
-  EXPECT_TRUE(ReadAll(t / "straight/ckpt-00000010/model.safetensors") ==
-              ReadAll(t / "run/ckpt-00000010/model.safetensors"));
+  ExpectSameFile(t / "straight/ckpt-00000010/model.safetensors", t / "run/ckpt-00000010/model.safetensors");
   std::string args = Args(t / "run", 12) + " --resume";
   args.replace(args.find("--lr 3e-3"), 9, "--lr 1e-3");
   r = RunKeel(args);
