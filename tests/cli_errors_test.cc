@@ -546,6 +546,9 @@ TEST_F(CliErrors, IntegerFlagsAreDecimal) {
   ExpectError(RunKeel("train " + Small(t / "r") + " --layers 99999999999"),
               "--layers: 99999999999 is out of range for this flag");
   ExpectError(RunKeel("serve " + Run() + " --port 3000000000"), "--port: 3000000000 is out of range");
+  // A spike rollback needs the snapshot --check-every keeps (with 0 it went back to the first step and deleted
+  // every checkpoint since).
+  ExpectError(RunKeel("train " + Small(t / "r") + " --spike-factor 4 --check-every 0"), "it needs --check-every > 0");
   auto lr = RunKeel("train " + Small(t / "r") + " --lr abc");  // not an integer: CLI11's own message stays
   ExpectError(lr, "--lr");
   EXPECT_EQ(lr.output.find("out of range"), std::string::npos) << lr.output;

@@ -593,6 +593,15 @@ TEST_F(ElasticTrain, AStragglerInAGroupOfTwoIsEvicted) {
     if (e.value("event", "") == "straggler" && e.value("action", "") == "evicted") evicted = true;
   EXPECT_TRUE(evicted) << log;
   EXPECT_TRUE(std::filesystem::exists(t / "run/ckpt-00000040/model.safetensors")) << log;
+  // The survivor re-forms as planned at the eviction's step boundary: no failed attempt (it used to find the
+  // straggler gone in the next step's collectives, a fault to detect and redo).
+  bool after = false;
+  for (const auto& e : Events(t / "run")) {
+    if (e.value("event", "") == "straggler") after = true;
+    if (after) {
+      EXPECT_NE(e.value("event", ""), "attempt_failed") << e.dump() << "\n" << log;
+    }
+  }
 }
 
 // A loss spike rolls every member back to the in-memory snapshot and skips the data window that caused it;

@@ -46,6 +46,9 @@ Status ValidateTrainOptions(const TrainOptions& o) {
   if (o.verify_fraction > 0 && !o.deterministic)
     return InvalidArgument("--verify-fraction compares gradients bit for bit: it needs deterministic mode (not --fast)");
   if (!(o.spike_factor >= 0)) return InvalidArgument("--spike-factor must be >= 0");
+  if (o.spike_factor > 0 && o.check_every == 0)
+    return InvalidArgument("--spike-factor rolls back to the snapshot kept every --check-every steps: it needs "
+                           "--check-every > 0");
   if (o.quarantine_after < 1) return InvalidArgument("--quarantine-after must be >= 1");
   if (o.quarantine_floor < 1) return InvalidArgument("--quarantine-floor must be >= 1");
   if (!(o.straggler_evict == 0 || o.straggler_evict > 1)) return InvalidArgument("--straggler-evict must be 0 or > 1");

@@ -204,7 +204,10 @@ Status Trainer::SyncState(int depth) {
   for (const auto& r : all)
     if (r.snap_step >= 0 && r.snap_epoch == plan.epoch && r.snap_step <= plan.step)
       group_snap_step = std::max(group_snap_step, r.snap_step);
-  if (group_snap_step < 0) TakeSnapshot();
+  // (--check-every 0 keeps no snapshot at all: one taken here would never be renewed, and a rollback to it would
+  // send the run back to its first step and drop every checkpoint since. A vote that wants a rollback then finds
+  // none, and the group goes on from the state the sync below agrees on.)
+  if (group_snap_step < 0 && o_.check_every > 0) TakeSnapshot();
   else if (snap_.valid && (snap_.step != group_snap_step || snap_.epoch != plan.epoch)) snap_.valid = false;
   group_snapshot_ = snap_.valid || group_snap_step >= 0;
   if (group_snap_step >= 0) group_snap_step_ = group_snap_step;

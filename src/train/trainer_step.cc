@@ -781,6 +781,12 @@ Result<bool> Trainer::AfterCommit(const VoteOutcome& v, double gnorm, double dt,
             return Aborted("quarantined as a straggler: " + Fmt("%.1fx", xs[k] / median) +
                            " slower than the median for 5 steps (--straggler-evict)");
           }
+          // The others take the same decision from the same agreed speeds: they re-form without it at this
+          // boundary, a planned re-form (its leaving is not a fault to detect in the next step's collectives).
+          if (!need_group_) {
+            need_group_ = true;
+            voluntary_ = true;
+          }
         }
       }
     }
