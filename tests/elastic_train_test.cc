@@ -604,6 +604,26 @@ TEST_F(ElasticTrain, AStragglerInAGroupOfTwoIsEvicted) {
   }
 }
 
+// A stop request to the one member left waiting below --min-workers (its peer frozen and evicted) ends the whole
+// job: the stopped member leaves a "stopped" mark, and the woken peer, which finds itself out of the group, stops
+// at it instead of waiting for ever for a quorum that will not come (the launcher took the first exit 0 for the
+// end of the job and restarts nobody).
+TEST_F(ElasticTrain, AStopBelowQuorumEndsTheWholeJob) {
+  TempDir t;
+  Background job(Split(Args(t / "run") + " --nproc 2 --min-workers 2 --max-restarts 1 --hang-timeout 1 "
+                       "--inject hang:rank=1,step=5,secs=30"),
+                 t / "log", InjectEnv());
+  ASSERT_TRUE(WaitUntil([&] { return job.Output().find("[rank 0] waiting for a generation") != std::string::npos; },
+                        60))
+      << job.Output();
+  const pid_t rank0 = PidOf(job.Output(), 0);
+  ASSERT_GT(rank0, 0) << job.Output();
+  ASSERT_EQ(kill(rank0, SIGTERM), 0);
+  const int code = job.Wait(60);
+  EXPECT_EQ(code, 0) << "(-1: the job still waits)\n" << job.Output();
+  EXPECT_NE(job.Output().find("[rank 1] another member stopped the job"), std::string::npos) << job.Output();
+}
+
 // A loss spike rolls every member back to the in-memory snapshot and skips the data window that caused it;
 // the result is deterministic: one process and three workers end with the same weights.
 TEST_F(ElasticTrain, LossSpikeRollsBackAndSkipsTheDataForAnyWorkerCount) {

@@ -329,6 +329,12 @@ Result<Generation> ElasticGroup::NextGeneration(const std::atomic<bool>* stop, b
       g.done = true;
       return g;
     }
+    KEEL_STORE_OR_RETRY(stopped_r, s.TryGet("stopped"));
+    if (*stopped_r) {
+      Generation g;
+      g.stopped = true;
+      return g;
+    }
     int64_t after;
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -546,6 +552,8 @@ bool ElasticGroup::Claim(const std::string& id) {
 }
 
 Status ElasticGroup::MarkDone(int64_t step) { return store_->Set("done", Dump({{"step", step}})); }
+
+Status ElasticGroup::MarkStopped(int64_t step) { return store_->Set("stopped", Dump({{"step", step}})); }
 
 Result<bool> ElasticGroup::JobDone() {
   KEEL_ASSIGN_OR_RETURN(auto v, store_->TryGet("done"));

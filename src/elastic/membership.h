@@ -58,6 +58,7 @@ struct Generation {
   int index = -1;
   std::unique_ptr<Communicator> comm;
   bool done = false;             // the job has finished: nothing was formed
+  bool stopped = false;          // a member stopped the job (a stop request): nothing was formed
   double formed_s = 0;           // seconds from leaving the previous generation to having this one
 };
 
@@ -123,6 +124,10 @@ class ElasticGroup {
   // Create-once claim of `id` in the job (true for exactly one caller).
   bool Claim(const std::string& id);
   // The job finished at `step` (leader): late joiners exit.
+  // A member stopped the job early (SIGTERM, --stop-after) and left: members still waiting for a generation stop
+  // too, rather than wait below --min-workers for ever for one that will not come back (its launcher takes its
+  // exit 0 for the end of the job). One key per job, like "done".
+  Status MarkStopped(int64_t step);
   Status MarkDone(int64_t step);
   // Whether MarkDone() was called (by any member); store errors are returned.
   Result<bool> JobDone();

@@ -428,6 +428,10 @@ Result<TrainResult> Trainer::Run(Communicator* static_comm, ElasticGroup* elasti
     auto evicted = elastic_->EvictedSince(gen_no_, elastic_->uid());
     if (!(evicted.ok() && *evicted)) (void)elastic_->MarkDone(step_);
   }
+  // A member that stopped early tells the members still waiting for a generation (store key "stopped"): without
+  // it, a stop committed by only part of the group (a peer lost in the vote) left the rest waiting below
+  // --min-workers for ever.
+  if (elastic_ && result_.stopped_early) (void)elastic_->MarkStopped(step_);
   // Every member of a group logs it (tests compare the members with each other and with a one-process run).
   if ((elastic_ ? has_state_ : size_ > 1) && step_ >= o_.steps)
     log_("final state: step " + std::to_string(step_) + ", hash " + HashHex(StateHash()));
@@ -546,6 +550,12 @@ Result<bool> Trainer::Quorum() {
         }
         if (g->done) {
           log_("the job has finished; nothing left to do");
+          finished_ = true;
+          return false;
+        }
+        if (g->stopped) {
+          log_("another member stopped the job (a stop request); stopping too");
+          result_.stopped_early = true;
           finished_ = true;
           return false;
         }
