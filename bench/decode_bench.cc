@@ -1,8 +1,9 @@
-// decode_bench.cc: time per batched decode step of keel's DecodeState (no HTTP, no sampling), fp32 vs f16 weights,
+// decode_bench.cc: time per batched decode step of keel's DecodeState (no HTTP, no sampling), fp32 vs f16 vs bf16
+// weights,
 // the model's own [OC, IC] matrices (rows) vs the backend's repacked layout (packed), for 1..16 rows, next to the
 // step's weight bytes and the memory bandwidth that implies. The profile behind
 // serve_bench.sh's figures. Usage: decode_bench [LAYERS HEADS DIM VOCAB] (default GPT-2 small: 12 12 768 50257);
-// env DECODE_ROWS=n, DECODE_DTYPE=f32|f16 and DECODE_LAYOUT=rows|packed restrict the table to one row count /
+// env DECODE_ROWS=n, DECODE_DTYPE=f32|f16|bf16 and DECODE_LAYOUT=rows|packed restrict the table to one row count /
 // weight type / layout (for profiling). DECODE_MATMUL=1 prints instead the packed matrix products alone (one
 // step's worth: every layer's four matrices and the LM head), 256-bit against 512-bit kernels, in GFLOP/s.
 #include <algorithm>
@@ -22,34 +23,38 @@ namespace {
 // One decode step's matrix products from packed weights, timed per ISA: best of `passes` passes.
 void MatmulTable(const keel::GptConfig& c) {
   using namespace keel::cpu;
+  using keel::WeightDtype;
+  using keel::WeightDtypeName;
   const int C = c.dim;
   const std::vector<std::pair<int, int>> shapes = {{C, 3 * C}, {C, C}, {C, 4 * C}, {4 * C, C}};  // [IC, OC]
   std::printf("| weights | kernel | rows | ms per step's products | GFLOP/s |\n|---|---|---|---|---|\n");
-  for (bool half : {false, true}) {
+  const char* only_dtype = std::getenv("DECODE_DTYPE");
+  for (WeightDtype dtype : {WeightDtype::kF32, WeightDtype::kF16, WeightDtype::kBF16}) {
+    if (only_dtype && std::string(only_dtype) != WeightDtypeName(dtype)) continue;
     std::vector<std::vector<float>> packed;
     std::vector<std::pair<int, int>> all;
     for (int l = 0; l < c.layers; ++l) all.insert(all.end(), shapes.begin(), shapes.end());
     all.push_back({C, c.vocab});
     for (auto [IC, OC] : all) {  // distinct buffers, so each pass streams the weights from memory as decoding does
       std::vector<float> w(static_cast<size_t>(IC) * OC, 0.01f);
-      packed.emplace_back(PackedMatmulFloats(IC, OC, half));
-      PackMatmulWeight(packed.back().data(), w.data(), IC, OC, half);
+      packed.emplace_back(PackedMatmulFloats(IC, OC, dtype));
+      PackMatmulWeight(packed.back().data(), w.data(), IC, OC, dtype);
     }
     for (int rows : {1, 8, 16, 24, 64}) {
       std::vector<float> inp(static_cast<size_t>(rows) * 4 * C, 0.5f), out(static_cast<size_t>(rows) * c.vocab);
       double flops = 0;
       for (auto [IC, OC] : all) flops += 2.0 * rows * IC * OC;
       for (PackedIsa isa : {PackedIsa::kAvx2, PackedIsa::kAvx512}) {
-        if (!PackedMatmulIsaSupported(isa)) continue;
+        if (!PackedMatmulIsaSupported(isa, dtype)) continue;
         double best = 1e9;
         for (int pass = 0; pass < 8; ++pass) {
           const auto t0 = std::chrono::steady_clock::now();
           for (size_t i = 0; i < all.size(); ++i)
             MatmulForwardPackedWith(isa, out.data(), inp.data(), packed[i].data(), nullptr, rows, all[i].first,
-                                    all[i].second, half);
+                                    all[i].second, dtype);
           best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
         }
-        std::printf("| %s | %s | %d | %.1f | %.0f |\n", half ? "f16" : "f32", isa == PackedIsa::kAvx2 ? "avx2" : "avx512",
+        std::printf("| %s | %s | %d | %.1f | %.0f |\n", WeightDtypeName(dtype), isa == PackedIsa::kAvx2 ? "avx2" : "avx512",
                     rows, best * 1e3, flops / best / 1e9);
       }
     }
@@ -86,13 +91,14 @@ int main(int argc, char** argv) {
   const char* only_rows = std::getenv("DECODE_ROWS");
   const char* only_dtype = std::getenv("DECODE_DTYPE");
   const char* only_layout = std::getenv("DECODE_LAYOUT");
-  for (bool half : {false, true}) {
-    if (only_dtype && std::string(only_dtype) != (half ? "f16" : "f32")) continue;
+  for (WeightDtype dtype : {WeightDtype::kF32, WeightDtype::kF16, WeightDtype::kBF16}) {
+    if (only_dtype && std::string(only_dtype) != WeightDtypeName(dtype)) continue;
     for (int rows : {1, 2, 4, 8, 16})
     for (bool repack : {false, true}) {  // the model's [OC, IC] matrices vs the backend's repacked panels
       if (only_rows && std::atoi(only_rows) != rows) continue;
       if (only_layout && std::string(only_layout) != (repack ? "packed" : "rows")) continue;
-      auto st = DecodeState::Create(model->get(), rows, c.ctx, rows, half, repack);
+      if (dtype == WeightDtype::kBF16 && !repack) continue;  // bf16 exists only packed
+      auto st = DecodeState::Create(model->get(), rows, c.ctx, rows, dtype, repack);
       if (!st.ok()) {
         std::fprintf(stderr, "%s\n", st.status().ToString().c_str());
         return 1;
@@ -107,9 +113,9 @@ int main(int argc, char** argv) {
         if (p >= 64) t += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       }
       const double ms = t / 32 * 1e3;
-      std::printf("| %s | %s | %d | %.1f | %.1f | %.1f |\n", half ? "f16" : "f32", repack ? "packed" : "rows", rows,
+      std::printf("| %s | %s | %d | %.1f | %.1f | %.1f |\n", WeightDtypeName(dtype), repack ? "packed" : "rows", rows,
                   ms, rows / (ms / 1e3),
-                  matrix_params * (half ? 2 : 4) / (ms / 1e3) / 1e9);
+                  matrix_params * (dtype == WeightDtype::kF32 ? 4 : 2) / (ms / 1e3) / 1e9);
     }
   }
   return 0;

@@ -4,10 +4,12 @@
 #      HTTP) against a KV-cached PyTorch implementation of the same model (bench/serve_bench_torch.py, same
 #      thread count) and, when LLAMA_CPP_BIN points at llama.cpp's llama-bench or llama-cli, llama.cpp running
 #      keel's own GGUF exports (f32 and f16) of the model — ROUNDS (default 3) rounds taken in turn, medians —
-#      then keel serve over HTTP (f32 and --dtype f16). Never downloads or builds llama.cpp.
+#      then keel serve over HTTP (LOAD_DTYPE and --dtype f16). keel's --dtype bf16 runs in process too (llama.cpp
+#      is not given a bf16 file: keel exports f32, f16 and q8_0). Never downloads or builds llama.cpp.
 #   2. aggregate generated tokens/s and p50/p99 time-to-first-token with 1, 4 and 16 concurrent streaming clients
-#      (keel serve --parallel 16; each client sends REQS requests back to back, temperature 0.8), and 16 again
-#      with --no-prompt-cache (every request's prompt fed in full, as for prompts that share no prefix).
+#      (keel serve --parallel 16 --dtype LOAD_DTYPE, default f32; each client sends REQS requests back to back,
+#      temperature 0.8), and 16 again with --no-prompt-cache (every request's prompt fed in full, as for prompts
+#      that share no prefix). The ratios are against the single stream over HTTP at the same LOAD_DTYPE.
 # Prints Markdown tables.
 #
 #   bash bench/serve_bench.sh [THREADS] [DECODE_TOKENS]      (defaults: all cores, 128)
@@ -22,6 +24,7 @@ TOKENS=${2:-128}
 LAYERS=${LAYERS:-12} HEADS=${HEADS:-12} DIM=${DIM:-768} CTX=${CTX:-512} VOCAB=${VOCAB:-50257}
 REQS=${REQS:-4}
 LOAD_TOKENS=${LOAD_TOKENS:-64}
+LOAD_DTYPE=${LOAD_DTYPE:-f32}
 PY=/usr/bin/python3
 KEEL=./build/keel
 WORK=$(mktemp -d)
@@ -95,11 +98,12 @@ keel_rate() {
 # In-process rates, ROUNDS rounds in turn (keel, llama.cpp, PyTorch), so that drift in the machine's memory
 # bandwidth (it moves by 10-20 % over minutes on a shared host) hits every implementation alike; medians reported.
 ROUNDS=${ROUNDS:-3}
-KEEL_IN=() KEEL_IN16=() LLAMA=() LLAMA16=() TORCH=()
+KEEL_IN=() KEEL_IN16=() KEEL_INBF=() LLAMA=() LLAMA16=() TORCH=()
 for round in $(seq 1 "$ROUNDS"); do
   echo "in-process single-stream decode, round $round of $ROUNDS..." >&2
   KEEL_IN+=("$(keel_rate f32)")
   KEEL_IN16+=("$(keel_rate f16)")
+  KEEL_INBF+=("$(keel_rate bf16)")
   if [ -n "${LLAMA_CPP_BIN:-}" ]; then
     LLAMA+=("$(llama_rate f32)")
     LLAMA16+=("$(llama_rate f16)")
@@ -109,8 +113,8 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 join() { local IFS=,; echo "$*"; }
 
-echo "single-stream decode over HTTP (f32)..." >&2
-start_server --parallel 16
+echo "single-stream decode over HTTP ($LOAD_DTYPE)..." >&2
+start_server --parallel 16 --dtype "$LOAD_DTYPE"
 KEEL_SINGLE=$($PY bench/serve_bench_client.py single --port "$PORT" --prompt-ids "$IDS" --tokens "$TOKENS")
 
 echo "load: 1, 4, 16 clients..." >&2
@@ -123,17 +127,17 @@ stop_server
 # The same prompt every time lets the prompt cache skip all but its last token; without it (as with prompts
 # that share nothing) every request's 32 prompt tokens take rows of the batched steps.
 echo "load: 16 clients, --no-prompt-cache..." >&2
-start_server --parallel 16 --no-prompt-cache
+start_server --parallel 16 --dtype "$LOAD_DTYPE" --no-prompt-cache
 LOADS+=("$($PY bench/serve_bench_client.py load --port "$PORT" --prompt-ids "$IDS" --tokens "$LOAD_TOKENS" \
   --clients 16 --requests "$REQS" | sed 's/"clients": 16/"clients": "16, --no-prompt-cache"/')")
 stop_server
 
 $PY - "$THREADS" "$TOKENS" "$LAYERS/$HEADS/$DIM ctx $CTX vocab $VOCAB" "$KEEL_SINGLE" "$(join "${TORCH[@]}")" \
   "$(join "${LLAMA[@]}")" "$LOAD_TOKENS" "$REQS" "$KEEL_SINGLE16" "$(join "${LLAMA16[@]}")" "$(join "${KEEL_IN[@]}")" \
-  "$(join "${KEEL_IN16[@]}")" "${LOADS[@]}" <<'PY'
+  "$(join "${KEEL_IN16[@]}")" "$(join "${KEEL_INBF[@]}")" "$LOAD_DTYPE" "${LOADS[@]}" <<'PY'
 import json, platform, statistics, subprocess, sys
-threads, tokens, shape, keel, torch_r, llama, load_tokens, reqs, keel16, llama16, kin, kin16 = sys.argv[1:13]
-loads = [json.loads(x) for x in sys.argv[13:]]
+threads, tokens, shape, keel, torch_r, llama, load_tokens, reqs, keel16, llama16, kin, kin16, kinbf, ldt = sys.argv[1:15]
+loads = [json.loads(x) for x in sys.argv[15:]]
 k, k16 = json.loads(keel), json.loads(keel16)
 torch_runs = [json.loads(x) for x in torch_r.replace("},{", "}\n{").splitlines() if x.strip()]
 rates = lambda s: [float(x) for x in s.split(",") if x.strip()]
@@ -141,6 +145,7 @@ med = lambda xs: statistics.median(xs) if xs else None
 show = lambda xs: " / ".join(f"{x:.1f}" for x in xs)
 t = {"decode_tok_s": med([r["decode_tok_s"] for r in torch_runs]), "torch": torch_runs[0]["torch"]}
 ki, ki16, ll, ll16 = med(rates(kin)), med(rates(kin16)), med(rates(llama)), med(rates(llama16))
+kibf = med(rates(kinbf))
 cpu = subprocess.run(["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True, text=True).stdout.strip()
 print(f"keel serve benchmark: {shape} (byte tokenizer), {threads} threads, {cpu}, PyTorch {t['torch']}")
 print()
@@ -153,6 +158,8 @@ kd, kd16 = k["decode_tok_s"], k16["decode_tok_s"]
 tt = t["decode_tok_s"]
 print(f"| keel (in process: keel sample --timings) | f32 | {ki:.1f} | {show(rates(kin))} | |")
 print(f"| keel --dtype f16 (in process) | f16 | {ki16:.1f} | {show(rates(kin16))} | |")
+if kibf:
+    print(f"| keel --dtype bf16 (in process) | bf16 | {kibf:.1f} | {show(rates(kinbf))} | |")
 print(f"| PyTorch, KV cache (in process) | f32 | {tt:.1f} | {show([r['decode_tok_s'] for r in torch_runs])} |"
       f" {ki/tt:.2f}x (keel f32), {ki16/tt:.2f}x (keel f16) |")
 if ll:
@@ -161,11 +168,13 @@ if ll16:
     print(f"| llama.cpp (llama-bench), keel's GGUF export | f16 | {ll16:.1f} | {show(rates(llama16))} | {ki16/ll16:.2f}x (keel f16) |")
 if not ll:
     print("| llama.cpp | | not run (set LLAMA_CPP_BIN) | | |")
-print(f"| keel serve (over HTTP, streaming) | f32 | {kd:.1f} | 1 | {kd/tt:.2f}x PyTorch" + (f", {kd/ll:.2f}x llama.cpp |" if ll else " |"))
+print(f"| keel serve (over HTTP, streaming) | {ldt} | {kd:.1f} | 1 | {kd/tt:.2f}x PyTorch" +
+      (f", {kd/ll:.2f}x llama.cpp |" if ll and ldt == "f32" else " |"))
 print(f"| keel serve --dtype f16 (over HTTP) | f16 | {kd16:.1f} | 1 | {kd16/tt:.2f}x PyTorch" + (f", {kd16/ll16:.2f}x llama.cpp |" if ll16 else " |"))
 print()
-print(f"keel serve --parallel 16 under load: each client sends {reqs} streaming requests back to back "
-      f"(32-token prompt, {load_tokens} new tokens, temperature 0.8):")
+print(f"keel serve --parallel 16 --dtype {ldt} under load: each client sends {reqs} streaming requests back to back "
+      f"(32-token prompt, {load_tokens} new tokens, temperature 0.8); ratios against the {ldt} single stream over HTTP"
+      f" ({kd:.1f} tok/s):")
 print()
 print("| concurrent clients | aggregate tok/s | vs single-stream | TTFT p50 | TTFT p99 | requests |")
 print("|---|---|---|---|---|---|")

@@ -346,6 +346,8 @@ TEST_F(CliErrors, BadSamplingFlags) {
   ExpectError(RunKeel("sample --ckpt " + Data()), "a data directory (from keel prepare), not a run or checkpoint");
   ExpectError(RunKeel("sample --ckpt " + Run() + " --top-k -5"), "--top-k");
   ExpectError(RunKeel("sample --ckpt " + Run() + " --samples 0"), "--samples");
+  ExpectError(RunKeel("sample --ckpt " + Run() + " --dtype bf17"), "--dtype must be f32, f16 or bf16, got 'bf17'");
+  ExpectError(RunKeel("serve " + Run() + " --dtype q8_0"), "--dtype must be f32, f16 or bf16, got 'q8_0'");
   // libgomp crashed (SIGSEGV) or hung creating 100000 threads.
   ExpectError(RunKeel("sample --ckpt " + Run() + " --threads 100000"), "--threads");
   ExpectError(RunKeel("train " + Small(*dir_ / "r2") + " --threads 100000"), "--threads");

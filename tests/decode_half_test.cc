@@ -1,7 +1,8 @@
 // decode_half_test.cc: the decode-path products (few rows; fp32 and f16 weights) and decoding from f16 weight
 // copies (`--dtype f16`). The f16 matmul must equal the fp32 matmul
 // on the f16-rounded weights (up to summation order) for every row-count path, and a DecodeState with f16 weights
-// must give the logits of the fp32 model whose matrices were rounded to f16.
+// must give the logits of the fp32 model whose matrices were rounded to f16. `--dtype bf16` (which also rounds
+// the products' inputs, so it has no such exact reference) must stay close to the fp32 logits.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -116,7 +117,7 @@ TEST(DecodeHalf, DecodeStateMatchesModelWithRoundedMatrices) {
   // f16-representable so the rounded reference below differs from this model only where the f16 path rounds.
   for (size_t i = 0; i < (*model)->tensors()[0].size; ++i) p[i] = F16ToFloat(FloatToF16(p[i]));
   (*model)->SetParamsFromHost(p);
-  auto half_state = DecodeState::Create(model->get(), 2, c.ctx, 8, /*half_weights=*/true);
+  auto half_state = DecodeState::Create(model->get(), 2, c.ctx, 8, WeightDtype::kF16);
   ASSERT_TRUE(half_state.ok()) << half_state.status().ToString();
 
   // The reference: the same model with its matrices (and the tied embedding) rounded to f16, decoded in fp32.
@@ -155,6 +156,65 @@ TEST(DecodeHalf, DecodeStateMatchesModelWithRoundedMatrices) {
   moved = RelErr(a, f);
   EXPECT_LT(worst, 1e-4);
   EXPECT_GT(moved, 1e-6);
+}
+
+// bf16 decoding of a model with fp32-scale weights: the logits stay within bf16's rounding (8 significant bits on
+// both operands of every product) of the fp32 decode's, over prompt chunks and single rows, and the greedy token
+// agrees where fp32's top two logits are well apart. Where the backend cannot pack (repack = false) it is refused.
+TEST(DecodeHalf, Bf16DecodeStaysCloseToFp32) {
+  GptConfig c{.layers = 2, .heads = 4, .dim = 64, .ctx = 24, .vocab = 97};
+  auto be = MakeCpuBackend(2);
+  if (!be->SupportsOp(Op::kMatmulForwardPackedBf16)) GTEST_SKIP() << "this CPU lacks AVX2/FMA/F16C";
+  auto model = GptModel::Create(c, be.get(), 1, c.ctx);
+  ASSERT_TRUE(model.ok()) << model.status().ToString();
+  (*model)->InitWeights(9);
+  auto p = (*model)->ParamsToHost();
+  Rng rng(10);
+  for (auto& x : p) x += 0.05f * rng.Normal();  // away from the initialisation's zeros and ones
+  (*model)->SetParamsFromHost(p);
+  auto bf = DecodeState::Create(model->get(), 2, c.ctx, 8, WeightDtype::kBF16);
+  ASSERT_TRUE(bf.ok()) << bf.status().ToString();
+  auto fp = DecodeState::Create(model->get(), 2, c.ctx, 8);
+  ASSERT_TRUE(fp.ok());
+  double worst = 0, moved = 0;
+  int agree = 0, compared = 0;
+  auto compare = [&](const std::vector<float>& a, const std::vector<float>& f, int rows) {
+    for (int r = 0; r < rows; ++r) {
+      double scale = 0;
+      for (int v = 0; v < c.vocab; ++v) scale = std::max(scale, std::fabs(double(f[size_t(r) * c.vocab + v])));
+      int best_a = 0, best_f = 0;
+      for (int v = 0; v < c.vocab; ++v) {
+        const double d = std::fabs(double(a[size_t(r) * c.vocab + v]) - f[size_t(r) * c.vocab + v]) / (1.0 + scale);
+        worst = std::max(worst, d);
+        moved = std::max(moved, d);
+        if (a[size_t(r) * c.vocab + v] > a[size_t(r) * c.vocab + best_a]) best_a = v;
+        if (f[size_t(r) * c.vocab + v] > f[size_t(r) * c.vocab + best_f]) best_f = v;
+      }
+      float second = -1e30f;  // fp32's runner-up: only a clear winner must survive bf16's rounding
+      for (int v = 0; v < c.vocab; ++v)
+        if (v != best_f) second = std::max(second, f[size_t(r) * c.vocab + v]);
+      if (f[size_t(r) * c.vocab + best_f] - second > 0.05 * (1.0 + scale)) {
+        ++compared;
+        agree += best_a == best_f;
+      }
+    }
+  };
+  // A 6-token prompt chunk into slot 0, then both slots one row per step.
+  int32_t tok[6] = {3, 14, 15, 92, 65, 35}, pos[6] = {0, 1, 2, 3, 4, 5}, slot0[6] = {0, 0, 0, 0, 0, 0}, last = 5;
+  compare((*bf)->StepRows(tok, pos, slot0, 6, &last, 1), (*fp)->StepRows(tok, pos, slot0, 6, &last, 1), 1);
+  for (int t = 0; t < 12; ++t) {
+    int32_t tk[2] = {static_cast<int32_t>(rng.Below(c.vocab)), static_cast<int32_t>(rng.Below(c.vocab))};
+    int32_t ps[2] = {6 + t, t}, sl[2] = {0, 1}, rows[2] = {0, 1};
+    compare((*bf)->StepRows(tk, ps, sl, 2, rows, 2), (*fp)->StepRows(tk, ps, sl, 2, rows, 2), 2);
+  }
+  EXPECT_LT(worst, 2e-2) << "bf16 logits drifted beyond its rounding";
+  EXPECT_GT(moved, 1e-5) << "bf16 decode gave fp32's logits: the inputs or weights were not rounded";
+  EXPECT_GT(compared, 5);
+  EXPECT_EQ(agree, compared);
+  auto refused = DecodeState::Create(model->get(), 2, c.ctx, 8, WeightDtype::kBF16, /*repack=*/false);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("bf16 weights are not supported"), std::string::npos)
+      << refused.status().ToString();
 }
 
 }  // namespace

@@ -1,11 +1,14 @@
 // packed_matmul_test.cc: the decode layer's product from repacked weights (Backend::MatmulForwardPacked, CPU
-// packed_matmul.cc), fp32 and f16, against a double-precision product; its promise that a row's result does not
-// depend on the other rows of the step or on the thread count; and a DecodeState built on it, whose batched step
-// must give each sequence exactly the logits it gets decoded alone.
+// packed_matmul.cc), fp32, f16 and bf16, against a double-precision product (bf16 also bit for bit against its
+// scalar definition); its promise that a row's result does not depend on the other rows of the step or on the
+// thread count; and a DecodeState built on it, whose batched step must give each sequence exactly the logits it
+// gets decoded alone.
 #include <gtest/gtest.h>
 #include <omp.h>
 
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 #include "backend/backend.h"
@@ -23,10 +26,25 @@ double RelErr(const std::vector<float>& a, const std::vector<double>& b) {
   return worst;
 }
 
-std::vector<float> Pack(Backend* be, const std::vector<float>& w, int IC, int OC, bool half) {
-  std::vector<float> packed(be->PackedMatmulFloats(IC, OC, half));
-  be->PackMatmulWeight(packed.data(), w.data(), IC, OC, half);
+constexpr WeightDtype kAllDtypes[] = {WeightDtype::kF32, WeightDtype::kF16, WeightDtype::kBF16};
+
+std::vector<float> Pack(Backend* be, const std::vector<float>& w, int IC, int OC, WeightDtype dtype) {
+  std::vector<float> packed(be->PackedMatmulFloats(IC, OC, dtype));
+  be->PackMatmulWeight(packed.data(), w.data(), IC, OC, dtype);
   return packed;
+}
+
+float Bf16ToFloat(uint16_t h) {
+  const uint32_t u = uint32_t{h} << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+float RoundTo(WeightDtype d, float x) {
+  if (d == WeightDtype::kF16) return F16ToFloat(FloatToF16(x));
+  if (d == WeightDtype::kBF16) return Bf16ToFloat(cpu::FloatToBf16(x));
+  return x;
 }
 
 TEST(PackedMatmul, MatchesADoubleReference) {
@@ -40,31 +58,32 @@ TEST(PackedMatmul, MatchesADoubleReference) {
       std::vector<float> w(static_cast<size_t>(OC) * IC), bias(OC);
       for (auto& x : w) x = rng.Normal();
       for (auto& x : bias) x = rng.Normal();
-      std::vector<float> w_half(w.size());  // what the f16 form holds
-      for (size_t i = 0; i < w.size(); ++i) w_half[i] = F16ToFloat(FloatToF16(w[i]));
-      for (bool half : {false, true}) {
-        std::vector<float> packed = Pack(be.get(), w, IC, OC, half);
-        const std::vector<float>& wr = half ? w_half : w;
+      for (WeightDtype dtype : kAllDtypes) {
+        std::vector<float> packed = Pack(be.get(), w, IC, OC, dtype);
+        std::vector<float> wr(w.size());  // what the packed form holds
+        for (size_t i = 0; i < w.size(); ++i) wr[i] = RoundTo(dtype, w[i]);
         for (int N : {1, 2, 5, 6, 7, 11, 12, 13, 16, 25, 64}) {
           std::vector<float> inp(static_cast<size_t>(N) * IC);
           for (auto& x : inp) x = rng.Normal();
+          // bf16 rounds the inputs too; f32 and f16 take them as they are.
+          auto xr = [&](size_t i) { return dtype == WeightDtype::kBF16 ? RoundTo(dtype, inp[i]) : inp[i]; };
           for (bool with_bias : {true, false}) {
             std::vector<double> ref(static_cast<size_t>(N) * OC);
             for (int n = 0; n < N; ++n)
               for (int o = 0; o < OC; ++o) {
                 double s = with_bias ? bias[o] : 0.0;
-                for (int i = 0; i < IC; ++i) s += double(inp[size_t(n) * IC + i]) * wr[size_t(o) * IC + i];
+                for (int i = 0; i < IC; ++i) s += double(xr(size_t(n) * IC + i)) * wr[size_t(o) * IC + i];
                 ref[size_t(n) * OC + o] = s;
               }
             // A sentinel after the output: padded panel columns must never be stored.
             std::vector<float> out(ref.size() + 1, 0.0f);
             out.back() = 12345.0f;
             be->MatmulForwardPacked(out.data(), inp.data(), packed.data(), with_bias ? bias.data() : nullptr, N, IC,
-                                    OC, half);
+                                    OC, dtype);
             EXPECT_EQ(out.back(), 12345.0f) << "wrote past the output, OC=" << OC << " N=" << N;
             out.pop_back();
             EXPECT_LT(RelErr(out, ref), 1e-5 * std::sqrt(double(IC)))
-                << (half ? "f16" : "fp32") << " IC=" << IC << " OC=" << OC << " N=" << N << " bias=" << with_bias;
+                << WeightDtypeName(dtype) << " IC=" << IC << " OC=" << OC << " N=" << N << " bias=" << with_bias;
           }
         }
       }
@@ -82,20 +101,21 @@ TEST(PackedMatmul, Avx512AndAvx2KernelsGiveTheSameBits) {
       std::vector<float> w(static_cast<size_t>(OC) * IC), bias(OC);
       for (auto& x : w) x = rng.Normal();
       for (auto& x : bias) x = rng.Normal();
-      for (bool half : {false, true}) {
-        std::vector<float> packed(cpu::PackedMatmulFloats(IC, OC, half));
-        cpu::PackMatmulWeight(packed.data(), w.data(), IC, OC, half);
+      for (WeightDtype dtype : kAllDtypes) {
+        if (!cpu::PackedMatmulIsaSupported(cpu::PackedIsa::kAvx512, dtype)) continue;  // bf16: AVX-512 BF16
+        std::vector<float> packed(cpu::PackedMatmulFloats(IC, OC, dtype));
+        cpu::PackMatmulWeight(packed.data(), w.data(), IC, OC, dtype);
         for (int N = 1; N <= 26; ++N) {
           std::vector<float> inp(static_cast<size_t>(N) * IC);
           for (auto& x : inp) x = rng.Normal();
           for (const float* b : {static_cast<const float*>(bias.data()), static_cast<const float*>(nullptr)}) {
             std::vector<float> o2(static_cast<size_t>(N) * OC + 1, 7.0f), o5(o2.size(), 7.0f);
             cpu::MatmulForwardPackedWith(cpu::PackedIsa::kAvx2, o2.data(), inp.data(), packed.data(), b, N, IC, OC,
-                                         half);
+                                         dtype);
             cpu::MatmulForwardPackedWith(cpu::PackedIsa::kAvx512, o5.data(), inp.data(), packed.data(), b, N, IC, OC,
-                                         half);
+                                         dtype);
             EXPECT_EQ(o5.back(), 7.0f) << "wrote past the output, OC=" << OC << " N=" << N;
-            ASSERT_EQ(o2, o5) << (half ? "f16" : "fp32") << " IC=" << IC << " OC=" << OC << " N=" << N
+            ASSERT_EQ(o2, o5) << WeightDtypeName(dtype) << " IC=" << IC << " OC=" << OC << " N=" << N
                               << " bias=" << (b != nullptr);
           }
         }
@@ -113,25 +133,86 @@ TEST(PackedMatmul, ARowsResultDoesNotDependOnTheOtherRowsOrThreads) {
   for (auto& x : w) x = rng.Normal();
   for (auto& x : bias) x = rng.Normal();
   for (auto& x : inp) x = rng.Normal();
-  for (bool half : {false, true}) {
-    std::vector<float> packed = Pack(be2.get(), w, IC, OC, half);
+  for (WeightDtype dtype : kAllDtypes) {
+    const char* half = WeightDtypeName(dtype);
+    std::vector<float> packed = Pack(be2.get(), w, IC, OC, dtype);
     std::vector<float> all(static_cast<size_t>(N) * OC), all1(all.size());
     // The thread count is OpenMP's per-OS-thread setting (backend.h): set it before each call, and check it.
     be2->SetThreads(2);
     ASSERT_EQ(omp_get_max_threads(), 2);
-    be2->MatmulForwardPacked(all.data(), inp.data(), packed.data(), bias.data(), N, IC, OC, half);
+    be2->MatmulForwardPacked(all.data(), inp.data(), packed.data(), bias.data(), N, IC, OC, dtype);
     be1->SetThreads(1);
     ASSERT_EQ(omp_get_max_threads(), 1);
-    be1->MatmulForwardPacked(all1.data(), inp.data(), packed.data(), bias.data(), N, IC, OC, half);
-    EXPECT_EQ(all, all1) << "1 vs 2 threads, half=" << half;
+    be1->MatmulForwardPacked(all1.data(), inp.data(), packed.data(), bias.data(), N, IC, OC, dtype);
+    EXPECT_EQ(all, all1) << "1 vs 2 threads, " << half;
     be2->SetThreads(2);
     for (int n = 0; n < N; ++n) {  // row n alone, and as the last of a group of n+1 rows
       std::vector<float> alone(OC), group(static_cast<size_t>(n + 1) * OC);
-      be2->MatmulForwardPacked(alone.data(), inp.data() + size_t(n) * IC, packed.data(), bias.data(), 1, IC, OC, half);
-      be2->MatmulForwardPacked(group.data(), inp.data(), packed.data(), bias.data(), n + 1, IC, OC, half);
+      be2->MatmulForwardPacked(alone.data(), inp.data() + size_t(n) * IC, packed.data(), bias.data(), 1, IC, OC,
+                               dtype);
+      be2->MatmulForwardPacked(group.data(), inp.data(), packed.data(), bias.data(), n + 1, IC, OC, dtype);
       for (int o = 0; o < OC; ++o) {
-        ASSERT_EQ(alone[o], all[size_t(n) * OC + o]) << "row " << n << " col " << o << " half=" << half;
+        ASSERT_EQ(alone[o], all[size_t(n) * OC + o]) << "row " << n << " col " << o << " " << half;
         ASSERT_EQ(group[size_t(n) * OC + o], all[size_t(n) * OC + o]) << "row " << n << " col " << o;
+      }
+    }
+  }
+}
+
+// bf16 against its definition (backend.h, packed_matmul.cc), bit for bit, on every kernel this CPU has: inputs and
+// weights rounded to nearest even with denormals flushed to zero, then per pair of k the odd one's product added
+// first, then the even one's, each sum rounded to fp32 (the products are exact). Includes denormal, huge and
+// zero inputs, odd IC (a padded pair) and every row count of the dispatchers.
+TEST(PackedMatmul, Bf16MatchesItsScalarDefinitionBitForBit) {
+  if (!cpu::PackedMatmulSupported()) GTEST_SKIP() << "this CPU lacks AVX2/FMA/F16C";
+  // The rounding itself: nearest even, ties to even, denormals to signed zero, overflow to inf, NaN stays NaN.
+  EXPECT_EQ(cpu::FloatToBf16(1.0f), 0x3f80);
+  EXPECT_EQ(cpu::FloatToBf16(Bf16ToFloat(0x3f80) + std::ldexp(1.0f, -8)), 0x3f80);  // tie: down to even
+  EXPECT_EQ(cpu::FloatToBf16(Bf16ToFloat(0x3f81) + std::ldexp(1.0f, -8)), 0x3f82);  // tie: up to even
+  EXPECT_EQ(cpu::FloatToBf16(Bf16ToFloat(0x3f80) + std::ldexp(1.0f, -9)), 0x3f80);
+  EXPECT_EQ(cpu::FloatToBf16(-std::numeric_limits<float>::denorm_min()), 0x8000);
+  EXPECT_EQ(cpu::FloatToBf16(std::numeric_limits<float>::max()), 0x7f80);
+  EXPECT_TRUE(std::isnan(Bf16ToFloat(cpu::FloatToBf16(std::numeric_limits<float>::quiet_NaN()))));
+  Rng rng(77);
+  for (int IC : {1, 2, 31, 64, 65, 200}) {
+    for (int OC : {1, 16, 17, 100}) {
+      std::vector<float> w(static_cast<size_t>(OC) * IC), bias(OC);
+      for (auto& x : w) x = rng.Normal();
+      for (auto& x : bias) x = rng.Normal();
+      w[0] = 1e-39f;  // a denormal weight: zero
+      std::vector<float> packed(cpu::PackedMatmulFloats(IC, OC, WeightDtype::kBF16));
+      cpu::PackMatmulWeight(packed.data(), w.data(), IC, OC, WeightDtype::kBF16);
+      for (int N : {1, 3, 6, 7, 12, 13, 16, 25}) {
+        std::vector<float> inp(static_cast<size_t>(N) * IC);
+        for (auto& x : inp) x = rng.Normal() * 3.0f;
+        inp[0] = 2e-39f;    // a denormal input: zero
+        inp.back() = 1e30f;  // a huge one: no overflow (weights are ~1)
+        std::vector<float> ref(static_cast<size_t>(N) * OC);
+        for (int n = 0; n < N; ++n)
+          for (int o = 0; o < OC; ++o) {
+            float acc = 0.0f;
+            for (int k = 0; k < IC; k += 2) {
+              auto product = [&](int kk) {
+                if (kk >= IC) return 0.0f;
+                const size_t i = size_t(n) * IC + size_t(kk), j = size_t(o) * IC + size_t(kk);
+                return RoundTo(WeightDtype::kBF16, inp[i]) * RoundTo(WeightDtype::kBF16, w[j]);  // exact
+              };
+              acc = acc + product(k + 1);
+              acc = acc + product(k);
+            }
+            ref[size_t(n) * OC + o] = acc + bias[o];
+          }
+        for (cpu::PackedIsa isa : {cpu::PackedIsa::kAvx2, cpu::PackedIsa::kAvx512}) {
+          if (!cpu::PackedMatmulIsaSupported(isa, WeightDtype::kBF16)) continue;
+          std::vector<float> out(ref.size() + 1, 7.0f);
+          cpu::MatmulForwardPackedWith(isa, out.data(), inp.data(), packed.data(), bias.data(), N, IC, OC,
+                                       WeightDtype::kBF16);
+          EXPECT_EQ(out.back(), 7.0f) << "wrote past the output";
+          out.pop_back();
+          for (size_t i = 0; i < ref.size(); ++i)
+            ASSERT_EQ(out[i], ref[i]) << (isa == cpu::PackedIsa::kAvx2 ? "avx2" : "avx512") << " IC=" << IC
+                                      << " OC=" << OC << " N=" << N << " at " << i;
+        }
       }
     }
   }
@@ -147,12 +228,13 @@ TEST(PackedMatmul, BatchedDecodeEqualsEachSequenceAlone) {
   auto model = GptModel::Create(c, be.get(), 1, c.ctx);
   ASSERT_TRUE(model.ok()) << model.status().ToString();
   (*model)->InitWeights(6);
-  for (bool half : {false, true}) {
-    auto batched = DecodeState::Create(model->get(), 3, c.ctx, 8, half);
+  for (WeightDtype dtype : kAllDtypes) {
+    const char* half = WeightDtypeName(dtype);
+    auto batched = DecodeState::Create(model->get(), 3, c.ctx, 8, dtype);
     ASSERT_TRUE(batched.ok()) << batched.status().ToString();
     std::vector<std::unique_ptr<DecodeState>> alone;
     for (int s = 0; s < 3; ++s) {
-      auto a = DecodeState::Create(model->get(), 1, c.ctx, 8, half);
+      auto a = DecodeState::Create(model->get(), 1, c.ctx, 8, dtype);
       ASSERT_TRUE(a.ok());
       alone.push_back(std::move(*a));
     }
@@ -163,7 +245,7 @@ TEST(PackedMatmul, BatchedDecodeEqualsEachSequenceAlone) {
     for (int s = 0; s < 3; ++s) {
       int32_t zero = 0;
       std::vector<float> a = alone[s]->StepRows(&tok[s], &pos[s], &zero, 1, &zero, 1);
-      for (int v = 0; v < V; ++v) ASSERT_EQ(a[v], b[size_t(s) * V + v]) << "step 1 seq " << s << " half=" << half;
+      for (int v = 0; v < V; ++v) ASSERT_EQ(a[v], b[size_t(s) * V + v]) << "step 1 seq " << s << " " << half;
     }
     // Step 2: sequence 0 feeds a 4-token chunk (positions 1-4), sequences 1 and 2 one token each.
     int32_t tok2[6] = {1, 2, 3, 4, 9, 33}, pos2[6] = {1, 2, 3, 4, 1, 1}, slots2[6] = {0, 0, 0, 0, 1, 2};
@@ -174,7 +256,7 @@ TEST(PackedMatmul, BatchedDecodeEqualsEachSequenceAlone) {
     for (int v = 0; v < V; ++v) ASSERT_EQ(a0[v], b[v]) << "step 2 seq 0 half=" << half;
     for (int s = 1; s < 3; ++s) {
       std::vector<float> a = alone[s]->StepRows(&tok2[3 + s], &pos2[3 + s], zeros, 1, &first, 1);
-      for (int v = 0; v < V; ++v) ASSERT_EQ(a[v], b[size_t(s) * V + v]) << "step 2 seq " << s << " half=" << half;
+      for (int v = 0; v < V; ++v) ASSERT_EQ(a[v], b[size_t(s) * V + v]) << "step 2 seq " << s << " " << half;
     }
   }
 }

@@ -37,10 +37,17 @@ enum class Op {
   kAdamW,
   kMatmulForwardHalf,
   kRoundThroughFixedPoint,  // device-memory backends only (host memory: train/exact_sum.h directly)
-  kMatmulForwardPacked,     // PackedMatmulFloats / PackMatmulWeight / MatmulForwardPacked
+  kMatmulForwardPacked,     // PackedMatmulFloats / PackMatmulWeight / MatmulForwardPacked (f32, f16)
+  kMatmulForwardPackedBf16, // the same with WeightDtype::kBF16
   kCount
 };
 const char* OpName(Op op);
+
+// How a decoding copy of the weight matrices stores its values (DecodeState, MatmulForwardPacked). kBF16 also
+// rounds the product's inputs to bfloat16 (the products are then exact in fp32 and summed in fp32), as GPUs'
+// tensor cores and llama.cpp's CPU bf16 path do.
+enum class WeightDtype { kF32, kF16, kBF16 };
+const char* WeightDtypeName(WeightDtype d);  // "f32", "f16", "bf16"
 
 struct AdamWParams {
   float lr, beta1, beta2, eps, weight_decay;
@@ -97,18 +104,19 @@ class Backend {
     KEEL_CHECK(false, "MatmulForwardHalf on a backend that does not support it");
   }
   // Weights repacked once for many forward products (decoding), in a layout of the backend's choosing.
-  // PackedMatmulFloats: the size, in floats, of the packed form of an [OC, IC] weight (half: stored as IEEE f16,
-  // rounded to nearest even). PackMatmulWeight writes it into `packed` (a buffer from Alloc of that size) from w.
-  // MatmulForwardPacked then equals MatmulForward(out, inp, w, bias, N, IC, OC) on w (or on its f16 rounding) up
-  // to the order of summation; each output's sum must not depend on N, on the other rows or on the thread count,
-  // so that a batched decode step gives every row what a step of that row alone gives. Called only where
-  // SupportsOp(kMatmulForwardPacked).
-  virtual size_t PackedMatmulFloats(int /*IC*/, int /*OC*/, bool /*half*/) const { return 0; }
-  virtual void PackMatmulWeight(float* /*packed*/, const float* /*w*/, int /*IC*/, int /*OC*/, bool /*half*/) {
+  // PackedMatmulFloats: the size, in floats, of the packed form of an [OC, IC] weight stored as `dtype` (f16 and
+  // bf16 rounded to nearest even). PackMatmulWeight writes it into `packed` (a buffer from Alloc of that size) from
+  // w. MatmulForwardPacked then equals MatmulForward(out, inp, w, bias, N, IC, OC) on w's rounding to dtype (and,
+  // for kBF16, on inp's rounding to bfloat16) up to the order of summation; each output's sum must not depend on
+  // N, on the other rows or on the thread count, so that a batched decode step gives every row what a step of that
+  // row alone gives. Called only where SupportsOp(kMatmulForwardPacked), and for kBF16 where
+  // SupportsOp(kMatmulForwardPackedBf16).
+  virtual size_t PackedMatmulFloats(int /*IC*/, int /*OC*/, WeightDtype /*dtype*/) const { return 0; }
+  virtual void PackMatmulWeight(float* /*packed*/, const float* /*w*/, int /*IC*/, int /*OC*/, WeightDtype /*dtype*/) {
     KEEL_CHECK(false, "PackMatmulWeight on a backend that does not support it");
   }
   virtual void MatmulForwardPacked(float* /*out*/, const float* /*inp*/, const float* /*packed*/,
-                                   const float* /*bias*/, int /*N*/, int /*IC*/, int /*OC*/, bool /*half*/) {
+                                   const float* /*bias*/, int /*N*/, int /*IC*/, int /*OC*/, WeightDtype /*dtype*/) {
     KEEL_CHECK(false, "MatmulForwardPacked on a backend that does not support it");
   }
   // dinp += dout @ w; dw += dout^T @ inp; dbias += sum_rows(dout). dbias may be null; dinp may be null.

@@ -239,7 +239,7 @@ void GptModel::Backward(const std::function<void(int group)>& on_group_ready) {
 // DecodeState
 
 Result<std::unique_ptr<DecodeState>> DecodeState::Create(GptModel* model, int B, int maxT, int max_rows,
-                                                         bool half_weights, bool repack) {
+                                                         WeightDtype dtype, bool repack) {
   const GptConfig& c = model->config();
   if (B <= 0) return InvalidArgument("decode batch must be positive");
   if (maxT <= 0 || maxT > c.ctx)
@@ -281,10 +281,13 @@ Result<std::unique_ptr<DecodeState>> DecodeState::Create(GptModel* model, int B,
   std::vector<size_t> mats = {0};  // wte: the tied LM head
   for (int l = 0; l < c.layers; ++l)
     for (int k : {kQkvW, kProjW, kFcW, kFcProjW}) mats.push_back(model->LayerTensor(l, k));
+  if (dtype == WeightDtype::kBF16 && !(repack && be->SupportsOp(Op::kMatmulForwardPackedBf16)))
+    return InvalidArgument("bf16 weights are not supported by the " + be->Name() + " backend" +
+                           (repack ? std::string() : " without repacking"));
   if (repack && be->SupportsOp(Op::kMatmulForwardPacked)) {
-    // Every matrix repacked once for the backend's decode kernel (fp32, or f16 with half_weights).
+    // Every matrix repacked once for the backend's decode kernel (fp32, f16 or bf16).
     s->packed_.assign(model->tensors().size(), nullptr);
-    s->half_packed_ = half_weights;
+    s->packed_dtype_ = dtype;
     const int Ci = c.dim;
     auto dims = [&](size_t t) -> std::pair<int, int> {  // (IC, OC) as StepRows multiplies tensor t
       if (t == 0) return {Ci, c.vocab};                  // the tied LM head: the first V rows of wte
@@ -298,13 +301,13 @@ Result<std::unique_ptr<DecodeState>> DecodeState::Create(GptModel* model, int B,
     for (size_t t : mats) {
       const auto [IC, OC] = dims(t);
       float* dev = nullptr;
-      KEEL_RETURN_IF_ERROR(alloc(be->PackedMatmulFloats(IC, OC, half_weights), &dev));
-      be->PackMatmulWeight(dev, model->P(t), IC, OC, half_weights);
+      KEEL_RETURN_IF_ERROR(alloc(be->PackedMatmulFloats(IC, OC, dtype), &dev));
+      be->PackMatmulWeight(dev, model->P(t), IC, OC, dtype);
       s->packed_[t] = dev;
     }
     return s;
   }
-  if (half_weights) {
+  if (dtype == WeightDtype::kF16) {
     if (!be->SupportsOp(Op::kMatmulForwardHalf))
       return InvalidArgument("f16 weights are not supported by the " + be->Name() + " backend");
     s->half_.assign(model->tensors().size(), nullptr);
@@ -375,7 +378,7 @@ const std::vector<float>& DecodeState::StepRows(const int32_t* tokens, const int
   be->EncoderForward(x_, tok_, pos_, m.P(0), m.P(1), n, 1, C);
   // out = inp @ W^T + bias with tensor t's f16 copy when there is one.
   auto linear = [&](float* out, const float* inp, size_t t, const float* bias, int rows, int IC, int OC) {
-    if (!packed_.empty() && packed_[t]) be->MatmulForwardPacked(out, inp, packed_[t], bias, rows, IC, OC, half_packed_);
+    if (!packed_.empty() && packed_[t]) be->MatmulForwardPacked(out, inp, packed_[t], bias, rows, IC, OC, packed_dtype_);
     else if (!half_.empty() && half_[t]) be->MatmulForwardHalf(out, inp, half_[t], bias, rows, IC, OC);
     else be->MatmulForward(out, inp, m.P(t), bias, rows, IC, OC);
   };

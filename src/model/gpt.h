@@ -97,17 +97,20 @@ class GptModel {
 // Thread safety: one thread at a time (and not concurrently with other users of the same GptModel).
 class DecodeState {
  public:
-  // max_rows: the most rows one StepRows() may feed (0: B). half_weights: the matrices (and the tied LM head) are
+  // max_rows: the most rows one StepRows() may feed (0: B). dtype kF16: the matrices (and the tied LM head) are
   // kept as IEEE f16 copies and multiplied from those (half the bytes per decoded token; logits then differ from
   // the fp32 model's by the f16 rounding of the weights). Fails where the backend lacks kMatmulForwardHalf.
+  // kBF16: bfloat16 copies, and the matrices' input rows rounded to bf16 too (half the bytes, and on CPUs with
+  // AVX-512 BF16 twice the arithmetic rate of fp32; logits differ from the fp32 model's by both roundings, more
+  // than with f16). Needs repacking and kMatmulForwardPackedBf16.
   // Where the backend has kMatmulForwardPacked (the CPU with AVX2/FMA/F16C) every matrix is repacked once into
-  // its decode layout, f16 or fp32: with fp32 weights that copy costs as much memory again as the matrices
+  // its decode layout, fp32, f16 or bf16: with fp32 weights that copy costs as much memory again as the matrices
   // (a second 500 MB for GPT-2 small), bought for a 1.2-1.6x faster 16-row step. A row's logits then do not
   // depend on which other rows share its step. Either copy is taken here: parameters changed after Create() are
   // not seen by the matrices (create a new DecodeState after loading new weights).
   // repack = false keeps the model's own matrices (no copy; the slower few-row kernels).
   static Result<std::unique_ptr<DecodeState>> Create(GptModel* model, int B, int maxT, int max_rows = 0,
-                                                     bool half_weights = false, bool repack = true);
+                                                     WeightDtype dtype = WeightDtype::kF32, bool repack = true);
   ~DecodeState();
   // Feeds tokens[b] at position positions[b] for b < n (positions < maxT, and each sequence's positions
   // fed in order); returns logits [n, V] on the host.
@@ -140,7 +143,7 @@ class DecodeState {
   std::vector<float*> owned_;
   std::vector<const uint16_t*> half_;  // per model tensor: its f16 copy (null: use the fp32 parameters)
   std::vector<const float*> packed_;   // per model tensor: its packed copy (backends with kMatmulForwardPacked)
-  bool half_packed_ = false;           // packed_ holds f16 values
+  WeightDtype packed_dtype_ = WeightDtype::kF32;  // what packed_ holds
   std::vector<float> host_logits_;
   std::vector<int32_t> identity_;  // 0..max(B, R)-1, for Step()
 };

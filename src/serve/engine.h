@@ -44,6 +44,7 @@
 #include <thread>
 #include <vector>
 
+#include "backend/backend.h"
 #include "core/hash.h"
 #include "core/status.h"
 #include "serve/metrics.h"
@@ -62,7 +63,7 @@ struct EngineOptions {
   int prefill_chunk = 64;  // prompt tokens fed per step across all sequences (>= 1)
   int threads = 0;         // backend threads, set on the scheduler thread (0: leave the backend's setting)
   int step_delay_ms = 0;   // testing aid: sleep this long after every step
-  bool half_weights = false;  // decode from f16 copies of the weight matrices (--dtype f16; see DecodeState)
+  WeightDtype weight_dtype = WeightDtype::kF32;  // decode copy of the weight matrices (--dtype; see DecodeState)
   bool prompt_cache = true;   // reuse the keys and values of a prompt's longest cached prefix (see above)
   // Called after every step to learn whether the device still works (default: the backend's Sync(), which
   // returns a CUDA backend's sticky error; the CPU's never fails). Tests inject a device loss through it.

@@ -9,6 +9,7 @@
 #include <set>
 
 #include "core/env.h"
+#include "export/export.h"
 
 namespace keel::cli {
 
@@ -155,6 +156,19 @@ Result<nlohmann::json> ReadJsonFile(const std::string& path) {
   if (j.is_discarded()) return InvalidArgument(path + ": not valid JSON");
   if (!j.is_object()) return InvalidArgument(path + ": expected a JSON object");
   return j;
+}
+
+Result<WeightDtype> ParseDecodeDtype(const std::string& value) {
+  for (WeightDtype d : {WeightDtype::kF32, WeightDtype::kF16, WeightDtype::kBF16})
+    if (value == WeightDtypeName(d)) return d;
+  return InvalidArgument("--dtype must be f32, f16 or bf16, got '" + value + "'");
+}
+
+Status CheckDecodeParams(const TrainingSnapshot& s, const std::string& where, WeightDtype dtype) {
+  const bool half = dtype == WeightDtype::kF16;
+  return CheckFiniteParams(s, where, [half](const ParamTensor& t) {
+    return half && t.shape.size() >= 2 && t.name != "wpe" ? kF16Max : HUGE_VAL;
+  });
 }
 
 }  // namespace keel::cli

@@ -36,7 +36,8 @@ int RunSample(int argc, char** argv) {
   app.add_option("--threads,-t", threads, "CPU threads (0: all cores)");
   app.add_option("--device", device)->capture_default_str();
   std::string dtype = "f32";
-  app.add_option("--dtype", dtype, "weights used for decoding: f32 or f16")->capture_default_str();
+  app.add_option("--dtype", dtype,
+                 "weights used for decoding: f32, f16, or bf16 (also rounds the products' inputs to bf16)")->capture_default_str();
   app.add_flag("--print-token-ids", print_ids, "also print the prompt and generated token ids to stderr");
   app.add_flag("--ignore-eos", g.ignore_eos, "do not stop at the end-of-text token");
   app.add_flag("--timings", timings, "print prompt and decode speed (tokens/s) to stderr, as llama.cpp does");
@@ -47,21 +48,14 @@ int RunSample(int argc, char** argv) {
   if (num_samples < 1 || num_samples > 1000000) return Fail("sample", InvalidArgument("--samples must be in [1, 1000000]"));
   if (threads < 0 || threads > kMaxThreads)
     return Fail("sample", InvalidArgument("--threads must be in [0, " + std::to_string(kMaxThreads) + "]"));
-  if (dtype != "f32" && dtype != "f16")
-    return Fail("sample", InvalidArgument("--dtype must be f32 or f16, got '" + dtype + "'"));
+  auto decode_dtype = ParseDecodeDtype(dtype);
+  if (!decode_dtype.ok()) return Fail("sample", decode_dtype.status());
 
   std::vector<std::string> warnings;
   auto snap = LoadModelForInference(ckpt, &warnings);
   for (const auto& w : warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
   if (!snap.ok()) return Fail("sample", snap.status());
-  // --dtype f16 stores the matrices as f16: a value beyond its range would become inf, and the logits NaN.
-  const bool half = dtype == "f16";
-  // (wpe stays fp32 in the decode state: only the matrices of the products are converted.)
-  auto limit = [half](const ParamTensor& t) {
-    return half && t.shape.size() >= 2 && t.name != "wpe" ? kF16Max : HUGE_VAL;
-  };
-  if (Status s = CheckFiniteParams(*snap, ckpt, limit); !s.ok())
-    return Fail("sample", s);
+  if (Status s = CheckDecodeParams(*snap, ckpt, *decode_dtype); !s.ok()) return Fail("sample", s);
   const bool byte_tok = snap->tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
   auto tok = LoadTokenizer(byte_tok ? "byte" : "bpe", snap->tokenizer);
   if (!tok.ok()) return Fail("sample", tok.status().Wrap(ckpt + ": tokenizer"));
@@ -81,7 +75,7 @@ int RunSample(int argc, char** argv) {
                                           std::to_string(snap->config.ctx) + " (prompt and new tokens together)"));
   // One decode state for every sample (repacking the weights is the slow part of creating one); each sample
   // starts again at position 0, and attention reads only the positions that sample wrote.
-  auto state = DecodeState::Create(model->get(), 1, snap->config.ctx, 0, dtype == "f16");
+  auto state = DecodeState::Create(model->get(), 1, snap->config.ctx, 0, *decode_dtype);
   if (!state.ok()) return Fail("sample", state.status());
   if (g.max_new_tokens < 0) g.max_new_tokens = snap->config.ctx - static_cast<int>(ids.size());
   // Output that did not reach stdout (a full disk under `> file`, a closed pipe's EPIPE) is an error, not exit 0.

@@ -63,7 +63,8 @@ int RunServe(int argc, char** argv) {
   app.add_option("--device", device)->capture_default_str();
   std::string dtype = "f32";
   app.add_option("--dtype", dtype,
-                 "weights used for decoding: f32, or f16 (half the bytes per token: faster, memory-bound decode)")
+                 "weights used for decoding: f32, f16 (half the bytes per token: faster, memory-bound decode), or bf16 "
+                 "(half the bytes, and inputs rounded to bf16: twice the arithmetic rate on AVX-512 BF16 CPUs)")
       ->capture_default_str();
   // Testing aid (hidden): slows every engine step so tests can observe queueing, cancellation and draining.
   app.add_option("--debug-step-delay-ms", eo.step_delay_ms)->group("");
@@ -93,9 +94,9 @@ int RunServe(int argc, char** argv) {
     return Fail("serve", InvalidArgument("--max-body must be in [1024, 1073741824]"));
   if (!(drain_timeout >= 0 && drain_timeout <= 86400))
     return Fail("serve", InvalidArgument("--drain-timeout must be in [0, 86400] seconds"));
-  if (dtype != "f32" && dtype != "f16")
-    return Fail("serve", InvalidArgument("--dtype must be f32 or f16, got '" + dtype + "'"));
-  eo.half_weights = dtype == "f16";
+  auto decode_dtype = ParseDecodeDtype(dtype);
+  if (!decode_dtype.ok()) return Fail("serve", decode_dtype.status());
+  eo.weight_dtype = *decode_dtype;
   eo.prompt_cache = !no_prompt_cache;
   std::shared_ptr<FaultInjector> injector;
   if (!inject.empty()) {
@@ -114,14 +115,7 @@ int RunServe(int argc, char** argv) {
   auto snap = LoadModelForInference(ckpt, &warnings);
   for (const auto& w : warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
   if (!snap.ok()) return Fail("serve", snap.status());
-  // --dtype f16 stores the matrices as f16: a value beyond its range would become inf, and the logits NaN.
-  const bool half = dtype == "f16";
-  // (wpe stays fp32 in the decode state: only the matrices of the products are converted.)
-  auto limit = [half](const ParamTensor& t) {
-    return half && t.shape.size() >= 2 && t.name != "wpe" ? kF16Max : HUGE_VAL;
-  };
-  if (Status s = CheckFiniteParams(*snap, ckpt, limit); !s.ok())
-    return Fail("serve", s);
+  if (Status s = CheckDecodeParams(*snap, ckpt, *decode_dtype); !s.ok()) return Fail("serve", s);
   const bool byte_tok = snap->tokenizer.rfind("keel-byte-tokenizer", 0) == 0;
   auto tok = LoadTokenizer(byte_tok ? "byte" : "bpe", snap->tokenizer);
   if (!tok.ok()) return Fail("serve", tok.status().Wrap(ckpt + ": tokenizer"));

@@ -18,9 +18,19 @@ const char* OpName(Op op) {
                                  "matmul_forward", "matmul_backward", "attention_forward", "attention_backward",
                                  "attention_decode", "gelu_forward", "gelu_backward", "residual_forward",
                                  "softmax_xent_forward", "softmax_xent_backward", "softmax_forward", "adamw",
-                                 "matmul_forward_half", "round_through_fixed_point", "matmul_forward_packed"};
+                                 "matmul_forward_half", "round_through_fixed_point", "matmul_forward_packed",
+                                 "matmul_forward_packed_bf16"};
   static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<size_t>(Op::kCount));
   return kNames[static_cast<int>(op)];
+}
+
+const char* WeightDtypeName(WeightDtype d) {
+  switch (d) {
+    case WeightDtype::kF32: return "f32";
+    case WeightDtype::kF16: return "f16";
+    case WeightDtype::kBF16: return "bf16";
+  }
+  return "?";
 }
 
 namespace {
@@ -44,7 +54,9 @@ class CpuBackend final : public Backend {
   std::string Name() const override { return "cpu"; }
   // Host memory: callers round gradients with train/exact_sum.h in place (no RoundThroughFixedPoint here).
   bool SupportsOp(Op op) const override {
-    if (op == Op::kMatmulForwardPacked) return cpu::PackedMatmulSupported();  // AVX2 + FMA + F16C
+    // AVX2 + FMA + F16C; bf16 runs on the same (AVX-512 BF16's dot product where the CPU has it, else the same
+    // arithmetic emulated in 256-bit FMAs).
+    if (op == Op::kMatmulForwardPacked || op == Op::kMatmulForwardPackedBf16) return cpu::PackedMatmulSupported();
     return op != Op::kCount && op != Op::kRoundThroughFixedPoint;
   }
   bool host_memory() const override { return true; }
@@ -115,15 +127,15 @@ class CpuBackend final : public Backend {
                          int OC) override {
     cpu::MatmulForwardHalf(out, inp, w16, bias, N, IC, OC);
   }
-  size_t PackedMatmulFloats(int IC, int OC, bool half) const override {
-    return cpu::PackedMatmulFloats(IC, OC, half);
+  size_t PackedMatmulFloats(int IC, int OC, WeightDtype dtype) const override {
+    return cpu::PackedMatmulFloats(IC, OC, dtype);
   }
-  void PackMatmulWeight(float* packed, const float* w, int IC, int OC, bool half) override {
-    cpu::PackMatmulWeight(packed, w, IC, OC, half);
+  void PackMatmulWeight(float* packed, const float* w, int IC, int OC, WeightDtype dtype) override {
+    cpu::PackMatmulWeight(packed, w, IC, OC, dtype);
   }
   void MatmulForwardPacked(float* out, const float* inp, const float* packed, const float* bias, int N, int IC,
-                           int OC, bool half) override {
-    cpu::MatmulForwardPacked(out, inp, packed, bias, N, IC, OC, half);
+                           int OC, WeightDtype dtype) override {
+    cpu::MatmulForwardPacked(out, inp, packed, bias, N, IC, OC, dtype);
   }
   void MatmulBackward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp, const float* w,
                       int N, int IC, int OC) override {

@@ -21,21 +21,27 @@ void MatmulBackward(float* dinp, float* dw, float* dbias, const float* dout, con
                     int IC, int OC);
 // MatmulForward with IEEE f16 weights (matmul_half.cc).
 void MatmulForwardHalf(float* out, const float* inp, const uint16_t* w, const float* bias, int N, int IC, int OC);
-// MatmulForward from weights repacked into column panels, fp32 or f16 (packed_matmul.cc). Needs AVX2/FMA/F16C.
+// MatmulForward from weights repacked into column panels, fp32, f16 or bf16 (packed_matmul.cc). Needs
+// AVX2/FMA/F16C.
 bool PackedMatmulSupported();
-size_t PackedMatmulFloats(int IC, int OC, bool half);
-void PackMatmulWeight(float* packed, const float* w, int IC, int OC, bool half);
+size_t PackedMatmulFloats(int IC, int OC, WeightDtype dtype);
+void PackMatmulWeight(float* packed, const float* w, int IC, int OC, WeightDtype dtype);
 void MatmulForwardPacked(float* out, const float* inp, const float* packed, const float* bias, int N, int IC, int OC,
-                         bool half);
-// The packed product's two kernels: 256-bit (AVX2/FMA/F16C) and 512-bit (AVX-512F). Both give the same bits.
+                         WeightDtype dtype);
+// bfloat16 as the packed bf16 product rounds its inputs: to nearest even, zeros and denormals to a signed zero
+// (as AVX-512 BF16's VCVTNE2PS2BF16 does), NaN kept quiet.
+uint16_t FloatToBf16(float f);
+// The packed product's two kernels: 256-bit (AVX2/FMA/F16C) and 512-bit (AVX-512F; for bf16 AVX-512 BF16).
+// Both give the same bits (for bf16, except where a partial sum falls below fp32's normal range: the BF16 dot
+// product flushes it to zero).
 // PackedMatmulIsa() is what MatmulForwardPacked uses: AVX-512 where the CPU has it, unless the environment sets
 // KEEL_MAX_CPU_ISA=avx2 (read once). MatmulForwardPackedWith runs the one named (tests and benchmarks compare
 // them); the caller checks PackedMatmulIsaSupported first.
 enum class PackedIsa { kAvx2, kAvx512 };
 PackedIsa PackedMatmulIsa();
-bool PackedMatmulIsaSupported(PackedIsa isa);
+bool PackedMatmulIsaSupported(PackedIsa isa, WeightDtype dtype = WeightDtype::kF32);
 void MatmulForwardPackedWith(PackedIsa isa, float* out, const float* inp, const float* packed, const float* bias,
-                             int N, int IC, int OC, bool half);
+                             int N, int IC, int OC, WeightDtype dtype);
 void AttentionForward(float* out, float* att, const float* qkv, int B, int T, int C, int NH);
 void AttentionBackward(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att, int B, int T,
                        int C, int NH);

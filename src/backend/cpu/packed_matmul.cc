@@ -1,5 +1,5 @@
 // packed_matmul.cc: the linear layer of decoding (a few rows to a prompt chunk per step) from weights repacked
-// once into 16-column panels, fp32 or IEEE f16.
+// once into 16-column panels, fp32, IEEE f16 or bfloat16.
 //
 // Why: a decode step multiplies every weight matrix by 1-64 rows. In the [OC, IC] layout the few-row kernels
 // (skinny_matmul.h) keep 12 dot-product accumulators, reload the input rows for every weight row block and end
@@ -21,6 +21,14 @@
 // measured with a register-only FMA loop), which is what a 16-row step needs: it is compute bound. Each lane does
 // the same FMA sequence in both paths, so they give the same bits (tested). KEEL_MAX_CPU_ISA=avx2 caps the choice,
 // as oneDNN's ONEDNN_MAX_CPU_ISA does (for comparisons, or a CPU that slows down on 512-bit vectors).
+//
+// bfloat16 (--dtype bf16): the weights and the input rows are rounded to bf16 and the products summed in fp32 with
+// AVX-512 BF16's VDPBF16PS, which does two multiply-adds per 32-bit lane: twice the FMA peak of fp32, for the
+// compute-bound steps of many rows (16 clients), and half the weight bytes of fp32 for one row. The panels hold
+// pairs along k: P[OC/16][IC/2][16][2] (IC padded to even with zeros), one 512-bit vector per pair of k. A product
+// of two bf16 values is exact in fp32, so VDPBF16PS's two steps per lane (the odd k of the pair, then the even one,
+// each rounded to nearest even) are two FMAs; CPUs without AVX-512 BF16 run exactly those FMAs (256-bit), and the
+// two give the same bits except where a partial sum is an fp32 denormal (flushed to zero by VDPBF16PS).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -30,6 +38,7 @@
 #include <cstring>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "backend/cpu/cpu_ops.h"
 #include "formats/half.h"
@@ -205,22 +214,28 @@ __attribute__((target("avx512f"))) void PanelRows512(float* out, const float* x,
 
 using PanelFn = void (*)(float*, const float*, const void*, const float*, int, int, int);
 
-template <int R, int P, typename W>
-void PanelRows512Erased(float* out, const float* x, const void* panel, const float* bias, int IC, int OC, int o) {
-  PanelRows512<R, P, W>(out, x, static_cast<const W*>(panel), bias, IC, OC, o);
-}
+// A kernel family for PackedForward512: K::Run<R, P> multiplies R rows against P panels.
+template <typename W>
+struct Fma512 {
+  template <int R, int P>
+  static void Run(float* out, const float* x, const void* panel, const float* bias, int IC, int OC, int o) {
+    PanelRows512<R, P, W>(out, x, static_cast<const W*>(panel), bias, IC, OC, o);
+  }
+};
 
 // kernels[R - 1] multiplies R rows against P panels.
-template <int P, typename W, int... Rm1>
+template <int P, typename K, int... Rm1>
 constexpr std::array<PanelFn, sizeof...(Rm1)> Kernels512(std::integer_sequence<int, Rm1...>) {
-  return {&PanelRows512Erased<Rm1 + 1, P, W>...};
+  return {&K::template Run<Rm1 + 1, P>...};
 }
 
-template <typename W>
+// W: the packed element (float, f16, or a bf16 pair as one 32-bit word, with IC then counting pairs and inp holding
+// the rows' pairs).
+template <typename K, typename W>
 void PackedForward512(float* out, const float* inp, const W* packed, const float* bias, int N, int IC, int OC) {
-  static constexpr auto k1 = Kernels512<1, W>(std::make_integer_sequence<int, 2 * kRows512>{});
-  static constexpr auto k2 = Kernels512<2, W>(std::make_integer_sequence<int, 2 * kRows512>{});
-  static constexpr auto k4 = Kernels512<4, W>(std::make_integer_sequence<int, kRows512>{});
+  static constexpr auto k1 = Kernels512<1, K>(std::make_integer_sequence<int, 2 * kRows512>{});
+  static constexpr auto k2 = Kernels512<2, K>(std::make_integer_sequence<int, 2 * kRows512>{});
+  static constexpr auto k4 = Kernels512<4, K>(std::make_integer_sequence<int, kRows512>{});
   const int panels = static_cast<int>(Panels(OC)), groups = (panels + kGroup512 - 1) / kGroup512;
   const size_t stride = static_cast<size_t>(IC) * kPanel;
   auto at = [&](int p) { return static_cast<const void*>(packed + static_cast<size_t>(p) * stride); };
@@ -253,7 +268,142 @@ void PackedForward512(float* out, const float* inp, const W* packed, const float
   }
 }
 
+// ---- bfloat16: pairs along k, VDPBF16PS (or the same FMAs in 256-bit vectors) ----
+
+size_t Pairs(int IC) { return (static_cast<size_t>(IC) + 1) / 2; }
+
+// R rows x P panels of bf16 pairs from column o: x holds each row's bf16 pairs as 32-bit words (IC2 per row).
+template <int R, int P>
+__attribute__((target("avx512f,avx512bf16"))) void PanelRowsBf16(float* out, const float* xf, const void* panel_v,
+                                                                 const float* bias, int IC2, int OC, int o) {
+  static_assert(R >= 1 && P >= 1 && R * P + P + 1 <= 32);
+  const auto* x = reinterpret_cast<const uint32_t*>(xf);
+  const auto* panel = static_cast<const uint32_t*>(panel_v);
+  const size_t stride = static_cast<size_t>(IC2) * kPanel;  // one panel, in pairs
+  __m512 acc[P][R];
+#pragma GCC unroll 16
+  for (int q = 0; q < P; ++q)
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[q][r] = _mm512_setzero_ps();
+  for (int k = 0; k < IC2; ++k) {
+    __m512i w[P];
+#pragma GCC unroll 16
+    for (int q = 0; q < P; ++q) w[q] = _mm512_loadu_si512(panel + q * stride + static_cast<size_t>(k) * kPanel);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512i xb = _mm512_set1_epi32(static_cast<int>(x[static_cast<size_t>(r) * IC2 + k]));
+#pragma GCC unroll 16
+      for (int q = 0; q < P; ++q) acc[q][r] = _mm512_dpbf16_ps(acc[q][r], (__m512bh)w[q], (__m512bh)xb);
+    }
+  }
+#pragma GCC unroll 16
+  for (int q = 0; q < P; ++q) {
+    const int oq = o + q * kPanel, cols = std::min(kPanel, OC - oq);
+    const __mmask16 mask = static_cast<__mmask16>(cols == kPanel ? 0xffffu : (1u << cols) - 1u);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + oq) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(out + static_cast<size_t>(r) * OC + oq, mask, _mm512_add_ps(acc[q][r], b));
+  }
+}
+
+// The same sums without AVX-512 BF16: per pair, the odd k's FMA and then the even k's, in 256-bit vectors (a bf16
+// value is the top half of an fp32 one). R <= 4 rows against one panel: 8 accumulators, 4 weight vectors, 2
+// broadcasts. For CPUs without the instruction and as the tests' second opinion; not tuned.
+template <int R>
+__attribute__((target("avx2,fma"))) void PanelRowsBf16Avx2(float* out, const uint32_t* x, const uint32_t* panel,
+                                                           const float* bias, int IC2, int OC, int o) {
+  static_assert(R >= 1 && R <= 4);
+  __m256 a0[R], a1[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int k = 0; k < IC2; ++k) {
+    const uint32_t* w = panel + static_cast<size_t>(k) * kPanel;
+    const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 8));
+    const __m256 odd0 = _mm256_castsi256_ps(_mm256_and_si256(v0, hi)), even0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16));
+    const __m256 odd1 = _mm256_castsi256_ps(_mm256_and_si256(v1, hi)), even1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16));
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const uint32_t xp = x[static_cast<size_t>(r) * IC2 + k];
+      const __m256 xo = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(xp & 0xffff0000u)));
+      const __m256 xe = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(xp << 16)));
+      a0[r] = _mm256_fmadd_ps(even0, xe, _mm256_fmadd_ps(odd0, xo, a0[r]));
+      a1[r] = _mm256_fmadd_ps(even1, xe, _mm256_fmadd_ps(odd1, xo, a1[r]));
+    }
+  }
+  const int cols = std::min(kPanel, OC - o);
+  alignas(32) float b[kPanel] = {};
+  if (bias) std::memcpy(b, bias + o, sizeof(float) * static_cast<size_t>(cols));
+  const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float t[kPanel];
+    _mm256_store_ps(t, _mm256_add_ps(a0[r], b0));
+    _mm256_store_ps(t + 8, _mm256_add_ps(a1[r], b1));
+    std::memcpy(out + static_cast<size_t>(r) * OC + o, t, sizeof(float) * static_cast<size_t>(cols));
+  }
+}
+
+void PackedForwardBf16Avx2(float* out, const uint32_t* x, const uint32_t* packed, const float* bias, int N, int IC2,
+                           int OC) {
+  const int panels = static_cast<int>(Panels(OC));
+  const size_t stride = static_cast<size_t>(IC2) * kPanel;
+#pragma omp parallel for schedule(static)
+  for (int p = 0; p < panels; ++p) {
+    const uint32_t* panel = packed + static_cast<size_t>(p) * stride;
+    for (int r = 0; r < N; r += 4) {
+      float* o_r = out + static_cast<size_t>(r) * OC;
+      const uint32_t* x_r = x + static_cast<size_t>(r) * IC2;
+      switch (std::min(4, N - r)) {
+        case 4: PanelRowsBf16Avx2<4>(o_r, x_r, panel, bias, IC2, OC, p * kPanel); break;
+        case 3: PanelRowsBf16Avx2<3>(o_r, x_r, panel, bias, IC2, OC, p * kPanel); break;
+        case 2: PanelRowsBf16Avx2<2>(o_r, x_r, panel, bias, IC2, OC, p * kPanel); break;
+        default: PanelRowsBf16Avx2<1>(o_r, x_r, panel, bias, IC2, OC, p * kPanel); break;
+      }
+    }
+  }
+}
+
+struct Bf16Dot512 {
+  template <int R, int P>
+  static void Run(float* out, const float* x, const void* panel, const float* bias, int IC2, int OC, int o) {
+    PanelRowsBf16<R, P>(out, x, panel, bias, IC2, OC, o);
+  }
+};
+
+// The input rows as bf16 pairs: [N, IC2] 32-bit words, the odd k in the high half (VDPBF16PS's layout).
+__attribute__((target("avx512f,avx512bf16"))) void RowsToBf16PairsAvx512(uint32_t* dst, const float* x, int N, int IC) {
+  const int IC2 = static_cast<int>(Pairs(IC));
+  for (int r = 0; r < N; ++r) {
+    const float* xr = x + static_cast<size_t>(r) * IC;
+    uint32_t* dr = dst + static_cast<size_t>(r) * IC2;
+    int k = 0;
+    for (; k + 32 <= IC; k += 32) {  // 16 pairs: evens and odds interleaved as the instruction packs them
+      const __m512 lo = _mm512_loadu_ps(xr + k), hi = _mm512_loadu_ps(xr + k + 16);
+      // _mm512_cvtne2ps_pbh(a, b): the low 16 bf16 from b, the high 16 from a, in order: element i = x[k + i].
+      _mm512_storeu_si512(dr + k / 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    for (; k < IC; k += 2) {
+      const uint32_t e = FloatToBf16(xr[k]), od = k + 1 < IC ? FloatToBf16(xr[k + 1]) : 0;
+      dr[k / 2] = e | (od << 16);
+    }
+  }
+}
+
+void RowsToBf16Pairs(uint32_t* dst, const float* x, int N, int IC) {
+  const size_t IC2 = Pairs(IC);
+  for (int r = 0; r < N; ++r)
+    for (int k = 0; k < IC; k += 2) {
+      const float* xr = x + static_cast<size_t>(r) * IC;
+      const uint32_t e = FloatToBf16(xr[k]), od = k + 1 < IC ? FloatToBf16(xr[k + 1]) : 0;
+      dst[static_cast<size_t>(r) * IC2 + static_cast<size_t>(k / 2)] = e | (od << 16);
+    }
+}
+
 bool CpuHasAvx512() { return __builtin_cpu_supports("avx512f"); }
+bool CpuHasAvx512Bf16() { return __builtin_cpu_supports("avx512bf16"); }
 
 }  // namespace
 
@@ -274,16 +424,32 @@ PackedIsa PackedMatmulIsa() {
   return isa;
 }
 
-bool PackedMatmulIsaSupported(PackedIsa isa) {
-  return PackedMatmulSupported() && (isa == PackedIsa::kAvx2 || CpuHasAvx512());
+bool PackedMatmulIsaSupported(PackedIsa isa, WeightDtype dtype) {
+  if (!PackedMatmulSupported()) return false;
+  if (isa == PackedIsa::kAvx2) return true;
+  return dtype == WeightDtype::kBF16 ? CpuHasAvx512() && CpuHasAvx512Bf16() : CpuHasAvx512();
 }
 
-size_t PackedMatmulFloats(int IC, int OC, bool half) {
+uint16_t FloatToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7f800000u) == 0) return static_cast<uint16_t>((u >> 16) & 0x8000u);  // zero, denormal: signed zero
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN: quiet
+  u += 0x7fffu + ((u >> 16) & 1u);  // nearest even (an overflow carries into the exponent: inf)
+  return static_cast<uint16_t>(u >> 16);
+}
+
+size_t PackedMatmulFloats(int IC, int OC, WeightDtype dtype) {
   const size_t values = Panels(OC) * kPanel * static_cast<size_t>(IC);
-  return half ? (values + 1) / 2 : values;
+  switch (dtype) {
+    case WeightDtype::kF16: return (values + 1) / 2;
+    case WeightDtype::kBF16: return Panels(OC) * kPanel * Pairs(IC);  // one pair per float
+    case WeightDtype::kF32: break;
+  }
+  return values;
 }
 
-void PackMatmulWeight(float* packed, const float* w, int IC, int OC, bool half) {
+void PackMatmulWeight(float* packed, const float* w, int IC, int OC, WeightDtype dtype) {
   const size_t panels = Panels(OC);
   uint16_t* h = reinterpret_cast<uint16_t*>(packed);
   // Serial on purpose: packing runs once, often on another thread than the decode steps (a server packs on its
@@ -291,23 +457,52 @@ void PackMatmulWeight(float* packed, const float* w, int IC, int OC, bool half) 
   // pool behind. libgomp then counts more threads than cores and stops spinning at barriers: every parallel
   // region of a decode step paid a futex wake-up (12k context switches in 96 steps against 131), and one-row
   // decoding lost a third of its speed.
+  auto at_w = [&](size_t o, size_t k) {
+    return o < static_cast<size_t>(OC) && k < static_cast<size_t>(IC) ? w[o * static_cast<size_t>(IC) + k] : 0.0f;
+  };
+  if (dtype == WeightDtype::kBF16) {  // P[p][k/2][j][k%2]
+    const size_t IC2 = Pairs(IC);
+    for (size_t p = 0; p < panels; ++p)
+      for (size_t k2 = 0; k2 < IC2; ++k2)
+        for (size_t j = 0; j < kPanel; ++j)
+          for (size_t e = 0; e < 2; ++e)
+            h[((p * IC2 + k2) * kPanel + j) * 2 + e] = FloatToBf16(at_w(p * kPanel + j, 2 * k2 + e));
+    return;
+  }
   for (size_t p = 0; p < panels; ++p)
     for (int k = 0; k < IC; ++k)
       for (int j = 0; j < kPanel; ++j) {
-        const size_t o = p * kPanel + static_cast<size_t>(j);
-        const float v = o < static_cast<size_t>(OC) ? w[o * static_cast<size_t>(IC) + static_cast<size_t>(k)] : 0.0f;
+        const float v = at_w(p * kPanel + static_cast<size_t>(j), static_cast<size_t>(k));
         const size_t at = (p * static_cast<size_t>(IC) + static_cast<size_t>(k)) * kPanel + static_cast<size_t>(j);
-        if (half) h[at] = FloatToF16(v);
+        if (dtype == WeightDtype::kF16) h[at] = FloatToF16(v);
         else packed[at] = v;
       }
 }
 
 void MatmulForwardPackedWith(PackedIsa isa, float* out, const float* inp, const float* packed, const float* bias,
-                             int N, int IC, int OC, bool half) {
+                             int N, int IC, int OC, WeightDtype dtype) {
   const auto* halves = reinterpret_cast<const uint16_t*>(packed);
+  if (dtype == WeightDtype::kBF16) {
+    // The rows rounded to bf16 pairs once per call, on the calling thread (N x IC values: microseconds), into a
+    // buffer that lives as long as the thread and only grows.
+    thread_local std::vector<uint32_t> pairs;
+    const int IC2 = static_cast<int>(Pairs(IC));
+    if (N <= 0) return;
+    if (pairs.size() < static_cast<size_t>(N) * IC2) pairs.resize(static_cast<size_t>(N) * IC2);
+    const auto* words = reinterpret_cast<const uint32_t*>(packed);
+    if (isa == PackedIsa::kAvx512) {
+      RowsToBf16PairsAvx512(pairs.data(), inp, N, IC);
+      PackedForward512<Bf16Dot512>(out, reinterpret_cast<const float*>(pairs.data()), words, bias, N, IC2, OC);
+    } else {
+      RowsToBf16Pairs(pairs.data(), inp, N, IC);
+      PackedForwardBf16Avx2(out, pairs.data(), words, bias, N, IC2, OC);
+    }
+    return;
+  }
+  const bool half = dtype == WeightDtype::kF16;
   if (isa == PackedIsa::kAvx512) {
-    if (half) PackedForward512(out, inp, halves, bias, N, IC, OC);
-    else PackedForward512(out, inp, packed, bias, N, IC, OC);
+    if (half) PackedForward512<Fma512<uint16_t>>(out, inp, halves, bias, N, IC, OC);
+    else PackedForward512<Fma512<float>>(out, inp, packed, bias, N, IC, OC);
   } else {
     if (half) PackedForward(out, inp, halves, bias, N, IC, OC);
     else PackedForward(out, inp, packed, bias, N, IC, OC);
@@ -315,8 +510,10 @@ void MatmulForwardPackedWith(PackedIsa isa, float* out, const float* inp, const 
 }
 
 void MatmulForwardPacked(float* out, const float* inp, const float* packed, const float* bias, int N, int IC, int OC,
-                         bool half) {
-  MatmulForwardPackedWith(PackedMatmulIsa(), out, inp, packed, bias, N, IC, OC, half);
+                         WeightDtype dtype) {
+  PackedIsa isa = PackedMatmulIsa();
+  if (isa == PackedIsa::kAvx512 && !PackedMatmulIsaSupported(isa, dtype)) isa = PackedIsa::kAvx2;
+  MatmulForwardPackedWith(isa, out, inp, packed, bias, N, IC, OC, dtype);
 }
 
 }  // namespace keel::cpu
