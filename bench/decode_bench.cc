@@ -97,7 +97,8 @@ int main(int argc, char** argv) {
     for (bool repack : {false, true}) {  // the model's [OC, IC] matrices vs the backend's repacked panels
       if (only_rows && std::atoi(only_rows) != rows) continue;
       if (only_layout && std::string(only_layout) != (repack ? "packed" : "rows")) continue;
-      if (dtype == WeightDtype::kBF16 && !repack) continue;  // bf16 exists only packed
+      // bf16 exists only packed, and needs a CPU with AVX2.
+      if (dtype == WeightDtype::kBF16 && (!repack || !be->SupportsOp(Op::kMatmulForwardPackedBf16))) continue;
       auto st = DecodeState::Create(model->get(), rows, c.ctx, rows, dtype, repack);
       if (!st.ok()) {
         std::fprintf(stderr, "%s\n", st.status().ToString().c_str());

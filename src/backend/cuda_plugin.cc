@@ -47,10 +47,10 @@ Result<EntryFn> LoadEntry() {
       const char* e = ::dlerror();
       return Unavailable("--device cuda: cannot load the CUDA backend plugin " + path + ": " + (e ? e : "dlopen failed"));
     }
-    auto fn = reinterpret_cast<EntryFn>(::dlsym(h, "keel_make_cuda_backend_v1"));
+    auto fn = reinterpret_cast<EntryFn>(::dlsym(h, "keel_make_cuda_backend_v2"));
     if (!fn)
       return Unavailable("--device cuda: " + path + " is not a CUDA backend plugin of this keel build "
-                         "(no keel_make_cuda_backend_v1)");
+                         "(no keel_make_cuda_backend_v2)");
     return fn;
   }
   std::string tried;

@@ -247,8 +247,14 @@ Result<std::unique_ptr<DecodeState>> DecodeState::Create(GptModel* model, int B,
                            "]");
   if (max_rows < 0) return InvalidArgument("decode rows must be >= 0");
   const int R = std::max(B, max_rows);
-  std::unique_ptr<DecodeState> s(new DecodeState(model, B, maxT, R));
   Backend* be = model->backend();
+  // bf16 exists only as repacked panels (the CPU's needs AVX2/FMA/F16C).
+  if (dtype == WeightDtype::kBF16 &&
+      !(repack && be->SupportsOp(Op::kMatmulForwardPacked) && be->SupportsOp(Op::kMatmulForwardPackedBf16)))
+    return InvalidArgument("bf16 weights are not supported by the " + be->Name() + " backend" +
+                           (!repack ? " without repacking"
+                            : be->host_memory() ? " on this CPU (it needs AVX2, FMA and F16C)" : ""));
+  std::unique_ptr<DecodeState> s(new DecodeState(model, B, maxT, R));
   const size_t C = c.dim;
   auto alloc = [&](size_t n, float** out) -> Status {
     auto r = be->Alloc(n);
@@ -281,9 +287,6 @@ Result<std::unique_ptr<DecodeState>> DecodeState::Create(GptModel* model, int B,
   std::vector<size_t> mats = {0};  // wte: the tied LM head
   for (int l = 0; l < c.layers; ++l)
     for (int k : {kQkvW, kProjW, kFcW, kFcProjW}) mats.push_back(model->LayerTensor(l, k));
-  if (dtype == WeightDtype::kBF16 && !(repack && be->SupportsOp(Op::kMatmulForwardPackedBf16)))
-    return InvalidArgument("bf16 weights are not supported by the " + be->Name() + " backend" +
-                           (repack ? std::string() : " without repacking"));
   if (repack && be->SupportsOp(Op::kMatmulForwardPacked)) {
     // Every matrix repacked once for the backend's decode kernel (fp32, f16 or bf16).
     s->packed_.assign(model->tensors().size(), nullptr);

@@ -165,9 +165,11 @@ Result<WeightDtype> ParseDecodeDtype(const std::string& value) {
 }
 
 Status CheckDecodeParams(const TrainingSnapshot& s, const std::string& where, WeightDtype dtype) {
-  const bool half = dtype == WeightDtype::kF16;
-  return CheckFiniteParams(s, where, [half](const ParamTensor& t) {
-    return half && t.shape.size() >= 2 && t.name != "wpe" ? kF16Max : HUGE_VAL;
+  // bf16's largest finite value is 0x7f7f (3.3895e38): an fp32 value beyond rounds to inf.
+  const double largest = dtype == WeightDtype::kF16 ? kF16Max : dtype == WeightDtype::kBF16 ? 3.3895313892515355e38
+                                                                                              : HUGE_VAL;
+  return CheckFiniteParams(s, where, [largest](const ParamTensor& t) {
+    return t.shape.size() >= 2 && t.name != "wpe" ? largest : HUGE_VAL;
   });
 }
 

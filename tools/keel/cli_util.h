@@ -18,8 +18,8 @@ namespace keel::cli {
 // `keel sample` / `keel serve --dtype`: the decode copy of the weight matrices, f32, f16 or bf16; anything else is
 // "--dtype must be f32, f16 or bf16, got 'X'".
 Result<WeightDtype> ParseDecodeDtype(const std::string& value);
-// The loaded model's parameters are finite and, with f16, the matrices within f16's range (a value beyond would
-// become inf and the logits NaN; wpe stays fp32 in the decode state). bf16 has fp32's range. Errors name `where`.
+// The loaded model's parameters are finite and, with f16 or bf16, the matrices within that type's range (a value
+// beyond would become inf and the logits NaN; wpe stays fp32 in the decode state). Errors name `where`.
 Status CheckDecodeParams(const TrainingSnapshot& s, const std::string& where, WeightDtype dtype);
 
 // Parses argv (a flag given twice: the last value wins, unless the option takes all values); on error prints "keel <cmd>: <message>" (one line) and returns the exit code to use (>= 0) —

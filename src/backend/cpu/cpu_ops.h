@@ -29,13 +29,14 @@ void PackMatmulWeight(float* packed, const float* w, int IC, int OC, WeightDtype
 void MatmulForwardPacked(float* out, const float* inp, const float* packed, const float* bias, int N, int IC, int OC,
                          WeightDtype dtype);
 // bfloat16 as the packed bf16 product rounds its inputs: to nearest even, zeros and denormals to a signed zero
-// (as AVX-512 BF16's VCVTNE2PS2BF16 does), NaN kept quiet.
-uint16_t FloatToBf16(float f);
+// (as AVX-512 BF16's VCVTNE2PS2BF16 does), NaN kept quiet. Not formats/half.h's FloatToBF16, which keeps
+// denormals (the files keel writes hold them as they are).
+uint16_t FloatToBf16Ftz(float f);
 // The packed product's two kernels: 256-bit (AVX2/FMA/F16C) and 512-bit (AVX-512F; for bf16 AVX-512 BF16).
 // Both give the same bits (for bf16, except where a partial sum falls below fp32's normal range: the BF16 dot
 // product flushes it to zero).
 // PackedMatmulIsa() is what MatmulForwardPacked uses: AVX-512 where the CPU has it, unless the environment sets
-// KEEL_MAX_CPU_ISA=avx2 (read once). MatmulForwardPackedWith runs the one named (tests and benchmarks compare
+// KEEL_MAX_CPU_ISA=avx2 (read once; =avx512 keeps AVX-512F but not AVX-512 BF16). MatmulForwardPackedWith runs the one named (tests and benchmarks compare
 // them); the caller checks PackedMatmulIsaSupported first.
 enum class PackedIsa { kAvx2, kAvx512 };
 PackedIsa PackedMatmulIsa();

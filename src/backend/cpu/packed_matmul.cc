@@ -386,7 +386,7 @@ __attribute__((target("avx512f,avx512bf16"))) void RowsToBf16PairsAvx512(uint32_
       _mm512_storeu_si512(dr + k / 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
     for (; k < IC; k += 2) {
-      const uint32_t e = FloatToBf16(xr[k]), od = k + 1 < IC ? FloatToBf16(xr[k + 1]) : 0;
+      const uint32_t e = FloatToBf16Ftz(xr[k]), od = k + 1 < IC ? FloatToBf16Ftz(xr[k + 1]) : 0;
       dr[k / 2] = e | (od << 16);
     }
   }
@@ -397,13 +397,26 @@ void RowsToBf16Pairs(uint32_t* dst, const float* x, int N, int IC) {
   for (int r = 0; r < N; ++r)
     for (int k = 0; k < IC; k += 2) {
       const float* xr = x + static_cast<size_t>(r) * IC;
-      const uint32_t e = FloatToBf16(xr[k]), od = k + 1 < IC ? FloatToBf16(xr[k + 1]) : 0;
+      const uint32_t e = FloatToBf16Ftz(xr[k]), od = k + 1 < IC ? FloatToBf16Ftz(xr[k + 1]) : 0;
       dst[static_cast<size_t>(r) * IC2 + static_cast<size_t>(k / 2)] = e | (od << 16);
     }
 }
 
 bool CpuHasAvx512() { return __builtin_cpu_supports("avx512f"); }
-bool CpuHasAvx512Bf16() { return __builtin_cpu_supports("avx512bf16"); }
+// The environment's cap on the instruction sets (KEEL_MAX_CPU_ISA, read once, lower case): "avx2" keeps every
+// product on the 256-bit kernels; "avx512" keeps AVX-512F but not AVX-512 BF16 (bf16 then runs its 256-bit FMA
+// form: what a CPU with AVX-512F and no BF16, such as Skylake-X or Ice Lake, runs).
+const std::string& IsaCap() {
+  static const std::string cap = [] {
+    const char* c = std::getenv("KEEL_MAX_CPU_ISA");
+    std::string v = c ? c : "";
+    for (auto& ch : v) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    return v;
+  }();
+  return cap;
+}
+
+bool CpuHasAvx512Bf16() { return __builtin_cpu_supports("avx512bf16") && IsaCap() != "avx512"; }
 
 }  // namespace
 
@@ -414,13 +427,7 @@ bool PackedMatmulSupported() {
 }
 
 PackedIsa PackedMatmulIsa() {
-  static const PackedIsa isa = [] {
-    const char* cap = std::getenv("KEEL_MAX_CPU_ISA");
-    std::string v = cap ? cap : "";
-    for (auto& ch : v) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-    const bool capped = v == "avx2";
-    return CpuHasAvx512() && !capped ? PackedIsa::kAvx512 : PackedIsa::kAvx2;
-  }();
+  static const PackedIsa isa = CpuHasAvx512() && IsaCap() != "avx2" ? PackedIsa::kAvx512 : PackedIsa::kAvx2;
   return isa;
 }
 
@@ -430,7 +437,7 @@ bool PackedMatmulIsaSupported(PackedIsa isa, WeightDtype dtype) {
   return dtype == WeightDtype::kBF16 ? CpuHasAvx512() && CpuHasAvx512Bf16() : CpuHasAvx512();
 }
 
-uint16_t FloatToBf16(float f) {
+uint16_t FloatToBf16Ftz(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   if ((u & 0x7f800000u) == 0) return static_cast<uint16_t>((u >> 16) & 0x8000u);  // zero, denormal: signed zero
@@ -466,7 +473,7 @@ void PackMatmulWeight(float* packed, const float* w, int IC, int OC, WeightDtype
       for (size_t k2 = 0; k2 < IC2; ++k2)
         for (size_t j = 0; j < kPanel; ++j)
           for (size_t e = 0; e < 2; ++e)
-            h[((p * IC2 + k2) * kPanel + j) * 2 + e] = FloatToBf16(at_w(p * kPanel + j, 2 * k2 + e));
+            h[((p * IC2 + k2) * kPanel + j) * 2 + e] = FloatToBf16Ftz(at_w(p * kPanel + j, 2 * k2 + e));
     return;
   }
   for (size_t p = 0; p < panels; ++p)
