@@ -178,6 +178,21 @@ __attribute__((target("avx512f"))) inline __m512 LoadW512(const uint16_t* p) {
   return _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
+// out[r][o + 16q + c] = acc[q][r][c] + bias, for the columns below OC (the last panel may be partial).
+template <int R, int P>
+__attribute__((target("avx512f"))) inline void StorePanels512(float* out, const __m512 (&acc)[P][R],
+                                                               const float* bias, int OC, int o) {
+#pragma GCC unroll 16
+  for (int q = 0; q < P; ++q) {
+    const int oq = o + q * kPanel, cols = std::min(kPanel, OC - oq);
+    const __mmask16 mask = static_cast<__mmask16>(cols == kPanel ? 0xffffu : (1u << cols) - 1u);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + oq) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(out + static_cast<size_t>(r) * OC + oq, mask, _mm512_add_ps(acc[q][r], b));
+  }
+}
+
 // R rows x P consecutive panels starting at column o, as PanelRows: each output one accumulator over k in order.
 // Per k the P weight vectors are loaded once and each row's input is broadcast once, so R*P + P + 1 <= 32.
 template <int R, int P, typename W>
@@ -201,15 +216,7 @@ __attribute__((target("avx512f"))) void PanelRows512(float* out, const float* x,
       for (int q = 0; q < P; ++q) acc[q][r] = _mm512_fmadd_ps(w[q], xb, acc[q][r]);
     }
   }
-#pragma GCC unroll 16
-  for (int q = 0; q < P; ++q) {
-    const int oq = o + q * kPanel, cols = std::min(kPanel, OC - oq);
-    const __mmask16 mask = static_cast<__mmask16>(cols == kPanel ? 0xffffu : (1u << cols) - 1u);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + oq) : _mm512_setzero_ps();
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-      _mm512_mask_storeu_ps(out + static_cast<size_t>(r) * OC + oq, mask, _mm512_add_ps(acc[q][r], b));
-  }
+  StorePanels512<R, P>(out, acc, bias, OC, o);
 }
 
 using PanelFn = void (*)(float*, const float*, const void*, const float*, int, int, int);
@@ -296,15 +303,7 @@ __attribute__((target("avx512f,avx512bf16"))) void PanelRowsBf16(float* out, con
       for (int q = 0; q < P; ++q) acc[q][r] = _mm512_dpbf16_ps(acc[q][r], (__m512bh)w[q], (__m512bh)xb);
     }
   }
-#pragma GCC unroll 16
-  for (int q = 0; q < P; ++q) {
-    const int oq = o + q * kPanel, cols = std::min(kPanel, OC - oq);
-    const __mmask16 mask = static_cast<__mmask16>(cols == kPanel ? 0xffffu : (1u << cols) - 1u);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + oq) : _mm512_setzero_ps();
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-      _mm512_mask_storeu_ps(out + static_cast<size_t>(r) * OC + oq, mask, _mm512_add_ps(acc[q][r], b));
-  }
+  StorePanels512<R, P>(out, acc, bias, OC, o);
 }
 
 // The same sums without AVX-512 BF16: per pair, the odd k's FMA and then the even k's, in 256-bit vectors (a bf16
