@@ -1,10 +1,9 @@
 // decode_bench.cc: time per batched decode step of keel's DecodeState (no HTTP, no sampling), fp32 vs f16 vs bf16
-// weights,
-// the model's own [OC, IC] matrices (rows) vs the backend's repacked layout (packed), for 1..16 rows, next to the
-// step's weight bytes and the memory bandwidth that implies. The profile behind
-// serve_bench.sh's figures. Usage: decode_bench [LAYERS HEADS DIM VOCAB] (default GPT-2 small: 12 12 768 50257);
-// env DECODE_ROWS=n, DECODE_DTYPE=f32|f16|bf16 and DECODE_LAYOUT=rows|packed restrict the table to one row count /
-// weight type / layout (for profiling). DECODE_MATMUL=1 prints instead the packed matrix products alone (one
+// weights, the model's own [OC, IC] matrices (rows) vs the backend's repacked layout (packed), for 1..16 rows,
+// next to the step's weight bytes and the memory bandwidth that implies. The profile behind serve_bench.sh's
+// figures. Usage: decode_bench [LAYERS HEADS DIM VOCAB] (default GPT-2 small: 12 12 768 50257); env DECODE_KV=f16
+// decodes with an f16 KV cache; DECODE_ROWS=n, DECODE_DTYPE=f32|f16|bf16 and DECODE_LAYOUT=rows|packed restrict
+// the table to one row count / weight type / layout (for profiling). DECODE_MATMUL=1 prints instead the packed matrix products alone (one
 // step's worth: every layer's four matrices and the LM head), 256-bit against 512-bit kernels, in GFLOP/s.
 #include <algorithm>
 #include <chrono>
@@ -85,8 +84,11 @@ int main(int argc, char** argv) {
   (*model)->InitWeights(1);
   const double C = c.dim;
   const double matrix_params = c.layers * 12.0 * C * C + double(c.vocab) * C;  // streamed once per step
-  std::printf("model %dL/%dH/%dC vocab %d: %.1fM matrix weights; 64 positions of context per row\n", c.layers, c.heads,
-              c.dim, c.vocab, matrix_params / 1e6);
+  // DECODE_FILL=n: positions filled before the 32 timed steps (default 64; at most the context less 32).
+  const int fill = std::getenv("DECODE_FILL") ? std::clamp(std::atoi(std::getenv("DECODE_FILL")), 0, c.ctx - 32)
+                                             : 64;
+  std::printf("model %dL/%dH/%dC vocab %d: %.1fM matrix weights; %d positions of context per row\n", c.layers,
+              c.heads, c.dim, c.vocab, matrix_params / 1e6, fill);
   std::printf("| weights | layout | rows | ms/step | tok/s | weight GB/s |\n|---|---|---|---|---|---|\n");
   const char* only_rows = std::getenv("DECODE_ROWS");
   const char* only_dtype = std::getenv("DECODE_DTYPE");
@@ -99,19 +101,20 @@ int main(int argc, char** argv) {
       if (only_layout && std::string(only_layout) != (repack ? "packed" : "rows")) continue;
       // bf16 exists only packed, and needs a CPU with AVX2.
       if (dtype == WeightDtype::kBF16 && (!repack || !be->SupportsOp(Op::kMatmulForwardPackedBf16))) continue;
-      auto st = DecodeState::Create(model->get(), rows, c.ctx, rows, dtype, repack);
+      const char* kv = std::getenv("DECODE_KV");  // f16: an f16 KV cache
+      auto st = DecodeState::Create(model->get(), rows, c.ctx, rows, dtype, repack, kv && std::string(kv) == "f16");
       if (!st.ok()) {
         std::fprintf(stderr, "%s\n", st.status().ToString().c_str());
         return 1;
       }
       std::vector<int32_t> tok(rows, 7), pos(rows);
-      // Fill 64 positions, then time 32 more steps.
+      // Fill `fill` positions, then time 32 more steps.
       double t = 0;
-      for (int p = 0; p < 96; ++p) {
+      for (int p = 0; p < fill + 32; ++p) {
         for (auto& x : pos) x = p;
         const auto t0 = std::chrono::steady_clock::now();
         (*st)->Step(tok.data(), pos.data(), rows);
-        if (p >= 64) t += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        if (p >= fill) t += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       }
       const double ms = t / 32 * 1e3;
       std::printf("| %s | %s | %d | %.1f | %.1f | %.1f |\n", WeightDtypeName(dtype), repack ? "packed" : "rows", rows,

@@ -25,6 +25,7 @@ LAYERS=${LAYERS:-12} HEADS=${HEADS:-12} DIM=${DIM:-768} CTX=${CTX:-512} VOCAB=${
 REQS=${REQS:-4}
 LOAD_TOKENS=${LOAD_TOKENS:-64}
 LOAD_DTYPE=${LOAD_DTYPE:-f32}
+KV_DTYPE=${KV_DTYPE:-f32}  # keel's KV cache values (--kv-dtype) everywhere keel decodes
 PY=/usr/bin/python3
 KEEL=./build/keel
 WORK=$(mktemp -d)
@@ -48,7 +49,8 @@ PROMPT="The quick brown fox jumps over t"
 IDS=$($PY -c "import sys; print(','.join(str(b) for b in sys.argv[1].encode()))" "$PROMPT")
 
 start_server() {  # extra flags
-  $KEEL serve "$CKPT" --port 0 --threads "$THREADS" --model-name bench "$@" >"$WORK/serve.log" 2>&1 &
+  $KEEL serve "$CKPT" --port 0 --threads "$THREADS" --model-name bench --kv-dtype "$KV_DTYPE" "$@" \
+    >"$WORK/serve.log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 1 600); do
     PORT=$(sed -n 's/.*listening on http:\/\/[^:]*:\([0-9]*\).*/\1/p' "$WORK/serve.log")
@@ -93,7 +95,7 @@ llama_rate() {
 # llama-bench and the PyTorch script measure theirs.
 keel_rate() {
   $KEEL sample --ckpt "$CKPT" --prompt "$PROMPT" -n "$TOKENS" --temperature 0 --ignore-eos --threads "$THREADS" \
-    --dtype "$1" --timings 2>&1 >/dev/null | sed -n 's/.*= \([0-9.]*\) tokens\/s$/\1/p'
+    --dtype "$1" --kv-dtype "$KV_DTYPE" --timings 2>&1 >/dev/null | sed -n 's/.*= \([0-9.]*\) tokens\/s$/\1/p'
 }
 # In-process rates, ROUNDS rounds in turn (keel, llama.cpp, PyTorch), so that drift in the machine's memory
 # bandwidth (it moves by 10-20 % over minutes on a shared host) hits every implementation alike; medians reported.
@@ -147,7 +149,9 @@ t = {"decode_tok_s": med([r["decode_tok_s"] for r in torch_runs]), "torch": torc
 ki, ki16, ll, ll16 = med(rates(kin)), med(rates(kin16)), med(rates(llama)), med(rates(llama16))
 kibf = med(rates(kinbf))
 cpu = subprocess.run(["sh", "-c", "lscpu | sed -n 's/^Model name: *//p'"], capture_output=True, text=True).stdout.strip()
-print(f"keel serve benchmark: {shape} (byte tokenizer), {threads} threads, {cpu}, PyTorch {t['torch']}")
+import os
+print(f"keel serve benchmark: {shape} (byte tokenizer), {threads} threads, {cpu}, PyTorch {t['torch']}, "
+      f"keel's KV cache {os.environ.get('KV_DTYPE', 'f32')}")
 print()
 print(f"Single-stream greedy decode, 32-token prompt, {tokens} new tokens (decode steps only). In process: median of"
       f" {len(rates(kin))} rounds taken in turn (each round's figures after the median):")

@@ -348,6 +348,8 @@ TEST_F(CliErrors, BadSamplingFlags) {
   ExpectError(RunKeel("sample --ckpt " + Run() + " --samples 0"), "--samples");
   ExpectError(RunKeel("sample --ckpt " + Run() + " --dtype bf17"), "--dtype must be f32, f16 or bf16, got 'bf17'");
   ExpectError(RunKeel("serve " + Run() + " --dtype q8_0"), "--dtype must be f32, f16 or bf16, got 'q8_0'");
+  ExpectError(RunKeel("sample --ckpt " + Run() + " --kv-dtype bf16"), "--kv-dtype must be f32 or f16, got 'bf16'");
+  ExpectError(RunKeel("serve " + Run() + " --kv-dtype q8"), "--kv-dtype must be f32 or f16, got 'q8'");
   // libgomp crashed (SIGSEGV) or hung creating 100000 threads.
   ExpectError(RunKeel("sample --ckpt " + Run() + " --threads 100000"), "--threads");
   ExpectError(RunKeel("train " + Small(*dir_ / "r2") + " --threads 100000"), "--threads");

@@ -2,7 +2,8 @@
 // copies (`--dtype f16`). The f16 matmul must equal the fp32 matmul
 // on the f16-rounded weights (up to summation order) for every row-count path, and a DecodeState with f16 weights
 // must give the logits of the fp32 model whose matrices were rounded to f16. `--dtype bf16` (which also rounds
-// the products' inputs, so it has no such exact reference) must stay close to the fp32 logits.
+// the products' inputs, so it has no such exact reference) and `--kv-dtype f16` must stay close to the fp32
+// logits; the f16 cache's prefix copy (the server's prompt cache) must equal a recomputation bit for bit.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -215,6 +216,53 @@ TEST(DecodeHalf, Bf16DecodeStaysCloseToFp32) {
   ASSERT_FALSE(refused.ok());
   EXPECT_NE(refused.status().message().find("bf16 weights are not supported"), std::string::npos)
       << refused.status().ToString();
+}
+
+// An f16 KV cache: logits within f16's rounding of the keys and values (11 significant bits) of the fp32 cache's,
+// but not equal to them (the cache is really f16); and CopyPositions copies the f16 values: a slot that copied a
+// prefix and then fed one more token gives exactly the logits of the slot that computed the whole prompt.
+TEST(DecodeHalf, HalfKvCacheStaysCloseAndCopiesExactly) {
+  GptConfig c{.layers = 2, .heads = 2, .dim = 64, .ctx = 20, .vocab = 61};
+  auto be = MakeCpuBackend(2);
+  if (!be->SupportsOp(Op::kAttentionDecodeHalfKv)) GTEST_SKIP() << "no f16 KV cache on this backend";
+  auto model = GptModel::Create(c, be.get(), 1, c.ctx);
+  ASSERT_TRUE(model.ok()) << model.status().ToString();
+  (*model)->InitWeights(12);
+  auto p = (*model)->ParamsToHost();
+  Rng rng(13);
+  for (auto& x : p) x += 0.05f * rng.Normal();
+  (*model)->SetParamsFromHost(p);
+  auto hkv = DecodeState::Create(model->get(), 2, c.ctx, 8, WeightDtype::kF32, true, /*half_kv=*/true);
+  ASSERT_TRUE(hkv.ok()) << hkv.status().ToString();
+  auto fp = DecodeState::Create(model->get(), 2, c.ctx, 8);
+  ASSERT_TRUE(fp.ok());
+  double worst = 0;
+  const int32_t prompt[7] = {4, 8, 15, 16, 23, 42, 7};
+  int32_t pos[7], slot0[7] = {}, last = 6;
+  for (int i = 0; i < 7; ++i) pos[i] = i;
+  auto a = (*hkv)->StepRows(prompt, pos, slot0, 7, &last, 1);
+  auto f = (*fp)->StepRows(prompt, pos, slot0, 7, &last, 1);
+  worst = std::max(worst, RelErr(a, f));
+  // Slot 1 takes slot 0's first 6 positions and feeds the 7th token itself: the same logits as slot 0's last row.
+  (*hkv)->CopyPositions(0, 1, 6);
+  int32_t one = 1, p6 = 6, zero = 0;
+  auto copied = (*hkv)->StepRows(&prompt[6], &p6, &one, 1, &zero, 1);
+  EXPECT_EQ(copied, a) << "the copied f16 prefix differs from the computed one";
+  (*fp)->CopyPositions(0, 1, 7);  // the fp32 reference's slot 1 gets the same 7 positions
+  for (int t = 7; t < 15; ++t) {  // both slots on, one row each, different tokens
+    int32_t tk[2] = {static_cast<int32_t>(rng.Below(c.vocab)), static_cast<int32_t>(rng.Below(c.vocab))};
+    int32_t ps[2] = {t, t}, sl[2] = {0, 1}, rows[2] = {0, 1};
+    auto h = (*hkv)->StepRows(tk, ps, sl, 2, rows, 2);
+    auto r = (*fp)->StepRows(tk, ps, sl, 2, rows, 2);
+    worst = std::max(worst, RelErr(h, r));
+  }
+  EXPECT_LT(worst, 2e-3) << "f16 KV cache drifted beyond its rounding";
+  EXPECT_GT(worst, 1e-7) << "the f16 KV cache gave fp32's logits: its values were not rounded";
+  auto odd = GptModel::Create(GptConfig{.layers = 1, .heads = 1, .dim = 7, .ctx = 4, .vocab = 5}, be.get(), 1, 4);
+  ASSERT_TRUE(odd.ok());
+  auto refused = DecodeState::Create(odd->get(), 1, 4, 0, WeightDtype::kF32, true, true);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("even model width"), std::string::npos) << refused.status().ToString();
 }
 
 }  // namespace

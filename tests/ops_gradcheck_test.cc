@@ -13,6 +13,7 @@
 // rel so the margins are visible in the test log.
 #include <gtest/gtest.h>
 
+#include "formats/half.h"
 #include "ops_test_util.h"
 
 namespace keel::optest {
@@ -289,6 +290,45 @@ TEST_F(OpsTest, AttentionDecodeMatchesForward) {
                 worst_ref, kFwdTol);
     EXPECT_LT(worst, kFwdTol);
     EXPECT_LT(worst_ref, kFwdTol);
+  }
+}
+
+// The f16 KV cache (DecodeState's --kv-dtype f16): AttentionDecodeHalfKv over caches written by StoreHalf equals
+// AttentionDecodeSlots over the same values rounded to f16 and held in fp32, bit for bit (the conversion is exact
+// and the operations are the same), for every head-size path (generic, 2, 4 and 8 vectors), shared and identity
+// slots, and lengths around multiples of 4 and of the lanes.
+TEST_F(OpsTest, AttentionDecodeHalfKvEqualsFp32OnRoundedValues) {
+  if (!be()->SupportsOp(Op::kAttentionDecodeHalfKv)) GTEST_SKIP() << be()->Name() << " has no f16 KV cache";
+  for (auto [C, NH] : {std::pair{12, 1}, std::pair{24, 2}, std::pair{32, 2}, std::pair{64, 2}, std::pair{128, 2}, std::pair{128, 1},
+                       std::pair{256, 2}}) {
+    SCOPED_TRACE("C=" + std::to_string(C) + " NH=" + std::to_string(NH));
+    const int maxT = 37, N = 3;
+    auto k = RandN(rng_, static_cast<size_t>(N) * maxT * C), v = RandN(rng_, k.size());
+    for (auto* x : {&k, &v})
+      for (float& e : *x) e = F16ToFloat(FloatToF16(e));
+    Dev dk(be(), k), dv(be(), v), dk16(be(), k.size() / 2), dv16(be(), v.size() / 2);
+    auto* k16 = reinterpret_cast<uint16_t*>(static_cast<float*>(dk16));
+    auto* v16 = reinterpret_cast<uint16_t*>(static_cast<float*>(dv16));
+    be()->StoreHalf(k16, dk, k.size());
+    be()->StoreHalf(v16, dv, v.size());
+    Dev q(be(), RandN(rng_, static_cast<size_t>(N) * C)), want(be(), static_cast<size_t>(N) * C),
+        got(be(), static_cast<size_t>(N) * C), scratch(be(), static_cast<size_t>(N) * NH * maxT);
+    const std::vector<int32_t> slots = {2, 0, 2};  // rows 0 and 2 read slot 2
+    for (const std::vector<int32_t>& pos : {std::vector<int32_t>{36, 5, 17}, std::vector<int32_t>{0, 3, 8}}) {
+      DevInt dpos(be(), pos);
+      for (const int32_t* sl : {slots.data(), static_cast<const int32_t*>(nullptr)}) {
+        want.Poison();
+        got.Poison();
+        if (sl) be()->AttentionDecodeSlots(want, q, dk, dv, dpos, sl, scratch, N, maxT, C, NH);
+        else be()->AttentionDecode(want, q, dk, dv, dpos, scratch, N, maxT, C, NH);
+        be()->AttentionDecodeHalfKv(got, q, k16, v16, dpos, sl, scratch, N, maxT, C, NH);
+        const auto w = want.Host(), g = got.Host();
+        for (size_t i = 0; i < w.size(); ++i) {
+          ASSERT_TRUE(std::isfinite(g[i]));
+          ASSERT_EQ(w[i], g[i]) << "at " << i << (sl ? " (slots)" : " (identity)");
+        }
+      }
+    }
   }
 }
 

@@ -221,8 +221,8 @@ TEST(PackedMatmul, Bf16MatchesItsScalarDefinitionBitForBit) {
 }
 
 // Three sequences advanced together (one step of 3 rows, then a step mixing a 4-row prompt chunk and two decode
-// rows) against each sequence decoded alone in its own state: the logits must be equal bit for bit, so a
-// server's answer to one client does not depend on who else is being served.
+// rows; every weight type, with either KV cache type) against each sequence decoded alone in its own state: the
+// logits must be equal bit for bit, so a server's answer to one client does not depend on who else is being served.
 TEST(PackedMatmul, BatchedDecodeEqualsEachSequenceAlone) {
   GptConfig c{.layers = 2, .heads = 2, .dim = 48, .ctx = 16, .vocab = 53};
   auto be = MakeCpuBackend(2);
@@ -230,13 +230,15 @@ TEST(PackedMatmul, BatchedDecodeEqualsEachSequenceAlone) {
   auto model = GptModel::Create(c, be.get(), 1, c.ctx);
   ASSERT_TRUE(model.ok()) << model.status().ToString();
   (*model)->InitWeights(6);
-  for (WeightDtype dtype : kAllDtypes) {
-    const char* half = WeightDtypeName(dtype);
-    auto batched = DecodeState::Create(model->get(), 3, c.ctx, 8, dtype);
+  for (int variant = 0; variant < 6; ++variant) {  // every weight type, with an fp32 and an f16 KV cache
+    const WeightDtype dtype = kAllDtypes[variant / 2];
+    const bool half_kv = variant % 2 == 1;
+    const std::string half = std::string(WeightDtypeName(dtype)) + (half_kv ? " f16-kv" : "");
+    auto batched = DecodeState::Create(model->get(), 3, c.ctx, 8, dtype, true, half_kv);
     ASSERT_TRUE(batched.ok()) << batched.status().ToString();
     std::vector<std::unique_ptr<DecodeState>> alone;
     for (int s = 0; s < 3; ++s) {
-      auto a = DecodeState::Create(model->get(), 1, c.ctx, 8, dtype);
+      auto a = DecodeState::Create(model->get(), 1, c.ctx, 8, dtype, true, half_kv);
       ASSERT_TRUE(a.ok());
       alone.push_back(std::move(*a));
     }

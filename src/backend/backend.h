@@ -39,6 +39,7 @@ enum class Op {
   kRoundThroughFixedPoint,  // device-memory backends only (host memory: train/exact_sum.h directly)
   kMatmulForwardPacked,     // PackedMatmulFloats / PackMatmulWeight / MatmulForwardPacked (f32, f16)
   kMatmulForwardPackedBf16, // the same with WeightDtype::kBF16
+  kAttentionDecodeHalfKv,   // StoreHalf / AttentionDecodeHalfKv: decode attention over an IEEE f16 KV cache
   kCount
 };
 const char* OpName(Op op);
@@ -132,6 +133,19 @@ class Backend {
   // [B, maxT, C] already hold positions 0..pos[b] (inclusive); out [B,C]. scratch >= B*NH*maxT floats.
   virtual void AttentionDecode(float* out, const float* q, const float* k_cache, const float* v_cache,
                                const int32_t* pos, float* scratch, int B, int maxT, int C, int NH) = 0;
+  // AttentionDecodeSlots over a KV cache held as IEEE f16 (half the bytes each decode row reads: llama.cpp's
+  // default cache type). Must equal AttentionDecodeSlots on the caches' values converted to fp32 (the conversion
+  // is exact). host_slots may be null (row i attends slot i). StoreHalf writes n values rounded to f16 (nearest
+  // even) at dst. Called only where SupportsOp(kAttentionDecodeHalfKv).
+  virtual void StoreHalf(uint16_t* /*dst*/, const float* /*src*/, size_t /*n*/) {
+    KEEL_CHECK(false, "StoreHalf on a backend that does not support it");
+  }
+  virtual void AttentionDecodeHalfKv(float* /*out*/, const float* /*q*/, const uint16_t* /*k_cache*/,
+                                     const uint16_t* /*v_cache*/, const int32_t* /*pos*/,
+                                     const int32_t* /*host_slots*/, float* /*scratch*/, int /*N*/, int /*maxT*/,
+                                     int /*C*/, int /*NH*/) {
+    KEEL_CHECK(false, "AttentionDecodeHalfKv on a backend that does not support it");
+  }
   // AttentionDecode for N rows where row i attends KV-cache slot host_slots[i] (a host array) instead of slot i.
   // Several rows may share a slot (a chunk of one prompt): row i sees that slot's positions 0..pos[i].
   // scratch >= N*NH*maxT floats. The default runs one AttentionDecode per row; backends may do better.

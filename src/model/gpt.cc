@@ -239,7 +239,7 @@ void GptModel::Backward(const std::function<void(int group)>& on_group_ready) {
 // DecodeState
 
 Result<std::unique_ptr<DecodeState>> DecodeState::Create(GptModel* model, int B, int maxT, int max_rows,
-                                                         WeightDtype dtype, bool repack) {
+                                                         WeightDtype dtype, bool repack, bool half_kv) {
   const GptConfig& c = model->config();
   if (B <= 0) return InvalidArgument("decode batch must be positive");
   if (maxT <= 0 || maxT > c.ctx)
@@ -254,7 +254,12 @@ Result<std::unique_ptr<DecodeState>> DecodeState::Create(GptModel* model, int B,
     return InvalidArgument("bf16 weights are not supported by the " + be->Name() + " backend" +
                            (!repack ? " without repacking"
                             : be->host_memory() ? " on this CPU (it needs AVX2, FMA and F16C)" : ""));
+  if (half_kv && !be->SupportsOp(Op::kAttentionDecodeHalfKv))
+    return InvalidArgument("an f16 KV cache is not supported by the " + be->Name() + " backend");
+  // Positions start at multiples of C values: an even C keeps them on whole floats for Copy.
+  if (half_kv && c.dim % 2 != 0) return InvalidArgument("an f16 KV cache needs an even model width");
   std::unique_ptr<DecodeState> s(new DecodeState(model, B, maxT, R));
+  s->half_kv_ = half_kv;
   const size_t C = c.dim;
   auto alloc = [&](size_t n, float** out) -> Status {
     auto r = be->Alloc(n);
@@ -265,9 +270,10 @@ Result<std::unique_ptr<DecodeState>> DecodeState::Create(GptModel* model, int B,
   };
   s->k_cache_.resize(c.layers);
   s->v_cache_.resize(c.layers);
+  const size_t cache_floats = static_cast<size_t>(B) * maxT * C / (half_kv ? 2 : 1);
   for (int l = 0; l < c.layers; ++l) {
-    KEEL_RETURN_IF_ERROR(alloc(static_cast<size_t>(B) * maxT * C, &s->k_cache_[l]));
-    KEEL_RETURN_IF_ERROR(alloc(static_cast<size_t>(B) * maxT * C, &s->v_cache_[l]));
+    KEEL_RETURN_IF_ERROR(alloc(cache_floats, &s->k_cache_[l]));
+    KEEL_RETURN_IF_ERROR(alloc(cache_floats, &s->v_cache_[l]));
   }
   const size_t Rs = static_cast<size_t>(R);
   for (auto [p, n] : {std::pair{&s->x_, Rs * C}, {&s->ln_, Rs * C}, {&s->mean_, Rs}, {&s->rstd_, Rs},
@@ -343,7 +349,9 @@ void DecodeState::CopyPositions(int from, int to, int n) {
              "DecodeState::CopyPositions: slot or position count out of range");
   if (from == to || n == 0) return;
   Backend* be = model_->backend();
-  const size_t C = static_cast<size_t>(model_->config().dim), per_slot = static_cast<size_t>(maxT_) * C;
+  // In floats: an f16 cache packs two values per float (C is even there).
+  const size_t C = static_cast<size_t>(model_->config().dim) / (half_kv_ ? 2 : 1),
+               per_slot = static_cast<size_t>(maxT_) * C;
   for (size_t l = 0; l < k_cache_.size(); ++l) {
     be->Copy(k_cache_[l] + static_cast<size_t>(to) * per_slot, k_cache_[l] + static_cast<size_t>(from) * per_slot,
              static_cast<size_t>(n) * C);
@@ -393,12 +401,22 @@ const std::vector<float>& DecodeState::StepRows(const int32_t* tokens, const int
     // Every row's K and V go into the cache before any row attends, so rows of one slot see each other.
     for (int b = 0; b < n; ++b) {
       size_t slot = (static_cast<size_t>(slots[b]) * maxT_ + positions[b]) * Cs;
-      be->Copy(k_cache_[l] + slot, qkv_ + static_cast<size_t>(b) * 3 * Cs + Cs, Cs);
-      be->Copy(v_cache_[l] + slot, qkv_ + static_cast<size_t>(b) * 3 * Cs + 2 * Cs, Cs);
+      const float* k = qkv_ + static_cast<size_t>(b) * 3 * Cs + Cs;
+      if (half_kv_) {
+        be->StoreHalf(reinterpret_cast<uint16_t*>(k_cache_[l]) + slot, k, Cs);
+        be->StoreHalf(reinterpret_cast<uint16_t*>(v_cache_[l]) + slot, k + Cs, Cs);
+      } else {
+        be->Copy(k_cache_[l] + slot, k, Cs);
+        be->Copy(v_cache_[l] + slot, k + Cs, Cs);
+      }
     }
     // q rows are strided by 3C in qkv_; gather them into tmp_ as the [n, C] query block.
     for (int b = 0; b < n; ++b) be->Copy(tmp_ + static_cast<size_t>(b) * Cs, qkv_ + static_cast<size_t>(b) * 3 * Cs, Cs);
-    if (identity)
+    if (half_kv_)
+      be->AttentionDecodeHalfKv(atty_, tmp_, reinterpret_cast<const uint16_t*>(k_cache_[l]),
+                                reinterpret_cast<const uint16_t*>(v_cache_[l]), pos_, identity ? nullptr : slots,
+                                scratch_, n, maxT_, C, NH);
+    else if (identity)
       be->AttentionDecode(atty_, tmp_, k_cache_[l], v_cache_[l], pos_, scratch_, n, maxT_, C, NH);
     else
       be->AttentionDecodeSlots(atty_, tmp_, k_cache_[l], v_cache_[l], pos_, slots, scratch_, n, maxT_, C, NH);

@@ -109,8 +109,12 @@ class DecodeState {
   // depend on which other rows share its step. Either copy is taken here: parameters changed after Create() are
   // not seen by the matrices (create a new DecodeState after loading new weights).
   // repack = false keeps the model's own matrices (no copy; the slower few-row kernels).
+  // half_kv: the KV cache holds keys and values rounded to IEEE f16 (half the bytes every row's attention reads,
+  // and half the cache's memory; llama.cpp's default cache type). Fails where the backend lacks
+  // kAttentionDecodeHalfKv, or for an odd model width.
   static Result<std::unique_ptr<DecodeState>> Create(GptModel* model, int B, int maxT, int max_rows = 0,
-                                                     WeightDtype dtype = WeightDtype::kF32, bool repack = true);
+                                                     WeightDtype dtype = WeightDtype::kF32, bool repack = true,
+                                                     bool half_kv = false);
   ~DecodeState();
   // Feeds tokens[b] at position positions[b] for b < n (positions < maxT, and each sequence's positions
   // fed in order); returns logits [n, V] on the host.
@@ -135,7 +139,8 @@ class DecodeState {
   DecodeState(GptModel* m, int B, int maxT, int R) : model_(m), B_(B), maxT_(maxT), R_(R) {}
   GptModel* model_;
   int B_, maxT_, R_;
-  std::vector<float*> k_cache_, v_cache_;  // per layer [B, maxT, C]
+  std::vector<float*> k_cache_, v_cache_;  // per layer [B, maxT, C] (IEEE f16 values with half_kv_)
+  bool half_kv_ = false;
   float *x_ = nullptr, *ln_ = nullptr, *mean_ = nullptr, *rstd_ = nullptr, *qkv_ = nullptr, *atty_ = nullptr,
         *tmp_ = nullptr, *fch_ = nullptr, *fch_gelu_ = nullptr, *logits_ = nullptr, *scratch_ = nullptr,
         *lnsel_ = nullptr;

@@ -105,7 +105,7 @@ Result<std::unique_ptr<Engine>> Engine::Create(GptModel* model, const Tokenizer*
   e->ctx_ = ctx;
   e->vocab_ = std::min(c.vocab, tokenizer->vocab_size());
   KEEL_ASSIGN_OR_RETURN(e->state_, DecodeState::Create(model, o.parallel, ctx, o.parallel + o.prefill_chunk,
-                                                          o.weight_dtype));
+                                                          o.weight_dtype, /*repack=*/true, o.half_kv));
   e->slots_.resize(static_cast<size_t>(o.parallel));
   if (metrics) metrics->SetSlots(o.parallel);
   e->thread_ = std::thread([p = e.get()] { p->Loop(); });

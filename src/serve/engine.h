@@ -64,6 +64,7 @@ struct EngineOptions {
   int threads = 0;         // backend threads, set on the scheduler thread (0: leave the backend's setting)
   int step_delay_ms = 0;   // testing aid: sleep this long after every step
   WeightDtype weight_dtype = WeightDtype::kF32;  // decode copy of the weight matrices (--dtype; see DecodeState)
+  bool half_kv = false;  // keys and values cached as IEEE f16 (--kv-dtype f16; see DecodeState)
   bool prompt_cache = true;   // reuse the keys and values of a prompt's longest cached prefix (see above)
   // Called after every step to learn whether the device still works (default: the backend's Sync(), which
   // returns a CUDA backend's sticky error; the CPU's never fails). Tests inject a device loss through it.

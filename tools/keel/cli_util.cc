@@ -164,6 +164,11 @@ Result<WeightDtype> ParseDecodeDtype(const std::string& value) {
   return InvalidArgument("--dtype must be f32, f16 or bf16, got '" + value + "'");
 }
 
+Result<bool> ParseKvDtype(const std::string& value) {
+  if (value == "f32" || value == "f16") return value == "f16";
+  return InvalidArgument("--kv-dtype must be f32 or f16, got '" + value + "'");
+}
+
 Status CheckDecodeParams(const TrainingSnapshot& s, const std::string& where, WeightDtype dtype) {
   // bf16's largest finite value is 0x7f7f (3.3895e38): an fp32 value beyond rounds to inf.
   const double largest = dtype == WeightDtype::kF16 ? kF16Max : dtype == WeightDtype::kBF16 ? 3.3895313892515355e38

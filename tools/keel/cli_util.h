@@ -18,6 +18,8 @@ namespace keel::cli {
 // `keel sample` / `keel serve --dtype`: the decode copy of the weight matrices, f32, f16 or bf16; anything else is
 // "--dtype must be f32, f16 or bf16, got 'X'".
 Result<WeightDtype> ParseDecodeDtype(const std::string& value);
+// `--kv-dtype`: the KV cache's values, f32 or f16 (true); anything else is "--kv-dtype must be f32 or f16, got 'X'".
+Result<bool> ParseKvDtype(const std::string& value);
 // The loaded model's parameters are finite and, with f16 or bf16, the matrices within that type's range (a value
 // beyond would become inf and the logits NaN; wpe stays fp32 in the decode state). Errors name `where`.
 Status CheckDecodeParams(const TrainingSnapshot& s, const std::string& where, WeightDtype dtype);

@@ -38,6 +38,9 @@ int RunSample(int argc, char** argv) {
   std::string dtype = "f32";
   app.add_option("--dtype", dtype,
                  "weights used for decoding: f32, f16, or bf16 (also rounds the products' inputs to bf16)")->capture_default_str();
+  std::string kv_dtype = "f32";
+  app.add_option("--kv-dtype", kv_dtype, "KV cache values: f32 or f16 (half the bytes attention reads)")
+      ->capture_default_str();
   app.add_flag("--print-token-ids", print_ids, "also print the prompt and generated token ids to stderr");
   app.add_flag("--ignore-eos", g.ignore_eos, "do not stop at the end-of-text token");
   app.add_flag("--timings", timings, "print prompt and decode speed (tokens/s) to stderr, as llama.cpp does");
@@ -50,6 +53,8 @@ int RunSample(int argc, char** argv) {
     return Fail("sample", InvalidArgument("--threads must be in [0, " + std::to_string(kMaxThreads) + "]"));
   auto decode_dtype = ParseDecodeDtype(dtype);
   if (!decode_dtype.ok()) return Fail("sample", decode_dtype.status());
+  auto half_kv = ParseKvDtype(kv_dtype);
+  if (!half_kv.ok()) return Fail("sample", half_kv.status());
 
   std::vector<std::string> warnings;
   auto snap = LoadModelForInference(ckpt, &warnings);
@@ -75,7 +80,8 @@ int RunSample(int argc, char** argv) {
                                           std::to_string(snap->config.ctx) + " (prompt and new tokens together)"));
   // One decode state for every sample (repacking the weights is the slow part of creating one); each sample
   // starts again at position 0, and attention reads only the positions that sample wrote.
-  auto state = DecodeState::Create(model->get(), 1, snap->config.ctx, 0, *decode_dtype);
+  auto state = DecodeState::Create(model->get(), 1, snap->config.ctx, 0, *decode_dtype, /*repack=*/true,
+                                   *half_kv);
   if (!state.ok()) return Fail("sample", state.status());
   if (g.max_new_tokens < 0) g.max_new_tokens = snap->config.ctx - static_cast<int>(ids.size());
   // Output that did not reach stdout (a full disk under `> file`, a closed pipe's EPIPE) is an error, not exit 0.

@@ -66,6 +66,11 @@ int RunServe(int argc, char** argv) {
                  "weights used for decoding: f32, f16 (half the bytes per token: faster, memory-bound decode), or bf16 "
                  "(half the bytes, and inputs rounded to bf16: twice the arithmetic rate on AVX-512 BF16 CPUs)")
       ->capture_default_str();
+  std::string kv_dtype = "f32";
+  app.add_option("--kv-dtype", kv_dtype,
+                 "KV cache values: f32, or f16 (half the bytes each decode step's attention reads, and half the "
+                 "cache's memory, as llama.cpp's default cache type)")
+      ->capture_default_str();
   // Testing aid (hidden): slows every engine step so tests can observe queueing, cancellation and draining.
   app.add_option("--debug-step-delay-ms", eo.step_delay_ms)->group("");
   // Fault injection (hidden; needs KEEL_ALLOW_FAULT_INJECTION=1): device-fail:step=S (elastic/fault_inject.h).
@@ -97,6 +102,9 @@ int RunServe(int argc, char** argv) {
   auto decode_dtype = ParseDecodeDtype(dtype);
   if (!decode_dtype.ok()) return Fail("serve", decode_dtype.status());
   eo.weight_dtype = *decode_dtype;
+  auto half_kv = ParseKvDtype(kv_dtype);
+  if (!half_kv.ok()) return Fail("serve", half_kv.status());
+  eo.half_kv = *half_kv;
   eo.prompt_cache = !no_prompt_cache;
   std::shared_ptr<FaultInjector> injector;
   if (!inject.empty()) {

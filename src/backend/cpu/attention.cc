@@ -9,6 +9,7 @@
 
 #include "backend/cpu/cpu_ops.h"
 #include "backend/cpu/vec_math.h"
+#include "formats/half.h"
 
 namespace keel::cpu {
 
@@ -144,26 +145,44 @@ namespace {
 // accumulated key by key), so results do not depend on which path ran. NV = hs / kLanes when that is 2, 4 or 8:
 // the output is then held in NV registers across the keys (the generic path reloads and stores o per key), and
 // scores are taken four keys at a time so each query load serves four keys.
-template <int NV>
-void AttendHead(float* o, const float* qv, const float* kc, const float* vc, float* s, int len, int C, int hs,
+// KV: float, or uint16_t for an IEEE f16 cache (each value converted exactly to fp32 as it is read).
+KEEL_VINLINE VecF LoadKv(const float* p) { return LoadV(p); }
+KEEL_VINLINE VecF LoadKv(const uint16_t* p) {
+#if defined(__AVX512F__)
+  // The maskz form: GCC 12 warns about the unmasked one's undefined pass-through source.
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return reinterpret_cast<VecF>(_mm512_maskz_cvtph_ps(0xffff, h));
+#elif defined(__F16C__)
+  return reinterpret_cast<VecF>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else  // a build without -march=native (the sanitizer build): the same exact conversion, lane by lane
+  VecF v;
+  for (int i = 0; i < kLanes; ++i) v[i] = F16ToFloat(p[i]);
+  return v;
+#endif
+}
+inline float KvAt(const float* p, int i) { return p[i]; }
+inline float KvAt(const uint16_t* p, int i) { return F16ToFloat(p[i]); }
+
+template <int NV, typename KV>
+void AttendHead(float* o, const float* qv, const KV* kc, const KV* vc, float* s, int len, int C, int hs,
                 float scale) {
   float mx = -INFINITY;
   int j = 0;
   if constexpr (NV > 0) {
     for (; j + 4 <= len; j += 4) {
-      const float* k0 = kc + static_cast<size_t>(j) * C;
-      const float* k1 = k0 + C;
-      const float* k2 = k1 + C;
-      const float* k3 = k2 + C;
+      const KV* k0 = kc + static_cast<size_t>(j) * C;
+      const KV* k1 = k0 + C;
+      const KV* k2 = k1 + C;
+      const KV* k3 = k2 + C;
       VecF q = LoadV(qv);
-      VecF a0 = q * LoadV(k0), a1 = q * LoadV(k1), a2 = q * LoadV(k2), a3 = q * LoadV(k3);
+      VecF a0 = q * LoadKv(k0), a1 = q * LoadKv(k1), a2 = q * LoadKv(k2), a3 = q * LoadKv(k3);
 #pragma GCC unroll 8
       for (int v = 1; v < NV; ++v) {
         q = LoadV(qv + v * kLanes);
-        a0 += q * LoadV(k0 + v * kLanes);
-        a1 += q * LoadV(k1 + v * kLanes);
-        a2 += q * LoadV(k2 + v * kLanes);
-        a3 += q * LoadV(k3 + v * kLanes);
+        a0 += q * LoadKv(k0 + v * kLanes);
+        a1 += q * LoadKv(k1 + v * kLanes);
+        a2 += q * LoadKv(k2 + v * kLanes);
+        a3 += q * LoadKv(k3 + v * kLanes);
       }
       s[j] = HSum(a0) * scale;
       s[j + 1] = HSum(a1) * scale;
@@ -173,15 +192,15 @@ void AttendHead(float* o, const float* qv, const float* kc, const float* vc, flo
     }
   }
   for (; j < len; ++j) {
-    const float* kr = kc + static_cast<size_t>(j) * C;
+    const KV* kr = kc + static_cast<size_t>(j) * C;
     float d = 0.0f;
     int i = 0;
     if (hs >= kLanes) {
-      VecF acc = LoadV(qv) * LoadV(kr);
-      for (i = kLanes; i + kLanes <= hs; i += kLanes) acc += LoadV(qv + i) * LoadV(kr + i);
+      VecF acc = LoadV(qv) * LoadKv(kr);
+      for (i = kLanes; i + kLanes <= hs; i += kLanes) acc += LoadV(qv + i) * LoadKv(kr + i);
       d = HSum(acc);
     }
-    for (; i < hs; ++i) d += qv[i] * kr[i];
+    for (; i < hs; ++i) d += qv[i] * KvAt(kr, i);
     s[j] = d * scale;
     mx = s[j] > mx ? s[j] : mx;
   }
@@ -196,31 +215,35 @@ void AttendHead(float* o, const float* qv, const float* kc, const float* vc, flo
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[v] = Splat(0.0f);
     for (j = 0; j < len; ++j) {
-      const float* vr = vc + static_cast<size_t>(j) * C;
+      const KV* vr = vc + static_cast<size_t>(j) * C;
       const VecF w = Splat(s[j] * inv);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[v] += w * LoadV(vr + v * kLanes);
+      for (int v = 0; v < NV; ++v) acc[v] += w * LoadKv(vr + v * kLanes);
     }
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) StoreV(o + v * kLanes, acc[v]);
   } else {
     for (int i = 0; i < hs; ++i) o[i] = 0.0f;
     for (j = 0; j < len; ++j) {
-      const float* vr = vc + static_cast<size_t>(j) * C;
+      const KV* vr = vc + static_cast<size_t>(j) * C;
       const float w = s[j] * inv;
-      for (int i = 0; i < hs; ++i) o[i] += w * vr[i];
+      int i = 0;  // whole vectors, then the tail: the same multiply and add per element either way
+      for (; i + kLanes <= hs; i += kLanes) StoreV(o + i, LoadV(o + i) + Splat(w) * LoadKv(vr + i));
+      for (; i < hs; ++i) o[i] += w * KvAt(vr, i);
     }
   }
 }
 
-}  // namespace
-
-void AttentionDecode(float* out, const float* q, const float* k_cache, const float* v_cache, const int32_t* pos,
-                     float* scratch, int B, int maxT, int C, int NH, const int32_t* slots) {
+template <typename KV>
+void AttentionDecodeAny(float* out, const float* q, const KV* k_cache, const KV* v_cache, const int32_t* pos,
+                        float* scratch, int B, int maxT, int C, int NH, const int32_t* slots) {
   const int hs = C / NH;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
   const int nv = hs % kLanes == 0 ? hs / kLanes : 0;
-  auto* attend = nv == 2 ? &AttendHead<2> : nv == 4 ? &AttendHead<4> : nv == 8 ? &AttendHead<8> : &AttendHead<0>;
+  auto* attend = nv == 2   ? &AttendHead<2, KV>
+                 : nv == 4 ? &AttendHead<4, KV>
+                 : nv == 8 ? &AttendHead<8, KV>
+                           : &AttendHead<0, KV>;
 #pragma omp parallel for schedule(static)
   for (int bh = 0; bh < B * NH; ++bh) {
     const int b = bh / NH, h = bh % NH;
@@ -229,6 +252,18 @@ void AttentionDecode(float* out, const float* q, const float* k_cache, const flo
            k_cache + slot * maxT * C + h * hs, v_cache + slot * maxT * C + h * hs,
            scratch + static_cast<size_t>(bh) * maxT, pos[b] + 1, C, hs, scale);
   }
+}
+
+}  // namespace
+
+void AttentionDecode(float* out, const float* q, const float* k_cache, const float* v_cache, const int32_t* pos,
+                     float* scratch, int B, int maxT, int C, int NH, const int32_t* slots) {
+  AttentionDecodeAny(out, q, k_cache, v_cache, pos, scratch, B, maxT, C, NH, slots);
+}
+
+void AttentionDecodeHalfKv(float* out, const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                           const int32_t* pos, float* scratch, int B, int maxT, int C, int NH, const int32_t* slots) {
+  AttentionDecodeAny(out, q, k_cache, v_cache, pos, scratch, B, maxT, C, NH, slots);
 }
 
 }  // namespace keel::cpu

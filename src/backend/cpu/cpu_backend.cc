@@ -8,6 +8,7 @@
 
 #include "backend/backend.h"
 #include "backend/cpu/cpu_ops.h"
+#include "formats/half.h"
 
 extern "C" void openblas_set_num_threads(int);
 
@@ -19,7 +20,7 @@ const char* OpName(Op op) {
                                  "attention_decode", "gelu_forward", "gelu_backward", "residual_forward",
                                  "softmax_xent_forward", "softmax_xent_backward", "softmax_forward", "adamw",
                                  "matmul_forward_half", "round_through_fixed_point", "matmul_forward_packed",
-                                 "matmul_forward_packed_bf16"};
+                                 "matmul_forward_packed_bf16", "attention_decode_half_kv"};
   static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<size_t>(Op::kCount));
   return kNames[static_cast<int>(op)];
 }
@@ -151,6 +152,12 @@ class CpuBackend final : public Backend {
   void AttentionDecode(float* out, const float* q, const float* k_cache, const float* v_cache, const int32_t* pos,
                        float* scratch, int B, int maxT, int C, int NH) override {
     cpu::AttentionDecode(out, q, k_cache, v_cache, pos, scratch, B, maxT, C, NH);
+  }
+  void StoreHalf(uint16_t* dst, const float* src, size_t n) override { FloatToF16N(src, dst, n); }
+  void AttentionDecodeHalfKv(float* out, const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                             const int32_t* pos, const int32_t* host_slots, float* scratch, int N, int maxT, int C,
+                             int NH) override {
+    cpu::AttentionDecodeHalfKv(out, q, k_cache, v_cache, pos, scratch, N, maxT, C, NH, host_slots);
   }
   void AttentionDecodeSlots(float* out, const float* q, const float* k_cache, const float* v_cache,
                             const int32_t* pos, const int32_t* host_slots, float* scratch, int N, int maxT, int C,

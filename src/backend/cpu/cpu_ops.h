@@ -49,6 +49,11 @@ void AttentionBackward(float* dqkv, float* datt, const float* dout, const float*
 // slots (host, may be null = identity): row b reads KV-cache slot slots[b].
 void AttentionDecode(float* out, const float* q, const float* k_cache, const float* v_cache, const int32_t* pos,
                      float* scratch, int B, int maxT, int C, int NH, const int32_t* slots = nullptr);
+// The same over IEEE f16 caches (converted exactly to fp32 as they are read; the same operations in the same
+// order, so it equals AttentionDecode on the converted values bit for bit).
+void AttentionDecodeHalfKv(float* out, const float* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                           const int32_t* pos, float* scratch, int B, int maxT, int C, int NH,
+                           const int32_t* slots = nullptr);
 void GeluForward(float* out, const float* inp, size_t n);
 void GeluBackward(float* dinp, const float* inp, const float* dout, size_t n);
 void ResidualForward(float* out, const float* a, const float* b, size_t n);

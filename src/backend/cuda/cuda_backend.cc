@@ -119,7 +119,7 @@ class CudaBackend final : public Backend {
   std::string Name() const override { return "cuda"; }
   bool SupportsOp(Op op) const override {
     return op != Op::kCount && op != Op::kMatmulForwardHalf && op != Op::kMatmulForwardPacked &&
-           op != Op::kMatmulForwardPackedBf16;
+           op != Op::kMatmulForwardPackedBf16 && op != Op::kAttentionDecodeHalfKv;
   }
   void SetThreads(int) override {}
   bool host_memory() const override { return false; }
