@@ -39,7 +39,9 @@ void MatmulTable(const keel::GptConfig& c) {
       packed.emplace_back(PackedMatmulFloats(IC, OC, dtype));
       PackMatmulWeight(packed.back().data(), w.data(), IC, OC, dtype);
     }
-    for (int rows : {1, 8, 16, 24, 64}) {
+    std::vector<int> row_counts = {1, 8, 16, 24, 64};
+    if (const char* r = std::getenv("DECODE_ROWS")) row_counts = {std::max(1, std::atoi(r))};
+    for (int rows : row_counts) {
       std::vector<float> inp(static_cast<size_t>(rows) * 4 * C, 0.5f), out(static_cast<size_t>(rows) * c.vocab);
       double flops = 0;
       for (auto [IC, OC] : all) flops += 2.0 * rows * IC * OC;

@@ -244,7 +244,8 @@ void AttentionDecodeAny(float* out, const float* q, const KV* k_cache, const KV*
                  : nv == 4 ? &AttendHead<4, KV>
                  : nv == 8 ? &AttendHead<8, KV>
                            : &AttendHead<0, KV>;
-#pragma omp parallel for schedule(static)
+  // Dynamic: rows sit at different positions (a server's sequences), and the VM's two vCPUs run at unequal speeds.
+#pragma omp parallel for schedule(dynamic)
   for (int bh = 0; bh < B * NH; ++bh) {
     const int b = bh / NH, h = bh % NH;
     const size_t slot = static_cast<size_t>(slots ? slots[b] : b);

@@ -30,9 +30,11 @@
 // each rounded to nearest even) are two FMAs; CPUs without AVX-512 BF16 run exactly those FMAs (256-bit), and the
 // two give the same bits except where a partial sum is an fp32 denormal (flushed to zero by VDPBF16PS).
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cctype>
 #include <cstdlib>
 #include <cstring>
@@ -79,7 +81,10 @@ __attribute__((target("avx2,fma,f16c"))) void PanelRows(float* out, const float*
 #pragma GCC unroll 8
     for (int q = 0; q < P; ++q) {
       const W* w = panel + q * stride + static_cast<size_t>(k) * kPanel;
-      const __m256 w0 = LoadW(w), w1 = LoadW(w + 8);
+      __m256 w0 = LoadW(w), w1 = LoadW(w + 8);
+      // Keeps the weights in registers for several rows (GCC 12 would fold the loads into every row's FMA:
+      // R loads of each weight vector per k). One row: folding is what it should do.
+      if constexpr (R > 1) asm("" : "+x"(w0), "+x"(w1));
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m256 xb = _mm256_broadcast_ss(x + static_cast<size_t>(r) * IC + k);
@@ -127,12 +132,32 @@ void RowsAgainstPanel(float* out, const float* x, const W* packed, const float* 
   PanelRows<R, 1>(out, x, packed + static_cast<size_t>(p) * IC * kPanel, bias, IC, OC, p * kPanel);
 }
 
+// Runs fn(g0, g1) over [0, items) on the OpenMP team in contiguous chunks handed out largest first (guided
+// scheduling: each take is what is left over twice the team size). The two vCPUs of the development VM run the same
+// work at speeds 25-30 % apart, one way or the other from one run to the next, and a static split left the faster
+// thread waiting at the barrier for a third of a 16-row step. Contiguous chunks let a thread prefetch the item it
+// takes next. Which thread computes an item never changes its bits.
+template <typename Fn>
+void GuidedChunks(int items, const Fn& fn) {
+  std::atomic<int> next{0};
+#pragma omp parallel
+  {
+    const int nt = omp_get_num_threads();
+    for (;;) {
+      const int take = std::max(1, (items - next.load(std::memory_order_relaxed)) / (2 * nt));
+      const int i0 = next.fetch_add(take, std::memory_order_relaxed);
+      if (i0 >= items) break;
+      fn(i0, std::min(items, i0 + take));
+    }
+  }
+}
+
 template <typename W>
 void PackedForward(float* out, const float* inp, const W* packed, const float* bias, int N, int IC, int OC) {
   // Work items: groups of kRows panels (96 columns), fixed by the shape.
   const int panels = static_cast<int>(Panels(OC)), groups = (panels + kRows - 1) / kRows;
-#pragma omp parallel for schedule(static)
-  for (int g = 0; g < groups; ++g) {
+  GuidedChunks(groups, [&](int g0, int g1) {
+  for (int g = g0; g < g1; ++g) {
     const int p0 = g * kRows, p1 = std::min(panels, p0 + kRows);
     if (N < kRows) {  // a few rows (decoding): bound by memory; several panels at a time keep enough FMAs going
       switch (N) {
@@ -164,6 +189,7 @@ void PackedForward(float* out, const float* inp, const W* packed, const float* b
       }
     }
   }
+  });
 }
 
 // ---- AVX-512: the same panels, one 512-bit vector per panel row ----
@@ -193,11 +219,46 @@ __attribute__((target("avx512f"))) inline void StorePanels512(float* out, const 
   }
 }
 
+// A byte range to bring into L2 over a loop of n iterations, at most two cache lines per iteration: the next
+// panel group's weights, fetched from memory while this group's later passes compute from L2 (PackedForward512).
+struct Prefetch {
+  const char* p = nullptr;
+  size_t bytes = 0;
+};
+
+// KEEL_PACKED_PREFETCH=0 turns the prefetch off (for comparisons), read once.
+bool PrefetchEnabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("KEEL_PACKED_PREFETCH");
+    return !(v && std::string(v) == "0");
+  }();
+  return on;
+}
+
+class PrefetchSpread {
+ public:
+  PrefetchSpread(const Prefetch& pf, int n)
+      : p_(pf.p), step_(pf.p && n > 0 ? ((pf.bytes / 64) * 65536 + 2 * static_cast<size_t>(n) - 1) / (2 * n) : 0) {}
+  // Prefetching never faults, so a position past the range's end (rounding) is harmless.
+  __attribute__((always_inline)) inline void Next() {
+    if (step_ == 0) return;
+    _mm_prefetch(p_ + (pos_ >> 16) * 64, _MM_HINT_T1);
+    pos_ += step_;
+    _mm_prefetch(p_ + (pos_ >> 16) * 64, _MM_HINT_T1);
+    pos_ += step_;
+  }
+
+ private:
+  const char* p_;
+  size_t step_, pos_ = 0;  // in 1/65536 of a line
+};
+
 // R rows x P consecutive panels starting at column o, as PanelRows: each output one accumulator over k in order.
 // Per k the P weight vectors are loaded once and each row's input is broadcast once, so R*P + P + 1 <= 32.
 template <int R, int P, typename W>
 __attribute__((target("avx512f"))) void PanelRows512(float* out, const float* x, const W* panel, const float* bias,
-                                                      int IC, int OC, int o) {
+                                                      int IC, int OC, int o, Prefetch next) {
+  PrefetchSpread pf(next, IC);
   static_assert(R >= 1 && P >= 1 && R * P + P + 1 <= 32);
   const size_t stride = static_cast<size_t>(IC) * kPanel;
   __m512 acc[P][R];
@@ -206,9 +267,15 @@ __attribute__((target("avx512f"))) void PanelRows512(float* out, const float* x,
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) acc[q][r] = _mm512_setzero_ps();
   for (int k = 0; k < IC; ++k) {
+    pf.Next();
     __m512 w[P];
 #pragma GCC unroll 16
-    for (int q = 0; q < P; ++q) w[q] = LoadW512(panel + q * stride + static_cast<size_t>(k) * kPanel);
+    for (int q = 0; q < P; ++q) {
+      w[q] = LoadW512(panel + q * stride + static_cast<size_t>(k) * kPanel);
+      // Keeps the weights in registers: otherwise GCC 12 folds the load into every row's FMA for some R x P
+      // (4 x 4: 16 vector loads per k instead of 4, and the 4-row pass ran 20-40 % slower than the 6-row one).
+      if constexpr (R > 1) asm("" : "+v"(w[q]));
+    }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512 xb = _mm512_set1_ps(x[static_cast<size_t>(r) * IC + k]);
@@ -219,14 +286,15 @@ __attribute__((target("avx512f"))) void PanelRows512(float* out, const float* x,
   StorePanels512<R, P>(out, acc, bias, OC, o);
 }
 
-using PanelFn = void (*)(float*, const float*, const void*, const float*, int, int, int);
+using PanelFn = void (*)(float*, const float*, const void*, const float*, int, int, int, Prefetch);
 
 // A kernel family for PackedForward512: K::Run<R, P> multiplies R rows against P panels.
 template <typename W>
 struct Fma512 {
   template <int R, int P>
-  static void Run(float* out, const float* x, const void* panel, const float* bias, int IC, int OC, int o) {
-    PanelRows512<R, P, W>(out, x, static_cast<const W*>(panel), bias, IC, OC, o);
+  static void Run(float* out, const float* x, const void* panel, const float* bias, int IC, int OC, int o,
+                  Prefetch next) {
+    PanelRows512<R, P, W>(out, x, static_cast<const W*>(panel), bias, IC, OC, o, next);
   }
 };
 
@@ -257,22 +325,39 @@ void PackedForward512(float* out, const float* inp, const W* packed, const float
   // R rows against the panels from p on.
   if (N <= 0) return;
   const int passes = (N + kRows512 - 1) / kRows512, per_pass = (N + passes - 1) / passes;
-  auto Passes = [&](const auto& kernels, int p, int per) {
-    for (int r = 0; r < N; r += per)
+  auto Passes = [&](const auto& kernels, int p, int per, Prefetch next) {
+    // Each pass of several prefetches its share of `next`.
+    const int n = (N + per - 1) / per;
+    const size_t share = n > 1 ? (next.bytes + n - 1) / n : 0;
+    for (int r = 0, i = 0; r < N; r += per, ++i) {
+      const size_t lo = std::min(next.bytes, i * share);
+      const Prefetch pf = share ? Prefetch{next.p + lo, std::min(next.bytes - lo, share)} : Prefetch{};
       kernels[std::min({per, N - r, static_cast<int>(kernels.size())}) - 1](
-          out + static_cast<size_t>(r) * OC, inp + static_cast<size_t>(r) * IC, at(p), bias, IC, OC, p * kPanel);
-  };
-#pragma omp parallel for schedule(static)
-  for (int g = 0; g < groups; ++g) {
-    const int p0 = g * kGroup512, p1 = std::min(panels, p0 + kGroup512);
-    int p = p0;
-    if (N > kRows512 && N <= 2 * kRows512) {
-      for (; p + 2 <= p1; p += 2) Passes(k2, p, N);
-    } else {
-      for (; p + 4 <= p1; p += 4) Passes(k4, p, per_pass);
+          out + static_cast<size_t>(r) * OC, inp + static_cast<size_t>(r) * IC, at(p), bias, IC, OC, p * kPanel, pf);
     }
-    for (; p < p1; ++p) Passes(k1, p, std::min(N, 2 * kRows512));
-  }
+  };
+  const bool prefetch = passes > 1 && PrefetchEnabled();
+  GuidedChunks(groups, [&](int g0, int g1) {
+    for (int g = g0; g < g1; ++g) {
+      const int p0 = g * kGroup512, p1 = std::min(panels, p0 + kGroup512);
+      int p = p0;
+      if (N > kRows512 && N <= 2 * kRows512) {
+        for (; p + 2 <= p1; p += 2) Passes(k2, p, N, Prefetch{});
+      } else {
+        for (; p + 4 <= p1; p += 4) {
+          // Rows in several passes: the first pass reads these four panels from memory and the later ones from
+          // L2, where they leave memory idle; prefetching the chunk's next group meanwhile keeps both busy.
+          Prefetch next;
+          if (prefetch && g + 1 < g1) {
+            const int q0 = p1, q1 = std::min(panels, q0 + kGroup512);
+            next = Prefetch{reinterpret_cast<const char*>(at(q0)), static_cast<size_t>(q1 - q0) * stride * sizeof(W)};
+          }
+          Passes(k4, p, per_pass, next);
+        }
+      }
+      for (; p < p1; ++p) Passes(k1, p, std::min(N, 2 * kRows512), Prefetch{});
+    }
+  });
 }
 
 // ---- bfloat16: pairs along k, VDPBF16PS (or the same FMAs in 256-bit vectors) ----
@@ -282,7 +367,9 @@ size_t Pairs(int IC) { return (static_cast<size_t>(IC) + 1) / 2; }
 // R rows x P panels of bf16 pairs from column o: x holds each row's bf16 pairs as 32-bit words (IC2 per row).
 template <int R, int P>
 __attribute__((target("avx512f,avx512bf16"))) void PanelRowsBf16(float* out, const float* xf, const void* panel_v,
-                                                                 const float* bias, int IC2, int OC, int o) {
+                                                                 const float* bias, int IC2, int OC, int o,
+                                                                 Prefetch next) {
+  PrefetchSpread pf(next, IC2);
   static_assert(R >= 1 && P >= 1 && R * P + P + 1 <= 32);
   const auto* x = reinterpret_cast<const uint32_t*>(xf);
   const auto* panel = static_cast<const uint32_t*>(panel_v);
@@ -293,6 +380,7 @@ __attribute__((target("avx512f,avx512bf16"))) void PanelRowsBf16(float* out, con
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) acc[q][r] = _mm512_setzero_ps();
   for (int k = 0; k < IC2; ++k) {
+    pf.Next();
     __m512i w[P];
 #pragma GCC unroll 16
     for (int q = 0; q < P; ++q) w[q] = _mm512_loadu_si512(panel + q * stride + static_cast<size_t>(k) * kPanel);
@@ -349,8 +437,8 @@ void PackedForwardBf16Avx2(float* out, const uint32_t* x, const uint32_t* packed
                            int OC) {
   const int panels = static_cast<int>(Panels(OC));
   const size_t stride = static_cast<size_t>(IC2) * kPanel;
-#pragma omp parallel for schedule(static)
-  for (int p = 0; p < panels; ++p) {
+  GuidedChunks(panels, [&](int p0, int p1) {
+  for (int p = p0; p < p1; ++p) {
     const uint32_t* panel = packed + static_cast<size_t>(p) * stride;
     for (int r = 0; r < N; r += 4) {
       float* o_r = out + static_cast<size_t>(r) * OC;
@@ -363,12 +451,14 @@ void PackedForwardBf16Avx2(float* out, const uint32_t* x, const uint32_t* packed
       }
     }
   }
+  });
 }
 
 struct Bf16Dot512 {
   template <int R, int P>
-  static void Run(float* out, const float* x, const void* panel, const float* bias, int IC2, int OC, int o) {
-    PanelRowsBf16<R, P>(out, x, panel, bias, IC2, OC, o);
+  static void Run(float* out, const float* x, const void* panel, const float* bias, int IC2, int OC, int o,
+                  Prefetch next) {
+    PanelRowsBf16<R, P>(out, x, panel, bias, IC2, OC, o, next);
   }
 };
 
