@@ -317,23 +317,23 @@ void PackedForward512(float* out, const float* inp, const W* packed, const float
   // One pass over the weights when the rows fit the accumulators: up to 6 rows against four panels (24
   // accumulators), 7-12 against two. More rows: four panels at a time, every row against them in passes of up to
   // six while they sit in L2 (the first pass brings them in from memory), as even as the passes allow (16 rows:
-  // 6 + 5 + 5). Per k each broadcast input then feeds four FMAs, and the first pass reads four weight streams at
+  // 5 + 5 + 6). Per k each broadcast input then feeds four FMAs, and the first pass reads four weight streams at
   // once. Measured on GPT-2 small's matrices (Zen 5 VM, 2 threads, f32, best of 8), each comparison in alternating
   // runs of one period (the VM's bandwidth drifts by 20 % over minutes, so the periods' absolute figures differ):
   // 8 rows 15-16 ms in one pass against 17-18 in two passes of four panels; 16 rows 14.5 ms against 16.6 for two
   // panels in passes of 8 + 8 and 18.5 for 12 + 4; 24 rows 23-24 against 25-28 (12 + 12). `kernels[R - 1]` takes
   // R rows against the panels from p on.
   if (N <= 0) return;
-  const int passes = (N + kRows512 - 1) / kRows512, per_pass = (N + passes - 1) / passes;
-  auto Passes = [&](const auto& kernels, int p, int per, Prefetch next) {
-    // Each pass of several prefetches its share of `next`.
-    const int n = (N + per - 1) / per;
+  const int passes = (N + kRows512 - 1) / kRows512;
+  auto Passes = [&](const auto& kernels, int p, int n, Prefetch next) {
+    // n passes over the rows, each of N / n rows or one more, each prefetching its share of `next`.
     const size_t share = n > 1 ? (next.bytes + n - 1) / n : 0;
-    for (int r = 0, i = 0; r < N; r += per, ++i) {
+    for (int i = 0; i < n; ++i) {
+      const int r0 = N * i / n, r1 = N * (i + 1) / n;
       const size_t lo = std::min(next.bytes, i * share);
       const Prefetch pf = share ? Prefetch{next.p + lo, std::min(next.bytes - lo, share)} : Prefetch{};
-      kernels[std::min({per, N - r, static_cast<int>(kernels.size())}) - 1](
-          out + static_cast<size_t>(r) * OC, inp + static_cast<size_t>(r) * IC, at(p), bias, IC, OC, p * kPanel, pf);
+      kernels[r1 - r0 - 1](out + static_cast<size_t>(r0) * OC, inp + static_cast<size_t>(r0) * IC, at(p), bias, IC,
+                           OC, p * kPanel, pf);
     }
   };
   const bool prefetch = passes > 1 && PrefetchEnabled();
@@ -342,7 +342,7 @@ void PackedForward512(float* out, const float* inp, const W* packed, const float
       const int p0 = g * kGroup512, p1 = std::min(panels, p0 + kGroup512);
       int p = p0;
       if (N > kRows512 && N <= 2 * kRows512) {
-        for (; p + 2 <= p1; p += 2) Passes(k2, p, N, Prefetch{});
+        for (; p + 2 <= p1; p += 2) Passes(k2, p, 1, Prefetch{});
       } else {
         for (; p + 4 <= p1; p += 4) {
           // Rows in several passes: the first pass reads these four panels from memory and the later ones from
@@ -352,10 +352,10 @@ void PackedForward512(float* out, const float* inp, const W* packed, const float
             const int q0 = p1, q1 = std::min(panels, q0 + kGroup512);
             next = Prefetch{reinterpret_cast<const char*>(at(q0)), static_cast<size_t>(q1 - q0) * stride * sizeof(W)};
           }
-          Passes(k4, p, per_pass, next);
+          Passes(k4, p, passes, next);
         }
       }
-      for (; p < p1; ++p) Passes(k1, p, std::min(N, 2 * kRows512), Prefetch{});
+      for (; p < p1; ++p) Passes(k1, p, (N + 2 * kRows512 - 1) / (2 * kRows512), Prefetch{});
     }
   });
 }
