@@ -219,8 +219,10 @@ __attribute__((target("avx512f"))) inline void StorePanels512(float* out, const 
   }
 }
 
-// A byte range to bring into L2 over a loop of n iterations, at most two cache lines per iteration: the next
+// A byte range to bring into cache over a loop of n iterations, at most two cache lines per iteration: the next
 // panel group's weights, fetched from memory while this group's later passes compute from L2 (PackedForward512).
+// prefetcht0 rather than t1: a step's products at 16 rows took 2-6 % less with it in three interleaved pairs (bf16;
+// f32 within the noise).
 struct Prefetch {
   const char* p = nullptr;
   size_t bytes = 0;
@@ -242,9 +244,9 @@ class PrefetchSpread {
   // Prefetching never faults, so a position past the range's end (rounding) is harmless.
   __attribute__((always_inline)) inline void Next() {
     if (step_ == 0) return;
-    _mm_prefetch(p_ + (pos_ >> 16) * 64, _MM_HINT_T1);
+    _mm_prefetch(p_ + (pos_ >> 16) * 64, _MM_HINT_T0);
     pos_ += step_;
-    _mm_prefetch(p_ + (pos_ >> 16) * 64, _MM_HINT_T1);
+    _mm_prefetch(p_ + (pos_ >> 16) * 64, _MM_HINT_T0);
     pos_ += step_;
   }
 
