@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "backend/cpu/cpu_ops.h"
+#include "core/check.h"
 #include "formats/half.h"
 
 namespace keel::cpu {
@@ -334,8 +335,10 @@ void PackedForward512(float* out, const float* inp, const W* packed, const float
       const int r0 = N * i / n, r1 = N * (i + 1) / n;
       const size_t lo = std::min(next.bytes, i * share);
       const Prefetch pf = share ? Prefetch{next.p + lo, std::min(next.bytes - lo, share)} : Prefetch{};
-      kernels[r1 - r0 - 1](out + static_cast<size_t>(r0) * OC, inp + static_cast<size_t>(r0) * IC, at(p), bias, IC,
-                           OC, p * kPanel, pf);
+      const int rows = r1 - r0;  // 1..kernels.size() by the choice of n; the check also shows GCC the bound
+      KEEL_CHECK(rows >= 1 && rows <= static_cast<int>(kernels.size()), "PackedForward512: a pass's row count");
+      kernels[rows - 1](out + static_cast<size_t>(r0) * OC, inp + static_cast<size_t>(r0) * IC, at(p), bias, IC, OC,
+                        p * kPanel, pf);
     }
   };
   const bool prefetch = passes > 1 && PrefetchEnabled();
